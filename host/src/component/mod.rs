@@ -1,0 +1,118 @@
+//! The one component trait the scheduler knows, and the registry that names components.
+//!
+//! Built-ins (one file each in this folder) and WASM plugins both implement
+//! [`Component`]; the scheduler cannot tell them apart. Adding a built-in is one file
+//! plus one line in [`Registry::builtins`].
+
+mod check;
+mod http_request;
+mod logger;
+mod schema_validate;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Instant;
+
+use serde_json::Value;
+
+pub use check::{Checker, ConfigProblem};
+
+use crate::error::StageError;
+use crate::http::{CallContext, Outbound, RetryPolicy};
+use crate::secrets::Secrets;
+
+/// What a stage hands its component for one invocation.
+pub struct StageContext {
+    pub run_id: Arc<str>,
+    pub pipeline: Arc<str>,
+    pub stage_id: Arc<str>,
+    pub outbound: Outbound,
+    pub secrets: Arc<Secrets>,
+    /// The stage's retry policy for outbound calls (the seed's `retry` block).
+    pub retry: RetryPolicy,
+    /// When the stage's own timeout expires.
+    pub deadline: Option<Instant>,
+    /// Retries made so far, across all outbound calls of this stage.
+    pub retries: AtomicU32,
+}
+
+impl StageContext {
+    pub fn call_context(&self) -> CallContext<'_> {
+        CallContext {
+            run_id: &self.run_id,
+            stage_id: &self.stage_id,
+            secrets: &self.secrets,
+            deadline: self.deadline,
+            retries: &self.retries,
+        }
+    }
+}
+
+/// A unit of work a stage names in `component`.
+#[async_trait::async_trait]
+pub trait Component: Send + Sync {
+    /// The canonical name (`http-request`).
+    fn name(&self) -> &str;
+
+    /// A one-line summary for `fmhost plugins list`.
+    fn describe(&self) -> String {
+        format!("{} (built-in)", self.name())
+    }
+
+    /// Checks a stage's config before any run, where templates may stand for any value.
+    /// Paths in the problems are relative to `config`.
+    fn check_config(&self, _config: &Value) -> Vec<ConfigProblem> {
+        Vec::new()
+    }
+
+    /// Whether the rendered config may hold secret values. Untrusted plugins get
+    /// `{{secrets.NAME}}` left in place; the host substitutes it when they ask for a call.
+    fn sees_secrets(&self) -> bool {
+        true
+    }
+
+    /// Runs once per stage execution. `upstream` is the output of the single
+    /// dependency, an object keyed by dependency id when there are several, or the
+    /// pipeline input when there are none.
+    async fn invoke(&self, ctx: &StageContext, config: Value, upstream: Arc<Value>) -> Result<Value, StageError>;
+}
+
+/// Components by canonical name. `json_transform` and `json-transform` are one name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    components: BTreeMap<String, Arc<dyn Component>>,
+}
+
+/// The canonical form of a component name: lowercase, with `-` for `_`.
+pub fn canonical_name(name: &str) -> String {
+    name.trim().to_ascii_lowercase().replace('_', "-")
+}
+
+impl Registry {
+    /// The built-in components.
+    pub fn builtins() -> Registry {
+        let mut r = Registry::default();
+        r.register(Arc::new(http_request::HttpRequest));
+        r.register(Arc::new(schema_validate::SchemaValidate));
+        r.register(Arc::new(logger::Logger));
+        r
+    }
+
+    /// Adds or replaces a component under its canonical name.
+    pub fn register(&mut self, component: Arc<dyn Component>) {
+        self.components.insert(canonical_name(component.name()), component);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Component>> {
+        self.components.get(&canonical_name(name))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.components.keys().map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Component>> {
+        self.components.values()
+    }
+}

@@ -1,0 +1,375 @@
+//! The scheduler: runs a [`Plan`] as a DAG, each stage as soon as its dependencies
+//! have succeeded, independent stages concurrently on tokio.
+//!
+//! It renders each stage's config, hands it to the stage's [`Component`](crate::component::Component)
+//! and records the result. It does no IO of its own and cannot tell a built-in from a plugin.
+
+mod report;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Map, Value, json};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use report::{RunReport, RunStatus, StageReport, StageStatus};
+
+use crate::component::StageContext;
+use crate::error::{ErrorKind, StageError};
+use crate::http::{Outbound, RetryPolicy};
+use crate::pipeline::{Plan, RetryPlan};
+use crate::secrets::Secrets;
+use crate::template::{Scope, StageLookup};
+
+/// Shared by every run in a process: the outbound machinery and the secrets.
+#[derive(Clone)]
+pub struct Engine {
+    pub outbound: Outbound,
+    pub secrets: Arc<Secrets>,
+    /// A fixed `now()` for reproducible runs (`FMHOST_NOW`).
+    pub fixed_now: Option<Arc<str>>,
+}
+
+#[derive(Default, Clone)]
+pub struct RunOptions {
+    pub run_id: Option<String>,
+    /// A deadline for the whole run.
+    pub timeout: Option<Duration>,
+    /// Cancels the run: running stages are stopped, the rest skipped.
+    pub cancel: CancellationToken,
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("input does not match the pipeline's input schema: {}", .0.join("; "))]
+    InvalidInput(Vec<String>),
+}
+
+struct Outcome {
+    index: usize,
+    result: Result<Value, StageError>,
+    duration: Duration,
+    attempts: u32,
+}
+
+/// Stage results so far, as templates see them.
+struct Results<'a> {
+    index: &'a HashMap<Arc<str>, usize>,
+    outputs: &'a [Option<Arc<Value>>],
+    errors: &'a [Option<Value>],
+}
+
+impl StageLookup for Results<'_> {
+    fn stage_field(&self, id: &str, field: &str) -> Option<&Value> {
+        let &i = self.index.get(id)?;
+        match field {
+            "output" => self.outputs[i].as_deref(),
+            "error" => self.errors[i].as_ref().or(self.outputs[i].as_ref().map(|_| &Value::Null)),
+            _ => None,
+        }
+    }
+    fn has_stage(&self, id: &str) -> bool {
+        self.index.contains_key(id)
+    }
+}
+
+/// A snapshot of results for retry conditions evaluated inside a running stage.
+struct Snapshot {
+    index: Arc<HashMap<Arc<str>, usize>>,
+    outputs: Vec<Option<Arc<Value>>>,
+    errors: Vec<Option<Value>>,
+}
+
+pub fn new_run_id() -> String {
+    let millis = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+    format!("run_{millis:012x}{:08x}", rand::random::<u32>())
+}
+
+impl Engine {
+    pub fn new(secrets: Secrets) -> Engine {
+        Engine { outbound: Outbound::new(), secrets: Arc::new(secrets), fixed_now: None }
+    }
+
+    /// Checks `input` against the pipeline's input schema.
+    pub fn check_input(plan: &Plan, input: &Value) -> Result<(), RunError> {
+        match &plan.input_schema {
+            Some(v) => {
+                let violations = crate::schema::violations(v, input);
+                if violations.is_empty() { Ok(()) } else { Err(RunError::InvalidInput(violations)) }
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `plan` to completion (or failure, timeout, cancellation).
+    pub async fn run(&self, plan: Arc<Plan>, input: Value, opts: RunOptions) -> Result<RunReport, RunError> {
+        Self::check_input(&plan, &input)?;
+        let run_id: Arc<str> = Arc::from(opts.run_id.clone().unwrap_or_else(new_run_id));
+        let started = Instant::now();
+        let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let n = plan.stages.len();
+        let index: Arc<HashMap<Arc<str>, usize>> =
+            Arc::new(plan.stages.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect());
+        let input = Arc::new(input);
+        let run_value = json!({"id": &*run_id, "pipeline": &*plan.name});
+        let mut outputs: Vec<Option<Arc<Value>>> = vec![None; n];
+        let mut errors: Vec<Option<Value>> = vec![None; n];
+        let mut waiting: Vec<usize> = plan.stages.iter().map(|s| s.deps.len()).collect();
+        let mut reports: Vec<StageReport> = plan
+            .stages
+            .iter()
+            .map(|s| StageReport {
+                id: s.id.to_string(),
+                component: s.component_name.clone(),
+                status: StageStatus::Pending,
+                optional: s.optional,
+                started_ms: None,
+                duration_ms: None,
+                attempts: 0,
+                error: None,
+                skipped_because: None,
+                output: None,
+            })
+            .collect();
+        tracing::info!(target: "fmhost::progress", run_id = &*run_id, pipeline = &*plan.name, stages = n, "run {run_id} of {} started ({n} stages)", plan.name);
+
+        let mut tasks: JoinSet<Outcome> = JoinSet::new();
+        let mut ready: Vec<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
+        let mut failure: Option<(RunStatus, String)> = None;
+        let run_deadline = opts.timeout.map(|t| tokio::time::Instant::now() + t);
+
+        loop {
+            // Start everything that is ready, unless the run is already failing.
+            while let Some(i) = ready.pop() {
+                if failure.is_some() {
+                    break;
+                }
+                let stage = &plan.stages[i];
+                reports[i].status = StageStatus::Running;
+                reports[i].started_ms = Some(started.elapsed().as_millis() as u64);
+                tracing::info!(target: "fmhost::progress", run_id = &*run_id, stage = &*stage.id, event = "started", "{}: started", stage.id);
+                let results = Results { index: &index, outputs: &outputs, errors: &errors };
+                let scope = Scope {
+                    input: &input,
+                    stages: &results,
+                    secrets: &self.secrets,
+                    output: None,
+                    run: &run_value,
+                    now: self.fixed_now.as_deref(),
+                    keep_secrets: !stage.component.sees_secrets(),
+                };
+                let rendered = stage.config.render(&scope);
+                let upstream = match stage.deps.as_slice() {
+                    [] => input.clone(),
+                    [d] => outputs[*d].clone().unwrap_or_default(),
+                    many => Arc::new(Value::Object(
+                        many.iter()
+                            .map(|&d| (plan.stages[d].id.to_string(), outputs[d].as_deref().cloned().unwrap_or(Value::Null)))
+                            .collect::<Map<_, _>>(),
+                    )),
+                };
+                let retry = stage.retry.as_ref().map(|r| {
+                    let snapshot = r.condition.as_ref().map(|_| Snapshot { index: index.clone(), outputs: outputs.clone(), errors: errors.clone() });
+                    self.retry_policy(r, snapshot, input.clone(), &run_value)
+                });
+                let ctx = StageContext {
+                    run_id: run_id.clone(),
+                    pipeline: plan.name.clone(),
+                    stage_id: stage.id.clone(),
+                    outbound: self.outbound.clone(),
+                    secrets: self.secrets.clone(),
+                    retry: retry.unwrap_or_default(),
+                    deadline: stage.timeout.map(|t| Instant::now() + t),
+                    retries: AtomicU32::new(0),
+                };
+                let component = stage.component.clone();
+                let timeout = stage.timeout;
+                tasks.spawn(async move {
+                    let t0 = Instant::now();
+                    let result = match rendered {
+                        Err(e) => Err(StageError::template(format!("config{e}"))),
+                        Ok(config) => {
+                            let call = component.invoke(&ctx, config, upstream);
+                            match timeout {
+                                Some(t) => tokio::time::timeout(t, call).await.unwrap_or_else(|_| {
+                                    Err(StageError::new(ErrorKind::Timeout, format!("stage timed out after {}", humantime::format_duration(t))))
+                                }),
+                                None => call.await,
+                            }
+                        }
+                    };
+                    Outcome { index: i, result, duration: t0.elapsed(), attempts: 1 + ctx.retries.load(Ordering::Relaxed) }
+                });
+            }
+            if tasks.is_empty() {
+                break;
+            }
+            let joined = tokio::select! {
+                joined = tasks.join_next() => joined,
+                _ = sleep_until(run_deadline) => {
+                    let t = opts.timeout.unwrap_or_default();
+                    failure.get_or_insert((RunStatus::TimedOut, format!("run timed out after {}", humantime::format_duration(t))));
+                    tasks.abort_all();
+                    None
+                }
+                _ = opts.cancel.cancelled() => {
+                    failure.get_or_insert((RunStatus::Cancelled, "run cancelled".into()));
+                    tasks.abort_all();
+                    None
+                }
+            };
+            let Some(joined) = joined else {
+                // Stopped: everything still running is failed with the run's reason.
+                let (status, _) = failure.as_ref().expect("set when stopping");
+                let kind = if *status == RunStatus::TimedOut { ErrorKind::Timeout } else { ErrorKind::Cancelled };
+                for r in reports.iter_mut().filter(|r| r.status == StageStatus::Running) {
+                    r.status = StageStatus::Failed;
+                    r.error = Some(StageError::new(kind, if kind == ErrorKind::Timeout { "stopped: run timed out" } else { "stopped: run cancelled" }));
+                    r.duration_ms = r.started_ms.map(|s| (started.elapsed().as_millis() as u64).saturating_sub(s));
+                }
+                while tasks.join_next().await.is_some() {}
+                break;
+            };
+            let outcome = match joined {
+                Ok(o) => o,
+                Err(e) if e.is_cancelled() => continue,
+                Err(e) => {
+                    // A component panicked: a host bug, but one stage's bug must not take the run down silently.
+                    failure.get_or_insert((RunStatus::Failed, format!("a stage panicked: {e}")));
+                    continue;
+                }
+            };
+            let i = outcome.index;
+            let stage = &plan.stages[i];
+            let report = &mut reports[i];
+            report.duration_ms = Some(outcome.duration.as_millis() as u64);
+            report.attempts = outcome.attempts;
+            let ms = outcome.duration.as_millis();
+            let attempts = outcome.attempts;
+            let plural = if attempts == 1 { "" } else { "s" };
+            match outcome.result {
+                Ok(value) => {
+                    report.status = StageStatus::Succeeded;
+                    let value = Arc::new(value);
+                    report.output = Some(value.clone());
+                    outputs[i] = Some(value);
+                    tracing::info!(target: "fmhost::progress", run_id = &*run_id, stage = &*stage.id, event = "succeeded", duration_ms = ms as u64, attempts, "{}: done in {ms} ms ({attempts} attempt{plural})", stage.id);
+                }
+                Err(mut error) => {
+                    error.message = self.secrets.redact(&error.message).into_owned();
+                    report.status = StageStatus::Failed;
+                    let kind = error.kind.as_str();
+                    if stage.optional {
+                        tracing::warn!(target: "fmhost::progress", run_id = &*run_id, stage = &*stage.id, event = "failed", optional = true, duration_ms = ms as u64, attempts, error_kind = kind, error = %error.message, "{}: failed after {ms} ms ({attempts} attempt{plural}), optional so its output is null: {error}", stage.id);
+                        errors[i] = Some(serde_json::to_value(&error).unwrap_or_default());
+                        outputs[i] = Some(Arc::new(Value::Null));
+                        report.output = outputs[i].clone();
+                        report.error = Some(error);
+                    } else {
+                        tracing::error!(target: "fmhost::progress", run_id = &*run_id, stage = &*stage.id, event = "failed", duration_ms = ms as u64, attempts, error_kind = kind, error = %error.message, "{}: failed after {ms} ms ({attempts} attempt{plural}): {error}", stage.id);
+                        failure.get_or_insert((
+                            RunStatus::Failed,
+                            format!("stage \"{}\" failed after {attempts} attempt{plural}: {error}", stage.id),
+                        ));
+                        errors[i] = Some(serde_json::to_value(&error).unwrap_or_default());
+                        report.error = Some(error);
+                        continue;
+                    }
+                }
+            }
+            for &d in &stage.dependents {
+                waiting[d] -= 1;
+                if waiting[d] == 0 {
+                    ready.push(d);
+                }
+            }
+        }
+
+        // Whatever never started was skipped; say why.
+        let first_failed = reports.iter().find(|r| r.status == StageStatus::Failed && !r.optional).map(|r| r.id.clone());
+        for (i, r) in reports.iter_mut().enumerate() {
+            if r.status == StageStatus::Pending {
+                r.status = StageStatus::Skipped;
+                let blocked_by = plan.stages[i].deps.iter().find(|&&d| outputs[d].is_none()).map(|&d| plan.stages[d].id.to_string());
+                r.skipped_because = Some(match (&blocked_by, &first_failed, &failure) {
+                    (_, Some(f), _) => format!("run failed at stage \"{f}\""),
+                    (_, None, Some((_, why))) => why.clone(),
+                    (Some(b), None, None) => format!("upstream stage \"{b}\" did not succeed"),
+                    (None, None, None) => "not reached".into(),
+                });
+                tracing::info!(target: "fmhost::progress", run_id = &*run_id, stage = r.id.as_str(), event = "skipped", "{}: skipped ({})", r.id, r.skipped_because.as_deref().unwrap_or_default());
+            }
+        }
+
+        let mut output = None;
+        if failure.is_none() {
+            let mut value = match plan.sinks.as_slice() {
+                [one] => outputs[*one].as_deref().cloned().unwrap_or(Value::Null),
+                many => Value::Object(
+                    many.iter().map(|&s| (plan.stages[s].id.to_string(), outputs[s].as_deref().cloned().unwrap_or(Value::Null))).collect(),
+                ),
+            };
+            self.secrets.redact_value(&mut value);
+            if let Some(schema) = &plan.output_schema {
+                let violations = crate::schema::violations(schema, &value);
+                if !violations.is_empty() {
+                    failure = Some((RunStatus::Failed, format!("output does not match the pipeline's output schema: {}", violations.join("; "))));
+                }
+            }
+            if failure.is_none() {
+                output = Some(value);
+            }
+        }
+        let (status, error) = match failure {
+            None => (RunStatus::Succeeded, None),
+            Some((status, why)) => (status, Some(why)),
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match &error {
+            None => tracing::info!(target: "fmhost::progress", run_id = &*run_id, event = "run-finished", status = "succeeded", duration_ms, "run {run_id} succeeded in {duration_ms} ms"),
+            Some(why) => tracing::error!(target: "fmhost::progress", run_id = &*run_id, event = "run-finished", status = ?status, duration_ms, "run {run_id} {}: {why}", match status { RunStatus::Cancelled => "cancelled", RunStatus::TimedOut => "timed out", _ => "failed" }),
+        }
+        Ok(RunReport {
+            run_id: run_id.to_string(),
+            pipeline: plan.name.to_string(),
+            status,
+            started_at,
+            duration_ms,
+            output,
+            error,
+            stages: reports,
+        })
+    }
+
+    fn retry_policy(&self, r: &RetryPlan, snapshot: Option<Snapshot>, input: Arc<Value>, run: &Value) -> RetryPolicy {
+        let condition = r.condition.clone().zip(snapshot).map(|(template, snap)| {
+            let secrets = self.secrets.clone();
+            let run = run.clone();
+            let now = self.fixed_now.clone();
+            Arc::new(move |output: &Value| {
+                let results = Results { index: &snap.index, outputs: &snap.outputs, errors: &snap.errors };
+                let scope = Scope { input: &input, stages: &results, secrets: &secrets, output: Some(output), run: &run, now: now.as_deref(), keep_secrets: false };
+                template.render(&scope).map(|v| crate::template::truthy(&v))
+            }) as crate::http::retry::Condition
+        });
+        RetryPolicy {
+            max_attempts: r.spec.max_attempts.max(1),
+            base_delay: Duration::from_secs_f64(r.spec.delay_seconds),
+            multiplier: r.spec.backoff_multiplier,
+            max_delay: r.spec.max_delay_seconds.map(Duration::from_secs_f64).unwrap_or(Duration::from_secs(30)),
+            condition,
+            ..RetryPolicy::no_retry()
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,72 @@
+//! What a run produced: per-stage status, timings, attempts and errors, and the output.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::StageError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    /// Not run because an upstream stage failed or the run stopped.
+    Skipped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageReport {
+    pub id: String,
+    pub component: String,
+    pub status: StageStatus,
+    /// Whether a failure of this stage is tolerated (its output is then `null`).
+    pub optional: bool,
+    /// Milliseconds from the start of the run.
+    pub started_ms: Option<u64>,
+    pub duration_ms: Option<u64>,
+    /// 1 + every retry made by the stage's outbound calls.
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<StageError>,
+    /// Why a skipped stage did not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped_because: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<Arc<Value>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub pipeline: String,
+    pub status: RunStatus,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub duration_ms: u64,
+    /// The run's output: the single sink's output, or an object keyed by sink id.
+    pub output: Option<Value>,
+    /// One line saying why the run did not succeed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub stages: Vec<StageReport>,
+}
+
+impl RunReport {
+    pub fn stage(&self, id: &str) -> Option<&StageReport> {
+        self.stages.iter().find(|s| s.id == id)
+    }
+}

@@ -1,0 +1,88 @@
+//! The error taxonomy shared by stages, outbound calls, logs and metrics.
+//!
+//! Every failure a stage can report carries an [`ErrorKind`]; the kind is what
+//! operators filter on, so it is a closed set with stable kebab-case names.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// What class of failure happened. Stable names: they appear in logs, reports and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The call or the stage ran out of time.
+    Timeout,
+    /// No connection could be made, or it broke before a response arrived.
+    Connect,
+    /// The upstream answered 4xx (other than 429).
+    Http4xx,
+    /// The upstream answered 5xx.
+    Http5xx,
+    /// The upstream answered 429.
+    RateLimited,
+    /// The service's circuit breaker is open; no request was sent.
+    CircuitOpen,
+    /// A response or value could not be parsed.
+    Parse,
+    /// Data did not match a schema, or a stage's rendered config was invalid.
+    Validation,
+    /// A plugin trapped, hit a limit, or was refused something by the sandbox.
+    Sandbox,
+    /// A template referenced something missing or could not be evaluated.
+    Template,
+    /// The run was cancelled before the stage finished.
+    Cancelled,
+    /// A bug or an unexpected condition in the host or a component.
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Connect => "connect",
+            ErrorKind::Http4xx => "http-4xx",
+            ErrorKind::Http5xx => "http-5xx",
+            ErrorKind::RateLimited => "rate-limited",
+            ErrorKind::CircuitOpen => "circuit-open",
+            ErrorKind::Parse => "parse",
+            ErrorKind::Validation => "validation",
+            ErrorKind::Sandbox => "sandbox",
+            ErrorKind::Template => "template",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a stage failed: a kind, a human message, and the HTTP status when there was one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct StageError {
+    pub kind: ErrorKind,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+impl StageError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        StageError { kind, message: message.into(), status: None }
+    }
+    pub fn validation(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Validation, message)
+    }
+    pub fn template(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Template, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+}

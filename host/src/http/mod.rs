@@ -1,0 +1,325 @@
+//! All outbound HTTP: the one place that opens sockets to vendors.
+//!
+//! Built-in stages and plugins hand an [`HttpRequest`] to [`Outbound::send`], which owns
+//! the per-attempt timeout, retries ([`retry`]), idempotency and correlation headers, and
+//! one structured log line per attempt. It returns a response for any final status; it is
+//! the caller's business whether a 404 is an error.
+
+pub mod retry;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Map, Value, json};
+
+use crate::error::{ErrorKind, StageError};
+use crate::secrets::Secrets;
+pub use retry::RetryPolicy;
+
+/// Default per-attempt timeout when neither the request nor the stage sets one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Responses larger than this are refused rather than buffered.
+pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct HttpRequest {
+    pub method: reqwest::Method,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    /// Per-attempt timeout.
+    pub timeout: Option<Duration>,
+    /// Sent as `Idempotency-Key` on every attempt; required to retry a mutating method.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn is_json(&self) -> bool {
+        self.header("content-type").is_some_and(|ct| {
+            let ct = ct.to_ascii_lowercase();
+            ct.contains("/json") || ct.contains("+json")
+        })
+    }
+
+    /// `{status_code, headers, body}`: the body parsed when the response says it is
+    /// JSON, else text. A JSON response that does not parse is a parse error.
+    pub fn to_output(&self) -> Result<Value, StageError> {
+        let body = if self.body.is_empty() {
+            Value::Null
+        } else if self.is_json() {
+            serde_json::from_slice(&self.body).map_err(|e| {
+                StageError::new(ErrorKind::Parse, format!("response body is not valid JSON ({e}): {}", snippet(&self.body)))
+            })?
+        } else {
+            Value::String(String::from_utf8_lossy(&self.body).into_owned())
+        };
+        Ok(self.output_with(body))
+    }
+
+    /// Like [`to_output`](Self::to_output) but keeps a malformed JSON body as text, for
+    /// evaluating retry conditions.
+    fn lenient_output(&self) -> Value {
+        self.to_output().unwrap_or_else(|_| self.output_with(Value::String(String::from_utf8_lossy(&self.body).into_owned())))
+    }
+
+    fn output_with(&self, body: Value) -> Value {
+        let mut headers = Map::new();
+        for (k, v) in &self.headers {
+            match headers.get_mut(k) {
+                Some(Value::String(existing)) => {
+                    existing.push_str(", ");
+                    existing.push_str(v);
+                }
+                _ => {
+                    headers.insert(k.clone(), Value::String(v.clone()));
+                }
+            }
+        }
+        json!({"status_code": self.status, "headers": headers, "body": body})
+    }
+}
+
+/// The first few hundred bytes of a body, for error messages.
+pub fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
+    let text = text.trim();
+    if body.len() > 300 { format!("{text}...") } else { text.to_string() }
+}
+
+/// Who is calling, for headers, logs, budgets and redaction.
+pub struct CallContext<'a> {
+    pub run_id: &'a str,
+    pub stage_id: &'a str,
+    pub secrets: &'a Secrets,
+    /// The stage's deadline: no attempt or backoff may run past it.
+    pub deadline: Option<Instant>,
+    /// Incremented for every retry, so the stage report can count attempts.
+    pub retries: &'a AtomicU32,
+}
+
+/// The outbound HTTP machinery, shared by every stage of every run in this process.
+#[derive(Clone)]
+pub struct Outbound {
+    client: reqwest::Client,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct Failure {
+    error: StageError,
+    retry_after: Option<Duration>,
+    transient: bool,
+}
+
+impl Outbound {
+    pub fn new() -> Self {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("fmhost/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .expect("the TLS backend initialises");
+        Outbound { client }
+    }
+
+    /// Sends `req`, retrying per `policy`, and returns the final response whatever its status.
+    pub async fn send(&self, ctx: &CallContext<'_>, req: &HttpRequest, policy: &RetryPolicy) -> Result<HttpResponse, StageError> {
+        let mutating = !matches!(req.method, reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS);
+        // Retrying a write without an idempotency key risks doing it twice.
+        let may_retry = !mutating || req.idempotency_key.is_some();
+        let service = service_of(&req.url);
+        let shown_url = ctx.secrets.redact(&req.url).into_owned();
+        let mut attempt = 1u32;
+        loop {
+            let started = Instant::now();
+            let result = self.attempt(ctx, req, attempt).await;
+            let duration_ms = started.elapsed().as_millis() as u64;
+            let (status, output, failure) = match &result {
+                Ok(resp) => (Some(resp.status), resp.lenient_output(), http_failure(resp)),
+                Err(f) => (None, json!({"status_code": null, "error": f.error.kind.as_str()}), None),
+            };
+            let kind = result.as_ref().err().map(|f| f.error.kind).or(failure.as_ref().map(|f| f.error.kind));
+            tracing::info!(
+                target: "fmhost::http",
+                run_id = ctx.run_id,
+                stage = ctx.stage_id,
+                service = %service,
+                method = %req.method,
+                url = %shown_url,
+                status = status.map(i64::from).unwrap_or(-1),
+                attempt,
+                duration_ms,
+                error_kind = kind.map(ErrorKind::as_str).unwrap_or(""),
+                "{} {} -> {} in {} ms",
+                req.method,
+                shown_url,
+                status.map(|s| s.to_string()).unwrap_or_else(|| kind.map(|k| k.as_str().to_string()).unwrap_or_default()),
+                duration_ms,
+            );
+            let transient = result.as_ref().err().is_some_and(|f| f.transient);
+            let retry = attempt < policy.max_attempts
+                && may_retry
+                && policy
+                    .should_retry(status, transient, &output)
+                    .map_err(|e| StageError::template(format!("retry.condition: {e}")))?;
+            if !retry {
+                return match result {
+                    Ok(resp) => Ok(resp),
+                    Err(f) => Err(with_attempts(f.error, attempt)),
+                };
+            }
+            let retry_after = match &result {
+                Ok(resp) => resp.header("retry-after").and_then(|v| retry::parse_retry_after(v, SystemTime::now())),
+                Err(f) => f.retry_after,
+            };
+            let delay = policy.delay(attempt, retry_after);
+            if ctx.deadline.is_some_and(|d| Instant::now() + delay >= d) {
+                // The stage's budget cannot fit another attempt: report the last outcome now.
+                return match result {
+                    Ok(resp) => Ok(resp),
+                    Err(f) => Err(with_attempts(f.error, attempt)),
+                };
+            }
+            tokio::time::sleep(delay).await;
+            ctx.retries.fetch_add(1, Ordering::Relaxed);
+            attempt += 1;
+        }
+    }
+
+    async fn attempt(&self, ctx: &CallContext<'_>, req: &HttpRequest, attempt: u32) -> Result<HttpResponse, Failure> {
+        let shown = || ctx.secrets.redact(&req.url).into_owned();
+        let mut builder = self.client.request(req.method.clone(), &req.url);
+        for (name, value) in &req.headers {
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| Failure {
+                error: StageError::validation(format!("invalid header name {name:?}")),
+                retry_after: None,
+                transient: false,
+            })?;
+            let value = reqwest::header::HeaderValue::from_str(value).map_err(|_| Failure {
+                error: StageError::validation(format!("header {name}: value is not valid in an HTTP header")),
+                retry_after: None,
+                transient: false,
+            })?;
+            builder = builder.header(name, value);
+        }
+        builder = builder.header("x-correlation-id", ctx.run_id);
+        if let Some(key) = &req.idempotency_key {
+            builder = builder.header("idempotency-key", key.as_str());
+        }
+        if let Some(body) = &req.body {
+            builder = builder.body(body.clone());
+        }
+        let mut timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        if let Some(deadline) = ctx.deadline {
+            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        let exchange = async {
+            let mut resp = builder.send().await?;
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect();
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await? {
+                body.extend_from_slice(&chunk);
+                if body.len() > MAX_BODY_BYTES {
+                    return Ok(Err(body.len()));
+                }
+            }
+            Ok::<_, reqwest::Error>(Ok(HttpResponse { status, headers, body }))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => Err(Failure {
+                error: StageError::new(
+                    ErrorKind::Timeout,
+                    format!("{} {} timed out after {} ms (attempt {attempt})", req.method, shown(), timeout.as_millis()),
+                ),
+                retry_after: None,
+                transient: true,
+            }),
+            Ok(Ok(Ok(resp))) => Ok(resp),
+            Ok(Ok(Err(len))) => Err(Failure {
+                error: StageError::new(ErrorKind::Parse, format!("{} {}: response body exceeds {MAX_BODY_BYTES} bytes (read {len})", req.method, shown())),
+                retry_after: None,
+                transient: false,
+            }),
+            Ok(Err(e)) => {
+                let kind = if e.is_timeout() { ErrorKind::Timeout } else { ErrorKind::Connect };
+                let message = ctx.secrets.redact(&format!("{} {}: {}", req.method, shown(), error_chain(&e))).into_owned();
+                Err(Failure { error: StageError::new(kind, message), retry_after: None, transient: true })
+            }
+        }
+    }
+}
+
+fn with_attempts(mut e: StageError, attempts: u32) -> StageError {
+    if attempts > 1 {
+        e.message = format!("{} (after {attempts} attempts)", e.message);
+    }
+    e
+}
+
+/// The error a non-2xx response stands for, with its kind.
+pub fn http_failure_of(resp: &HttpResponse) -> Option<StageError> {
+    http_failure(resp).map(|f| f.error)
+}
+
+fn http_failure(resp: &HttpResponse) -> Option<Failure> {
+    if resp.is_success() {
+        return None;
+    }
+    let kind = match resp.status {
+        429 => ErrorKind::RateLimited,
+        500..=599 => ErrorKind::Http5xx,
+        _ => ErrorKind::Http4xx,
+    };
+    let mut error = StageError::new(kind, format!("http {}: {}", resp.status, snippet(&resp.body)));
+    error.status = Some(resp.status);
+    Some(Failure { error, retry_after: None, transient: false })
+}
+
+/// `host:port` of a URL, the default service name.
+pub fn service_of(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port_or_known_default()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            _ => "unknown".into(),
+        },
+        Err(_) => "unknown".into(),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,22 @@
+//! fmhost: a host for declarative API-integration pipelines.
+//!
+//! A pipeline ([`pipeline`]) is a DAG of stages; the [`engine`] runs it, rendering each
+//! stage's config ([`template`]) and invoking its [`component`]. Components are built-ins
+//! or sandboxed WebAssembly plugins behind one trait. All outbound HTTP goes through
+//! [`http`]; secrets live in [`secrets`] and are redacted from everything we print.
+//!
+//! Only `main`/[`cli`] turns errors into exit codes.
+
+pub mod cli;
+pub mod component;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod logging;
+pub mod pipeline;
+pub mod schema;
+pub mod secrets;
+pub mod template;
+
+pub use engine::{Engine, RunOptions, RunReport, RunStatus};
+pub use error::{ErrorKind, StageError};

@@ -1,0 +1,358 @@
+//! Checks a pipeline document whole and compiles it into a [`Plan`].
+//! Every problem is collected; compilation succeeds only when there are none.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{Diagnostic, Plan, PlannedStage, RetryPlan, RetrySpec, graph};
+use crate::component::Registry;
+use crate::template::{Path, Segment, Template, ValueTemplate};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineDoc {
+    /// Unique name, used by `serve` routes and the journal.
+    name: String,
+    #[serde(default)]
+    version: Option<Value>,
+    #[serde(default)]
+    description: Option<String>,
+    /// JSON Schema of the run's input.
+    #[serde(default)]
+    input: Option<Value>,
+    /// JSON Schema of the run's output.
+    #[serde(default)]
+    output: Option<Value>,
+    stages: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageDoc {
+    /// Unique within the pipeline; letters, digits, `-` and `_`.
+    id: String,
+    /// A built-in or plugin name; `_` and `-` are interchangeable.
+    component: String,
+    #[serde(default)]
+    depends_on: Vec<String>,
+    #[serde(default)]
+    config: Option<Value>,
+    #[serde(default)]
+    retry: Option<Value>,
+    /// Milliseconds, or a duration such as `"5s"`.
+    #[serde(default)]
+    timeout: Option<Value>,
+    /// A failure yields `null` and lets dependents run.
+    #[serde(default)]
+    optional: bool,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+struct Parsed {
+    doc: StageDoc,
+    loc: String,
+    config: Value,
+    retry: Option<(Value, &'static str)>,
+}
+
+/// Checks `text` as a pipeline and compiles it, or lists every problem.
+pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>> {
+    let source: Value = serde_json::from_str(text).map_err(|e| {
+        vec![Diagnostic { location: String::new(), line_col: Some((e.line(), e.column())), message: format!("invalid JSON: {e}") }]
+    })?;
+    let doc: PipelineDoc = serde_path_to_error::deserialize(&source).map_err(|e| {
+        let path = e.path().to_string();
+        vec![Diagnostic::new(if path == "." { String::new() } else { path }, e.inner().to_string())]
+    })?;
+    let mut diags = Vec::new();
+    if doc.stages.is_empty() {
+        diags.push(Diagnostic::new("stages", "a pipeline needs at least one stage"));
+    }
+
+    let input_schema = compile_schema(doc.input.as_ref(), "input", &mut diags);
+    let output_schema = compile_schema(doc.output.as_ref(), "output", &mut diags);
+
+    // Pass 1: each stage's own shape.
+    let mut parsed: Vec<Option<Parsed>> = Vec::with_capacity(doc.stages.len());
+    for (i, raw) in doc.stages.iter().enumerate() {
+        parsed.push(parse_stage(i, raw, &mut diags));
+    }
+
+    // Pass 2: ids and edges.
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for (i, p) in parsed.iter().enumerate() {
+        let Some(p) = p else { continue };
+        if let Some(&first) = index.get(p.doc.id.as_str()) {
+            diags.push(Diagnostic::new(p.loc.clone(), format!("duplicate stage id (also stages[{first}])")));
+        } else {
+            index.insert(&p.doc.id, i);
+        }
+    }
+    let mut deps: Vec<Vec<usize>> = vec![Vec::new(); parsed.len()];
+    for (i, p) in parsed.iter().enumerate() {
+        let Some(p) = p else { continue };
+        for (j, dep) in p.doc.depends_on.iter().enumerate() {
+            match index.get(dep.as_str()) {
+                Some(&d) if deps[i].contains(&d) => {
+                    diags.push(Diagnostic::new(format!("{}: depends_on[{j}]", p.loc), format!("\"{dep}\" is listed twice")))
+                }
+                Some(&d) => deps[i].push(d),
+                None => diags.push(Diagnostic::new(
+                    format!("{}: depends_on[{j}]", p.loc),
+                    format!("unknown stage \"{dep}\"{}", suggest(dep, index.keys().copied())),
+                )),
+            }
+        }
+    }
+    let id_of = |i: usize| parsed[i].as_ref().map(|p| p.doc.id.clone()).unwrap_or_else(|| format!("stages[{i}]"));
+    for cycle in graph::cycles(&deps) {
+        // depends_on points upstream; name the cycle in the direction data flows.
+        let names: Vec<String> = cycle.iter().rev().map(|&i| id_of(i)).collect();
+        diags.push(Diagnostic::new(format!("stage \"{}\"", id_of(cycle[0])), format!("cycle: {}", names.join(" -> "))));
+    }
+    let upstream = graph::upstream_sets(&deps);
+
+    // Pass 3: components, configs and templates.
+    let mut stages = Vec::with_capacity(parsed.len());
+    for (i, p) in parsed.iter().enumerate() {
+        let Some(p) = p else { continue };
+        let component = registry.get(&p.doc.component);
+        if component.is_none() {
+            let known: Vec<&str> = registry.names().collect();
+            diags.push(Diagnostic::new(
+                format!("{}: component", p.loc),
+                format!(
+                    "unknown component \"{}\"{} (known: {})",
+                    p.doc.component,
+                    suggest(&p.doc.component, known.iter().copied()),
+                    known.join(", ")
+                ),
+            ));
+        }
+        if let Some(c) = component {
+            for problem in c.check_config(&p.config) {
+                diags.push(Diagnostic::new(format!("{}: config{}", p.loc, problem.path), problem.message));
+            }
+        }
+        let check_refs = |path: &str, t: &Template, allow_output: bool, diags: &mut Vec<Diagnostic>| {
+            for r in t.paths() {
+                if let Err(message) = check_reference(r, allow_output, &index, &upstream[i], &p.doc.id) {
+                    diags.push(Diagnostic::new(format!("{}: {path}", p.loc), message));
+                }
+            }
+        };
+        let config = match ValueTemplate::compile(&p.config) {
+            Ok(t) => {
+                for (path, template) in t.templates() {
+                    check_refs(&format!("config{path}"), template, false, &mut diags);
+                }
+                t
+            }
+            Err(errors) => {
+                for e in errors {
+                    diags.push(Diagnostic::new(format!("{}: config{}", p.loc, e.path), e.message));
+                }
+                ValueTemplate::Literal(Value::Null)
+            }
+        };
+        let retry = p.retry.as_ref().and_then(|(raw, origin)| {
+            let spec: RetrySpec = match serde_path_to_error::deserialize(raw) {
+                Ok(s) => s,
+                Err(e) => {
+                    let path = e.path().to_string();
+                    let at = if path == "." { String::new() } else { format!(".{path}") };
+                    diags.push(Diagnostic::new(format!("{}: {origin}{at}", p.loc), e.inner().to_string()));
+                    return None;
+                }
+            };
+            if spec.max_attempts == 0 {
+                diags.push(Diagnostic::new(format!("{}: {origin}.max_attempts", p.loc), "must be at least 1"));
+            }
+            if !(spec.delay_seconds.is_finite() && spec.delay_seconds >= 0.0) {
+                diags.push(Diagnostic::new(format!("{}: {origin}.delay_seconds", p.loc), "must be a non-negative number"));
+            }
+            if !(spec.backoff_multiplier.is_finite() && spec.backoff_multiplier >= 1.0) {
+                diags.push(Diagnostic::new(format!("{}: {origin}.backoff_multiplier", p.loc), "must be at least 1"));
+            }
+            let condition = match spec.condition.as_deref().map(Template::parse) {
+                None => None,
+                Some(Ok(Some(t))) => {
+                    check_refs(&format!("{origin}.condition"), &t, true, &mut diags);
+                    Some(t)
+                }
+                Some(Ok(None)) => {
+                    diags.push(Diagnostic::new(
+                        format!("{}: {origin}.condition", p.loc),
+                        "expected a template such as \"{{output.status_code == 429}}\"",
+                    ));
+                    None
+                }
+                Some(Err(e)) => {
+                    diags.push(Diagnostic::new(format!("{}: {origin}.condition", p.loc), e));
+                    None
+                }
+            };
+            Some(RetryPlan { spec, condition })
+        });
+        let timeout = p.doc.timeout.as_ref().and_then(|t| match parse_duration(t) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                diags.push(Diagnostic::new(format!("{}: timeout", p.loc), e));
+                None
+            }
+        });
+        if let Some(component) = component {
+            stages.push(PlannedStage {
+                id: Arc::from(p.doc.id.as_str()),
+                component_name: p.doc.component.clone(),
+                component: component.clone(),
+                deps: deps[i].clone(),
+                dependents: Vec::new(),
+                config,
+                retry,
+                timeout,
+                optional: p.doc.optional,
+            });
+        }
+    }
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    for i in 0..stages.len() {
+        for d in stages[i].deps.clone() {
+            stages[d].dependents.push(i);
+        }
+    }
+    let sinks = (0..stages.len()).filter(|&i| stages[i].dependents.is_empty()).collect();
+    let version = doc.version.map(|v| match v {
+        Value::String(s) => s,
+        other => other.to_string(),
+    });
+    Ok(Plan {
+        name: Arc::from(doc.name.as_str()),
+        version,
+        description: doc.description,
+        input_schema,
+        output_schema,
+        stages,
+        sinks,
+        source,
+    })
+}
+
+fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Parsed> {
+    let loc = match raw.get("id").and_then(Value::as_str) {
+        Some(id) => format!("stage \"{id}\""),
+        None => format!("stages[{i}]"),
+    };
+    // The seed writes `retry` inside an http-request's config; it means the stage's policy.
+    let mut raw = raw.clone();
+    let mut retry = None;
+    if let Some(r) = raw.get_mut("config").and_then(Value::as_object_mut).and_then(|c| c.remove("retry")) {
+        retry = Some((r, "config.retry"));
+    }
+    let doc: StageDoc = match serde_path_to_error::deserialize(&raw) {
+        Ok(d) => d,
+        Err(e) => {
+            let path = e.path().to_string();
+            let at = if path == "." { String::new() } else { format!(": {path}") };
+            diags.push(Diagnostic::new(format!("{loc}{at}"), e.inner().to_string()));
+            return None;
+        }
+    };
+    if doc.id.is_empty() || !doc.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        diags.push(Diagnostic::new(format!("{loc}: id"), "a stage id uses only letters, digits, '-' and '_'"));
+    }
+    if let Some(r) = &doc.retry {
+        if retry.is_some() {
+            diags.push(Diagnostic::new(format!("{loc}: retry"), "retry is given both on the stage and in config.retry"));
+        }
+        retry = Some((r.clone(), "retry"));
+    }
+    let config = doc.config.clone().unwrap_or_else(|| Value::Object(Map::new()));
+    let _ = (&doc.name, &doc.description);
+    Some(Parsed { doc, loc, config, retry })
+}
+
+/// Checks that a template path reads something that will exist when it is rendered.
+fn check_reference(path: &Path, allow_output: bool, index: &HashMap<&str, usize>, upstream: &[bool], own_id: &str) -> Result<(), String> {
+    match path.root.as_str() {
+        "input" | "run" => Ok(()),
+        "output" if allow_output => Ok(()),
+        "output" => Err(format!("`{path}`: `output` is only available in a retry condition")),
+        "secrets" => match path.segments.as_slice() {
+            [Segment::Field(_)] => Ok(()),
+            _ => Err(format!("`{path}`: expected `secrets.NAME`")),
+        },
+        "stages" => {
+            let Some(Segment::Field(id)) = path.segments.first() else {
+                return Err(format!("`{path}`: expected `stages.ID.output`"));
+            };
+            match path.segments.get(1) {
+                Some(Segment::Field(f)) if f == "output" || f == "error" => {}
+                _ => return Err(format!("`{path}`: expected `stages.{id}.output`")),
+            }
+            match index.get(id.as_str()) {
+                None => Err(format!("`{path}`: unknown stage \"{id}\"{}", suggest(id, index.keys().copied()))),
+                Some(_) if id == own_id => Err(format!("`{path}`: a stage cannot read its own output")),
+                Some(&i) if !upstream[i] => {
+                    Err(format!("`{path}`: stage \"{id}\" is not upstream of this stage; add it to depends_on"))
+                }
+                Some(_) => Ok(()),
+            }
+        }
+        other => Err(format!("`{path}`: unknown name `{other}` (expected input, stages, secrets or run)")),
+    }
+}
+
+fn compile_schema(schema: Option<&Value>, at: &str, diags: &mut Vec<Diagnostic>) -> Option<crate::schema::Validator> {
+    match crate::schema::compile(schema?) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            diags.push(Diagnostic::new(at, e));
+            None
+        }
+    }
+}
+
+/// Milliseconds as a number, or a humane string (`"5s"`, `"250ms"`).
+pub fn parse_duration(v: &Value) -> Result<Duration, String> {
+    match v {
+        Value::Number(n) => match n.as_u64() {
+            Some(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+            _ => Err(format!("expected a positive number of milliseconds, found {n}")),
+        },
+        Value::String(s) => humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}")),
+        other => Err(format!("expected milliseconds or a duration such as \"5s\", found {other}")),
+    }
+}
+
+/// ` (did you mean "x"?)` when a known name is one or two edits away.
+fn suggest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> String {
+    known
+        .map(|k| (edit_distance(name, k), k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, k)| format!(" (did you mean \"{k}\"?)"))
+        .unwrap_or_default()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}

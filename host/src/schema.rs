@@ -1,0 +1,45 @@
+//! JSON Schema compilation and validation, shared by the `schema-validate` stage and the
+//! pipeline's `input`/`output` schemas. Drafts are detected from `$schema` (2020-12 by default; 7 works).
+
+use serde_json::Value;
+
+pub use jsonschema::Validator;
+
+/// Compiles a schema, or says why it is not one.
+pub fn compile(schema: &Value) -> Result<Validator, String> {
+    jsonschema::validator_for(schema).map_err(|e| format!("invalid JSON Schema: {e}"))
+}
+
+/// Every violation, each as `PATH: message` with PATH a JSON pointer into the instance.
+pub fn violations(validator: &Validator, instance: &Value) -> Vec<String> {
+    validator
+        .iter_errors(instance)
+        .map(|e| {
+            let path = e.instance_path().as_str();
+            format!("{}: {e}", if path.is_empty() { "(root)" } else { path })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn lists_every_violation_with_its_path() {
+        let v = compile(&json!({
+            "type": "object",
+            "required": ["a"],
+            "properties": {"b": {"type": "integer"}, "c": {"enum": ["x"]}}
+        }))
+        .unwrap();
+        let errs = violations(&v, &json!({"b": "no", "c": "y"}));
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("(root): ") && e.contains("\"a\"")));
+        assert!(errs.iter().any(|e| e.starts_with("/b: ")));
+        assert!(errs.iter().any(|e| e.starts_with("/c: ")));
+        assert!(compile(&json!({"type": 5})).is_err());
+    }
+}

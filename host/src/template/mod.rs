@@ -1,0 +1,419 @@
+//! Templates: `{{ ... }}` expressions inside strings, and JSON trees that contain them.
+//!
+//! A string that is exactly one template renders to the JSON value itself (an object
+//! stays an object); any other string interpolates. Templates are parsed once, when a
+//! pipeline is loaded, and rendered per run. This module knows nothing of stages or
+//! scheduling: the engine hands it a [`Scope`].
+
+mod eval;
+mod parse;
+
+use std::borrow::Cow;
+
+use serde_json::{Map, Value};
+
+pub use eval::truthy;
+pub use parse::{Expr, Path, Segment};
+
+use crate::secrets::Secrets;
+
+/// Read access to stage results, implemented by the engine.
+pub trait StageLookup {
+    /// `field` is `output` or `error`; `None` when the stage has not produced it.
+    fn stage_field(&self, id: &str, field: &str) -> Option<&Value>;
+    fn has_stage(&self, id: &str) -> bool;
+}
+
+/// A lookup with no stages, for templates that may only read the input.
+pub struct NoStages;
+
+impl StageLookup for NoStages {
+    fn stage_field(&self, _: &str, _: &str) -> Option<&Value> {
+        None
+    }
+    fn has_stage(&self, _: &str) -> bool {
+        false
+    }
+}
+
+/// Everything a template may read.
+pub struct Scope<'a> {
+    pub input: &'a Value,
+    pub stages: &'a dyn StageLookup,
+    pub secrets: &'a Secrets,
+    /// The result being judged, in a retry condition only.
+    pub output: Option<&'a Value>,
+    /// `{id, pipeline}` of the current run.
+    pub run: &'a Value,
+    /// A fixed clock for reproducible runs (`FMHOST_NOW`); `None` reads the system clock.
+    pub now: Option<&'a str>,
+    /// Leave `{{secrets.*}}` unrendered, for configs handed to untrusted plugins:
+    /// the host substitutes them itself when the plugin asks it to make a call.
+    pub keep_secrets: bool,
+}
+
+impl Scope<'_> {
+    fn now(&self) -> String {
+        match self.now {
+            Some(fixed) => fixed.to_string(),
+            None => humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(String),
+    Expr { expr: Expr, source: String, reads_secrets: bool },
+}
+
+/// A string with zero or more `{{ ... }}` parts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+impl Template {
+    /// Parses a string; `Ok(None)` when it holds no template at all.
+    pub fn parse(src: &str) -> Result<Option<Template>, String> {
+        if !src.contains("{{") {
+            return Ok(None);
+        }
+        let mut parts = Vec::new();
+        let mut rest = src;
+        while let Some(start) = rest.find("{{") {
+            if start > 0 {
+                parts.push(Part::Text(rest[..start].to_string()));
+            }
+            let body_start = start + 2;
+            let end = find_close(&rest[body_start..])
+                .ok_or_else(|| format!("unterminated template `{}`", abbreviate(&rest[start..])))?;
+            let body = &rest[body_start..body_start + end];
+            let expr = parse::parse_expr(body).map_err(|e| format!("in `{{{{{body}}}}}`: {e}"))?;
+            let mut paths = Vec::new();
+            expr.paths(&mut paths);
+            let reads_secrets = paths.iter().any(|p| p.root == "secrets");
+            parts.push(Part::Expr { expr, source: rest[start..body_start + end + 2].to_string(), reads_secrets });
+            rest = &rest[body_start + end + 2..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_string()));
+        }
+        Ok(Some(Template { parts }))
+    }
+
+    /// Every path the template reads, for static checks.
+    pub fn paths(&self) -> Vec<&Path> {
+        let mut out = Vec::new();
+        for part in &self.parts {
+            if let Part::Expr { expr, .. } = part {
+                expr.paths(&mut out);
+            }
+        }
+        out
+    }
+
+    /// Renders to a JSON value: typed when the string is exactly one template.
+    pub fn render(&self, scope: &Scope<'_>) -> Result<Value, String> {
+        if let [Part::Expr { expr, source, reads_secrets }] = self.parts.as_slice() {
+            if *reads_secrets && scope.keep_secrets {
+                return Ok(Value::String(source.clone()));
+            }
+            return eval::eval(expr, scope).map(Cow::into_owned);
+        }
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Expr { source, reads_secrets: true, .. } if scope.keep_secrets => out.push_str(source),
+                Part::Expr { expr, .. } => out.push_str(&to_text(&*eval::eval(expr, scope)?)),
+            }
+        }
+        Ok(Value::String(out))
+    }
+}
+
+/// How a value reads when interpolated into a string: strings raw, the rest as JSON.
+pub fn to_text(v: &Value) -> Cow<'_, str> {
+    match v {
+        Value::String(s) => Cow::Borrowed(s),
+        other => Cow::Owned(other.to_string()),
+    }
+}
+
+/// Finds the `}}` closing a template body, skipping quoted strings inside it.
+fn find_close(body: &str) -> Option<usize> {
+    let bytes = body.as_bytes();
+    let mut quote: Option<u8> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match quote {
+            Some(_) if b == b'\\' => i += 1,
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None if b == b'\'' || b == b'"' => quote = Some(b),
+            None if b == b'}' && bytes.get(i + 1) == Some(&b'}') => return Some(i),
+            None => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+fn abbreviate(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// A JSON tree whose strings may hold templates; subtrees without any are kept as-is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValueTemplate {
+    Literal(Value),
+    Template(Template),
+    Array(Vec<ValueTemplate>),
+    Object(Vec<(String, ValueTemplate)>),
+}
+
+/// A problem found while compiling or rendering, with the JSON path where it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateError {
+    /// JSON path relative to the compiled value, e.g. `.headers.Authorization`.
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+impl ValueTemplate {
+    /// Compiles a JSON value, reporting every malformed template with its path.
+    pub fn compile(value: &Value) -> Result<ValueTemplate, Vec<TemplateError>> {
+        let mut errors = Vec::new();
+        let compiled = compile_at(value, &mut String::new(), &mut errors);
+        if errors.is_empty() { Ok(compiled) } else { Err(errors) }
+    }
+
+    /// Every template in the tree with its JSON path, for static checks.
+    pub fn templates(&self) -> Vec<(String, &Template)> {
+        let mut out = Vec::new();
+        collect(self, &mut String::new(), &mut out);
+        out
+    }
+
+    pub fn render(&self, scope: &Scope<'_>) -> Result<Value, TemplateError> {
+        match self {
+            ValueTemplate::Literal(v) => Ok(v.clone()),
+            ValueTemplate::Template(t) => t.render(scope).map_err(|message| TemplateError { path: String::new(), message }),
+            ValueTemplate::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| item.render(scope).map_err(|e| prefix(e, &format!("[{i}]"))))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Value::Array),
+            ValueTemplate::Object(fields) => {
+                let mut map = Map::with_capacity(fields.len());
+                for (key, field) in fields {
+                    map.insert(key.clone(), field.render(scope).map_err(|e| prefix(e, &key_path(key)))?);
+                }
+                Ok(Value::Object(map))
+            }
+        }
+    }
+}
+
+fn prefix(mut e: TemplateError, seg: &str) -> TemplateError {
+    e.path = format!("{seg}{}", e.path);
+    e
+}
+
+fn key_path(key: &str) -> String {
+    if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        format!(".{key}")
+    } else {
+        format!("[{}]", Value::String(key.to_string()))
+    }
+}
+
+fn compile_at(value: &Value, path: &mut String, errors: &mut Vec<TemplateError>) -> ValueTemplate {
+    match value {
+        Value::String(s) => match Template::parse(s) {
+            Ok(Some(t)) => ValueTemplate::Template(t),
+            Ok(None) => ValueTemplate::Literal(value.clone()),
+            Err(message) => {
+                errors.push(TemplateError { path: path.clone(), message });
+                ValueTemplate::Literal(value.clone())
+            }
+        },
+        Value::Array(items) => {
+            let compiled: Vec<_> = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| with_segment(path, &format!("[{i}]"), |p| compile_at(item, p, errors)))
+                .collect();
+            if compiled.iter().all(|c| matches!(c, ValueTemplate::Literal(_))) {
+                ValueTemplate::Literal(value.clone())
+            } else {
+                ValueTemplate::Array(compiled)
+            }
+        }
+        Value::Object(map) => {
+            let compiled: Vec<_> = map
+                .iter()
+                .map(|(k, v)| (k.clone(), with_segment(path, &key_path(k), |p| compile_at(v, p, errors))))
+                .collect();
+            if compiled.iter().all(|(_, c)| matches!(c, ValueTemplate::Literal(_))) {
+                ValueTemplate::Literal(value.clone())
+            } else {
+                ValueTemplate::Object(compiled)
+            }
+        }
+        other => ValueTemplate::Literal(other.clone()),
+    }
+}
+
+fn with_segment<T>(path: &mut String, seg: &str, f: impl FnOnce(&mut String) -> T) -> T {
+    let len = path.len();
+    path.push_str(seg);
+    let out = f(path);
+    path.truncate(len);
+    out
+}
+
+fn collect<'a>(t: &'a ValueTemplate, path: &mut String, out: &mut Vec<(String, &'a Template)>) {
+    match t {
+        ValueTemplate::Literal(_) => {}
+        ValueTemplate::Template(t) => out.push((path.clone(), t)),
+        ValueTemplate::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                with_segment(path, &format!("[{i}]"), |p| collect(item, p, out));
+            }
+        }
+        ValueTemplate::Object(fields) => {
+            for (k, v) in fields {
+                with_segment(path, &key_path(k), |p| collect(v, p, out));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use serde_json::json;
+
+    use super::*;
+
+    struct Stages(HashMap<String, Value>);
+    impl StageLookup for Stages {
+        fn stage_field(&self, id: &str, field: &str) -> Option<&Value> {
+            (field == "output").then(|| self.0.get(id)).flatten()
+        }
+        fn has_stage(&self, id: &str) -> bool {
+            self.0.contains_key(id)
+        }
+    }
+
+    fn render(src: Value, input: Value, stages: Value) -> Result<Value, TemplateError> {
+        let stages = Stages(serde_json::from_value(stages).unwrap());
+        let secrets = Secrets::from_pairs([("TOKEN", "s3cr3t-value")]);
+        let run = json!({"id": "run-1"});
+        let scope = Scope {
+            input: &input,
+            stages: &stages,
+            secrets: &secrets,
+            output: None,
+            run: &run,
+            now: Some("2024-01-15T10:30:00Z"),
+            keep_secrets: false,
+        };
+        ValueTemplate::compile(&src).unwrap().render(&scope)
+    }
+
+    #[test]
+    fn whole_template_keeps_its_type_and_partial_interpolates() {
+        let stages = json!({"fetch-salesforce": {"body": {"Name": "Acme", "n": [1, {"y": 7}]}}});
+        let out = render(
+            json!({
+                "data": "{{stages.fetch-salesforce.output.body}}",
+                "n": "{{stages.fetch-salesforce.output.body.n[1].y}}",
+                "msg": "hello {{input.who}} at {{now()}}: {{stages.fetch-salesforce.output.body.n | tojson}}",
+                "nested": [{"deep": "{{input.who | upper}}"}],
+                "auth": "Bearer {{secrets.TOKEN}}",
+            }),
+            json!({"who": "ada"}),
+            stages,
+        )
+        .unwrap();
+        assert_eq!(out["data"], json!({"Name": "Acme", "n": [1, {"y": 7}]}));
+        assert_eq!(out["n"], json!(7));
+        assert_eq!(out["msg"], json!("hello ada at 2024-01-15T10:30:00Z: [1,{\"y\":7}]"));
+        assert_eq!(out["nested"][0]["deep"], json!("ADA"));
+        assert_eq!(out["auth"], json!("Bearer s3cr3t-value"));
+    }
+
+    #[test]
+    fn missing_references_name_the_path() {
+        let err = render(json!({"a": {"b": ["{{input.x.y}}"]}}), json!({"x": {}}), json!({})).unwrap_err();
+        assert_eq!(err.path, ".a.b[0]");
+        assert!(err.message.contains("`input.x` has no field `y`"), "{}", err.message);
+        let err = render(json!("{{stages.nope.output}}"), json!({}), json!({})).unwrap_err();
+        assert!(err.message.contains("no stage nope"), "{}", err.message);
+        let with_default = render(json!("{{input.x.y | default('n/a')}}"), json!({"x": {}}), json!({})).unwrap();
+        assert_eq!(with_default, json!("n/a"));
+    }
+
+    #[test]
+    fn braces_of_jmespath_are_not_templates() {
+        let out = render(
+            json!("{customer_id: '{{input.id}}', fetched_at: '{{now()}}'}"),
+            json!({"id": "cust_1"}),
+            json!({}),
+        )
+        .unwrap();
+        assert_eq!(out, json!("{customer_id: 'cust_1', fetched_at: '2024-01-15T10:30:00Z'}"));
+    }
+
+    #[test]
+    fn conditions_compare_typed_values() {
+        let secrets = Secrets::default();
+        let run = json!({});
+        let output = json!({"status_code": 429});
+        let scope = Scope {
+            input: &Value::Null,
+            stages: &NoStages,
+            secrets: &secrets,
+            output: Some(&output),
+            run: &run,
+            now: None,
+            keep_secrets: false,
+        };
+        let t = Template::parse("{{output.status_code == 429}}").unwrap().unwrap();
+        assert_eq!(t.render(&scope).unwrap(), json!(true));
+        let t = Template::parse("{{output.status_code >= 500 or output.status_code == 408}}").unwrap().unwrap();
+        assert_eq!(t.render(&scope).unwrap(), json!(false));
+    }
+
+    #[test]
+    fn kept_secrets_stay_templates() {
+        let secrets = Secrets::from_pairs([("TOKEN", "s3cr3t-value")]);
+        let run = json!({});
+        let scope = Scope {
+            input: &Value::Null,
+            stages: &NoStages,
+            secrets: &secrets,
+            output: None,
+            run: &run,
+            now: None,
+            keep_secrets: true,
+        };
+        let t = Template::parse("Bearer {{secrets.TOKEN}}").unwrap().unwrap();
+        assert_eq!(t.render(&scope).unwrap(), json!("Bearer {{secrets.TOKEN}}"));
+    }
+}
