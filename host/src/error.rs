@@ -16,8 +16,10 @@ pub enum ErrorKind {
     /// No connection could be made, or it broke before a response arrived.
     Connect,
     /// The upstream answered 4xx (other than 429).
+    #[serde(rename = "http-4xx")]
     Http4xx,
     /// The upstream answered 5xx.
+    #[serde(rename = "http-5xx")]
     Http5xx,
     /// The upstream answered 429.
     RateLimited,
@@ -53,6 +55,14 @@ impl ErrorKind {
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Internal => "internal",
         }
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn serde_names_match_as_str() {
+    for kind in [ErrorKind::Http4xx, ErrorKind::Http5xx, ErrorKind::RateLimited, ErrorKind::CircuitOpen] {
+        assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
     }
 }
 

@@ -1,1 +1,86 @@
-fn main() {}
+//! `cargo xtask <task>`: repository chores, each echoing the commands it runs.
+//!
+//! - `test`: build the plugins, then run every test in the workspace.
+//! - `plugins`: build every plugin under `plugins/` into `target/plugins/NAME.wasm`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = root();
+    match args.first().map(String::as_str) {
+        Some("test") => test(&root, &args[1..]),
+        Some("plugins") => plugins(&root),
+        _ => {
+            eprintln!("usage: cargo xtask <test [cargo test args] | plugins>");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {}", shown(cmd));
+    let status = cmd.status().with_context(|| format!("cannot start {}", shown(cmd)))?;
+    if !status.success() {
+        bail!("{} failed with {status}", shown(cmd));
+    }
+    Ok(())
+}
+
+fn shown(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    plugins(root)?;
+    run(cargo().current_dir(root).args(["test", "--workspace"]).args(extra))
+}
+
+/// Builds the nested wasm32-wasip2 workspace, once it exists.
+fn plugins(root: &Path) -> Result<()> {
+    let dir = root.join("plugins");
+    if !dir.join("Cargo.toml").exists() {
+        eprintln!("no plugins workspace yet; nothing to build");
+        return Ok(());
+    }
+    ensure_wasm_target()?;
+    run(cargo().current_dir(&dir).args(["build", "--release", "--target", "wasm32-wasip2"]))?;
+    let out = root.join("target/plugins");
+    std::fs::create_dir_all(&out)?;
+    let built = dir.join("target/wasm32-wasip2/release");
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        if !entry.path().join("Cargo.toml").exists() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let artifact = built.join(format!("{}.wasm", name.replace('-', "_")));
+        let dest = out.join(format!("{name}.wasm"));
+        std::fs::copy(&artifact, &dest).with_context(|| format!("copy {}", artifact.display()))?;
+        eprintln!("built {}", dest.display());
+    }
+    Ok(())
+}
+
+fn ensure_wasm_target() -> Result<()> {
+    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
+    match installed {
+        Ok(out) if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "wasm32-wasip2") => Ok(()),
+        Ok(_) => run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"])),
+        Err(_) => {
+            eprintln!("rustup not found; assuming the wasm32-wasip2 target is installed");
+            Ok(())
+        }
+    }
+}

@@ -65,7 +65,7 @@ struct Parsed {
 /// Checks `text` as a pipeline and compiles it, or lists every problem.
 pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>> {
     let source: Value = serde_json::from_str(text).map_err(|e| {
-        vec![Diagnostic { location: String::new(), line_col: Some((e.line(), e.column())), message: format!("invalid JSON: {e}") }]
+        vec![Diagnostic { location: String::new(), line_col: Some((e.line(), e.column())), message: format!("invalid JSON: {}", strip_position(&e.to_string())) }]
     })?;
     let doc: PipelineDoc = serde_path_to_error::deserialize(&source).map_err(|e| {
         let path = e.path().to_string();
@@ -320,6 +320,11 @@ fn compile_schema(schema: Option<&Value>, at: &str, diags: &mut Vec<Diagnostic>)
             None
         }
     }
+}
+
+/// serde_json appends "at line L column C", which the diagnostic already carries.
+fn strip_position(message: &str) -> &str {
+    message.rfind(" at line ").map_or(message, |i| &message[..i])
 }
 
 /// Milliseconds as a number, or a humane string (`"5s"`, `"250ms"`).

@@ -1,0 +1,9 @@
+//! The one integration-test binary: the real `fmhost` binary and library against
+//! fake vendor APIs served on 127.0.0.1 inside the tests.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod engine;
+mod examples;
+mod validate;
