@@ -14,6 +14,7 @@ use crate::component::Registry;
 use crate::engine::{Engine, RunOptions, RunStatus};
 use crate::logging::{self, LogFormat};
 use crate::pipeline;
+use crate::plugin::{Plugin, PluginRuntime, WasmComponent};
 use crate::secrets::Secrets;
 
 const EXIT_FAILED: u8 = 1;
@@ -36,11 +37,35 @@ enum Command {
     Run(RunArgs),
     /// Check a pipeline and report every problem.
     Validate(ValidateArgs),
+    /// List or inspect WebAssembly plugins.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// Every plugin found on the search path, and the built-ins.
+    List {
+        #[command(flatten)]
+        plugins: PluginArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load one component file and show what it declares.
+    Inspect {
+        /// A `.wasm` component.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
 struct PluginArgs {
-    /// Directory of plugin components (repeatable); searched before FMHOST_PLUGIN_PATH.
+    /// Directory of plugin components (repeatable); searched before FMHOST_PLUGIN_PATH,
+    /// then ./target/plugins.
     #[arg(long = "plugins", value_name = "DIR")]
     plugins: Vec<PathBuf>,
 }
@@ -103,14 +128,102 @@ pub fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
-            Command::Validate(args) => validate(args),
+            Command::Validate(args) => validate(args).await,
+            Command::Plugins(cmd) => plugins(cmd).await,
         }
     });
     ExitCode::from(code)
 }
 
-fn registry(_plugins: &PluginArgs) -> Result<Registry, String> {
-    Ok(Registry::builtins())
+/// The built-ins plus every plugin found on the search path.
+async fn registry(args: &PluginArgs) -> Result<Registry, String> {
+    let mut registry = Registry::builtins();
+    for p in discover(args).await? {
+        if registry.get(&p.name).is_some() {
+            return Err(format!("plugin {}: \"{}\" is the name of a built-in component", p.path.display(), p.name));
+        }
+        registry.register(Arc::new(WasmComponent::new(p)));
+    }
+    Ok(registry)
+}
+
+async fn discover(args: &PluginArgs) -> Result<Vec<Arc<Plugin>>, String> {
+    let runtime = PluginRuntime::new().map_err(|e| format!("cannot start the plugin runtime: {e}"))?;
+    runtime
+        .discover(&args.plugins)
+        .await
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\nerror: "))
+}
+
+fn plugin_json(p: &Plugin) -> Value {
+    serde_json::json!({
+        "name": p.name,
+        "version": p.version,
+        "world": p.kind,
+        "description": p.description,
+        "config_schema": p.config_schema,
+        "allowed_hosts": p.allowed_hosts,
+        "file": p.path.display().to_string(),
+        "sha256": p.hash,
+    })
+}
+
+async fn plugins(cmd: PluginsCommand) -> u8 {
+    match cmd {
+        PluginsCommand::List { plugins, json } => {
+            let found = match discover(&plugins).await {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return EXIT_INVALID;
+                }
+            };
+            if json {
+                let list: Vec<Value> = found.iter().map(|p| plugin_json(p)).collect();
+                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+                return 0;
+            }
+            println!("{:<18} {:<9} {:<10} {:<34} FILE", "NAME", "VERSION", "WORLD", "ALLOWED HOSTS");
+            for b in Registry::builtins().iter() {
+                println!("{:<18} {:<9} {:<10} {:<34} (built-in)", b.name(), env!("CARGO_PKG_VERSION"), "built-in", "-");
+            }
+            for p in &found {
+                let hosts = if p.allowed_hosts.is_empty() { "-".to_string() } else { p.allowed_hosts.join(",") };
+                println!("{:<18} {:<9} {:<10} {:<34} {}", p.name, p.version, format!("{:?}", p.kind).to_lowercase(), hosts, p.path.display());
+            }
+            0
+        }
+        PluginsCommand::Inspect { file, json } => {
+            let runtime = match PluginRuntime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the plugin runtime: {e}");
+                    return EXIT_FAILED;
+                }
+            };
+            match runtime.load_file(&file).await {
+                Ok(p) => {
+                    let v = plugin_json(&p);
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    } else {
+                        println!("name:          {}", p.name);
+                        println!("version:       {}", p.version);
+                        println!("world:         {}", format!("{:?}", p.kind).to_lowercase());
+                        println!("description:   {}", p.description);
+                        println!("allowed hosts: {}", if p.allowed_hosts.is_empty() { "none".into() } else { p.allowed_hosts.join(", ") });
+                        println!("sha256:        {}", p.hash);
+                        println!("config schema: {}", p.config_schema.as_ref().map(|s| serde_json::to_string_pretty(s).unwrap_or_default()).unwrap_or_else(|| "none".into()));
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    EXIT_INVALID
+                }
+            }
+        }
+    }
 }
 
 fn load_plan(path: &Path, registry: &Registry) -> Result<pipeline::Plan, u8> {
@@ -125,8 +238,8 @@ fn load_plan(path: &Path, registry: &Registry) -> Result<pipeline::Plan, u8> {
     })
 }
 
-fn validate(args: ValidateArgs) -> u8 {
-    let registry = match registry(&args.plugins) {
+async fn validate(args: ValidateArgs) -> u8 {
+    let registry = match registry(&args.plugins).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -157,7 +270,7 @@ fn read_input(args: &RunArgs) -> Result<Value, String> {
 }
 
 async fn run(args: RunArgs) -> u8 {
-    let registry = match registry(&args.plugins) {
+    let registry = match registry(&args.plugins).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");

@@ -14,6 +14,7 @@ pub mod error;
 pub mod http;
 pub mod logging;
 pub mod pipeline;
+pub mod plugin;
 pub mod schema;
 pub mod secrets;
 pub mod template;

@@ -1,7 +1,8 @@
 //! `cargo xtask <task>`: repository chores, each echoing the commands it runs.
 //!
 //! - `test`: build the plugins, then run every test in the workspace.
-//! - `plugins`: build every plugin under `plugins/` into `target/plugins/NAME.wasm`.
+//! - `plugins`: build every plugin under `plugins/` into `target/plugins/NAME.wasm`,
+//!   and the test fixtures under `tests/plugins/` into `target/test-plugins/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,24 +48,31 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     run(cargo().current_dir(root).args(["test", "--workspace"]).args(extra))
 }
 
-/// Builds the nested wasm32-wasip2 workspace, once it exists.
+/// Builds the nested wasm32-wasip2 workspaces: the plugins and the test fixtures.
 fn plugins(root: &Path) -> Result<()> {
-    let dir = root.join("plugins");
-    if !dir.join("Cargo.toml").exists() {
-        eprintln!("no plugins workspace yet; nothing to build");
-        return Ok(());
-    }
     ensure_wasm_target()?;
-    run(cargo().current_dir(&dir).args(["build", "--release", "--target", "wasm32-wasip2"]))?;
-    let out = root.join("target/plugins");
-    std::fs::create_dir_all(&out)?;
+    build_wasm_workspace(&root.join("plugins"), &root.join("target/plugins"))?;
+    build_wasm_workspace(&root.join("tests/plugins"), &root.join("target/test-plugins"))
+}
+
+/// Builds one wasm workspace and copies each `cdylib` member to `out/NAME.wasm`.
+fn build_wasm_workspace(dir: &Path, out: &Path) -> Result<()> {
+    run(cargo().current_dir(dir).args(["build", "--release", "--target", "wasm32-wasip2"]))?;
+    std::fs::create_dir_all(out)?;
+    // Shared with the host workspace, so plugins are built once per checkout.
     let built = dir.join("target/wasm32-wasip2/release");
-    for entry in std::fs::read_dir(&dir)? {
-        let entry = entry?;
-        if !entry.path().join("Cargo.toml").exists() {
+    let mut names: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let manifest = entry?.path().join("Cargo.toml");
+        let Ok(text) = std::fs::read_to_string(&manifest) else { continue };
+        if !text.contains("cdylib") {
             continue;
         }
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = manifest.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        names.push(name);
+    }
+    names.sort();
+    for name in names {
         let artifact = built.join(format!("{}.wasm", name.replace('-', "_")));
         let dest = out.join(format!("{name}.wasm"));
         std::fs::copy(&artifact, &dest).with_context(|| format!("copy {}", artifact.display()))?;

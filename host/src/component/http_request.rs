@@ -113,7 +113,7 @@ impl Component for HttpRequest {
             idempotency_key,
         };
         let _ = config.service; // Per-service policies arrive with the resilience work.
-        let response = ctx.outbound.send(&ctx.call_context(), &request, &ctx.retry).await?;
+        let response = ctx.outbound.send(&ctx.call_context(), &request, &ctx.retry.clone().unwrap_or_default()).await?;
         if let Some(mut error) = http_failure_of(&response) {
             error.message = format!("{method} {}: {}", ctx.secrets.redact(request.url.as_str()), ctx.secrets.redact(&error.message));
             return Err(error);

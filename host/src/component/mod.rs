@@ -17,6 +17,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 pub use check::{Checker, ConfigProblem};
+pub use http_request::default_idempotency_key;
 
 use crate::error::StageError;
 use crate::http::{CallContext, Outbound, RetryPolicy};
@@ -29,8 +30,10 @@ pub struct StageContext {
     pub stage_id: Arc<str>,
     pub outbound: Outbound,
     pub secrets: Arc<Secrets>,
-    /// The stage's retry policy for outbound calls (the seed's `retry` block).
-    pub retry: RetryPolicy,
+    /// The stage's retry policy for outbound calls (the seed's `retry` block), if it has one.
+    pub retry: Option<RetryPolicy>,
+    /// Extra hosts the pipeline author lets this stage's plugin reach.
+    pub allowed_hosts: Arc<[String]>,
     /// When the stage's own timeout expires.
     pub deadline: Option<Instant>,
     /// Retries made so far, across all outbound calls of this stage.

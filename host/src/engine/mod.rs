@@ -182,7 +182,8 @@ impl Engine {
                     stage_id: stage.id.clone(),
                     outbound: self.outbound.clone(),
                     secrets: self.secrets.clone(),
-                    retry: retry.unwrap_or_default(),
+                    retry,
+                    allowed_hosts: stage.allowed_hosts.clone(),
                     deadline: stage.timeout.map(|t| Instant::now() + t),
                     retries: AtomicU32::new(0),
                 };

@@ -117,7 +117,8 @@ pub struct Plan {
     pub input_schema: Option<Validator>,
     pub output_schema: Option<Validator>,
     pub stages: Vec<PlannedStage>,
-    /// Stages nothing depends on; their outputs are the run's output.
+    /// The stages whose outputs make the run's output: `output_stage`, else every stage
+    /// nothing depends on.
     pub sinks: Vec<usize>,
     /// The document as written, for journaling and display.
     pub source: Value,
@@ -134,6 +135,8 @@ pub struct PlannedStage {
     pub retry: Option<RetryPlan>,
     pub timeout: Option<Duration>,
     pub optional: bool,
+    /// Hosts this stage's plugin may reach beyond those it declares.
+    pub allowed_hosts: Arc<[String]>,
 }
 
 impl Plan {

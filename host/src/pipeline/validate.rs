@@ -27,6 +27,10 @@ struct PipelineDoc {
     /// JSON Schema of the run's output.
     #[serde(default)]
     output: Option<Value>,
+    /// The stage whose output is the run's output; by default the single sink, or an
+    /// object keyed by sink id when there are several.
+    #[serde(default)]
+    output_stage: Option<String>,
     stages: Vec<Value>,
 }
 
@@ -49,6 +53,9 @@ struct StageDoc {
     /// A failure yields `null` and lets dependents run.
     #[serde(default)]
     optional: bool,
+    /// Hosts (`host`, `*.domain`, `host:port`) a plugin in this stage may reach beyond its own list.
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
@@ -118,6 +125,11 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         diags.push(Diagnostic::new(format!("stage \"{}\"", id_of(cycle[0])), format!("cycle: {}", names.join(" -> "))));
     }
     let upstream = graph::upstream_sets(&deps);
+    if let Some(out) = &doc.output_stage {
+        if !index.contains_key(out.as_str()) {
+            diags.push(Diagnostic::new("output_stage", format!("unknown stage \"{out}\"{}", suggest(out, index.keys().copied()))));
+        }
+    }
 
     // Pass 3: components, configs and templates.
     let mut stages = Vec::with_capacity(parsed.len());
@@ -219,6 +231,7 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
                 retry,
                 timeout,
                 optional: p.doc.optional,
+                allowed_hosts: p.doc.allowed_hosts.clone().into(),
             });
         }
     }
@@ -230,7 +243,10 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
             stages[d].dependents.push(i);
         }
     }
-    let sinks = (0..stages.len()).filter(|&i| stages[i].dependents.is_empty()).collect();
+    let sinks = match &doc.output_stage {
+        Some(out) => stages.iter().position(|s| &*s.id == out.as_str()).into_iter().collect(),
+        None => (0..stages.len()).filter(|&i| stages[i].dependents.is_empty()).collect(),
+    };
     let version = doc.version.map(|v| match v {
         Value::String(s) => s,
         other => other.to_string(),
@@ -275,6 +291,11 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
             diags.push(Diagnostic::new(format!("{loc}: retry"), "retry is given both on the stage and in config.retry"));
         }
         retry = Some((r.clone(), "retry"));
+    }
+    for (j, h) in doc.allowed_hosts.iter().enumerate() {
+        if crate::plugin::HostPattern::parse(h).is_none() {
+            diags.push(Diagnostic::new(format!("{loc}: allowed_hosts[{j}]"), format!("{h:?} is not a host, *.domain or host:port")));
+        }
     }
     let config = doc.config.clone().unwrap_or_else(|| Value::Object(Map::new()));
     let _ = (&doc.name, &doc.description);

@@ -1,0 +1,120 @@
+//! A WASM plugin as a [`Component`]: config checked against the plugin's schema, a
+//! fresh sandboxed instance per invocation, traps and limits turned into stage errors.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::bindings::PluginErrorKind;
+use super::state::{HttpGrant, PluginState};
+use super::{DEFAULT_DEADLINE, Egress, Plugin, World, chain};
+use crate::component::{Component, ConfigProblem, StageContext};
+use crate::error::{ErrorKind, StageError};
+
+/// The scheduler's view of a plugin. Holds the version it was resolved to; a registry
+/// that hot-swaps hands out new `WasmComponent`s, so runs in flight keep theirs.
+pub struct WasmComponent {
+    pub plugin: Arc<Plugin>,
+}
+
+impl WasmComponent {
+    pub fn new(plugin: Arc<Plugin>) -> Self {
+        WasmComponent { plugin }
+    }
+}
+
+#[async_trait::async_trait]
+impl Component for WasmComponent {
+    fn name(&self) -> &str {
+        &self.plugin.name
+    }
+
+    fn describe(&self) -> String {
+        format!("{} {} ({:?} plugin, {})", self.plugin.name, self.plugin.version, self.plugin.kind, self.plugin.path.display())
+    }
+
+    fn check_config(&self, config: &Value) -> Vec<ConfigProblem> {
+        // Templates may stand for anything, so only a config without any is checked now;
+        // every config is checked again, rendered, before each invocation.
+        match (&self.plugin.validator, contains_template(config)) {
+            (Some(v), false) => crate::schema::violations(v, config)
+                .into_iter()
+                .map(|m| ConfigProblem { path: String::new(), message: m })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn sees_secrets(&self) -> bool {
+        false
+    }
+
+    async fn invoke(&self, ctx: &StageContext, config: Value, upstream: Arc<Value>) -> Result<Value, StageError> {
+        let p = &self.plugin;
+        if let Some(v) = &p.validator {
+            let violations = crate::schema::violations(v, &config);
+            if !violations.is_empty() {
+                return Err(StageError::validation(format!("config does not match plugin {}'s schema: {}", p.name, violations.join("; "))));
+            }
+        }
+        let grant = (p.kind == World::Connector).then(|| HttpGrant {
+            outbound: ctx.outbound.clone(),
+            egress: Egress::new(&p.allowed_hosts, &ctx.allowed_hosts, &config, &ctx.secrets),
+            stage_retry: ctx.retry.clone(),
+            deadline: ctx.deadline,
+        });
+        let config_text = config.to_string();
+        let input_text = upstream.to_string();
+        let runtime = &p.runtime;
+        let state = PluginState::new(Arc::from(p.name.as_str()), ctx.run_id.clone(), ctx.stage_id.clone(), ctx.secrets.clone(), runtime.memory_limit, grant);
+        let deadline = ctx.deadline.map(|d| d.saturating_duration_since(std::time::Instant::now())).unwrap_or(DEFAULT_DEADLINE);
+        let mut store = runtime.store(state, deadline);
+        let result = async {
+            let instance = p.pre.instantiate_async(&mut store).await?;
+            instance.fmhost_plugin_plugin().call_invoke(&mut store, &config_text, &input_text).await
+        }
+        .await;
+        let state = store.data();
+        ctx.retries.fetch_add(state.retries.load(Ordering::Relaxed), Ordering::Relaxed);
+        match result {
+            Ok(Ok(out)) => serde_json::from_str(&out)
+                .map_err(|e| StageError::internal(format!("plugin {} returned invalid JSON: {e}", p.name))),
+            Ok(Err(e)) => {
+                let kind = match e.kind {
+                    PluginErrorKind::InvalidConfig | PluginErrorKind::InvalidInput => ErrorKind::Validation,
+                    PluginErrorKind::Upstream => state.last_call_error.unwrap_or(ErrorKind::Http5xx),
+                    PluginErrorKind::Timeout => ErrorKind::Timeout,
+                    PluginErrorKind::RateLimited => ErrorKind::RateLimited,
+                    PluginErrorKind::Unauthorized => ErrorKind::Http4xx,
+                    PluginErrorKind::Internal => ErrorKind::Internal,
+                };
+                Err(StageError::new(kind, format!("plugin {}: {}", p.name, e.message)))
+            }
+            Err(trap) => Err(sandbox_error(&p.name, &trap, state, deadline)),
+        }
+    }
+}
+
+fn sandbox_error(plugin: &str, trap: &wasmtime::Error, state: &PluginState, deadline: Duration) -> StageError {
+    let stderr = String::from_utf8_lossy(&state.stderr.contents()).trim().to_string();
+    let detail = if stderr.is_empty() { String::new() } else { format!(" (stderr: {})", stderr.lines().take(5).collect::<Vec<_>>().join(" | ")) };
+    let what = if let Some(bytes) = state.limits.exceeded {
+        format!("exceeded its memory limit of {} MiB (asked for {} MiB)", state.limits.memory >> 20, bytes >> 20)
+    } else if matches!(trap.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+        format!("was stopped at its CPU deadline of {}", humantime::format_duration(Duration::from_millis(deadline.as_millis() as u64)))
+    } else {
+        format!("trapped: {}", chain(trap))
+    };
+    StageError::new(ErrorKind::Sandbox, format!("plugin {plugin} {what}{detail}"))
+}
+
+fn contains_template(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains("{{"),
+        Value::Array(a) => a.iter().any(contains_template),
+        Value::Object(o) => o.values().any(contains_template),
+        _ => false,
+    }
+}

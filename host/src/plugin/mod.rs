@@ -1,0 +1,273 @@
+//! WebAssembly plugins: loading components, sandboxing them, and adapting them to the
+//! [`Component`](crate::component::Component) trait so the scheduler cannot tell them
+//! from built-ins.
+//!
+//! Each invocation gets a fresh instance from the pooling allocator (through an
+//! `InstancePre`), a locked-down WASI context, a memory cap and an epoch deadline.
+//! Plugins never open sockets and never see secret values: their HTTP goes through
+//! [`crate::http`] via the `http` import, with secrets substituted here.
+
+mod bindings;
+mod cache;
+mod component;
+mod egress;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+pub use cache::content_hash;
+pub use component::WasmComponent;
+pub use egress::{Egress, HostPattern};
+use state::PluginState;
+
+/// How often the epoch advances; CPU deadlines are counted in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// CPU deadline for a plugin whose stage has no timeout.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+/// Memory cap per plugin instance unless `FMHOST_PLUGIN_MEMORY_MB` says otherwise.
+pub const DEFAULT_MEMORY_LIMIT: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("two plugins are named \"{name}\": {first} and {second}")]
+    Duplicate { name: String, first: String, second: String },
+    #[error("plugin directory {path}: {message}")]
+    Dir { path: String, message: String },
+}
+
+/// Which world a component was built against, judged by its imports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum World {
+    Transform,
+    Connector,
+}
+
+/// Engine, linkers and cache shared by every plugin in the process.
+pub struct PluginRuntime {
+    engine: Engine,
+    transform_linker: Linker<PluginState>,
+    connector_linker: Linker<PluginState>,
+    cache: cache::CompileCache,
+    pub memory_limit: usize,
+}
+
+/// A loaded, validated plugin version.
+pub struct Plugin {
+    pub name: String,
+    pub version: String,
+    pub kind: World,
+    pub description: String,
+    pub config_schema: Option<Value>,
+    validator: Option<crate::schema::Validator>,
+    pub allowed_hosts: Vec<String>,
+    pub path: PathBuf,
+    /// SHA-256 of the component bytes.
+    pub hash: String,
+    pub loaded_at: SystemTime,
+    pre: bindings::ConnectorPre<PluginState>,
+    runtime: Arc<PluginRuntime>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.name).field("version", &self.version).field("path", &self.path).finish()
+    }
+}
+
+impl PluginRuntime {
+    /// Builds the engine: pooling allocator, epoch interruption, no component-model
+    /// async (it makes calls about three times dearer), and an epoch ticker thread.
+    pub fn new() -> anyhow::Result<Arc<PluginRuntime>> {
+        let memory_limit = std::env::var("FMHOST_PLUGIN_MEMORY_MB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|mb| mb << 20)
+            .unwrap_or(DEFAULT_MEMORY_LIMIT);
+        let instances = std::env::var("FMHOST_PLUGIN_INSTANCES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000u32);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(instances)
+            .total_core_instances(instances * 4)
+            .total_memories(instances * 2)
+            .total_tables(instances * 4)
+            .max_memories_per_component(4)
+            .max_core_instances_per_component(64)
+            .max_tables_per_component(16)
+            .max_component_instance_size(1 << 20)
+            .max_core_instance_size(1 << 20)
+            .max_memory_size(memory_limit.max(DEFAULT_MEMORY_LIMIT));
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .concurrency_support(false)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+
+        let mut transform_linker: Linker<PluginState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut transform_linker)?;
+        bindings::fmhost::plugin::types::add_to_linker::<_, HasSelf<_>>(&mut transform_linker, |s| s)?;
+        bindings::fmhost::plugin::log::add_to_linker::<_, HasSelf<_>>(&mut transform_linker, |s| s)?;
+        let mut connector_linker: Linker<PluginState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut connector_linker)?;
+        bindings::Connector::add_to_linker::<_, HasSelf<_>>(&mut connector_linker, |s| s)?;
+
+        let weak = engine.weak();
+        std::thread::Builder::new().name("fmhost-epoch".into()).spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+        let cache = cache::CompileCache::new(&engine, cache::default_dir());
+        Ok(Arc::new(PluginRuntime { engine, transform_linker, connector_linker, cache, memory_limit }))
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Loads a component file and validates it: the right world, a working
+    /// `describe()`, a config schema that parses.
+    pub async fn load_file(self: &Arc<Self>, path: &Path) -> Result<Plugin, PluginError> {
+        let bytes = std::fs::read(path).map_err(|e| load_err(path, e.to_string()))?;
+        self.load_bytes(path, &bytes).await
+    }
+
+    pub async fn load_bytes(self: &Arc<Self>, path: &Path, bytes: &[u8]) -> Result<Plugin, PluginError> {
+        let hash = content_hash(bytes);
+        let component = {
+            let (rt, bytes, hash) = (self.clone(), bytes.to_vec(), hash.clone());
+            // Compiling is CPU-bound and can take seconds for large components.
+            tokio::task::spawn_blocking(move || rt.cache.load(&rt.engine, &bytes, &hash))
+                .await
+                .map_err(|e| load_err(path, e.to_string()))?
+                .map_err(|e| load_err(path, format!("not a valid WebAssembly component: {}", chain(&e))))?
+        };
+        let imports: Vec<String> = component.component_type().imports(&self.engine).map(|(name, _)| name.to_string()).collect();
+        if let Some(http) = imports.iter().find(|i| i.starts_with("wasi:http/")) {
+            return Err(load_err(path, format!("imports {http}, which fmhost does not grant; make HTTP calls through fmhost:plugin/http")));
+        }
+        let world = if imports.iter().any(|i| i.starts_with("fmhost:plugin/http@")) { World::Connector } else { World::Transform };
+        let linker = match world {
+            World::Transform => &self.transform_linker,
+            World::Connector => &self.connector_linker,
+        };
+        let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
+            load_err(path, format!("its imports cannot be satisfied (fmhost grants WASI p2 and fmhost:plugin@0.1.0 log/http): {}", chain(&e)))
+        })?;
+        let pre = bindings::ConnectorPre::new(instance_pre)
+            .map_err(|e| load_err(path, format!("does not export fmhost:plugin/plugin@0.1.0: {}", chain(&e))))?;
+
+        let mut store = self.store(PluginState::new(Arc::from("?"), Arc::from("describe"), Arc::from("describe"), Default::default(), self.memory_limit, None), Duration::from_secs(10));
+        let instance = pre.instantiate_async(&mut store).await.map_err(|e| load_err(path, format!("cannot be instantiated: {}", chain(&e))))?;
+        let d = instance.fmhost_plugin_plugin().call_describe(&mut store).await.map_err(|e| load_err(path, format!("describe() failed: {}", chain(&e))))?;
+        let kind = match d.kind {
+            bindings::PluginKind::Transform => World::Transform,
+            bindings::PluginKind::Connector => World::Connector,
+        };
+        if kind == World::Transform && world == World::Connector {
+            return Err(load_err(path, format!("\"{}\" describes itself as a transform but imports http; build it against the connector world", d.name)));
+        }
+        if d.name.is_empty() || !d.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(load_err(path, format!("describe() gave an invalid name {:?}: use letters, digits, '-' and '_'", d.name)));
+        }
+        let (config_schema, validator) = if d.config_schema.trim().is_empty() {
+            (None, None)
+        } else {
+            let schema: Value = serde_json::from_str(&d.config_schema)
+                .map_err(|e| load_err(path, format!("\"{}\": config schema is not JSON: {e}", d.name)))?;
+            let validator = crate::schema::compile(&schema).map_err(|e| load_err(path, format!("\"{}\": config schema: {e}", d.name)))?;
+            (Some(schema), Some(validator))
+        };
+        for h in &d.allowed_hosts {
+            if HostPattern::parse(h).is_none() {
+                return Err(load_err(path, format!("\"{}\": allowed host {h:?} is not a host, *.domain or host:port", d.name)));
+            }
+        }
+        Ok(Plugin {
+            name: d.name,
+            version: d.version,
+            kind,
+            description: d.description,
+            config_schema,
+            validator,
+            allowed_hosts: d.allowed_hosts,
+            path: path.to_path_buf(),
+            hash,
+            loaded_at: SystemTime::now(),
+            pre,
+            runtime: self.clone(),
+        })
+    }
+
+    fn store(&self, state: PluginState, deadline: Duration) -> wasmtime::Store<PluginState> {
+        let mut store = wasmtime::Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        let ticks = (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    /// Finds plugins: each `--plugins` dir, then `FMHOST_PLUGIN_PATH`, then `./target/plugins`.
+    /// Directories that do not exist are skipped, except those named explicitly.
+    pub async fn discover(self: &Arc<Self>, explicit: &[PathBuf]) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
+        let mut dirs: Vec<(PathBuf, bool)> = explicit.iter().map(|d| (d.clone(), true)).collect();
+        if let Some(path) = std::env::var_os("FMHOST_PLUGIN_PATH") {
+            dirs.extend(std::env::split_paths(&path).map(|d| (d, false)));
+        }
+        dirs.push((PathBuf::from("target/plugins"), false));
+        let mut errors = Vec::new();
+        let mut seen_dirs = Vec::new();
+        let mut plugins: Vec<Arc<Plugin>> = Vec::new();
+        for (dir, explicit) in dirs {
+            let canonical = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+            if seen_dirs.contains(&canonical) {
+                continue;
+            }
+            seen_dirs.push(canonical);
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if explicit => {
+                    errors.push(PluginError::Dir { path: dir.display().to_string(), message: e.to_string() });
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "wasm")).collect();
+            files.sort();
+            for file in files {
+                match self.load_file(&file).await {
+                    Ok(p) => {
+                        if let Some(first) = plugins.iter().find(|q| q.name == p.name) {
+                            errors.push(PluginError::Duplicate { name: p.name.clone(), first: first.path.display().to_string(), second: file.display().to_string() });
+                        } else {
+                            plugins.push(Arc::new(p));
+                        }
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        if errors.is_empty() { Ok(plugins) } else { Err(errors) }
+    }
+}
+
+fn load_err(path: &Path, message: String) -> PluginError {
+    PluginError::Load { path: path.display().to_string(), message }
+}
+
+/// An error and its causes on one line.
+pub(crate) fn chain(e: &wasmtime::Error) -> String {
+    e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+}

@@ -1,0 +1,73 @@
+//! `chaos`: a connector that misbehaves on request (`config.mode`), to test the sandbox.
+//! - `spin`: loops forever.
+//! - `hog`: allocates until it cannot.
+//! - `panic`: panics with a message.
+//! - `call`: sends `config.request` through host http and returns what it sent and got.
+//! - `env`: reports what WASI lets it see (environment, files, arguments).
+
+use fmhost_plugin_sdk::{Descriptor, Guest, PluginError, PluginKind, Request, export_connector, invalid_config, parse_config};
+use serde_json::{Value, json};
+
+struct Chaos;
+
+impl Guest for Chaos {
+    fn describe() -> Descriptor {
+        Descriptor {
+            name: "chaos".into(),
+            version: "0.1.0".into(),
+            kind: PluginKind::Connector,
+            description: "Misbehaves on purpose".into(),
+            config_schema: String::new(),
+            allowed_hosts: vec!["declared.example".into()],
+        }
+    }
+
+    fn invoke(config: String, input: String) -> Result<String, PluginError> {
+        let config = parse_config(&config)?;
+        match config["mode"].as_str().unwrap_or("") {
+            "spin" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "hog" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "panic" => panic!("chaos was asked to panic"),
+            "call" => {
+                let r = &config["request"];
+                let req = Request {
+                    method: r["method"].as_str().unwrap_or("GET").into(),
+                    url: r["url"].as_str().unwrap_or_default().into(),
+                    headers: r["headers"]
+                        .as_object()
+                        .map(|h| h.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+                        .unwrap_or_default(),
+                    body: r.get("body").map(|b| b.to_string().into_bytes()),
+                    timeout_ms: None,
+                    idempotency_key: None,
+                    retry: None,
+                };
+                let sent = json!({"url": req.url, "headers": r["headers"], "config_seen": config, "input_seen": input});
+                match fmhost_plugin_sdk::http::send(&req) {
+                    Ok(resp) => Ok(json!({"sent": sent, "status": resp.status, "body": String::from_utf8_lossy(&resp.body)}).to_string()),
+                    Err(e) => Ok(json!({"sent": sent, "error": {"kind": format!("{:?}", e.kind), "message": e.message}}).to_string()),
+                }
+            }
+            "env" => {
+                let env: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+                let root = std::fs::read_dir("/").map(|d| d.count()).map_err(|e| e.to_string());
+                let args: Vec<String> = std::env::args().collect();
+                Ok(json!({"env": env, "root": format!("{root:?}"), "args": args}).to_string())
+            }
+            other => Err(invalid_config(format!("config.mode: unknown mode {other:?}: {}", Value::Null))),
+        }
+    }
+}
+
+export_connector!(Chaos);
