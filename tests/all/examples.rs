@@ -5,7 +5,11 @@ use serde_json::json;
 use crate::support::{self, Fake, Reply};
 
 /// Example pipelines and the test that runs each one.
-const EXERCISED: &[(&str, &str)] = &[("parallel-fetch.pipeline.json", "examples::parallel_fetch_runs_stages_concurrently")];
+const EXERCISED: &[(&str, &str)] = &[
+    ("customer-360-connectors.pipeline.json", "plugins::customer_360_with_connector_plugins_gives_the_same_output"),
+    ("customer-360.pipeline.json", "plugins::customer_360_runs_with_wasm_transforms_and_generator"),
+    ("parallel-fetch.pipeline.json", "examples::parallel_fetch_runs_stages_concurrently"),
+];
 
 #[test]
 fn every_example_pipeline_is_exercised() {

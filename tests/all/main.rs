@@ -6,4 +6,5 @@ mod support;
 
 mod engine;
 mod examples;
+mod plugins;
 mod validate;

@@ -41,6 +41,21 @@ pub struct StageContext {
 }
 
 impl StageContext {
+    /// A context for invoking a component outside a pipeline run (tools, tests, benchmarks).
+    pub fn standalone(stage_id: &str, outbound: Outbound, secrets: Arc<Secrets>) -> StageContext {
+        StageContext {
+            run_id: Arc::from("standalone"),
+            pipeline: Arc::from("standalone"),
+            stage_id: Arc::from(stage_id),
+            outbound,
+            secrets,
+            retry: None,
+            allowed_hosts: Arc::from(Vec::new()),
+            deadline: None,
+            retries: AtomicU32::new(0),
+        }
+    }
+
     pub fn call_context(&self) -> CallContext<'_> {
         CallContext {
             run_id: &self.run_id,
