@@ -285,3 +285,39 @@ async fn a_connector_fails_loudly_when_the_vendor_changes_shape() {
     );
     let _ = Duration::ZERO;
 }
+
+/// A plugin from another language: Python through componentize-py. Skipped, saying so,
+/// when the toolchain is absent, unless FMHOST_REQUIRE_TOOLCHAINS is set (CI sets it).
+#[tokio::test]
+async fn a_python_plugin_loads_and_runs_unchanged() {
+    let present = std::process::Command::new("componentize-py").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !present {
+        assert!(std::env::var_os("FMHOST_REQUIRE_TOOLCHAINS").is_none(), "componentize-py is required (FMHOST_REQUIRE_TOOLCHAINS is set)");
+        eprintln!("SKIPPED a_python_plugin_loads_and_runs_unchanged: componentize-py is not installed (pip install componentize-py)");
+        return;
+    }
+    let dir = support::scratch("python-plugin");
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let wasm = plugins.join("mask-fields.wasm");
+    let built = std::process::Command::new(support::root().join("examples/python-plugin/build.sh")).arg(&wasm).output().unwrap();
+    assert!(built.status.success(), "build.sh failed: {}", String::from_utf8_lossy(&built.stderr));
+    let p = support::write_json(
+        &dir,
+        "p.json",
+        &json!({"name": "mask", "stages": [
+            {"id": "mask", "component": "mask-fields", "config": {"fields": ["email"], "data": "{{input}}"}}
+        ]}),
+    );
+    let mut cmd = support::fmhost();
+    cmd.env("FMHOST_CACHE_DIR", dir.join("cache"))
+        .args(["run"])
+        .arg(&p)
+        .args(["--input-json", r#"{"customer": {"email": "billing@acme.com", "contacts": [{"email": "ceo@acme.com", "name": "Ada"}]}}"#])
+        .arg("--plugins")
+        .arg(&plugins);
+    let ran: support::Ran = support::output(cmd).await.into();
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    assert_eq!(ran.json(), json!({"customer": {"email": "b******@acme.com", "contacts": [{"email": "c**@acme.com", "name": "Ada"}]}}));
+    assert!(ran.stderr.contains("mask-fields: masked 2 value(s)"), "the plugin's log reaches the host:\n{}", ran.stderr);
+}
