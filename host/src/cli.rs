@@ -89,6 +89,9 @@ struct RunArgs {
     /// Also write the full run report (stages, timings, attempts, errors) as JSON.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Print a per-service table of calls, errors by kind, latency and breaker state.
+    #[arg(long)]
+    metrics: bool,
     #[command(flatten)]
     plugins: PluginArgs,
 }
@@ -316,6 +319,9 @@ async fn run(args: RunArgs) -> u8 {
             return EXIT_INVALID;
         }
     };
+    if args.metrics {
+        eprint!("\n{}", engine.outbound.metrics.table());
+    }
     if let Some(path) = &args.report {
         let written = serde_json::to_vec_pretty(&report).map_err(|e| e.to_string()).and_then(|bytes| std::fs::write(path, bytes).map_err(|e| e.to_string()));
         if let Err(e) = written {

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod schema;

@@ -7,4 +7,5 @@ mod support;
 mod engine;
 mod examples;
 mod plugins;
+mod resilience;
 mod validate;

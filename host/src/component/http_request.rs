@@ -111,8 +111,8 @@ impl Component for HttpRequest {
             body,
             timeout: config.timeout.map(std::time::Duration::from_millis),
             idempotency_key,
+            service: config.service,
         };
-        let _ = config.service; // Per-service policies arrive with the resilience work.
         let response = ctx.outbound.send(&ctx.call_context(), &request, &ctx.retry.clone().unwrap_or_default()).await?;
         if let Some(mut error) = http_failure_of(&response) {
             error.message = format!("{method} {}: {}", ctx.secrets.redact(request.url.as_str()), ctx.secrets.redact(&error.message));

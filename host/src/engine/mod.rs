@@ -108,6 +108,9 @@ impl Engine {
     /// Runs `plan` to completion (or failure, timeout, cancellation).
     pub async fn run(&self, plan: Arc<Plan>, input: Value, opts: RunOptions) -> Result<RunReport, RunError> {
         Self::check_input(&plan, &input)?;
+        for (name, policy) in &plan.services {
+            self.outbound.services.configure(name, policy);
+        }
         let run_id: Arc<str> = Arc::from(opts.run_id.clone().unwrap_or_else(new_run_id));
         let started = Instant::now();
         let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();

@@ -6,15 +6,19 @@
 //! the caller's business whether a 404 is an error.
 
 pub mod retry;
+pub mod service;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Map, Value, json};
 
 use crate::error::{ErrorKind, StageError};
+use crate::metrics::Metrics;
 use crate::secrets::Secrets;
 pub use retry::RetryPolicy;
+pub use service::{ServicePolicy, Services};
 
 /// Default per-attempt timeout when neither the request nor the stage sets one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,6 +35,8 @@ pub struct HttpRequest {
     pub timeout: Option<Duration>,
     /// Sent as `Idempotency-Key` on every attempt; required to retry a mutating method.
     pub idempotency_key: Option<String>,
+    /// The service whose policies apply; the URL's `host:port` when absent.
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +122,9 @@ pub struct CallContext<'a> {
 #[derive(Clone)]
 pub struct Outbound {
     client: reqwest::Client,
+    /// Per-service rate limits, bulkheads and breakers, shared by all runs.
+    pub services: Arc<Services>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for Outbound {
@@ -137,7 +146,7 @@ impl Outbound {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .expect("the TLS backend initialises");
-        Outbound { client }
+        Outbound { client, services: Arc::default(), metrics: Arc::default() }
     }
 
     /// Sends `req`, retrying per `policy`, and returns the final response whatever its status.
@@ -145,23 +154,26 @@ impl Outbound {
         let mutating = !matches!(req.method, reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS);
         // Retrying a write without an idempotency key risks doing it twice.
         let may_retry = !mutating || req.idempotency_key.is_some();
-        let service = service_of(&req.url);
+        let service_name = req.service.clone().unwrap_or_else(|| service_of(&req.url));
+        let service = self.services.get(&service_name);
         let shown_url = ctx.secrets.redact(&req.url).into_owned();
         let mut attempt = 1u32;
         loop {
             let started = Instant::now();
-            let result = self.attempt(ctx, req, attempt).await;
-            let duration_ms = started.elapsed().as_millis() as u64;
+            let result = self.guarded_attempt(ctx, req, attempt, &service).await;
+            let elapsed = started.elapsed();
+            let duration_ms = elapsed.as_millis() as u64;
             let (status, output, failure) = match &result {
                 Ok(resp) => (Some(resp.status), resp.lenient_output(), http_failure(resp)),
                 Err(f) => (None, json!({"status_code": null, "error": f.error.kind.as_str()}), None),
             };
             let kind = result.as_ref().err().map(|f| f.error.kind).or(failure.as_ref().map(|f| f.error.kind));
+            self.metrics.record_call(&service_name, kind, elapsed);
             tracing::info!(
                 target: "fmhost::http",
                 run_id = ctx.run_id,
                 stage = ctx.stage_id,
-                service = %service,
+                service = %service_name,
                 method = %req.method,
                 url = %shown_url,
                 status = status.map(i64::from).unwrap_or(-1),
@@ -174,6 +186,10 @@ impl Outbound {
                 status.map(|s| s.to_string()).unwrap_or_else(|| kind.map(|k| k.as_str().to_string()).unwrap_or_default()),
                 duration_ms,
             );
+            if kind == Some(ErrorKind::CircuitOpen) {
+                // Failing fast is the point: no retry until the breaker lets probes through.
+                return Err(with_attempts(result.err().map(|f| f.error).unwrap_or_else(|| StageError::internal("circuit open")), attempt));
+            }
             let transient = result.as_ref().err().is_some_and(|f| f.transient);
             let retry = attempt < policy.max_attempts
                 && may_retry
@@ -202,6 +218,57 @@ impl Outbound {
             ctx.retries.fetch_add(1, Ordering::Relaxed);
             attempt += 1;
         }
+    }
+
+    /// One attempt under the service's policies: breaker, then rate limit, then bulkhead.
+    async fn guarded_attempt(&self, ctx: &CallContext<'_>, req: &HttpRequest, attempt: u32, service: &service::Service) -> Result<HttpResponse, Failure> {
+        let ticket = match service.breaker.as_ref().map(|b| b.acquire()) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(remaining)) => {
+                let mut error = StageError::new(
+                    ErrorKind::CircuitOpen,
+                    format!("{} {}: circuit for service {} is open (retry in {} ms); nothing was sent", req.method, ctx.secrets.redact(&req.url), service.name, remaining.as_millis()),
+                );
+                error.status = None;
+                return Err(Failure { error, retry_after: None, transient: false });
+            }
+        };
+        let breaker = service.breaker.as_ref();
+        // Waiting for a token or a bulkhead place counts against the stage's deadline.
+        let wait = async {
+            service.throttle().await;
+            service.enter().await
+        };
+        let permit = match ctx.deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), wait).await {
+                Ok(p) => p,
+                Err(_) => {
+                    if let (Some(b), Some(t)) = (breaker, ticket) {
+                        b.abandon(t);
+                    }
+                    return Err(Failure {
+                        error: StageError::new(ErrorKind::Timeout, format!("{} {}: deadline passed while waiting for service {}'s rate limit or concurrency limit", req.method, ctx.secrets.redact(&req.url), service.name)),
+                        retry_after: None,
+                        transient: false,
+                    });
+                }
+            },
+            None => wait.await,
+        };
+        let result = self.attempt(ctx, req, attempt).await;
+        drop(permit);
+        if let (Some(b), Some(t)) = (breaker, ticket) {
+            let failed = match &result {
+                Ok(resp) => resp.status >= 500,
+                Err(f) => matches!(f.error.kind, ErrorKind::Timeout | ErrorKind::Connect),
+            };
+            if let Some(state) = b.record(t, failed) {
+                self.metrics.set_breaker(&service.name, state);
+                tracing::warn!(target: "fmhost::http", service = %service.name, state = state.as_str(), "circuit for service {} is now {}", service.name, state.as_str());
+            }
+        }
+        result
     }
 
     async fn attempt(&self, ctx: &CallContext<'_>, req: &HttpRequest, attempt: u32) -> Result<HttpResponse, Failure> {

@@ -120,6 +120,8 @@ pub struct Plan {
     /// The stages whose outputs make the run's output: `output_stage`, else every stage
     /// nothing depends on.
     pub sinks: Vec<usize>,
+    /// Policies for the services this pipeline calls, applied when a run starts.
+    pub services: Vec<(String, crate::http::ServicePolicy)>,
     /// The document as written, for journaling and display.
     pub source: Value,
 }

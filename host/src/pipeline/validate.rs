@@ -31,6 +31,9 @@ struct PipelineDoc {
     /// object keyed by sink id when there are several.
     #[serde(default)]
     output_stage: Option<String>,
+    /// Per-service policies (rate limit, bulkhead, circuit breaker), keyed by service name.
+    #[serde(default)]
+    services: Map<String, Value>,
     stages: Vec<Value>,
 }
 
@@ -83,6 +86,22 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         diags.push(Diagnostic::new("stages", "a pipeline needs at least one stage"));
     }
 
+    let mut services = Vec::new();
+    for (name, raw) in &doc.services {
+        match serde_path_to_error::deserialize::<_, crate::http::ServicePolicy>(raw) {
+            Ok(policy) => {
+                for (field, message) in policy.problems() {
+                    diags.push(Diagnostic::new(format!("services.{name}.{field}"), message));
+                }
+                services.push((name.clone(), policy));
+            }
+            Err(e) => {
+                let path = e.path().to_string();
+                let at = if path == "." { String::new() } else { format!(".{path}") };
+                diags.push(Diagnostic::new(format!("services.{name}{at}"), e.inner().to_string()));
+            }
+        }
+    }
     let input_schema = compile_schema(doc.input.as_ref(), "input", &mut diags);
     let output_schema = compile_schema(doc.output.as_ref(), "output", &mut diags);
 
@@ -259,6 +278,7 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         output_schema,
         stages,
         sinks,
+        services,
         source,
     })
 }

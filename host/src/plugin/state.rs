@@ -165,6 +165,7 @@ impl PluginState {
             body: req.body,
             timeout: req.timeout_ms.map(|ms| std::time::Duration::from_millis(u64::from(ms))),
             idempotency_key,
+            service: None,
         };
         let ctx = crate::http::CallContext {
             run_id: &self.run_id,

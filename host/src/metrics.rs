@@ -1,0 +1,151 @@
+//! Process-wide metrics: per-service call counts by outcome and error kind, latency
+//! histograms and breaker state, exported in Prometheus text format (`prometheus-client`);
+//! exact per-service percentiles for `fmhost run --metrics` (`hdrhistogram`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::error::ErrorKind;
+use crate::http::service::BreakerState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    service: String,
+    outcome: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    latency: Family<ServiceLabel, Histogram, fn() -> Histogram>,
+    breaker: Family<ServiceLabel, Gauge>,
+    stats: Mutex<HashMap<String, ServiceStats>>,
+}
+
+/// One service's figures, for tables.
+#[derive(Debug, Clone)]
+pub struct ServiceStats {
+    pub success: u64,
+    pub errors: BTreeMap<&'static str, u64>,
+    latency_us: hdrhistogram::Histogram<u64>,
+    pub breaker: BreakerState,
+}
+
+impl ServiceStats {
+    pub fn calls(&self) -> u64 {
+        self.success + self.errors.values().sum::<u64>()
+    }
+    pub fn percentile_ms(&self, q: f64) -> f64 {
+        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("fmhost");
+        let calls = Family::<CallLabels, Counter>::default();
+        let latency = Family::<ServiceLabel, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let breaker = Family::<ServiceLabel, Gauge>::default();
+        registry.register("upstream_calls", "Outbound call attempts by service, outcome and error kind", calls.clone());
+        registry.register("upstream_latency_seconds", "Outbound call attempt latency by service", latency.clone());
+        registry.register("circuit_state", "Circuit breaker state by service (0 closed, 1 open, 2 half-open)", breaker.clone());
+        Metrics { registry, calls, latency, breaker, stats: Mutex::new(HashMap::new()) }
+    }
+
+    /// Records one call attempt: `kind` is `None` for a success.
+    pub fn record_call(&self, service: &str, kind: Option<ErrorKind>, elapsed: Duration) {
+        let outcome = if kind.is_some() { "error" } else { "success" };
+        let kind_name = kind.map(ErrorKind::as_str).unwrap_or("");
+        self.calls
+            .get_or_create(&CallLabels { service: service.into(), outcome: outcome.into(), kind: kind_name.into() })
+            .inc();
+        let sent = kind != Some(ErrorKind::CircuitOpen);
+        if sent {
+            self.latency.get_or_create(&ServiceLabel { service: service.into() }).observe(elapsed.as_secs_f64());
+        }
+        let mut stats = self.stats.lock().expect("metrics lock");
+        let s = stats.entry(service.to_string()).or_insert_with(|| ServiceStats {
+            success: 0,
+            errors: BTreeMap::new(),
+            latency_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            breaker: BreakerState::Closed,
+        });
+        match kind {
+            None => s.success += 1,
+            Some(k) => *s.errors.entry(k.as_str()).or_default() += 1,
+        }
+        if sent {
+            let _ = s.latency_us.record((elapsed.as_micros() as u64).max(1));
+        }
+    }
+
+    pub fn set_breaker(&self, service: &str, state: BreakerState) {
+        let value = match state {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        self.breaker.get_or_create(&ServiceLabel { service: service.into() }).set(value);
+        if let Some(s) = self.stats.lock().expect("metrics lock").get_mut(service) {
+            s.breaker = state;
+        }
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, ServiceStats> {
+        self.stats.lock().expect("metrics lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Everything in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// A per-service table for humans.
+    pub fn table(&self) -> String {
+        let mut out = format!("{:<28} {:>6} {:>6} {:>8} {:>8}  {:<9} {}\n", "SERVICE", "CALLS", "OK", "P50 MS", "P99 MS", "BREAKER", "ERRORS");
+        for (name, s) in self.snapshot() {
+            let errors = if s.errors.is_empty() {
+                "-".to_string()
+            } else {
+                s.errors.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" ")
+            };
+            out.push_str(&format!(
+                "{:<28} {:>6} {:>6} {:>8.1} {:>8.1}  {:<9} {}\n",
+                name,
+                s.calls(),
+                s.success,
+                s.percentile_ms(0.5),
+                s.percentile_ms(0.99),
+                s.breaker.as_str(),
+                errors
+            ));
+        }
+        out
+    }
+}
