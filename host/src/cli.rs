@@ -37,9 +37,32 @@ enum Command {
     Run(RunArgs),
     /// Check a pipeline and report every problem.
     Validate(ValidateArgs),
-    /// List or inspect WebAssembly plugins.
+    /// List or inspect WebAssembly plugins, or swap one in a running server.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Serve pipelines over HTTP, with webhooks, metrics and hot-swappable plugins.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Directory of `.pipeline.json` files.
+    #[arg(long, value_name = "DIR")]
+    pipelines: PathBuf,
+    /// Plugin directories (repeatable); watched: a component written here is swapped in.
+    #[arg(long = "plugins", value_name = "DIR")]
+    plugins: Vec<PathBuf>,
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Secrets as a JSON object or dotenv file; FMHOST_SECRET_<NAME> variables also work.
+    #[arg(long, value_name = "FILE")]
+    secrets: Option<PathBuf>,
+    /// Where accepted webhooks and uploaded plugins are kept (default ~/.local/share/fmhost).
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// How long in-flight runs may take to finish after SIGTERM.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
+    drain_timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -51,6 +74,20 @@ enum PluginsCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Upload a component to a running `fmhost serve`, which swaps it in.
+    Swap {
+        name: String,
+        file: PathBuf,
+        /// The server, e.g. http://127.0.0.1:8080
+        #[arg(long, value_name = "URL")]
+        server: String,
+    },
+    /// Make a running `fmhost serve` go back to a plugin's previous version.
+    Rollback {
+        name: String,
+        #[arg(long, value_name = "URL")]
+        server: String,
     },
     /// Load one component file and show what it declares.
     Inspect {
@@ -133,6 +170,7 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Validate(args) => validate(args).await,
             Command::Plugins(cmd) => plugins(cmd).await,
+            Command::Serve(args) => serve(args).await,
         }
     });
     ExitCode::from(code)
@@ -171,8 +209,64 @@ fn plugin_json(p: &Plugin) -> Value {
     })
 }
 
+async fn serve(args: ServeArgs) -> u8 {
+    let opts = crate::serve::ServeOptions {
+        pipelines: args.pipelines,
+        plugins: args.plugins,
+        listen: args.listen,
+        secrets: args.secrets,
+        state: args.state.unwrap_or_else(crate::serve::default_state_dir),
+        drain_timeout: args.drain_timeout,
+    };
+    match crate::serve::serve(opts).await {
+        Ok(()) => 0,
+        Err(e) => {
+            for line in format!("{e:#}").lines() {
+                eprintln!("error: {line}");
+            }
+            EXIT_INVALID
+        }
+    }
+}
+
+/// Sends a request to a running server and prints its JSON answer.
+async fn remote(method: reqwest::Method, url: String, body: Option<Vec<u8>>) -> u8 {
+    let mut req = reqwest::Client::new().request(method, &url);
+    if let Some(b) = body {
+        req = req.header("content-type", "application/wasm").body(b);
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let ok = resp.status().is_success();
+            let text = resp.text().await.unwrap_or_default();
+            if ok {
+                println!("{text}");
+                0
+            } else {
+                let detail = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["detail"].as_str().map(str::to_string)).unwrap_or(text);
+                eprintln!("error: {url}: {detail}");
+                EXIT_FAILED
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {url}: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
 async fn plugins(cmd: PluginsCommand) -> u8 {
     match cmd {
+        PluginsCommand::Swap { name, file, server } => match std::fs::read(&file) {
+            Ok(bytes) => remote(reqwest::Method::PUT, format!("{}/v1/plugins/{name}", server.trim_end_matches('/')), Some(bytes)).await,
+            Err(e) => {
+                eprintln!("error: {}: {e}", file.display());
+                EXIT_INVALID
+            }
+        },
+        PluginsCommand::Rollback { name, server } => {
+            remote(reqwest::Method::POST, format!("{}/v1/plugins/{name}/rollback", server.trim_end_matches('/')), None).await
+        }
         PluginsCommand::List { plugins, json } => {
             let found = match discover(&plugins).await {
                 Ok(f) => f,

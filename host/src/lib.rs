@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod plugin;
 pub mod schema;
 pub mod secrets;
+pub mod serve;
 pub mod template;
 
 pub use engine::{Engine, RunOptions, RunReport, RunStatus};

@@ -32,8 +32,23 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunLabels {
+    pipeline: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    pipeline: String,
+    stage: String,
+    status: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    runs: Family<RunLabels, Counter>,
+    stages: Family<StageLabels, Histogram, fn() -> Histogram>,
     calls: Family<CallLabels, Counter>,
     latency: Family<ServiceLabel, Histogram, fn() -> Histogram>,
     breaker: Family<ServiceLabel, Gauge>,
@@ -73,7 +88,11 @@ impl Metrics {
         registry.register("upstream_calls", "Outbound call attempts by service, outcome and error kind", calls.clone());
         registry.register("upstream_latency_seconds", "Outbound call attempt latency by service", latency.clone());
         registry.register("circuit_state", "Circuit breaker state by service (0 closed, 1 open, 2 half-open)", breaker.clone());
-        Metrics { registry, calls, latency, breaker, stats: Mutex::new(HashMap::new()) }
+        let runs = Family::<RunLabels, Counter>::default();
+        let stages = Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register("runs", "Finished runs by pipeline and status", runs.clone());
+        registry.register("stage_duration_seconds", "Stage duration by pipeline, stage and status", stages.clone());
+        Metrics { registry, runs, stages, calls, latency, breaker, stats: Mutex::new(HashMap::new()) }
     }
 
     /// Records one call attempt: `kind` is `None` for a success.
@@ -101,6 +120,18 @@ impl Metrics {
         if sent {
             let _ = s.latency_us.record((elapsed.as_micros() as u64).max(1));
         }
+    }
+
+    pub fn record_run(&self, pipeline: &str, status: crate::engine::RunStatus) {
+        let status = serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        self.runs.get_or_create(&RunLabels { pipeline: pipeline.into(), status }).inc();
+    }
+
+    pub fn record_stage(&self, pipeline: &str, stage: &str, status: crate::engine::StageStatus, elapsed: Duration) {
+        let status = serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        self.stages
+            .get_or_create(&StageLabels { pipeline: pipeline.into(), stage: stage.into(), status })
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn set_breaker(&self, service: &str, state: BreakerState) {

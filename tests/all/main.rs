@@ -8,4 +8,5 @@ mod engine;
 mod examples;
 mod plugins;
 mod resilience;
+mod serve;
 mod validate;

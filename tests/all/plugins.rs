@@ -72,9 +72,12 @@ fn chaos_pipeline(dir: &std::path::Path, name: &str, stage: Value) -> PathBuf {
 }
 
 async fn run_chaos(pipeline: &std::path::Path, extra_env: &[(&str, &str)]) -> support::Ran {
-    plugin_file("target/test-plugins", "chaos");
+    // Only chaos: the other fixtures reuse real plugin names on purpose.
+    let dir = pipeline.parent().unwrap().join("chaos-plugin");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(plugin_file("target/test-plugins", "chaos"), dir.join("chaos.wasm")).unwrap();
     let mut cmd = support::fmhost();
-    cmd.args(["--log-format", "json", "run"]).arg(pipeline).args(["--plugins", "target/test-plugins"]);
+    cmd.args(["--log-format", "json", "run"]).arg(pipeline).arg("--plugins").arg(&dir);
     for (k, v) in extra_env {
         cmd.env(k, v);
     }

@@ -84,6 +84,18 @@ pub trait Component: Send + Sync {
         Vec::new()
     }
 
+    /// The version that runs, for reports (`1.0.0`); built-ins have none.
+    fn version(&self) -> Option<String> {
+        None
+    }
+
+    /// What a run should hold on to for its whole duration. A hot-swappable plugin
+    /// returns its current version here, so a run started before a swap finishes on
+    /// the version it started with; everything else returns `None` (itself).
+    fn pin(&self) -> Option<Arc<dyn Component>> {
+        None
+    }
+
     /// Whether the rendered config may hold secret values. Untrusted plugins get
     /// `{{secrets.NAME}}` left in place; the host substitutes it when they ask for a call.
     fn sees_secrets(&self) -> bool {

@@ -33,8 +33,16 @@ pub struct Engine {
     pub fixed_now: Option<Arc<str>>,
 }
 
+/// Watches a run as it happens (live status in `serve`, the journal).
+pub trait RunObserver: Send + Sync {
+    fn run_started(&self, _run_id: &str, _pipeline: &str, _stages: &[StageReport]) {}
+    fn stage_updated(&self, _run_id: &str, _stage: &StageReport) {}
+}
+
 #[derive(Default, Clone)]
 pub struct RunOptions {
+    /// Told about the run's progress.
+    pub observer: Option<Arc<dyn RunObserver>>,
     pub run_id: Option<String>,
     /// A deadline for the whole run.
     pub timeout: Option<Duration>,
@@ -122,12 +130,24 @@ impl Engine {
         let mut outputs: Vec<Option<Arc<Value>>> = vec![None; n];
         let mut errors: Vec<Option<Value>> = vec![None; n];
         let mut waiting: Vec<usize> = plan.stages.iter().map(|s| s.deps.len()).collect();
+        // Resolve every component once for the whole run (hot-swapped plugins stay put).
+        let mut pinned: HashMap<usize, Arc<dyn crate::component::Component>> = HashMap::new();
+        let components: Vec<Arc<dyn crate::component::Component>> = plan
+            .stages
+            .iter()
+            .map(|s| {
+                let key = Arc::as_ptr(&s.component) as *const () as usize;
+                pinned.entry(key).or_insert_with(|| s.component.pin().unwrap_or_else(|| s.component.clone())).clone()
+            })
+            .collect();
         let mut reports: Vec<StageReport> = plan
             .stages
             .iter()
-            .map(|s| StageReport {
+            .zip(&components)
+            .map(|(s, c)| StageReport {
                 id: s.id.to_string(),
                 component: s.component_name.clone(),
+                version: c.version(),
                 status: StageStatus::Pending,
                 optional: s.optional,
                 started_ms: None,
@@ -139,6 +159,10 @@ impl Engine {
             })
             .collect();
         tracing::info!(target: "fmhost::progress", run_id = &*run_id, pipeline = &*plan.name, stages = n, "run {run_id} of {} started ({n} stages)", plan.name);
+        let observer = opts.observer.clone();
+        if let Some(o) = &observer {
+            o.run_started(&run_id, &plan.name, &reports);
+        }
 
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
         let mut ready: Vec<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
@@ -155,6 +179,9 @@ impl Engine {
                 reports[i].status = StageStatus::Running;
                 reports[i].started_ms = Some(started.elapsed().as_millis() as u64);
                 tracing::info!(target: "fmhost::progress", run_id = &*run_id, stage = &*stage.id, event = "started", "{}: started", stage.id);
+                if let Some(o) = &observer {
+                    o.stage_updated(&run_id, &reports[i]);
+                }
                 let results = Results { index: &index, outputs: &outputs, errors: &errors };
                 let scope = Scope {
                     input: &input,
@@ -163,7 +190,7 @@ impl Engine {
                     output: None,
                     run: &run_value,
                     now: self.fixed_now.as_deref(),
-                    keep_secrets: !stage.component.sees_secrets(),
+                    keep_secrets: !components[i].sees_secrets(),
                 };
                 let rendered = stage.config.render(&scope);
                 let upstream = match stage.deps.as_slice() {
@@ -190,7 +217,7 @@ impl Engine {
                     deadline: stage.timeout.map(|t| Instant::now() + t),
                     retries: AtomicU32::new(0),
                 };
-                let component = stage.component.clone();
+                let component = components[i].clone();
                 let timeout = stage.timeout;
                 tasks.spawn(async move {
                     let t0 = Instant::now();
@@ -281,9 +308,15 @@ impl Engine {
                         ));
                         errors[i] = Some(serde_json::to_value(&error).unwrap_or_default());
                         report.error = Some(error);
-                        continue;
                     }
                 }
+            }
+            self.outbound.metrics.record_stage(&plan.name, &stage.id, report.status, outcome.duration);
+            if let Some(o) = &observer {
+                o.stage_updated(&run_id, report);
+            }
+            if report.status == StageStatus::Failed && !stage.optional {
+                continue;
             }
             for &d in &stage.dependents {
                 waiting[d] -= 1;
@@ -333,6 +366,12 @@ impl Engine {
             Some((status, why)) => (status, Some(why)),
         };
         let duration_ms = started.elapsed().as_millis() as u64;
+        self.outbound.metrics.record_run(&plan.name, status);
+        if let Some(o) = &observer {
+            for r in reports.iter().filter(|r| r.status == StageStatus::Skipped) {
+                o.stage_updated(&run_id, r);
+            }
+        }
         match &error {
             None => tracing::info!(target: "fmhost::progress", run_id = &*run_id, event = "run-finished", status = "succeeded", duration_ms, "run {run_id} succeeded in {duration_ms} ms"),
             Some(why) => tracing::error!(target: "fmhost::progress", run_id = &*run_id, event = "run-finished", status = ?status, duration_ms, "run {run_id} {}: {why}", match status { RunStatus::Cancelled => "cancelled", RunStatus::TimedOut => "timed out", _ => "failed" }),

@@ -32,6 +32,9 @@ pub enum RunStatus {
 pub struct StageReport {
     pub id: String,
     pub component: String,
+    /// The plugin version that ran, when the component is a plugin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     pub status: StageStatus,
     /// Whether a failure of this stage is tolerated (its output is then `null`).
     pub optional: bool,

@@ -34,6 +34,9 @@ struct PipelineDoc {
     /// Per-service policies (rate limit, bulkhead, circuit breaker), keyed by service name.
     #[serde(default)]
     services: Map<String, Value>,
+    /// What starts runs from outside (`fmhost serve`): webhooks.
+    #[serde(default)]
+    triggers: Vec<Value>,
     stages: Vec<Value>,
 }
 
@@ -99,6 +102,32 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
                 let path = e.path().to_string();
                 let at = if path == "." { String::new() } else { format!(".{path}") };
                 diags.push(Diagnostic::new(format!("services.{name}{at}"), e.inner().to_string()));
+            }
+        }
+    }
+    let mut triggers = Vec::new();
+    for (i, raw) in doc.triggers.iter().enumerate() {
+        match serde_path_to_error::deserialize::<_, super::Trigger>(raw) {
+            Ok(t) => {
+                if t.kind != "webhook" {
+                    diags.push(Diagnostic::new(format!("triggers[{i}].type"), format!("unknown trigger type \"{}\" (expected webhook)", t.kind)));
+                }
+                if !t.path.starts_with('/') || t.path.starts_with("/v1/") || t.path == "/metrics" {
+                    diags.push(Diagnostic::new(format!("triggers[{i}].path"), "must start with / and not clash with /v1/ or /metrics"));
+                }
+                match Template::parse(&t.secret) {
+                    Ok(Some(tpl)) if tpl.paths().iter().any(|p| p.root != "secrets") => {
+                        diags.push(Diagnostic::new(format!("triggers[{i}].secret"), "may only reference {{secrets.NAME}}"))
+                    }
+                    Err(e) => diags.push(Diagnostic::new(format!("triggers[{i}].secret"), e)),
+                    _ => {}
+                }
+                triggers.push(t);
+            }
+            Err(e) => {
+                let path = e.path().to_string();
+                let at = if path == "." { String::new() } else { format!(".{path}") };
+                diags.push(Diagnostic::new(format!("triggers[{i}]{at}"), e.inner().to_string()));
             }
         }
     }
@@ -279,6 +308,7 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         stages,
         sinks,
         services,
+        triggers,
         source,
     })
 }

@@ -35,6 +35,10 @@ impl Component for WasmComponent {
         format!("{} {} ({:?} plugin, {})", self.plugin.name, self.plugin.version, self.plugin.kind, self.plugin.path.display())
     }
 
+    fn version(&self) -> Option<String> {
+        Some(self.plugin.version.clone())
+    }
+
     fn check_config(&self, config: &Value) -> Vec<ConfigProblem> {
         // Templates may stand for anything, so only a config without any is checked now;
         // every config is checked again, rendered, before each invocation.

@@ -23,7 +23,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 pub use cache::content_hash;
 pub use component::WasmComponent;
-pub use egress::{Egress, HostPattern};
+pub use egress::{Egress, HostPattern, substitute as substitute_secrets};
 use state::PluginState;
 
 /// How often the epoch advances; CPU deadlines are counted in these ticks.
@@ -219,9 +219,20 @@ impl PluginRuntime {
         store
     }
 
+    /// Like [`discover`](Self::discover), but when two files name the same plugin the
+    /// newer file wins: in `serve`, dropping a new version into a watched directory is
+    /// how a plugin is swapped, so both files are expected to be there at the next start.
+    pub async fn discover_newest(self: &Arc<Self>, explicit: &[PathBuf]) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
+        self.discover_with(explicit, true).await
+    }
+
     /// Finds plugins: each `--plugins` dir, then `FMHOST_PLUGIN_PATH`, then `./target/plugins`.
     /// Directories that do not exist are skipped, except those named explicitly.
     pub async fn discover(self: &Arc<Self>, explicit: &[PathBuf]) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
+        self.discover_with(explicit, false).await
+    }
+
+    async fn discover_with(self: &Arc<Self>, explicit: &[PathBuf], newest_wins: bool) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
         let mut dirs: Vec<(PathBuf, bool)> = explicit.iter().map(|d| (d.clone(), true)).collect();
         if let Some(path) = std::env::var_os("FMHOST_PLUGIN_PATH") {
             dirs.extend(std::env::split_paths(&path).map(|d| (d, false)));
@@ -249,7 +260,13 @@ impl PluginRuntime {
             for file in files {
                 match self.load_file(&file).await {
                     Ok(p) => {
-                        if let Some(first) = plugins.iter().find(|q| q.name == p.name) {
+                        let mtime = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                        if let Some(i) = plugins.iter().position(|q| q.name == p.name).filter(|_| newest_wins) {
+                            if mtime(&p.path) > mtime(&plugins[i].path) {
+                                tracing::info!(target: "fmhost::plugin", "{}: {} is newer than {}; using it", p.name, p.path.display(), plugins[i].path.display());
+                                plugins[i] = Arc::new(p);
+                            }
+                        } else if let Some(first) = plugins.iter().find(|q| q.name == p.name) {
                             errors.push(PluginError::Duplicate { name: p.name.clone(), first: first.path.display().to_string(), second: file.display().to_string() });
                         } else {
                             plugins.push(Arc::new(p));
