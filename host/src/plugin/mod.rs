@@ -280,6 +280,33 @@ impl PluginRuntime {
     }
 }
 
+/// A plugin instance kept alive across calls. Stages never use one (each invocation
+/// gets a fresh instance); it exists to measure what a fresh instance costs.
+pub struct WarmInstance {
+    store: wasmtime::Store<PluginState>,
+    bindings: bindings::Connector,
+}
+
+impl Plugin {
+    pub async fn warm_instance(&self) -> Result<WarmInstance, String> {
+        let state = PluginState::new(Arc::from(self.name.as_str()), Arc::from("bench"), Arc::from("bench"), Default::default(), self.runtime.memory_limit, None);
+        let mut store = self.runtime.store(state, Duration::from_secs(3600));
+        let bindings = self.pre.instantiate_async(&mut store).await.map_err(|e| chain(&e))?;
+        Ok(WarmInstance { store, bindings })
+    }
+}
+
+impl WarmInstance {
+    pub async fn invoke(&mut self, config: &str, input: &str) -> Result<String, String> {
+        let (config, input) = (config.to_owned(), input.to_owned());
+        match self.bindings.fmhost_plugin_plugin().call_invoke(&mut self.store, &config, &input).await {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => Err(e.message),
+            Err(trap) => Err(chain(&trap)),
+        }
+    }
+}
+
 fn load_err(path: &Path, message: String) -> PluginError {
     PluginError::Load { path: path.display().to_string(), message }
 }

@@ -3,6 +3,7 @@
 //! - `hog`: allocates until it cannot.
 //! - `panic`: panics with a message.
 //! - `call`: sends `config.request` through host http and returns what it sent and got.
+//! - `log`: calls the host's log import `config.n` times (for benchmarks).
 //! - `env`: reports what WASI lets it see (environment, files, arguments).
 
 use fmhost_plugin_sdk::{Descriptor, Guest, PluginError, PluginKind, Request, export_connector, invalid_config, parse_config};
@@ -39,6 +40,13 @@ impl Guest for Chaos {
                 }
             }
             "panic" => panic!("chaos was asked to panic"),
+            "log" => {
+                let n = config["n"].as_u64().unwrap_or(1);
+                for _ in 0..n {
+                    fmhost_plugin_sdk::log::log(fmhost_plugin_sdk::Level::Trace, "tick");
+                }
+                Ok("null".into())
+            }
             "call" => {
                 let r = &config["request"];
                 let req = Request {

@@ -1,0 +1,295 @@
+//! End-to-end benchmarks, printed as one JSON object for `cargo xtask bench`:
+//! customer-360 throughput and latency in-process and from the CLI against the sandbox
+//! (run as a separate process), the hand-written baselines measured in the same run,
+//! memory per in-flight run, and `fmhost serve` under a load generator.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fmhost::engine::{Engine, RunOptions, RunStatus};
+use fmhost::plugin::PluginRuntime;
+use fmhost::secrets::Secrets;
+use fmhost_bench::{self as fx, baseline};
+use serde_json::{Map, Value, json};
+
+const CUSTOMER: &str = "cust_abc123def456gh";
+
+struct Proc(Child, String);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin(name: &str) -> std::path::PathBuf {
+    fx::root().join("target/release").join(name)
+}
+
+/// Starts a process that prints `listening on URL` first.
+fn start(cmd: &mut Command) -> Proc {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
+    Proc(child, url)
+}
+
+fn sandbox(scale: f64) -> Proc {
+    start(Command::new(bin("fmhost-sandbox")).args(["--latency-scale", &scale.to_string()]))
+}
+
+fn secrets_for(url: &str) -> Value {
+    let mut s: Map<String, Value> = fmhost_sandbox::TOKENS.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    for key in ["SALESFORCE_URL", "STRIPE_URL", "INTERCOM_URL"] {
+        s.insert(key.into(), json!(url));
+    }
+    s.insert("OPENAI_BASE_URL".into(), json!(format!("{url}/v1")));
+    Value::Object(s)
+}
+
+fn input_for(url: &str) -> Value {
+    json!({"customer_id": CUSTOMER, "include_history": true, "enrichment_level": "full", "config_api": url, "internal_api": url})
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn summary(mut ms: Vec<f64>, elapsed: Duration) -> Value {
+    ms.sort_by(f64::total_cmp);
+    json!({"runs": ms.len(), "runs_per_s": ms.len() as f64 / elapsed.as_secs_f64(), "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99)})
+}
+
+/// Runs `f` from `concurrency` workers for `duration`; latencies in ms.
+async fn load<F, Fut>(concurrency: usize, duration: Duration, f: F) -> Value
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let f = Arc::new(f);
+    let start = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let mut ms = Vec::new();
+                while start.elapsed() < duration {
+                    let t = Instant::now();
+                    f().await;
+                    ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                ms
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    summary(all, start.elapsed())
+}
+
+/// Sequential repetitions; latencies in ms.
+async fn repeat<F, Fut>(n: usize, f: F) -> Value
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let start = Instant::now();
+    let mut ms = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        f().await;
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    summary(ms, start.elapsed())
+}
+
+#[tokio::main]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let secs = if quick { 2 } else { 8 };
+    let reps = if quick { 8 } else { 25 };
+    let mut out = Map::new();
+    let runtime = PluginRuntime::new().unwrap();
+    let registry = fx::registry(&runtime).await;
+    let c360 = fx::pipeline("customer-360", &registry);
+    let client = reqwest::Client::new();
+
+    // Zero upstream latency: what the host costs.
+    {
+        let sb = sandbox(0.0);
+        let engine = Arc::new(Engine::new(Secrets::from_pairs(secrets_for(&sb.1).as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())))));
+        let input = input_for(&sb.1);
+        for _ in 0..20 {
+            engine.run(c360.clone(), input.clone(), RunOptions::default()).await.unwrap();
+        }
+        let (e, p, i) = (engine.clone(), c360.clone(), input.clone());
+        out.insert(
+            "c360_inproc_zero".into(),
+            load(16, Duration::from_secs(secs), move || {
+                let (e, p, i) = (e.clone(), p.clone(), i.clone());
+                async move {
+                    let r = e.run(p, i, RunOptions::default()).await.unwrap();
+                    assert_eq!(r.status, RunStatus::Succeeded, "{:?}", r.error);
+                }
+            })
+            .await,
+        );
+        let (c, u) = (client.clone(), sb.1.clone());
+        out.insert(
+            "baseline_tokio_zero".into(),
+            load(16, Duration::from_secs(secs), move || {
+                let (c, u) = (c.clone(), u.clone());
+                async move {
+                    baseline::concurrent(&c, &u, CUSTOMER).await;
+                }
+            })
+            .await,
+        );
+    }
+
+    // The seed's latencies: wall time against the critical path (200 ms fetches + 300 ms LLM).
+    {
+        let sb = sandbox(1.0);
+        let secrets = secrets_for(&sb.1);
+        let engine = Engine::new(Secrets::from_pairs(secrets.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))));
+        let input = input_for(&sb.1);
+        out.insert("critical_path_ms".into(), json!(500));
+        out.insert("c360_inproc_seed".into(), repeat(reps, || async { engine.run(c360.clone(), input.clone(), RunOptions::default()).await.unwrap(); }).await);
+        out.insert("baseline_tokio_seed".into(), repeat(reps, || async { baseline::concurrent(&client, &sb.1, CUSTOMER).await; }).await);
+        out.insert("baseline_sequential_seed".into(), repeat(reps.min(10), || async { baseline::sequential(&client, &sb.1, CUSTOMER).await; }).await);
+        let dir = fx::root().join("target/bench");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secrets.json"), secrets.to_string()).unwrap();
+        std::fs::write(dir.join("input.json"), input.to_string()).unwrap();
+        let cli = || {
+            let status = Command::new(bin("fmhost"))
+                .current_dir(fx::root())
+                .args(["run", "pipelines/customer-360.pipeline.json", "--input"])
+                .arg(dir.join("input.json"))
+                .arg("--secrets")
+                .arg(dir.join("secrets.json"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        };
+        cli(); // warm the compile cache
+        out.insert("c360_cli_seed".into(), repeat(reps.min(10), || async { cli() }).await);
+    }
+
+    // Memory per in-flight run: 1,000 runs waiting on a slow upstream (4 s).
+    for (label, component) in [("memory_http_request", "http-request"), ("memory_connector", "salesforce")] {
+        let sb = sandbox(20.0);
+        let fetch = if component == "http-request" {
+            json!({"id": "fetch", "component": "http-request", "depends_on": ["validate"], "config": {
+                "url": "{{secrets.SALESFORCE_URL}}/services/data/v58.0/sobjects/Account/{{input.customer_id}}",
+                "headers": {"Authorization": "Bearer {{secrets.SALESFORCE_TOKEN}}"}, "timeout": 60000}})
+        } else {
+            json!({"id": "fetch", "component": "salesforce", "depends_on": ["validate"], "timeout": 60000, "config": {"account_id": "{{input.customer_id}}"}})
+        };
+        let doc = json!({"name": "memory", "stages": [
+            {"id": "validate", "component": "schema-validate", "config": {"data": "{{input}}", "schema": {"type": "object", "required": ["customer_id"]}}},
+            fetch,
+            {"id": "shape", "component": "json-transform", "depends_on": ["fetch"], "config": {"data": "{{stages.fetch.output}}", "expression": "@"}}
+        ]});
+        let plan = Arc::new(fmhost::pipeline::compile(&doc.to_string(), &registry).unwrap());
+        let secrets = secrets_for(&sb.1);
+        let engine = Arc::new(Engine::new(Secrets::from_pairs(secrets.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())))));
+        let input = json!({"customer_id": CUSTOMER});
+        let before = fx::rss_kib();
+        let n = 1000;
+        let runs: Vec<_> = (0..n)
+            .map(|_| {
+                let (e, p, i) = (engine.clone(), plan.clone(), input.clone());
+                tokio::spawn(async move { e.run(p, i, RunOptions::default()).await.unwrap().status })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let during = fx::rss_kib();
+        let mut ok = 0;
+        for r in runs {
+            if r.await.unwrap() == RunStatus::Succeeded {
+                ok += 1;
+            }
+        }
+        out.insert(label.into(), json!({"runs": n, "succeeded": ok, "rss_before_kib": before, "rss_during_kib": during, "kib_per_run": (during.saturating_sub(before)) as f64 / n as f64}));
+    }
+
+    // fmhost serve under wrk: POST a one-stage pipeline run, and signed webhook intake.
+    {
+        let dir = fx::root().join("target/bench/serve");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("pipelines")).unwrap();
+        std::fs::create_dir_all(dir.join("plugins")).unwrap();
+        std::fs::write(
+            dir.join("pipelines/one.json"),
+            json!({"name": "one", "triggers": [{"type": "webhook", "path": "/hooks/one", "secret": "{{secrets.HOOK}}", "signature": "github"}],
+                   "stages": [{"id": "log", "component": "logger", "config": {"level": "debug", "message": "event {{input.n}}"}}]})
+            .to_string(),
+        )
+        .unwrap();
+        std::fs::write(dir.join("secrets.json"), json!({"HOOK": "bench-hook-secret"}).to_string()).unwrap();
+        let server = start(
+            Command::new(bin("fmhost"))
+                .current_dir(&dir)
+                .args(["serve", "--listen", "127.0.0.1:0", "--pipelines", "pipelines", "--plugins", "plugins", "--secrets", "secrets.json", "--state", "state"])
+                .env("FMHOST_LOG", "warn"),
+        );
+        std::fs::write(dir.join("post.lua"), "wrk.method = \"POST\"\nwrk.body = '{\"n\": 1}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n").unwrap();
+        let wrk = Command::new("wrk")
+            .args(["-t2", "-c32", &format!("-d{}s", secs), "--latency", "-s"])
+            .arg(dir.join("post.lua"))
+            .arg(format!("{}/v1/pipelines/one/runs", server.1))
+            .output();
+        match wrk {
+            Ok(o) if o.status.success() => out.insert("serve_run_wrk".into(), parse_wrk(&String::from_utf8_lossy(&o.stdout))),
+            _ => out.insert("serve_run_wrk".into(), json!({"skipped": "wrk is not installed (apt-get install wrk)"})),
+        };
+        // Webhooks: every delivery unique and signed, so each is verified, fsync'd and run.
+        let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, u) = (client.clone(), server.1.clone());
+        out.insert(
+            "serve_webhook".into(),
+            load(32, Duration::from_secs(secs), move || {
+                let (c, u, counter) = (c.clone(), u.clone(), counter.clone());
+                async move {
+                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let body = json!({"n": n}).to_string();
+                    let sig = fmhost::serve::webhooks::github_signature("bench-hook-secret", body.as_bytes());
+                    let r = c.post(format!("{u}/hooks/one")).header("X-Hub-Signature-256", sig).header("X-GitHub-Delivery", format!("d-{n}")).body(body).send().await.unwrap();
+                    assert_eq!(r.status(), 202);
+                }
+            })
+            .await,
+        );
+    }
+
+    println!("{}", serde_json::to_string_pretty(&Value::Object(out)).unwrap());
+}
+
+fn parse_wrk(text: &str) -> Value {
+    let field = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()));
+    let to_ms = |s: String| -> f64 {
+        let (num, unit) = s.split_at(s.find(|c: char| c.is_alphabetic()).unwrap_or(s.len()));
+        let v: f64 = num.parse().unwrap_or(0.0);
+        match unit {
+            "us" => v / 1000.0,
+            "s" => v * 1000.0,
+            _ => v,
+        }
+    };
+    json!({
+        "requests_per_s": field("Requests/sec:").and_then(|s| s.parse::<f64>().ok()),
+        "p50_ms": field("50%").map(to_ms),
+        "p99_ms": field("99%").map(to_ms),
+    })
+}
