@@ -317,6 +317,11 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
     md.push_str("The sandbox runs as a separate process on the same machine, so both fmhost and the baselines share the 2 cores with it.\n\n");
     md.push_str("| measurement | figure | target | verdict |\n|---|---|---|---|\n");
     md.push_str(&rows.join("\n"));
+    // What dominates each miss, and the plan, is written by a person and kept across runs.
+    if let Ok(analysis) = std::fs::read_to_string(root.join("benchmarks/ANALYSIS.md")) {
+        md.push_str("\n\n");
+        md.push_str(analysis.trim_end());
+    }
     md.push_str("\n\nRaw end-to-end results:\n\n```json\n");
     md.push_str(&serde_json::to_string_pretty(e2e)?);
     md.push_str("\n```\n");
