@@ -12,6 +12,7 @@ use fmhost::engine::{Engine, RunOptions, RunStatus};
 use fmhost::plugin::PluginRuntime;
 use fmhost::secrets::Secrets;
 use fmhost_bench::{self as fx, baseline};
+use fmhost_sandbox::{input_for, secrets_for};
 use serde_json::{Map, Value, json};
 
 const CUSTOMER: &str = "cust_abc123def456gh";
@@ -39,19 +40,6 @@ fn start(cmd: &mut Command) -> Proc {
 
 fn sandbox(scale: f64) -> Proc {
     start(Command::new(bin("fmhost-sandbox")).args(["--latency-scale", &scale.to_string()]))
-}
-
-fn secrets_for(url: &str) -> Value {
-    let mut s: Map<String, Value> = fmhost_sandbox::TOKENS.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
-    for key in ["SALESFORCE_URL", "STRIPE_URL", "INTERCOM_URL"] {
-        s.insert(key.into(), json!(url));
-    }
-    s.insert("OPENAI_BASE_URL".into(), json!(format!("{url}/v1")));
-    Value::Object(s)
-}
-
-fn input_for(url: &str) -> Value {
-    json!({"customer_id": CUSTOMER, "include_history": true, "enrichment_level": "full", "config_api": url, "internal_api": url})
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {

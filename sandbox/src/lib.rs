@@ -93,23 +93,12 @@ impl Sandbox {
 
     /// The secrets a pipeline needs to run against this sandbox.
     pub fn secrets(&self) -> Value {
-        let mut s: serde_json::Map<String, Value> = TOKENS.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
-        for key in ["SALESFORCE_URL", "STRIPE_URL", "INTERCOM_URL"] {
-            s.insert(key.into(), json!(self.url()));
-        }
-        s.insert("OPENAI_BASE_URL".into(), json!(format!("{}/v1", self.url())));
-        Value::Object(s)
+        secrets_for(&self.url())
     }
 
     /// The seed's sample input, pointed at this sandbox.
     pub fn input(&self) -> Value {
-        json!({
-            "customer_id": CUSTOMER_ID,
-            "include_history": true,
-            "enrichment_level": "full",
-            "config_api": self.url(),
-            "internal_api": self.url(),
-        })
+        input_for(&self.url())
     }
 
     /// Requests served per vendor (`salesforce`, `stripe`, `intercom`, `internal`, `config`, `llm`).
@@ -124,6 +113,21 @@ impl Sandbox {
     pub fn set_intercom_version(&self, version: &str) {
         *self.inner.intercom_version.lock().unwrap() = version.to_string();
     }
+}
+
+/// The secrets a pipeline needs to run against a sandbox at `url`.
+pub fn secrets_for(url: &str) -> Value {
+    let mut s: serde_json::Map<String, Value> = TOKENS.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    for key in ["SALESFORCE_URL", "STRIPE_URL", "INTERCOM_URL"] {
+        s.insert(key.into(), json!(url));
+    }
+    s.insert("OPENAI_BASE_URL".into(), json!(format!("{url}/v1")));
+    Value::Object(s)
+}
+
+/// The seed's sample input, pointed at a sandbox at `url`.
+pub fn input_for(url: &str) -> Value {
+    json!({"customer_id": CUSTOMER_ID, "include_history": true, "enrichment_level": "full", "config_api": url, "internal_api": url})
 }
 
 type Reply = Result<Json<Value>, Response>;

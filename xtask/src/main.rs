@@ -96,45 +96,27 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
     run(cargo().current_dir(root).args(["build", "--quiet", "-p", "fmhost", "-p", "fmhost-sandbox"]))?;
     let bin = root.join("target/debug");
 
+    let dir = root.join("target/demo");
+    std::fs::create_dir_all(&dir)?;
     let mut sandbox = Command::new(bin.join("fmhost-sandbox"))
         .args(["--listen", "127.0.0.1:0"])
+        .arg("--write-secrets")
+        .arg(dir.join("secrets.json"))
+        .arg("--write-input")
+        .arg(dir.join("input.json"))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("start fmhost-sandbox")?;
     let mut first = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(sandbox.stdout.take().expect("piped")), &mut first)?;
     let url = first.trim().strip_prefix("listening on ").context("sandbox did not say where it listens")?.to_string();
-    let result = run_demo(root, &bin, pipeline, &url);
+    let result = run_demo(root, &bin, pipeline, &url, &dir);
     let _ = sandbox.kill();
     let _ = sandbox.wait();
     result
 }
 
-fn run_demo(root: &Path, bin: &Path, pipeline: &str, url: &str) -> Result<()> {
-    let dir = root.join("target/demo");
-    std::fs::create_dir_all(&dir)?;
-    let tokens = [
-        ("CONFIG_TOKEN", "sandbox-config-token"),
-        ("SALESFORCE_TOKEN", "sandbox-salesforce-token"),
-        ("STRIPE_SECRET_KEY", "sk_test_sandbox_51H8"),
-        ("INTERCOM_TOKEN", "sandbox-intercom-token"),
-        ("INTERNAL_TOKEN", "sandbox-internal-token"),
-        ("OPENAI_API_KEY", "sk-sandbox-openai"),
-    ];
-    let mut secrets: serde_json::Map<String, serde_json::Value> = tokens.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
-    for key in ["SALESFORCE_URL", "STRIPE_URL", "INTERCOM_URL"] {
-        secrets.insert(key.into(), url.into());
-    }
-    secrets.insert("OPENAI_BASE_URL".into(), format!("{url}/v1").into());
-    std::fs::write(dir.join("secrets.json"), serde_json::to_vec_pretty(&secrets)?)?;
-    let input = serde_json::json!({
-        "customer_id": "cust_abc123def456gh",
-        "include_history": true,
-        "enrichment_level": "full",
-        "config_api": url,
-        "internal_api": url,
-    });
-    std::fs::write(dir.join("input.json"), serde_json::to_vec_pretty(&input)?)?;
+fn run_demo(root: &Path, bin: &Path, pipeline: &str, url: &str, dir: &Path) -> Result<()> {
     let report = dir.join("report.json");
     eprintln!("sandbox of Salesforce, Stripe, Intercom, internal, config and LLM APIs at {url}");
     eprintln!("clock pinned to the seed's 2024-01-15T10:30:00Z (FMHOST_NOW) so the output matches its Expected Output\n");
