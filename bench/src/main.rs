@@ -103,7 +103,9 @@ where
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let secs = if quick { 2 } else { 8 };
-    let reps = if quick { 8 } else { 25 };
+    let reps = if quick { 5 } else { 25 };
+    // The slow upstream of the memory test: 4 s (2 s with --quick); sampled half-way.
+    let (slow_scale, sample_after) = if quick { (10.0, 1200) } else { (20.0, 2500) };
     let mut out = Map::new();
     let runtime = PluginRuntime::new().unwrap();
     let registry = fx::registry(&runtime).await;
@@ -174,9 +176,9 @@ async fn main() {
         out.insert("c360_cli_seed".into(), repeat(reps.min(10), || async { cli() }).await);
     }
 
-    // Memory per in-flight run: 1,000 runs waiting on a slow upstream (4 s).
+    // Memory per in-flight run: 1,000 runs waiting on a slow upstream.
     for (label, component) in [("memory_http_request", "http-request"), ("memory_connector", "salesforce")] {
-        let sb = sandbox(20.0);
+        let sb = sandbox(slow_scale);
         let fetch = if component == "http-request" {
             json!({"id": "fetch", "component": "http-request", "depends_on": ["validate"], "config": {
                 "url": "{{secrets.SALESFORCE_URL}}/services/data/v58.0/sobjects/Account/{{input.customer_id}}",
@@ -201,7 +203,7 @@ async fn main() {
                 tokio::spawn(async move { e.run(p, i, RunOptions::default()).await.unwrap().status })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        tokio::time::sleep(Duration::from_millis(sample_after)).await;
         let during = fx::rss_kib();
         let mut ok = 0;
         for r in runs {

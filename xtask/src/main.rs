@@ -182,12 +182,14 @@ fn bench(root: &Path, quick: bool, table_only: bool) -> Result<()> {
         return Ok(());
     }
     plugins(root)?;
-    run(cargo().current_dir(root).args(["build", "--release", "-p", "fmhost", "-p", "fmhost-sandbox", "-p", "fmhost-bench"]))?;
+    // One build with the bench profile and the bench targets, so `cargo bench` below finds
+    // everything fresh instead of rebuilding with other features over the same directory.
+    run(cargo().current_dir(root).args(["build", "--profile", "bench", "-p", "fmhost", "-p", "fmhost-sandbox", "-p", "fmhost-bench", "--bins", "--benches"]))?;
     let _ = std::fs::remove_dir_all(root.join("target/criterion"));
     let mut criterion = cargo();
     criterion.current_dir(root).args(["bench", "-p", "fmhost-bench", "--bench", "micro", "--"]);
     if quick {
-        criterion.args(["--warm-up-time", "0.2", "--measurement-time", "0.4", "--sample-size", "10"]);
+        criterion.args(["--warm-up-time", "0.1", "--measurement-time", "0.2", "--sample-size", "10"]);
     }
     run(&mut criterion)?;
     let mut harness = Command::new(root.join("target/release/fmhost-bench"));
@@ -285,7 +287,7 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
     for (key, label) in [("memory_http_request", "http-request"), ("memory_connector", "salesforce connector plugin")] {
         let mem = &e2e[key];
         let per = num(&mem["kib_per_run"]);
-        row(&format!("RSS per in-flight run, 1,000 runs waiting on a 4 s upstream ({label})"), format!("{} KiB ({} of {} succeeded)", f(per, 0), mem["succeeded"], mem["runs"]), "≤ 512 KiB", check(per.map(|p| p <= 512.0)));
+        row(&format!("RSS per in-flight run, 1,000 runs waiting on a slow upstream ({label})"), format!("{} KiB ({} of {} succeeded)", f(per, 0), mem["succeeded"], mem["runs"]), "≤ 512 KiB", check(per.map(|p| p <= 512.0)));
     }
     let w = &e2e["serve_run_wrk"];
     row("`fmhost serve`: POST one-stage run → 200, wrk -c32", format!("{} req/s (p50 {} ms, p99 {} ms)", f(num(&w["requests_per_s"]), 0), f(num(&w["p50_ms"]), 2), f(num(&w["p99_ms"]), 2)), "-", "");
