@@ -51,6 +51,7 @@ async fn retries_back_off_with_growing_gaps_and_honour_retry_after() {
 
     let charges = fake.seen("/charge");
     assert_eq!(charges.len(), 3);
+    assert!(charges.iter().all(|c| c.method == axum::http::Method::POST));
     let keys: Vec<_> = charges.iter().map(|s| s.header("idempotency-key").expect("key sent").to_string()).collect();
     assert!(keys.iter().all(|k| k == &keys[0]), "one key across attempts: {keys:?}");
     assert_eq!(charges[0].body.as_ref(), br#"{"amount":100}"#);
