@@ -25,17 +25,29 @@ impl StageLookup for Outputs {
 }
 
 fn micro(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let runtime = PluginRuntime::new().unwrap();
     let registry = rt.block_on(fx::registry(&runtime));
     let jt = rt.block_on(fx::plugin(&runtime, "target/plugins", "json-transform"));
     let chaos = rt.block_on(fx::plugin(&runtime, "target/test-plugins", "chaos"));
     let fresh = WasmComponent::new(jt.clone());
-    let ctx = StageContext::standalone("bench", fmhost::http::Outbound::new(), Arc::new(Secrets::default()));
+    let ctx = StageContext::standalone(
+        "bench",
+        fmhost::http::Outbound::new(),
+        Arc::new(Secrets::default()),
+    );
     let small = json!({"data": {"a": 1}, "expression": "a"});
 
     c.bench_function("plugin/instantiate+invoke", |b| {
-        b.to_async(&rt).iter(|| async { fresh.invoke(&ctx, small.clone(), Arc::new(Value::Null)).await.unwrap() })
+        b.to_async(&rt).iter(|| async {
+            fresh
+                .invoke(&ctx, small.clone(), Arc::new(Value::Null))
+                .await
+                .unwrap()
+        })
     });
     let mut warm = rt.block_on(jt.warm_instance()).unwrap();
     let small_text = small.to_string();
@@ -68,50 +80,104 @@ fn micro(c: &mut Criterion) {
     for (label, size) in [("1KiB", 1 << 10), ("64KiB", 64 << 10), ("1MiB", 1 << 20)] {
         let config = json!({"data": fx::payload(size), "expression": "`0`"});
         c.bench_function(&format!("crossing/{label}"), |b| {
-            b.to_async(&rt).iter(|| async { fresh.invoke(&ctx, config.clone(), Arc::new(Value::Null)).await.unwrap() })
+            b.to_async(&rt).iter(|| async {
+                fresh
+                    .invoke(&ctx, config.clone(), Arc::new(Value::Null))
+                    .await
+                    .unwrap()
+            })
         });
     }
 
     let c360 = fx::pipeline("customer-360", &registry);
     let merge = &c360.stages[c360.stage_index("merge-responses").unwrap()];
     let outputs = Outputs(HashMap::from([
-        ("transform-salesforce".into(), json!({"company_name": "Acme Corp", "industry": "Technology", "employee_count": 250, "deal_stage": "Customer", "owner": "Sarah Johnson"})),
-        ("transform-stripe".into(), json!({"email": "billing@acme.example", "currency": "usd", "subscriptions": [{"status": "active", "amount": 49900}], "total_spent": 598800})),
-        ("transform-intercom".into(), json!({"last_seen": "2024-01-14T18:30:00Z", "open_tickets": 2})),
-        ("transform-internal".into(), json!({"account_health_score": 78, "monthly_active_days": 22})),
+        (
+            "transform-salesforce".into(),
+            json!({"company_name": "Acme Corp", "industry": "Technology", "employee_count": 250, "deal_stage": "Customer", "owner": "Sarah Johnson"}),
+        ),
+        (
+            "transform-stripe".into(),
+            json!({"email": "billing@acme.example", "currency": "usd", "subscriptions": [{"status": "active", "amount": 49900}], "total_spent": 598800}),
+        ),
+        (
+            "transform-intercom".into(),
+            json!({"last_seen": "2024-01-14T18:30:00Z", "open_tickets": 2}),
+        ),
+        (
+            "transform-internal".into(),
+            json!({"account_health_score": 78, "monthly_active_days": 22}),
+        ),
     ]));
     let secrets = Secrets::default();
     let input = json!({"customer_id": "cust_abc123def456gh"});
     let run = json!({"id": "run_bench", "pipeline": "customer-360"});
     c.bench_function("template/render-merge-config", |b| {
         b.iter(|| {
-            let scope = Scope { input: &input, stages: &outputs, secrets: &secrets, output: None, run: &run, now: None, keep_secrets: false };
+            let scope = Scope {
+                input: &input,
+                stages: &outputs,
+                secrets: &secrets,
+                output: None,
+                run: &run,
+                now: None,
+                keep_secrets: false,
+            };
             merge.config.render(&scope).unwrap()
         })
     });
 
     let stripe_config = json!({"data": fx::stripe_customer(), "expression": fx::STRIPE_EXPRESSION});
     c.bench_function("jmespath/plugin", |b| {
-        b.to_async(&rt).iter(|| async { fresh.invoke(&ctx, stripe_config.clone(), Arc::new(Value::Null)).await.unwrap() })
+        b.to_async(&rt).iter(|| async {
+            fresh
+                .invoke(&ctx, stripe_config.clone(), Arc::new(Value::Null))
+                .await
+                .unwrap()
+        })
     });
     let customer = fx::stripe_customer();
     c.bench_function("jmespath/native", |b| {
-        b.iter(|| jpx_core::compile(fx::STRIPE_EXPRESSION).unwrap().search(&customer).unwrap())
+        b.iter(|| {
+            jpx_core::compile(fx::STRIPE_EXPRESSION)
+                .unwrap()
+                .search(&customer)
+                .unwrap()
+        })
     });
 
-    let final_validation = c360.source["stages"].as_array().unwrap().iter().find(|s| s["id"] == "final-validation").unwrap()["config"]["schema"].clone();
+    let final_validation = c360.source["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "final-validation")
+        .unwrap()["config"]["schema"]
+        .clone();
     let validator = fmhost::schema::compile(&final_validation).unwrap();
-    let expected: Value = serde_json::from_slice(&std::fs::read(fx::root().join("tests/golden/customer-360.expected.json")).unwrap()).unwrap();
-    c.bench_function("schema/validate-customer-360", |b| b.iter(|| fmhost::schema::violations(&validator, &expected)));
+    let expected: Value = serde_json::from_slice(
+        &std::fs::read(fx::root().join("tests/golden/customer-360.expected.json")).unwrap(),
+    )
+    .unwrap();
+    c.bench_function("schema/validate-customer-360", |b| {
+        b.iter(|| fmhost::schema::violations(&validator, &expected))
+    });
 
     let engine = Engine::new(Secrets::default());
-    for (component, sizes) in [("logger", &[2usize, 14, 64, 1000][..]), ("json-transform", &[14, 64][..])] {
+    for (component, sizes) in [
+        ("logger", &[2usize, 14, 64, 1000][..]),
+        ("json-transform", &[14, 64][..]),
+    ] {
         for deep in [true, false] {
             for &n in sizes {
                 let plan = fx::dag(n, deep, component, &registry);
                 let shape = if deep { "deep" } else { "wide" };
                 c.bench_function(&format!("scheduler/{component}/{shape}/{n}"), |b| {
-                    b.to_async(&rt).iter(|| async { engine.run(plan.clone(), json!({}), RunOptions::default()).await.unwrap() })
+                    b.to_async(&rt).iter(|| async {
+                        engine
+                            .run(plan.clone(), json!({}), RunOptions::default())
+                            .await
+                            .unwrap()
+                    })
                 });
             }
         }
@@ -119,7 +185,10 @@ fn micro(c: &mut Criterion) {
 }
 
 fn config() -> Criterion {
-    Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).configure_from_args()
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .configure_from_args()
 }
 
 criterion_group! { name = benches; config = config(); targets = micro }

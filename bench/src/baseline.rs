@@ -9,7 +9,14 @@ async fn get(client: &reqwest::Client, url: String, token: &str, extra: &[(&str,
     for (k, v) in extra {
         req = req.header(*k, *v);
     }
-    req.send().await.expect("upstream reachable").error_for_status().expect("2xx").json().await.expect("json")
+    req.send()
+        .await
+        .expect("upstream reachable")
+        .error_for_status()
+        .expect("2xx")
+        .json()
+        .await
+        .expect("json")
 }
 
 fn merge(sf: &Value, st: &Value, ic: &Value, int: &Value, customer_id: &str) -> Value {
@@ -40,19 +47,51 @@ async fn enrich(client: &reqwest::Client, base: &str, customer: &Value) -> Value
         .json()
         .await
         .expect("json");
-    let content = answer["choices"][0]["message"]["content"].as_str().unwrap_or_default();
-    let inner = content.trim().trim_start_matches("```json").trim_end_matches("```");
+    let content = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    let inner = content
+        .trim()
+        .trim_start_matches("```json")
+        .trim_end_matches("```");
     serde_json::from_str(inner).unwrap_or(json!({"text": content}))
 }
 
 /// All independent calls at once, then the LLM.
 pub async fn concurrent(client: &reqwest::Client, base: &str, customer_id: &str) -> Value {
     let (_cfg, sf, st, ic, int) = tokio::join!(
-        get(client, format!("{base}/integrations/customer-360"), "sandbox-config-token", &[]),
-        get(client, format!("{base}/services/data/v58.0/sobjects/Account/{customer_id}"), "sandbox-salesforce-token", &[]),
-        get(client, format!("{base}/v1/customers/{customer_id}?expand[]=subscriptions&expand[]=invoice_settings"), "sk_test_sandbox_51H8", &[]),
-        get(client, format!("{base}/contacts/{customer_id}"), "sandbox-intercom-token", &[("intercom-version", "2.10")]),
-        get(client, format!("{base}/customers/{customer_id}/usage"), "sandbox-internal-token", &[]),
+        get(
+            client,
+            format!("{base}/integrations/customer-360"),
+            "sandbox-config-token",
+            &[]
+        ),
+        get(
+            client,
+            format!("{base}/services/data/v58.0/sobjects/Account/{customer_id}"),
+            "sandbox-salesforce-token",
+            &[]
+        ),
+        get(
+            client,
+            format!(
+                "{base}/v1/customers/{customer_id}?expand[]=subscriptions&expand[]=invoice_settings"
+            ),
+            "sk_test_sandbox_51H8",
+            &[]
+        ),
+        get(
+            client,
+            format!("{base}/contacts/{customer_id}"),
+            "sandbox-intercom-token",
+            &[("intercom-version", "2.10")]
+        ),
+        get(
+            client,
+            format!("{base}/customers/{customer_id}/usage"),
+            "sandbox-internal-token",
+            &[]
+        ),
     );
     let customer = merge(&sf, &st, &ic, &int, customer_id);
     let insights = enrich(client, base, &customer).await;
@@ -61,11 +100,43 @@ pub async fn concurrent(client: &reqwest::Client, base: &str, customer_id: &str)
 
 /// One call after another, as a hand-written script does.
 pub async fn sequential(client: &reqwest::Client, base: &str, customer_id: &str) -> Value {
-    let _cfg = get(client, format!("{base}/integrations/customer-360"), "sandbox-config-token", &[]).await;
-    let sf = get(client, format!("{base}/services/data/v58.0/sobjects/Account/{customer_id}"), "sandbox-salesforce-token", &[]).await;
-    let st = get(client, format!("{base}/v1/customers/{customer_id}?expand[]=subscriptions&expand[]=invoice_settings"), "sk_test_sandbox_51H8", &[]).await;
-    let ic = get(client, format!("{base}/contacts/{customer_id}"), "sandbox-intercom-token", &[("intercom-version", "2.10")]).await;
-    let int = get(client, format!("{base}/customers/{customer_id}/usage"), "sandbox-internal-token", &[]).await;
+    let _cfg = get(
+        client,
+        format!("{base}/integrations/customer-360"),
+        "sandbox-config-token",
+        &[],
+    )
+    .await;
+    let sf = get(
+        client,
+        format!("{base}/services/data/v58.0/sobjects/Account/{customer_id}"),
+        "sandbox-salesforce-token",
+        &[],
+    )
+    .await;
+    let st = get(
+        client,
+        format!(
+            "{base}/v1/customers/{customer_id}?expand[]=subscriptions&expand[]=invoice_settings"
+        ),
+        "sk_test_sandbox_51H8",
+        &[],
+    )
+    .await;
+    let ic = get(
+        client,
+        format!("{base}/contacts/{customer_id}"),
+        "sandbox-intercom-token",
+        &[("intercom-version", "2.10")],
+    )
+    .await;
+    let int = get(
+        client,
+        format!("{base}/customers/{customer_id}/usage"),
+        "sandbox-internal-token",
+        &[],
+    )
+    .await;
     let customer = merge(&sf, &st, &ic, &int, customer_id);
     let insights = enrich(client, base, &customer).await;
     json!({"customer": customer, "insights": insights})

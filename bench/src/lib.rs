@@ -12,26 +12,43 @@ use serde_json::{Value, json};
 pub mod baseline;
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ has a parent")
+        .to_path_buf()
 }
 
 /// Loads one compiled plugin from `target/plugins` (or `target/test-plugins`).
 pub async fn plugin(runtime: &Arc<PluginRuntime>, dir: &str, name: &str) -> Arc<Plugin> {
     let path = root().join(dir).join(format!("{name}.wasm"));
-    Arc::new(runtime.load_file(&path).await.unwrap_or_else(|e| panic!("{e} (run `cargo xtask plugins`)")))
+    Arc::new(
+        runtime
+            .load_file(&path)
+            .await
+            .unwrap_or_else(|e| panic!("{e} (run `cargo xtask plugins`)")),
+    )
 }
 
 /// The built-ins plus the repository's plugins.
 pub async fn registry(runtime: &Arc<PluginRuntime>) -> Registry {
     let mut r = Registry::builtins();
-    for name in ["json-transform", "generator", "stripe", "salesforce", "intercom"] {
-        r.register(Arc::new(WasmComponent::new(plugin(runtime, "target/plugins", name).await)));
+    for name in [
+        "json-transform",
+        "generator",
+        "stripe",
+        "salesforce",
+        "intercom",
+    ] {
+        r.register(Arc::new(WasmComponent::new(
+            plugin(runtime, "target/plugins", name).await,
+        )));
     }
     r
 }
 
 pub fn pipeline(name: &str, registry: &Registry) -> Arc<Plan> {
-    let text = std::fs::read_to_string(root().join(format!("pipelines/{name}.pipeline.json"))).expect("pipeline file");
+    let text = std::fs::read_to_string(root().join(format!("pipelines/{name}.pipeline.json")))
+        .expect("pipeline file");
     Arc::new(fmhost::pipeline::compile(&text, registry).unwrap_or_else(|d| panic!("{d:?}")))
 }
 
@@ -48,7 +65,9 @@ pub fn dag(n: usize, deep: bool, component: &str, registry: &Registry) -> Arc<Pl
         })
         .collect();
     let doc = json!({"name": format!("dag-{n}"), "stages": stages});
-    Arc::new(fmhost::pipeline::compile(&doc.to_string(), registry).unwrap_or_else(|d| panic!("{d:?}")))
+    Arc::new(
+        fmhost::pipeline::compile(&doc.to_string(), registry).unwrap_or_else(|d| panic!("{d:?}")),
+    )
 }
 
 /// A JSON document of about `bytes` bytes.
@@ -76,6 +95,10 @@ pub const STRIPE_EXPRESSION: &str = "{source: 'stripe', email: email, currency: 
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }

@@ -31,10 +31,20 @@ fn bin(name: &str) -> std::path::PathBuf {
 
 /// Starts a process that prints `listening on URL` first.
 fn start(cmd: &mut Command) -> Proc {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
     Proc(child, url)
 }
 
@@ -115,10 +125,19 @@ async fn main() {
     // Zero upstream latency: what the host costs.
     {
         let sb = sandbox(0.0);
-        let engine = Arc::new(Engine::new(Secrets::from_pairs(secrets_for(&sb.1).as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())))));
+        let engine = Arc::new(Engine::new(Secrets::from_pairs(
+            secrets_for(&sb.1)
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())),
+        )));
         let input = input_for(&sb.1);
         for _ in 0..20 {
-            engine.run(c360.clone(), input.clone(), RunOptions::default()).await.unwrap();
+            engine
+                .run(c360.clone(), input.clone(), RunOptions::default())
+                .await
+                .unwrap();
         }
         let (e, p, i) = (engine.clone(), c360.clone(), input.clone());
         out.insert(
@@ -149,12 +168,39 @@ async fn main() {
     {
         let sb = sandbox(1.0);
         let secrets = secrets_for(&sb.1);
-        let engine = Engine::new(Secrets::from_pairs(secrets.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))));
+        let engine = Engine::new(Secrets::from_pairs(
+            secrets
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())),
+        ));
         let input = input_for(&sb.1);
         out.insert("critical_path_ms".into(), json!(500));
-        out.insert("c360_inproc_seed".into(), repeat(reps, || async { engine.run(c360.clone(), input.clone(), RunOptions::default()).await.unwrap(); }).await);
-        out.insert("baseline_tokio_seed".into(), repeat(reps, || async { baseline::concurrent(&client, &sb.1, CUSTOMER).await; }).await);
-        out.insert("baseline_sequential_seed".into(), repeat(reps.min(10), || async { baseline::sequential(&client, &sb.1, CUSTOMER).await; }).await);
+        out.insert(
+            "c360_inproc_seed".into(),
+            repeat(reps, || async {
+                engine
+                    .run(c360.clone(), input.clone(), RunOptions::default())
+                    .await
+                    .unwrap();
+            })
+            .await,
+        );
+        out.insert(
+            "baseline_tokio_seed".into(),
+            repeat(reps, || async {
+                baseline::concurrent(&client, &sb.1, CUSTOMER).await;
+            })
+            .await,
+        );
+        out.insert(
+            "baseline_sequential_seed".into(),
+            repeat(reps.min(10), || async {
+                baseline::sequential(&client, &sb.1, CUSTOMER).await;
+            })
+            .await,
+        );
         let dir = fx::root().join("target/bench");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("secrets.json"), secrets.to_string()).unwrap();
@@ -173,11 +219,17 @@ async fn main() {
             assert!(status.success());
         };
         cli(); // warm the compile cache
-        out.insert("c360_cli_seed".into(), repeat(reps.min(10), || async { cli() }).await);
+        out.insert(
+            "c360_cli_seed".into(),
+            repeat(reps.min(10), || async { cli() }).await,
+        );
     }
 
     // Memory per in-flight run: 1,000 runs waiting on a slow upstream.
-    for (label, component) in [("memory_http_request", "http-request"), ("memory_connector", "salesforce")] {
+    for (label, component) in [
+        ("memory_http_request", "http-request"),
+        ("memory_connector", "salesforce"),
+    ] {
         let sb = sandbox(slow_scale);
         let fetch = if component == "http-request" {
             json!({"id": "fetch", "component": "http-request", "depends_on": ["validate"], "config": {
@@ -193,14 +245,22 @@ async fn main() {
         ]});
         let plan = Arc::new(fmhost::pipeline::compile(&doc.to_string(), &registry).unwrap());
         let secrets = secrets_for(&sb.1);
-        let engine = Arc::new(Engine::new(Secrets::from_pairs(secrets.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())))));
+        let engine = Arc::new(Engine::new(Secrets::from_pairs(
+            secrets
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())),
+        )));
         let input = json!({"customer_id": CUSTOMER});
         let before = fx::rss_kib();
         let n = 1000;
         let runs: Vec<_> = (0..n)
             .map(|_| {
                 let (e, p, i) = (engine.clone(), plan.clone(), input.clone());
-                tokio::spawn(async move { e.run(p, i, RunOptions::default()).await.unwrap().status })
+                tokio::spawn(
+                    async move { e.run(p, i, RunOptions::default()).await.unwrap().status },
+                )
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(sample_after)).await;
@@ -227,11 +287,27 @@ async fn main() {
             .to_string(),
         )
         .unwrap();
-        std::fs::write(dir.join("secrets.json"), json!({"HOOK": "bench-hook-secret"}).to_string()).unwrap();
+        std::fs::write(
+            dir.join("secrets.json"),
+            json!({"HOOK": "bench-hook-secret"}).to_string(),
+        )
+        .unwrap();
         let server = start(
             Command::new(bin("fmhost"))
                 .current_dir(&dir)
-                .args(["serve", "--listen", "127.0.0.1:0", "--pipelines", "pipelines", "--plugins", "plugins", "--secrets", "secrets.json", "--state", "state"])
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--pipelines",
+                    "pipelines",
+                    "--plugins",
+                    "plugins",
+                    "--secrets",
+                    "secrets.json",
+                    "--state",
+                    "state",
+                ])
                 .env("FMHOST_LOG", "warn"),
         );
         std::fs::write(dir.join("post.lua"), "wrk.method = \"POST\"\nwrk.body = '{\"n\": 1}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n").unwrap();
@@ -241,8 +317,14 @@ async fn main() {
             .arg(format!("{}/v1/pipelines/one/runs", server.1))
             .output();
         match wrk {
-            Ok(o) if o.status.success() => out.insert("serve_run_wrk".into(), parse_wrk(&String::from_utf8_lossy(&o.stdout))),
-            _ => out.insert("serve_run_wrk".into(), json!({"skipped": "wrk is not installed (apt-get install wrk)"})),
+            Ok(o) if o.status.success() => out.insert(
+                "serve_run_wrk".into(),
+                parse_wrk(&String::from_utf8_lossy(&o.stdout)),
+            ),
+            _ => out.insert(
+                "serve_run_wrk".into(),
+                json!({"skipped": "wrk is not installed (apt-get install wrk)"}),
+            ),
         };
         // Webhooks: every delivery unique and signed, so each is verified, fsync'd and run.
         let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -254,8 +336,18 @@ async fn main() {
                 async move {
                     let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let body = json!({"n": n}).to_string();
-                    let sig = fmhost::serve::webhooks::github_signature("bench-hook-secret", body.as_bytes());
-                    let r = c.post(format!("{u}/hooks/one")).header("X-Hub-Signature-256", sig).header("X-GitHub-Delivery", format!("d-{n}")).body(body).send().await.unwrap();
+                    let sig = fmhost::serve::webhooks::github_signature(
+                        "bench-hook-secret",
+                        body.as_bytes(),
+                    );
+                    let r = c
+                        .post(format!("{u}/hooks/one"))
+                        .header("X-Hub-Signature-256", sig)
+                        .header("X-GitHub-Delivery", format!("d-{n}"))
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
                     assert_eq!(r.status(), 202);
                 }
             })
@@ -263,11 +355,17 @@ async fn main() {
         );
     }
 
-    println!("{}", serde_json::to_string_pretty(&Value::Object(out)).unwrap());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&Value::Object(out)).unwrap()
+    );
 }
 
 fn parse_wrk(text: &str) -> Value {
-    let field = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()));
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
+    };
     let to_ms = |s: String| -> f64 {
         let (num, unit) = s.split_at(s.find(|c: char| c.is_alphabetic()).unwrap_or(s.len()));
         let v: f64 = num.parse().unwrap_or(0.0);

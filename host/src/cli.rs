@@ -22,7 +22,11 @@ const EXIT_INVALID: u8 = 2;
 const EXIT_INTERRUPTED: u8 = 130;
 
 #[derive(Parser)]
-#[command(name = "fmhost", version, about = "Runs declarative API-integration pipelines (FlowMason format)")]
+#[command(
+    name = "fmhost",
+    version,
+    about = "Runs declarative API-integration pipelines (FlowMason format)"
+)]
 struct Cli {
     /// How stderr logs look.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -158,7 +162,10 @@ pub fn main() -> ExitCode {
         }
     };
     logging::init(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -181,7 +188,11 @@ async fn registry(args: &PluginArgs) -> Result<Registry, String> {
     let mut registry = Registry::builtins();
     for p in discover(args).await? {
         if registry.get(&p.name).is_some() {
-            return Err(format!("plugin {}: \"{}\" is the name of a built-in component", p.path.display(), p.name));
+            return Err(format!(
+                "plugin {}: \"{}\" is the name of a built-in component",
+                p.path.display(),
+                p.name
+            ));
         }
         registry.register(Arc::new(WasmComponent::new(p)));
     }
@@ -189,11 +200,15 @@ async fn registry(args: &PluginArgs) -> Result<Registry, String> {
 }
 
 async fn discover(args: &PluginArgs) -> Result<Vec<Arc<Plugin>>, String> {
-    let runtime = PluginRuntime::new().map_err(|e| format!("cannot start the plugin runtime: {e}"))?;
-    runtime
-        .discover(&args.plugins)
-        .await
-        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\nerror: "))
+    let runtime =
+        PluginRuntime::new().map_err(|e| format!("cannot start the plugin runtime: {e}"))?;
+    runtime.discover(&args.plugins).await.map_err(|errors| {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\nerror: ")
+    })
 }
 
 fn plugin_json(p: &Plugin) -> Value {
@@ -243,7 +258,10 @@ async fn remote(method: reqwest::Method, url: String, body: Option<Vec<u8>>) -> 
                 println!("{text}");
                 0
             } else {
-                let detail = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["detail"].as_str().map(str::to_string)).unwrap_or(text);
+                let detail = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v["detail"].as_str().map(str::to_string))
+                    .unwrap_or(text);
                 eprintln!("error: {url}: {detail}");
                 EXIT_FAILED
             }
@@ -258,14 +276,29 @@ async fn remote(method: reqwest::Method, url: String, body: Option<Vec<u8>>) -> 
 async fn plugins(cmd: PluginsCommand) -> u8 {
     match cmd {
         PluginsCommand::Swap { name, file, server } => match std::fs::read(&file) {
-            Ok(bytes) => remote(reqwest::Method::PUT, format!("{}/v1/plugins/{name}", server.trim_end_matches('/')), Some(bytes)).await,
+            Ok(bytes) => {
+                remote(
+                    reqwest::Method::PUT,
+                    format!("{}/v1/plugins/{name}", server.trim_end_matches('/')),
+                    Some(bytes),
+                )
+                .await
+            }
             Err(e) => {
                 eprintln!("error: {}: {e}", file.display());
                 EXIT_INVALID
             }
         },
         PluginsCommand::Rollback { name, server } => {
-            remote(reqwest::Method::POST, format!("{}/v1/plugins/{name}/rollback", server.trim_end_matches('/')), None).await
+            remote(
+                reqwest::Method::POST,
+                format!(
+                    "{}/v1/plugins/{name}/rollback",
+                    server.trim_end_matches('/')
+                ),
+                None,
+            )
+            .await
         }
         PluginsCommand::List { plugins, json } => {
             let found = match discover(&plugins).await {
@@ -277,16 +310,39 @@ async fn plugins(cmd: PluginsCommand) -> u8 {
             };
             if json {
                 let list: Vec<Value> = found.iter().map(|p| plugin_json(p)).collect();
-                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
                 return 0;
             }
-            println!("{:<18} {:<9} {:<10} {:<34} FILE", "NAME", "VERSION", "WORLD", "ALLOWED HOSTS");
+            println!(
+                "{:<18} {:<9} {:<10} {:<34} FILE",
+                "NAME", "VERSION", "WORLD", "ALLOWED HOSTS"
+            );
             for b in Registry::builtins().iter() {
-                println!("{:<18} {:<9} {:<10} {:<34} (built-in)", b.name(), env!("CARGO_PKG_VERSION"), "built-in", "-");
+                println!(
+                    "{:<18} {:<9} {:<10} {:<34} (built-in)",
+                    b.name(),
+                    env!("CARGO_PKG_VERSION"),
+                    "built-in",
+                    "-"
+                );
             }
             for p in &found {
-                let hosts = if p.allowed_hosts.is_empty() { "-".to_string() } else { p.allowed_hosts.join(",") };
-                println!("{:<18} {:<9} {:<10} {:<34} {}", p.name, p.version, format!("{:?}", p.kind).to_lowercase(), hosts, p.path.display());
+                let hosts = if p.allowed_hosts.is_empty() {
+                    "-".to_string()
+                } else {
+                    p.allowed_hosts.join(",")
+                };
+                println!(
+                    "{:<18} {:<9} {:<10} {:<34} {}",
+                    p.name,
+                    p.version,
+                    format!("{:?}", p.kind).to_lowercase(),
+                    hosts,
+                    p.path.display()
+                );
             }
             0
         }
@@ -308,9 +364,22 @@ async fn plugins(cmd: PluginsCommand) -> u8 {
                         println!("version:       {}", p.version);
                         println!("world:         {}", format!("{:?}", p.kind).to_lowercase());
                         println!("description:   {}", p.description);
-                        println!("allowed hosts: {}", if p.allowed_hosts.is_empty() { "none".into() } else { p.allowed_hosts.join(", ") });
+                        println!(
+                            "allowed hosts: {}",
+                            if p.allowed_hosts.is_empty() {
+                                "none".into()
+                            } else {
+                                p.allowed_hosts.join(", ")
+                            }
+                        );
                         println!("sha256:        {}", p.hash);
-                        println!("config schema: {}", p.config_schema.as_ref().map(|s| serde_json::to_string_pretty(s).unwrap_or_default()).unwrap_or_else(|| "none".into()));
+                        println!(
+                            "config schema: {}",
+                            p.config_schema
+                                .as_ref()
+                                .map(|s| serde_json::to_string_pretty(s).unwrap_or_default())
+                                .unwrap_or_else(|| "none".into())
+                        );
                     }
                     0
                 }
@@ -329,7 +398,11 @@ fn load_plan(path: &Path, registry: &Registry) -> Result<pipeline::Plan, u8> {
             eprintln!("error: {line}");
         }
         if let pipeline::LoadError::Invalid { diagnostics, .. } = &e {
-            eprintln!("{} problem{} found", diagnostics.len(), if diagnostics.len() == 1 { "" } else { "s" });
+            eprintln!(
+                "{} problem{} found",
+                diagnostics.len(),
+                if diagnostics.len() == 1 { "" } else { "s" }
+            );
         }
         EXIT_INVALID
     })
@@ -345,7 +418,11 @@ async fn validate(args: ValidateArgs) -> u8 {
     };
     match load_plan(&args.pipeline, &registry) {
         Ok(plan) => {
-            eprintln!("{}: ok ({} stages)", args.pipeline.display(), plan.stages.len());
+            eprintln!(
+                "{}: ok ({} stages)",
+                args.pipeline.display(),
+                plan.stages.len()
+            );
             0
         }
         Err(code) => code,
@@ -357,13 +434,19 @@ fn read_input(args: &RunArgs) -> Result<Value, String> {
         (_, Some(inline)) => (inline.clone(), "--input-json".to_string()),
         (Some(dash), None) if dash == "-" => {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).map_err(|e| format!("stdin: {e}"))?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| format!("stdin: {e}"))?;
             (s, "stdin".to_string())
         }
-        (Some(file), None) => (std::fs::read_to_string(file).map_err(|e| format!("input {file}: {e}"))?, format!("input {file}")),
+        (Some(file), None) => (
+            std::fs::read_to_string(file).map_err(|e| format!("input {file}: {e}"))?,
+            format!("input {file}"),
+        ),
         (None, None) => return Ok(Value::Object(Default::default())),
     };
-    serde_json::from_str(&text).map_err(|e| format!("{origin}:{}:{}: invalid JSON: {e}", e.line(), e.column()))
+    serde_json::from_str(&text)
+        .map_err(|e| format!("{origin}:{}:{}: invalid JSON: {e}", e.line(), e.column()))
 }
 
 async fn run(args: RunArgs) -> u8 {
@@ -398,7 +481,10 @@ async fn run(args: RunArgs) -> u8 {
     };
     let mut engine = Engine::new(secrets);
     engine.fixed_now = std::env::var("FMHOST_NOW").ok().map(Arc::from);
-    let opts = RunOptions { timeout: args.timeout, ..RunOptions::default() };
+    let opts = RunOptions {
+        timeout: args.timeout,
+        ..RunOptions::default()
+    };
     let cancel = opts.cancel.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
@@ -417,7 +503,9 @@ async fn run(args: RunArgs) -> u8 {
         eprint!("\n{}", engine.outbound.metrics.table());
     }
     if let Some(path) = &args.report {
-        let written = serde_json::to_vec_pretty(&report).map_err(|e| e.to_string()).and_then(|bytes| std::fs::write(path, bytes).map_err(|e| e.to_string()));
+        let written = serde_json::to_vec_pretty(&report)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| std::fs::write(path, bytes).map_err(|e| e.to_string()));
         if let Err(e) = written {
             eprintln!("error: report {}: {e}", path.display());
         }
@@ -425,7 +513,10 @@ async fn run(args: RunArgs) -> u8 {
     match report.status {
         RunStatus::Succeeded => {
             let output = report.output.unwrap_or(Value::Null);
-            println!("{}", serde_json::to_string_pretty(&output).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&output).unwrap_or_default()
+            );
             0
         }
         RunStatus::Cancelled => EXIT_INTERRUPTED,

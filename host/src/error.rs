@@ -61,7 +61,12 @@ impl ErrorKind {
 #[cfg(test)]
 #[test]
 fn serde_names_match_as_str() {
-    for kind in [ErrorKind::Http4xx, ErrorKind::Http5xx, ErrorKind::RateLimited, ErrorKind::CircuitOpen] {
+    for kind in [
+        ErrorKind::Http4xx,
+        ErrorKind::Http5xx,
+        ErrorKind::RateLimited,
+        ErrorKind::CircuitOpen,
+    ] {
         assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
     }
 }
@@ -84,7 +89,11 @@ pub struct StageError {
 
 impl StageError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        StageError { kind, message: message.into(), status: None }
+        StageError {
+            kind,
+            message: message.into(),
+            status: None,
+        }
     }
     pub fn validation(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Validation, message)

@@ -24,10 +24,20 @@ pub enum LogFormat {
 /// Installs the global subscriber. `FMHOST_LOG` (EnvFilter syntax) overrides the level.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("FMHOST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-        LogFormat::Text => builder.event_format(Human { start: Instant::now() }).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Text => builder
+            .event_format(Human {
+                start: Instant::now(),
+            })
+            .try_init(),
     };
 }
 
@@ -64,7 +74,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let meta = event.metadata();
         let mut fields = Fields::default();
         event.record(&mut fields);
@@ -78,7 +93,11 @@ where
             "fmhost::progress" => writeln!(w, "{elapsed:>6}ms  {level}{}", fields.message),
             "fmhost::logger" => writeln!(w, "{elapsed:>6}ms  {level}log: {}", fields.message),
             "fmhost::http" => writeln!(w, "{elapsed:>6}ms    {level}{}", fields.message),
-            target => writeln!(w, "{elapsed:>6}ms  {level}{target}: {}{}", fields.message, fields.rest),
+            target => writeln!(
+                w,
+                "{elapsed:>6}ms  {level}{target}: {}{}",
+                fields.message, fields.rest
+            ),
         }
     }
 }

@@ -83,16 +83,44 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("fmhost");
         let calls = Family::<CallLabels, Counter>::default();
-        let latency = Family::<ServiceLabel, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let latency = Family::<ServiceLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
         let breaker = Family::<ServiceLabel, Gauge>::default();
-        registry.register("upstream_calls", "Outbound call attempts by service, outcome and error kind", calls.clone());
-        registry.register("upstream_latency_seconds", "Outbound call attempt latency by service", latency.clone());
-        registry.register("circuit_state", "Circuit breaker state by service (0 closed, 1 open, 2 half-open)", breaker.clone());
+        registry.register(
+            "upstream_calls",
+            "Outbound call attempts by service, outcome and error kind",
+            calls.clone(),
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Outbound call attempt latency by service",
+            latency.clone(),
+        );
+        registry.register(
+            "circuit_state",
+            "Circuit breaker state by service (0 closed, 1 open, 2 half-open)",
+            breaker.clone(),
+        );
         let runs = Family::<RunLabels, Counter>::default();
-        let stages = Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let stages = Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
         registry.register("runs", "Finished runs by pipeline and status", runs.clone());
-        registry.register("stage_duration_seconds", "Stage duration by pipeline, stage and status", stages.clone());
-        Metrics { registry, runs, stages, calls, latency, breaker, stats: Mutex::new(HashMap::new()) }
+        registry.register(
+            "stage_duration_seconds",
+            "Stage duration by pipeline, stage and status",
+            stages.clone(),
+        );
+        Metrics {
+            registry,
+            runs,
+            stages,
+            calls,
+            latency,
+            breaker,
+            stats: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Records one call attempt: `kind` is `None` for a success.
@@ -100,19 +128,30 @@ impl Metrics {
         let outcome = if kind.is_some() { "error" } else { "success" };
         let kind_name = kind.map(ErrorKind::as_str).unwrap_or("");
         self.calls
-            .get_or_create(&CallLabels { service: service.into(), outcome: outcome.into(), kind: kind_name.into() })
+            .get_or_create(&CallLabels {
+                service: service.into(),
+                outcome: outcome.into(),
+                kind: kind_name.into(),
+            })
             .inc();
         let sent = kind != Some(ErrorKind::CircuitOpen);
         if sent {
-            self.latency.get_or_create(&ServiceLabel { service: service.into() }).observe(elapsed.as_secs_f64());
+            self.latency
+                .get_or_create(&ServiceLabel {
+                    service: service.into(),
+                })
+                .observe(elapsed.as_secs_f64());
         }
         let mut stats = self.stats.lock().expect("metrics lock");
-        let s = stats.entry(service.to_string()).or_insert_with(|| ServiceStats {
-            success: 0,
-            errors: BTreeMap::new(),
-            latency_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
-            breaker: BreakerState::Closed,
-        });
+        let s = stats
+            .entry(service.to_string())
+            .or_insert_with(|| ServiceStats {
+                success: 0,
+                errors: BTreeMap::new(),
+                latency_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .expect("valid bounds"),
+                breaker: BreakerState::Closed,
+            });
         match kind {
             None => s.success += 1,
             Some(k) => *s.errors.entry(k.as_str()).or_default() += 1,
@@ -123,14 +162,35 @@ impl Metrics {
     }
 
     pub fn record_run(&self, pipeline: &str, status: crate::engine::RunStatus) {
-        let status = serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        self.runs.get_or_create(&RunLabels { pipeline: pipeline.into(), status }).inc();
+        let status = serde_json::to_value(status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.runs
+            .get_or_create(&RunLabels {
+                pipeline: pipeline.into(),
+                status,
+            })
+            .inc();
     }
 
-    pub fn record_stage(&self, pipeline: &str, stage: &str, status: crate::engine::StageStatus, elapsed: Duration) {
-        let status = serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    pub fn record_stage(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        status: crate::engine::StageStatus,
+        elapsed: Duration,
+    ) {
+        let status = serde_json::to_value(status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
         self.stages
-            .get_or_create(&StageLabels { pipeline: pipeline.into(), stage: stage.into(), status })
+            .get_or_create(&StageLabels {
+                pipeline: pipeline.into(),
+                stage: stage.into(),
+                status,
+            })
             .observe(elapsed.as_secs_f64());
     }
 
@@ -140,14 +200,23 @@ impl Metrics {
             BreakerState::Open => 1,
             BreakerState::HalfOpen => 2,
         };
-        self.breaker.get_or_create(&ServiceLabel { service: service.into() }).set(value);
+        self.breaker
+            .get_or_create(&ServiceLabel {
+                service: service.into(),
+            })
+            .set(value);
         if let Some(s) = self.stats.lock().expect("metrics lock").get_mut(service) {
             s.breaker = state;
         }
     }
 
     pub fn snapshot(&self) -> BTreeMap<String, ServiceStats> {
-        self.stats.lock().expect("metrics lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.stats
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Everything in Prometheus text format.
@@ -159,12 +228,19 @@ impl Metrics {
 
     /// A per-service table for humans.
     pub fn table(&self) -> String {
-        let mut out = format!("{:<28} {:>6} {:>6} {:>8} {:>8}  {:<9} {}\n", "SERVICE", "CALLS", "OK", "P50 MS", "P99 MS", "BREAKER", "ERRORS");
+        let mut out = format!(
+            "{:<28} {:>6} {:>6} {:>8} {:>8}  {:<9} {}\n",
+            "SERVICE", "CALLS", "OK", "P50 MS", "P99 MS", "BREAKER", "ERRORS"
+        );
         for (name, s) in self.snapshot() {
             let errors = if s.errors.is_empty() {
                 "-".to_string()
             } else {
-                s.errors.iter().map(|(k, n)| format!("{k}={n}")).collect::<Vec<_>>().join(" ")
+                s.errors
+                    .iter()
+                    .map(|(k, n)| format!("{k}={n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             };
             out.push_str(&format!(
                 "{:<28} {:>6} {:>6} {:>8.1} {:>8.1}  {:<9} {}\n",

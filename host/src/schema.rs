@@ -37,7 +37,10 @@ mod tests {
         .unwrap();
         let errs = violations(&v, &json!({"b": "no", "c": "y"}));
         assert_eq!(errs.len(), 3, "{errs:?}");
-        assert!(errs.iter().any(|e| e.starts_with("(root): ") && e.contains("\"a\"")));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("(root): ") && e.contains("\"a\""))
+        );
         assert!(errs.iter().any(|e| e.starts_with("/b: ")));
         assert!(errs.iter().any(|e| e.starts_with("/c: ")));
         assert!(compile(&json!({"type": 5})).is_err());

@@ -39,9 +39,13 @@ impl Secrets {
         Ok(Self::from_pairs(pairs))
     }
 
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Secrets {
-        let values: HashMap<String, Value> =
-            pairs.into_iter().map(|(k, v)| (k.into(), Value::String(v.into()))).collect();
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Secrets {
+        let values: HashMap<String, Value> = pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), Value::String(v.into())))
+            .collect();
         let mut redact: Vec<String> = values
             .values()
             .filter_map(|v| v.as_str())
@@ -86,7 +90,9 @@ impl Secrets {
             }
             Value::Array(items) => items.iter_mut().for_each(|v| self.redact_value(v)),
             Value::Object(map) => {
-                let needs_key_mask = map.keys().any(|k| matches!(self.redact(k), std::borrow::Cow::Owned(_)));
+                let needs_key_mask = map
+                    .keys()
+                    .any(|k| matches!(self.redact(k), std::borrow::Cow::Owned(_)));
                 if needs_key_mask {
                     let old = std::mem::take(map);
                     for (k, v) in old {
@@ -101,7 +107,10 @@ impl Secrets {
 }
 
 fn read_file(path: &Path) -> Result<Vec<(String, String)>, SecretsError> {
-    let err = |message: String| SecretsError::File { path: path.display().to_string(), message };
+    let err = |message: String| SecretsError::File {
+        path: path.display().to_string(),
+        message,
+    };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     if text.trim_start().starts_with('{') {
         let map: serde_json::Map<String, Value> = serde_json::from_str(&text)
@@ -164,6 +173,11 @@ mod tests {
         std::fs::write(&js, r#"{"A": "v", "N": 5}"#).unwrap();
         assert_eq!(Secrets::load(Some(&js)).unwrap().get("N"), Some("5"));
         std::fs::write(&js, r#"{"A": "#).unwrap();
-        assert!(Secrets::load(Some(&js)).unwrap_err().to_string().contains("line 1"));
+        assert!(
+            Secrets::load(Some(&js))
+                .unwrap_err()
+                .to_string()
+                .contains("line 1")
+        );
     }
 }

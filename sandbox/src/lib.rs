@@ -72,7 +72,10 @@ impl Sandbox {
         });
         let app = axum::Router::new()
             .route("/integrations/customer-360", get(config_api))
-            .route("/services/data/{version}/sobjects/Account/{id}", get(salesforce))
+            .route(
+                "/services/data/{version}/sobjects/Account/{id}",
+                get(salesforce),
+            )
             .route("/v1/customers/{id}", get(stripe))
             .route("/contacts/{id}", get(intercom))
             .route("/customers/{id}/usage", get(internal))
@@ -103,7 +106,13 @@ impl Sandbox {
 
     /// Requests served per vendor (`salesforce`, `stripe`, `intercom`, `internal`, `config`, `llm`).
     pub fn hits(&self, vendor: &str) -> u64 {
-        self.inner.hits.lock().unwrap().get(vendor).copied().unwrap_or(0)
+        self.inner
+            .hits
+            .lock()
+            .unwrap()
+            .get(vendor)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn total_requests(&self) -> u64 {
@@ -117,7 +126,10 @@ impl Sandbox {
 
 /// The secrets a pipeline needs to run against a sandbox at `url`.
 pub fn secrets_for(url: &str) -> Value {
-    let mut s: serde_json::Map<String, Value> = TOKENS.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let mut s: serde_json::Map<String, Value> = TOKENS
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
     for key in ["SALESFORCE_URL", "STRIPE_URL", "INTERCOM_URL"] {
         s.insert(key.into(), json!(url));
     }
@@ -133,23 +145,44 @@ pub fn input_for(url: &str) -> Value {
 type Reply = Result<Json<Value>, Response>;
 
 /// Latency, hit counting and the bearer check every vendor shares.
-async fn serve(inner: &Inner, vendor: &'static str, latency_ms: u64, headers: &HeaderMap, secret: &str) -> Result<(), Response> {
+async fn serve(
+    inner: &Inner,
+    vendor: &'static str,
+    latency_ms: u64,
+    headers: &HeaderMap,
+    secret: &str,
+) -> Result<(), Response> {
     inner.requests.fetch_add(1, Ordering::Relaxed);
     *inner.hits.lock().unwrap().entry(vendor).or_default() += 1;
     let scaled = (latency_ms as f64 * inner.options.latency_scale).max(0.0);
     if scaled > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(scaled / 1000.0)).await;
     }
-    let expected = TOKENS.iter().find(|(k, _)| *k == secret).map(|(_, v)| format!("Bearer {v}")).unwrap_or_default();
-    let got = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let expected = TOKENS
+        .iter()
+        .find(|(k, _)| *k == secret)
+        .map(|(_, v)| format!("Bearer {v}"))
+        .unwrap_or_default();
+    let got = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if got != expected {
-        return Err((StatusCode::UNAUTHORIZED, Json(json!({"error": format!("{vendor}: invalid or missing bearer token")}))).into_response());
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": format!("{vendor}: invalid or missing bearer token")})),
+        )
+            .into_response());
     }
     Ok(())
 }
 
 fn not_found(what: &str, id: &str) -> Response {
-    (StatusCode::NOT_FOUND, Json(json!({"error": format!("no {what} {id}")}))).into_response()
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": format!("no {what} {id}")})),
+    )
+        .into_response()
 }
 
 async fn config_api(State(s): State<Arc<Inner>>, headers: HeaderMap) -> Reply {
@@ -163,7 +196,11 @@ async fn config_api(State(s): State<Arc<Inner>>, headers: HeaderMap) -> Reply {
     })))
 }
 
-async fn salesforce(State(s): State<Arc<Inner>>, Path((_version, id)): Path<(String, String)>, headers: HeaderMap) -> Reply {
+async fn salesforce(
+    State(s): State<Arc<Inner>>,
+    Path((_version, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Reply {
     serve(&s, "salesforce", 200, &headers, "SALESFORCE_TOKEN").await?;
     if id != CUSTOMER_ID {
         return Err(not_found("Account", &id));
@@ -201,12 +238,21 @@ async fn salesforce(State(s): State<Arc<Inner>>, Path((_version, id)): Path<(Str
     })))
 }
 
-async fn stripe(State(s): State<Arc<Inner>>, Path(id): Path<String>, Query(q): Query<Vec<(String, String)>>, headers: HeaderMap) -> Reply {
+async fn stripe(
+    State(s): State<Arc<Inner>>,
+    Path(id): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Reply {
     serve(&s, "stripe", 180, &headers, "STRIPE_SECRET_KEY").await?;
     if id != CUSTOMER_ID {
         return Err(not_found("customer", &id));
     }
-    let expand: Vec<&str> = q.iter().filter(|(k, _)| k == "expand[]").map(|(_, v)| v.as_str()).collect();
+    let expand: Vec<&str> = q
+        .iter()
+        .filter(|(k, _)| k == "expand[]")
+        .map(|(_, v)| v.as_str())
+        .collect();
     let mut customer = json!({
         "id": id,
         "object": "customer",
@@ -244,7 +290,11 @@ async fn stripe(State(s): State<Arc<Inner>>, Path(id): Path<String>, Query(q): Q
     Ok(Json(customer))
 }
 
-async fn intercom(State(s): State<Arc<Inner>>, Path(id): Path<String>, headers: HeaderMap) -> Reply {
+async fn intercom(
+    State(s): State<Arc<Inner>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Reply {
     serve(&s, "intercom", 150, &headers, "INTERCOM_TOKEN").await?;
     if id != CUSTOMER_ID {
         return Err(not_found("contact", &id));
@@ -274,7 +324,11 @@ async fn intercom(State(s): State<Arc<Inner>>, Path(id): Path<String>, headers: 
     Ok(Json(contact))
 }
 
-async fn internal(State(s): State<Arc<Inner>>, Path(id): Path<String>, headers: HeaderMap) -> Reply {
+async fn internal(
+    State(s): State<Arc<Inner>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Reply {
     serve(&s, "internal", 80, &headers, "INTERNAL_TOKEN").await?;
     if id != CUSTOMER_ID {
         return Err(not_found("customer", &id));
@@ -294,7 +348,11 @@ async fn internal(State(s): State<Arc<Inner>>, Path(id): Path<String>, headers: 
 async fn llm(State(s): State<Arc<Inner>>, headers: HeaderMap, Json(body): Json<Value>) -> Reply {
     serve(&s, "llm", 300, &headers, "OPENAI_API_KEY").await?;
     if body["messages"].as_array().is_none_or(|m| m.is_empty()) {
-        return Err((StatusCode::BAD_REQUEST, Json(json!({"error": {"message": "messages is required"}}))).into_response());
+        return Err((
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"message": "messages is required"}})),
+        )
+            .into_response());
     }
     let insights = json!({
         "risk_level": "medium",
@@ -309,7 +367,10 @@ async fn llm(State(s): State<Arc<Inner>>, headers: HeaderMap, Json(body): Json<V
             "Login frequency decreased 20% vs previous month"
         ]
     });
-    let content = format!("```json\n{}\n```", serde_json::to_string_pretty(&insights).unwrap_or_default());
+    let content = format!(
+        "```json\n{}\n```",
+        serde_json::to_string_pretty(&insights).unwrap_or_default()
+    );
     Ok(Json(json!({
         "id": "chatcmpl-sandbox-1",
         "object": "chat.completion",
@@ -326,6 +387,10 @@ async fn set_intercom_version(State(s): State<Arc<Inner>>, Json(body): Json<Valu
             *s.intercom_version.lock().unwrap() = v.to_string();
             Json(json!({"version": v})).into_response()
         }
-        _ => (StatusCode::BAD_REQUEST, Json(json!({"error": "version must be 2.10 or 2.11"}))).into_response(),
+        _ => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "version must be 2.10 or 2.11"})),
+        )
+            .into_response(),
     }
 }

@@ -17,15 +17,25 @@ async fn main() {
             _ => usage(),
         }
     }
-    let sandbox = fmhost_sandbox::Sandbox::start_on(&listen, fmhost_sandbox::Options { latency_scale: scale })
-        .await
-        .unwrap_or_else(|e| {
-            eprintln!("error: cannot listen on {listen}: {e}");
-            std::process::exit(1)
-        });
-    for (file, value) in [(secrets_file, sandbox.secrets()), (input_file, sandbox.input())] {
+    let sandbox = fmhost_sandbox::Sandbox::start_on(
+        &listen,
+        fmhost_sandbox::Options {
+            latency_scale: scale,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        eprintln!("error: cannot listen on {listen}: {e}");
+        std::process::exit(1)
+    });
+    for (file, value) in [
+        (secrets_file, sandbox.secrets()),
+        (input_file, sandbox.input()),
+    ] {
         if let Some(file) = file {
-            if let Err(e) = std::fs::write(&file, serde_json::to_vec_pretty(&value).unwrap_or_default()) {
+            if let Err(e) =
+                std::fs::write(&file, serde_json::to_vec_pretty(&value).unwrap_or_default())
+            {
                 eprintln!("error: {file}: {e}");
                 std::process::exit(1);
             }
@@ -36,6 +46,8 @@ async fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: fmhost-sandbox [--listen 127.0.0.1:0] [--latency-scale 1.0] [--write-secrets FILE] [--write-input FILE]");
+    eprintln!(
+        "usage: fmhost-sandbox [--listen 127.0.0.1:0] [--latency-scale 1.0] [--write-secrets FILE] [--write-input FILE]"
+    );
     std::process::exit(2)
 }

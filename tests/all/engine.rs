@@ -18,9 +18,29 @@ fn report(path: &std::path::Path) -> Value {
 #[tokio::test]
 async fn retries_back_off_with_growing_gaps_and_honour_retry_after() {
     let fake = Fake::start().await;
-    fake.route("/flaky", vec![Reply::status(503), Reply::status(503), Reply::json(200, json!({"ok": true}))]);
-    fake.route("/limited", vec![Reply::status(429).header("Retry-After", "1"), Reply::json(200, json!({"ok": 2}))]);
-    fake.route("/charge", vec![Reply::status(503), Reply::status(502), Reply::json(201, json!({"id": "ch_1"}))]);
+    fake.route(
+        "/flaky",
+        vec![
+            Reply::status(503),
+            Reply::status(503),
+            Reply::json(200, json!({"ok": true})),
+        ],
+    );
+    fake.route(
+        "/limited",
+        vec![
+            Reply::status(429).header("Retry-After", "1"),
+            Reply::json(200, json!({"ok": 2})),
+        ],
+    );
+    fake.route(
+        "/charge",
+        vec![
+            Reply::status(503),
+            Reply::status(502),
+            Reply::json(201, json!({"id": "ch_1"})),
+        ],
+    );
     let dir = support::scratch("retries");
     let p = support::write_json(
         &dir,
@@ -38,7 +58,8 @@ async fn retries_back_off_with_growing_gaps_and_honour_retry_after() {
         ])),
     );
     let report_path = dir.join("report.json");
-    let ran = support::run_pipeline(&p, &json!({}), &["--report", report_path.to_str().unwrap()]).await;
+    let ran =
+        support::run_pipeline(&p, &json!({}), &["--report", report_path.to_str().unwrap()]).await;
     assert_eq!(ran.code, 0, "{}", ran.stderr);
 
     let gaps = fake.gaps("/flaky");
@@ -47,15 +68,28 @@ async fn retries_back_off_with_growing_gaps_and_honour_retry_after() {
     assert!(gaps[1] > gaps[0], "gaps grow: {gaps:?}");
 
     let gaps = fake.gaps("/limited");
-    assert!(gaps[0] >= Duration::from_secs(1), "Retry-After: 1 honoured, gap {gaps:?}");
+    assert!(
+        gaps[0] >= Duration::from_secs(1),
+        "Retry-After: 1 honoured, gap {gaps:?}"
+    );
 
     let charges = fake.seen("/charge");
     assert_eq!(charges.len(), 3);
     assert!(charges.iter().all(|c| c.method == axum::http::Method::POST));
-    let keys: Vec<_> = charges.iter().map(|s| s.header("idempotency-key").expect("key sent").to_string()).collect();
-    assert!(keys.iter().all(|k| k == &keys[0]), "one key across attempts: {keys:?}");
+    let keys: Vec<_> = charges
+        .iter()
+        .map(|s| s.header("idempotency-key").expect("key sent").to_string())
+        .collect();
+    assert!(
+        keys.iter().all(|k| k == &keys[0]),
+        "one key across attempts: {keys:?}"
+    );
     assert_eq!(charges[0].body.as_ref(), br#"{"amount":100}"#);
-    assert!(charges[0].header("x-correlation-id").is_some_and(|c| c.starts_with("run_")));
+    assert!(
+        charges[0]
+            .header("x-correlation-id")
+            .is_some_and(|c| c.starts_with("run_"))
+    );
 
     let r = report(&report_path);
     assert_eq!(r["stages"][0]["attempts"], 3);
@@ -67,7 +101,10 @@ async fn retries_back_off_with_growing_gaps_and_honour_retry_after() {
 async fn a_failed_stage_fails_the_run_naming_stage_attempts_and_error() {
     let fake = Fake::start().await;
     fake.route("/down", vec![Reply::status(503)]);
-    fake.route("/slow", vec![Reply::json(200, json!({})).delay(Duration::from_millis(300))]);
+    fake.route(
+        "/slow",
+        vec![Reply::json(200, json!({})).delay(Duration::from_millis(300))],
+    );
     let dir = support::scratch("failing");
     let p = support::write_json(
         &dir,
@@ -82,11 +119,17 @@ async fn a_failed_stage_fails_the_run_naming_stage_attempts_and_error() {
         ])),
     );
     let report_path = dir.join("report.json");
-    let ran = support::run_pipeline(&p, &json!({}), &["--report", report_path.to_str().unwrap()]).await;
+    let ran =
+        support::run_pipeline(&p, &json!({}), &["--report", report_path.to_str().unwrap()]).await;
     assert_eq!(ran.code, 1, "{}", ran.stderr);
     assert_eq!(ran.stdout, "");
     assert_eq!(fake.seen("/down").len(), 1);
-    assert!(ran.stderr.contains("stage \"fetch-stripe\" failed after 1 attempt: http-5xx: GET"), "{}", ran.stderr);
+    assert!(
+        ran.stderr
+            .contains("stage \"fetch-stripe\" failed after 1 attempt: http-5xx: GET"),
+        "{}",
+        ran.stderr
+    );
     assert!(ran.stderr.contains("http 503"), "{}", ran.stderr);
     let r = report(&report_path);
     assert_eq!(r["status"], "failed");
@@ -100,7 +143,13 @@ async fn a_failed_stage_fails_the_run_naming_stage_attempts_and_error() {
 #[tokio::test]
 async fn an_optional_failure_yields_null_and_dependents_still_run() {
     let fake = Fake::start().await;
-    fake.route("/ok", vec![Reply::json(200, json!({"n": 7, "items": [{"id": "a"}, {"id": "b"}]}))]);
+    fake.route(
+        "/ok",
+        vec![Reply::json(
+            200,
+            json!({"n": 7, "items": [{"id": "a"}, {"id": "b"}]}),
+        )],
+    );
     fake.route("/broken", vec![Reply::status(500)]);
     let dir = support::scratch("optional");
     let p = support::write_json(
@@ -131,7 +180,11 @@ async fn an_optional_failure_yields_null_and_dependents_still_run() {
             "broken": null, "broken_kind": "http-5xx", "fallback": "unavailable"
         })
     );
-    assert!(ran.stderr.contains("fetch-broken: failed"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("fetch-broken: failed"),
+        "{}",
+        ran.stderr
+    );
 }
 
 #[tokio::test]
@@ -150,9 +203,18 @@ async fn a_missing_reference_fails_naming_stage_and_path() {
     );
     let ran = support::run_pipeline(&p, &json!({}), &[]).await;
     assert_eq!(ran.code, 1, "{}", ran.stderr);
-    assert!(ran.stderr.contains("stage \"use-it\" failed"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("stage \"use-it\" failed"),
+        "{}",
+        ran.stderr
+    );
     assert!(ran.stderr.contains("config.message"), "{}", ran.stderr);
-    assert!(ran.stderr.contains("`stages.fetch-salesforce.output.body` has no field `Name`"), "{}", ran.stderr);
+    assert!(
+        ran.stderr
+            .contains("`stages.fetch-salesforce.output.body` has no field `Name`"),
+        "{}",
+        ran.stderr
+    );
 }
 
 #[tokio::test]
@@ -160,8 +222,20 @@ async fn secrets_reach_the_upstream_but_never_logs_errors_or_output() {
     let fake = Fake::start().await;
     let secret = "sk_live_9f8e7d6c5b4a";
     // An upstream that echoes the credential back, and one that fails mentioning it.
-    fake.route("/echo", vec![Reply::json(200, json!({"you_sent": format!("Bearer {secret}")}))]);
-    fake.route("/fail", vec![Reply::json(401, json!({"error": format!("bad key {secret}")}))]);
+    fake.route(
+        "/echo",
+        vec![Reply::json(
+            200,
+            json!({"you_sent": format!("Bearer {secret}")}),
+        )],
+    );
+    fake.route(
+        "/fail",
+        vec![Reply::json(
+            401,
+            json!({"error": format!("bad key {secret}")}),
+        )],
+    );
     let dir = support::scratch("secrets");
     let p = support::write_json(
         &dir,
@@ -176,13 +250,26 @@ async fn secrets_reach_the_upstream_but_never_logs_errors_or_output() {
         ])),
     );
     let mut cmd = support::fmhost();
-    cmd.env("FMHOST_SECRET_API_KEY", secret).args(["--log-format", "json", "run"]).arg(&p);
+    cmd.env("FMHOST_SECRET_API_KEY", secret)
+        .args(["--log-format", "json", "run"])
+        .arg(&p);
     let ran: support::Ran = support::output(cmd).await.into();
     assert_eq!(ran.code, 0, "{}", ran.stderr);
-    assert_eq!(fake.seen("/echo")[0].header("authorization"), Some(format!("Bearer {secret}").as_str()));
+    assert_eq!(
+        fake.seen("/echo")[0].header("authorization"),
+        Some(format!("Bearer {secret}").as_str())
+    );
     assert_eq!(fake.seen("/echo")[0].query, format!("key={secret}"));
-    assert!(!ran.stdout.contains(secret), "stdout leaks:\n{}", ran.stdout);
-    assert!(!ran.stderr.contains(secret), "stderr leaks:\n{}", ran.stderr);
+    assert!(
+        !ran.stdout.contains(secret),
+        "stdout leaks:\n{}",
+        ran.stdout
+    );
+    assert!(
+        !ran.stderr.contains(secret),
+        "stderr leaks:\n{}",
+        ran.stderr
+    );
     assert!(ran.stdout.contains("Bearer ***"));
     // The JSON log has one line per outbound call with the redacted URL.
     let calls: Vec<Value> = ran
@@ -201,18 +288,36 @@ async fn secrets_reach_the_upstream_but_never_logs_errors_or_output() {
 #[tokio::test]
 async fn timeouts_stage_run_and_stalled_body() {
     let fake = Fake::start().await;
-    fake.route("/slow", vec![Reply::json(200, json!({})).delay(Duration::from_secs(5))]);
-    fake.route("/stall", vec![Reply::json(200, json!({"long": "x".repeat(100)})).stall_body(Duration::from_secs(5))]);
+    fake.route(
+        "/slow",
+        vec![Reply::json(200, json!({})).delay(Duration::from_secs(5))],
+    );
+    fake.route(
+        "/stall",
+        vec![Reply::json(200, json!({"long": "x".repeat(100)})).stall_body(Duration::from_secs(5))],
+    );
     let dir = support::scratch("timeouts");
     let one = |id: &str, path: &str, extra: Value| {
-        let mut stage = json!({"id": id, "component": "http-request", "config": {"url": fake.url(path)}});
-        stage.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let mut stage =
+            json!({"id": id, "component": "http-request", "config": {"url": fake.url(path)}});
+        stage
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         support::write_json(&dir, &format!("{id}.json"), &pipeline(json!([stage])))
     };
-    let per_request = one("per-request", "/slow", json!({"config": {"url": fake.url("/slow"), "timeout": 200}}));
+    let per_request = one(
+        "per-request",
+        "/slow",
+        json!({"config": {"url": fake.url("/slow"), "timeout": 200}}),
+    );
     let ran = support::run_pipeline(&per_request, &json!({}), &[]).await;
     assert_eq!(ran.code, 1);
-    assert!(ran.stderr.contains("timeout: GET") && ran.stderr.contains("timed out after 200 ms"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("timeout: GET") && ran.stderr.contains("timed out after 200 ms"),
+        "{}",
+        ran.stderr
+    );
 
     let stage_timeout = one("stage", "/stall", json!({"timeout": "300ms"}));
     let ran = support::run_pipeline(&stage_timeout, &json!({}), &[]).await;
@@ -222,17 +327,33 @@ async fn timeouts_stage_run_and_stalled_body() {
     let run_timeout = one("run", "/slow", json!({}));
     let ran = support::run_pipeline(&run_timeout, &json!({}), &["--timeout", "300ms"]).await;
     assert_eq!(ran.code, 1);
-    assert!(ran.stderr.contains("run timed out after 300ms"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("run timed out after 300ms"),
+        "{}",
+        ran.stderr
+    );
 }
 
 #[tokio::test]
 async fn ctrl_c_cancels_the_run_cleanly() {
     let fake = Fake::start().await;
-    fake.route("/slow", vec![Reply::json(200, json!({})).delay(Duration::from_secs(10))]);
+    fake.route(
+        "/slow",
+        vec![Reply::json(200, json!({})).delay(Duration::from_secs(10))],
+    );
     let dir = support::scratch("ctrl-c");
-    let p = support::write_json(&dir, "p.json", &pipeline(json!([{"id": "wait", "component": "http-request", "config": {"url": fake.url("/slow")}}])));
+    let p = support::write_json(
+        &dir,
+        "p.json",
+        &pipeline(
+            json!([{"id": "wait", "component": "http-request", "config": {"url": fake.url("/slow")}}]),
+        ),
+    );
     let mut cmd = support::fmhost();
-    cmd.arg("run").arg(&p).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd.arg("run")
+        .arg(&p)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let child = cmd.spawn().unwrap();
     // Interrupt once the request is in flight, as seen by the server.
     for _ in 0..100 {
@@ -243,8 +364,13 @@ async fn ctrl_c_cancels_the_run_cleanly() {
     }
     assert_eq!(fake.seen("/slow").len(), 1);
     let pid = child.id().to_string();
-    std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
     let ran: support::Ran = out.into();
     assert_eq!(ran.code, 130, "{}", ran.stderr);
     assert!(ran.stderr.contains("run cancelled"), "{}", ran.stderr);
@@ -256,7 +382,11 @@ async fn bad_input_and_usage_exit_2() {
     let p = support::root().join("pipelines/parallel-fetch.pipeline.json");
     let ran = support::run_pipeline(&p, &json!({"customer_id": "nope"}), &[]).await;
     assert_eq!(ran.code, 2);
-    assert!(ran.stderr.contains("/customer_id") && ran.stderr.contains("(root)"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("/customer_id") && ran.stderr.contains("(root)"),
+        "{}",
+        ran.stderr
+    );
 
     let bad = dir.join("input.json");
     std::fs::write(&bad, "{\"a\": ").unwrap();

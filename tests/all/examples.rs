@@ -6,9 +6,18 @@ use crate::support::{self, Fake, Reply};
 
 /// Example pipelines and the test that runs each one.
 const EXERCISED: &[(&str, &str)] = &[
-    ("customer-360-connectors.pipeline.json", "plugins::customer_360_with_connector_plugins_gives_the_same_output"),
-    ("customer-360.pipeline.json", "plugins::customer_360_runs_with_wasm_transforms_and_generator"),
-    ("parallel-fetch.pipeline.json", "examples::parallel_fetch_runs_stages_concurrently"),
+    (
+        "customer-360-connectors.pipeline.json",
+        "plugins::customer_360_with_connector_plugins_gives_the_same_output",
+    ),
+    (
+        "customer-360.pipeline.json",
+        "plugins::customer_360_runs_with_wasm_transforms_and_generator",
+    ),
+    (
+        "parallel-fetch.pipeline.json",
+        "examples::parallel_fetch_runs_stages_concurrently",
+    ),
 ];
 
 #[test]
@@ -21,17 +30,35 @@ fn every_example_pipeline_is_exercised() {
     found.sort();
     let mut listed: Vec<String> = EXERCISED.iter().map(|(f, _)| f.to_string()).collect();
     listed.sort();
-    assert_eq!(found, listed, "pipelines/ and the EXERCISED list differ: add a test for each new example");
+    assert_eq!(
+        found, listed,
+        "pipelines/ and the EXERCISED list differ: add a test for each new example"
+    );
 }
 
 pub fn sources(fake: &Fake, delay: std::time::Duration) {
-    fake.route("/crm/accounts/cust_abc123def456gh", vec![Reply::json(200, json!({"Name": "Acme Corp", "Industry": "Technology"})).delay(delay)]);
+    fake.route(
+        "/crm/accounts/cust_abc123def456gh",
+        vec![Reply::json(200, json!({"Name": "Acme Corp", "Industry": "Technology"})).delay(delay)],
+    );
     fake.route(
         "/billing/customers/cust_abc123def456gh",
-        vec![Reply::json(200, json!({"subscriptions": {"data": [{"plan": {"nickname": "Pro"}}]}})).delay(delay)],
+        vec![
+            Reply::json(
+                200,
+                json!({"subscriptions": {"data": [{"plan": {"nickname": "Pro"}}]}}),
+            )
+            .delay(delay),
+        ],
     );
-    fake.route("/support/contacts/cust_abc123def456gh", vec![Reply::json(200, json!({"statistics": {"open_tickets": 2}})).delay(delay)]);
-    fake.route("/usage/cust_abc123def456gh", vec![Reply::json(200, json!({"usage": {"active_days_30d": 22}})).delay(delay)]);
+    fake.route(
+        "/support/contacts/cust_abc123def456gh",
+        vec![Reply::json(200, json!({"statistics": {"open_tickets": 2}})).delay(delay)],
+    );
+    fake.route(
+        "/usage/cust_abc123def456gh",
+        vec![Reply::json(200, json!({"usage": {"active_days_30d": 22}})).delay(delay)],
+    );
 }
 
 #[tokio::test]
@@ -40,11 +67,20 @@ async fn parallel_fetch_runs_stages_concurrently() {
     sources(&fake, std::time::Duration::from_millis(200));
     let dir = support::scratch("parallel-fetch");
     let report = dir.join("report.json");
-    let secrets = support::write_json(&dir, "secrets.json", &json!({"CRM_TOKEN": "crm-token-5f2a9c"}));
+    let secrets = support::write_json(
+        &dir,
+        "secrets.json",
+        &json!({"CRM_TOKEN": "crm-token-5f2a9c"}),
+    );
     let ran = support::run_pipeline(
         &support::root().join("pipelines/parallel-fetch.pipeline.json"),
         &json!({"customer_id": "cust_abc123def456gh", "api": fake.url("")}),
-        &["--report", report.to_str().unwrap(), "--secrets", secrets.to_str().unwrap()],
+        &[
+            "--report",
+            report.to_str().unwrap(),
+            "--secrets",
+            secrets.to_str().unwrap(),
+        ],
     )
     .await;
     assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
@@ -55,16 +91,43 @@ async fn parallel_fetch_runs_stages_concurrently() {
     // The server saw all four 200 ms requests in flight at once.
     assert_eq!(fake.max_in_flight(), 4);
     let billing = fake.seen("/billing/customers/cust_abc123def456gh");
-    assert_eq!(billing[0].query, "expand%5B%5D=subscriptions&expand%5B%5D=invoice_settings");
-    assert_eq!(fake.seen("/crm/accounts/cust_abc123def456gh")[0].header("authorization"), Some("Bearer crm-token-5f2a9c"));
+    assert_eq!(
+        billing[0].query,
+        "expand%5B%5D=subscriptions&expand%5B%5D=invoice_settings"
+    );
+    assert_eq!(
+        fake.seen("/crm/accounts/cust_abc123def456gh")[0].header("authorization"),
+        Some("Bearer crm-token-5f2a9c")
+    );
     assert!(!ran.stderr.contains("crm-token-5f2a9c"));
-    assert_eq!(fake.seen("/support/contacts/cust_abc123def456gh")[0].header("intercom-version"), Some("2.10"));
+    assert_eq!(
+        fake.seen("/support/contacts/cust_abc123def456gh")[0].header("intercom-version"),
+        Some("2.10")
+    );
     // Progress names every stage; the logger's message is there too.
-    for stage in ["validate-input", "fetch-crm", "fetch-billing", "fetch-support", "fetch-usage", "combine", "log-completion"] {
-        assert!(ran.stderr.contains(&format!("{stage}: done in")), "no progress for {stage}:\n{}", ran.stderr);
+    for stage in [
+        "validate-input",
+        "fetch-crm",
+        "fetch-billing",
+        "fetch-support",
+        "fetch-usage",
+        "combine",
+        "log-completion",
+    ] {
+        assert!(
+            ran.stderr.contains(&format!("{stage}: done in")),
+            "no progress for {stage}:\n{}",
+            ran.stderr
+        );
     }
-    assert!(ran.stderr.contains("customer cust_abc123def456gh (Acme Corp): 2 open tickets"), "{}", ran.stderr);
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+    assert!(
+        ran.stderr
+            .contains("customer cust_abc123def456gh (Acme Corp): 2 open tickets"),
+        "{}",
+        ran.stderr
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
     assert_eq!(report["status"], "succeeded");
     assert_eq!(report["stages"].as_array().unwrap().len(), 7);
 }

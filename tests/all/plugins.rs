@@ -14,7 +14,11 @@ use crate::support::{self, Fake, Reply};
 /// A compiled plugin, or a clear pointer to the command that builds it.
 pub fn plugin_file(dir: &str, name: &str) -> PathBuf {
     let path = support::root().join(dir).join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} is missing: run `cargo xtask plugins` (`cargo xtask test` does it for you)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask plugins` (`cargo xtask test` does it for you)",
+        path.display()
+    );
     path
 }
 
@@ -22,8 +26,12 @@ pub fn plugin_file(dir: &str, name: &str) -> PathBuf {
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y)),
-        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w))),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
         _ => a == b,
     }
 }
@@ -31,11 +39,22 @@ fn same(a: &Value, b: &Value) -> bool {
 #[tokio::test]
 async fn json_transform_passes_the_jmespath_compliance_suite() {
     let runtime = PluginRuntime::new().unwrap();
-    let plugin = runtime.load_file(&plugin_file("target/plugins", "json-transform")).await.unwrap();
+    let plugin = runtime
+        .load_file(&plugin_file("target/plugins", "json-transform"))
+        .await
+        .unwrap();
     let component = WasmComponent::new(Arc::new(plugin));
-    let ctx = StageContext::standalone("compliance", fmhost::http::Outbound::new(), Arc::new(Default::default()));
+    let ctx = StageContext::standalone(
+        "compliance",
+        fmhost::http::Outbound::new(),
+        Arc::new(Default::default()),
+    );
     let dir = support::root().join("tests/jmespath-compliance");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
     files.sort();
     let (mut passed, mut failures) = (0usize, Vec::new());
     for file in &files {
@@ -56,28 +75,53 @@ async fn json_transform_passes_the_jmespath_compliance_suite() {
                 if ok {
                     passed += 1;
                 } else {
-                    failures.push(format!("{}: {expression}: expected {}, got {got:?}", file.file_name().unwrap().to_string_lossy(), case.get("error").unwrap_or(&case["result"])));
+                    failures.push(format!(
+                        "{}: {expression}: expected {}, got {got:?}",
+                        file.file_name().unwrap().to_string_lossy(),
+                        case.get("error").unwrap_or(&case["result"])
+                    ));
                 }
             }
         }
     }
-    assert!(failures.is_empty(), "{passed} passed, {} failed:\n{}", failures.len(), failures.join("\n"));
-    assert_eq!(passed, 892, "the vendored suite has 892 non-benchmark cases");
+    assert!(
+        failures.is_empty(),
+        "{passed} passed, {} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(
+        passed, 892,
+        "the vendored suite has 892 non-benchmark cases"
+    );
 }
 
 fn chaos_pipeline(dir: &std::path::Path, name: &str, stage: Value) -> PathBuf {
     let mut s = json!({"id": "chaos", "component": "chaos"});
-    s.as_object_mut().unwrap().extend(stage.as_object().unwrap().clone());
-    support::write_json(dir, &format!("{name}.json"), &json!({"name": name, "stages": [s]}))
+    s.as_object_mut()
+        .unwrap()
+        .extend(stage.as_object().unwrap().clone());
+    support::write_json(
+        dir,
+        &format!("{name}.json"),
+        &json!({"name": name, "stages": [s]}),
+    )
 }
 
 async fn run_chaos(pipeline: &std::path::Path, extra_env: &[(&str, &str)]) -> support::Ran {
     // Only chaos: the other fixtures reuse real plugin names on purpose.
     let dir = pipeline.parent().unwrap().join("chaos-plugin");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(plugin_file("target/test-plugins", "chaos"), dir.join("chaos.wasm")).unwrap();
+    std::fs::copy(
+        plugin_file("target/test-plugins", "chaos"),
+        dir.join("chaos.wasm"),
+    )
+    .unwrap();
     let mut cmd = support::fmhost();
-    cmd.args(["--log-format", "json", "run"]).arg(pipeline).arg("--plugins").arg(&dir);
+    cmd.args(["--log-format", "json", "run"])
+        .arg(pipeline)
+        .arg("--plugins")
+        .arg(&dir);
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
@@ -89,18 +133,31 @@ fn stage_error(ran: &support::Ran) -> String {
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|v| v["event"] == "failed")
-        .map(|v| format!("{}: {}", v["error_kind"].as_str().unwrap_or(""), v["error"].as_str().unwrap_or("")))
+        .map(|v| {
+            format!(
+                "{}: {}",
+                v["error_kind"].as_str().unwrap_or(""),
+                v["error"].as_str().unwrap_or("")
+            )
+        })
         .unwrap_or_else(|| panic!("no stage failure in:\n{}", ran.stderr))
 }
 
 #[tokio::test]
 async fn a_plugin_that_spins_is_stopped_at_its_deadline() {
     let dir = support::scratch("chaos-spin");
-    let p = chaos_pipeline(&dir, "spin", json!({"timeout": 500, "config": {"mode": "spin"}}));
+    let p = chaos_pipeline(
+        &dir,
+        "spin",
+        json!({"timeout": 500, "config": {"mode": "spin"}}),
+    );
     let ran = run_chaos(&p, &[]).await;
     assert_eq!(ran.code, 1, "{}", ran.stderr);
     let err = stage_error(&ran);
-    assert!(err.starts_with("sandbox: plugin chaos was stopped at its CPU deadline"), "{err}");
+    assert!(
+        err.starts_with("sandbox: plugin chaos was stopped at its CPU deadline"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -110,7 +167,10 @@ async fn a_plugin_past_its_memory_limit_fails_cleanly() {
     let ran = run_chaos(&p, &[("FMHOST_PLUGIN_MEMORY_MB", "32")]).await;
     assert_eq!(ran.code, 1, "{}", ran.stderr);
     let err = stage_error(&ran);
-    assert!(err.starts_with("sandbox: plugin chaos exceeded its memory limit of 32 MiB"), "{err}");
+    assert!(
+        err.starts_with("sandbox: plugin chaos exceeded its memory limit of 32 MiB"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -120,7 +180,11 @@ async fn a_panicking_plugin_is_a_stage_error_with_its_message() {
     let ran = run_chaos(&p, &[]).await;
     assert_eq!(ran.code, 1, "{}", ran.stderr);
     let err = stage_error(&ran);
-    assert!(err.starts_with("sandbox: plugin chaos trapped") && err.contains("chaos was asked to panic"), "{err}");
+    assert!(
+        err.starts_with("sandbox: plugin chaos trapped")
+            && err.contains("chaos was asked to panic"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -140,15 +204,32 @@ async fn egress_outside_the_allowed_hosts_is_refused() {
     let fake = Fake::start().await;
     fake.route("/steal", vec![Reply::json(200, json!({}))]);
     let dir = support::scratch("chaos-egress");
-    let p = chaos_pipeline(&dir, "egress", json!({"config": {"mode": "call", "request": {"url": fake.url("/steal")}}}));
+    let p = chaos_pipeline(
+        &dir,
+        "egress",
+        json!({"config": {"mode": "call", "request": {"url": fake.url("/steal")}}}),
+    );
     let ran = run_chaos(&p, &[]).await;
     assert_eq!(ran.code, 0, "{}", ran.stderr);
     let out = ran.json();
-    assert!(out["error"]["kind"].as_str().unwrap().ends_with("Refused"), "{out}");
+    assert!(
+        out["error"]["kind"].as_str().unwrap().ends_with("Refused"),
+        "{out}"
+    );
     let message = out["error"]["message"].as_str().unwrap();
-    assert!(message.contains(&format!("host 127.0.0.1:{} is not allowed (allowed: declared.example)", fake.addr.port())), "{message}");
+    assert!(
+        message.contains(&format!(
+            "host 127.0.0.1:{} is not allowed (allowed: declared.example)",
+            fake.addr.port()
+        )),
+        "{message}"
+    );
     assert!(fake.seen("/steal").is_empty(), "nothing reached the server");
-    assert!(ran.stderr.contains("refused egress"), "the refusal is logged:\n{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("refused egress"),
+        "the refusal is logged:\n{}",
+        ran.stderr
+    );
 }
 
 #[tokio::test]
@@ -171,13 +252,19 @@ async fn a_secret_reaches_the_upstream_while_the_plugin_sees_only_the_template()
     assert_eq!(ran.code, 0, "{}", ran.stderr);
     let seen = fake.seen("/api");
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].header("authorization"), Some(format!("Bearer {secret}").as_str()));
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {secret}").as_str())
+    );
     assert_eq!(seen[0].query, format!("key={secret}"));
     let out = ran.json();
     assert_eq!(out["status"], 200);
     // Everything the plugin held: its config and the request it built.
     assert_eq!(out["sent"]["config_seen"]["token"], "{{secrets.API_TOKEN}}");
-    assert_eq!(out["sent"]["headers"]["Authorization"], "Bearer {{secrets.API_TOKEN}}");
+    assert_eq!(
+        out["sent"]["headers"]["Authorization"],
+        "Bearer {{secrets.API_TOKEN}}"
+    );
     assert!(!ran.stdout.contains(secret) && !ran.stderr.contains(secret));
 }
 
@@ -188,13 +275,31 @@ async fn duplicate_plugin_names_name_both_files_and_the_cache_is_reused() {
     for d in [&a, &b] {
         std::fs::create_dir_all(d).unwrap();
     }
-    std::fs::copy(plugin_file("target/plugins", "stripe"), a.join("stripe.wasm")).unwrap();
-    std::fs::copy(plugin_file("target/plugins", "stripe"), b.join("billing.wasm")).unwrap();
+    std::fs::copy(
+        plugin_file("target/plugins", "stripe"),
+        a.join("stripe.wasm"),
+    )
+    .unwrap();
+    std::fs::copy(
+        plugin_file("target/plugins", "stripe"),
+        b.join("billing.wasm"),
+    )
+    .unwrap();
     let mut cmd = support::fmhost();
-    cmd.env("FMHOST_CACHE_DIR", &cache).args(["plugins", "list", "--plugins"]).arg(&a).arg("--plugins").arg(&b);
+    cmd.env("FMHOST_CACHE_DIR", &cache)
+        .args(["plugins", "list", "--plugins"])
+        .arg(&a)
+        .arg("--plugins")
+        .arg(&b);
     let ran: support::Ran = support::output(cmd).await.into();
     assert_eq!(ran.code, 2, "{}", ran.stderr);
-    assert!(ran.stderr.contains("two plugins are named \"stripe\"") && ran.stderr.contains("a/stripe.wasm") && ran.stderr.contains("b/billing.wasm"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("two plugins are named \"stripe\"")
+            && ran.stderr.contains("a/stripe.wasm")
+            && ran.stderr.contains("b/billing.wasm"),
+        "{}",
+        ran.stderr
+    );
 
     // One compiled artifact for the (identical) component, reused by the next process.
     let hash = fmhost::plugin::content_hash(&std::fs::read(a.join("stripe.wasm")).unwrap());
@@ -202,18 +307,35 @@ async fn duplicate_plugin_names_name_both_files_and_the_cache_is_reused() {
         std::fs::read_dir(cache.join("components"))
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(&hash[..32]))
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&hash[..32])
+            })
             .collect::<Vec<_>>()
     };
     assert_eq!(artifacts().len(), 1);
-    let before = std::fs::metadata(&artifacts()[0]).unwrap().modified().unwrap();
+    let before = std::fs::metadata(&artifacts()[0])
+        .unwrap()
+        .modified()
+        .unwrap();
     let mut cmd = support::fmhost();
-    cmd.env("FMHOST_CACHE_DIR", &cache).args(["plugins", "inspect", "--json"]).arg(a.join("stripe.wasm"));
+    cmd.env("FMHOST_CACHE_DIR", &cache)
+        .args(["plugins", "inspect", "--json"])
+        .arg(a.join("stripe.wasm"));
     let ran: support::Ran = support::output(cmd).await.into();
     assert_eq!(ran.code, 0, "{}", ran.stderr);
     assert_eq!(ran.json()["world"], "connector");
     assert_eq!(ran.json()["allowed_hosts"], json!(["api.stripe.com"]));
-    assert_eq!(std::fs::metadata(&artifacts()[0]).unwrap().modified().unwrap(), before, "not recompiled");
+    assert_eq!(
+        std::fs::metadata(&artifacts()[0])
+            .unwrap()
+            .modified()
+            .unwrap(),
+        before,
+        "not recompiled"
+    );
 
     let junk = dir.join("junk");
     std::fs::create_dir_all(&junk).unwrap();
@@ -222,40 +344,92 @@ async fn duplicate_plugin_names_name_both_files_and_the_cache_is_reused() {
     cmd.args(["plugins", "list", "--plugins"]).arg(&junk);
     let ran: support::Ran = support::output(cmd).await.into();
     assert_eq!(ran.code, 2);
-    assert!(ran.stderr.contains("broken.wasm: not a valid WebAssembly component"), "{}", ran.stderr);
+    assert!(
+        ran.stderr
+            .contains("broken.wasm: not a valid WebAssembly component"),
+        "{}",
+        ran.stderr
+    );
 }
 
 /// Both customer-360 pipelines give the seed's expected output against the sandbox.
 async fn customer_360(pipeline: &str) -> (Value, Value) {
-    let sandbox = fmhost_sandbox::Sandbox::start(Default::default()).await.unwrap();
+    let sandbox = fmhost_sandbox::Sandbox::start(Default::default())
+        .await
+        .unwrap();
     let dir = support::scratch(pipeline);
     let secrets = support::write_json(&dir, "secrets.json", &sandbox.secrets());
     let report = dir.join("report.json");
     let mut cmd = support::fmhost();
     cmd.env("FMHOST_NOW", "2024-01-15T10:30:00Z")
-        .args(["run", &format!("pipelines/{pipeline}.pipeline.json"), "--input-json", &sandbox.input().to_string()])
+        .args([
+            "run",
+            &format!("pipelines/{pipeline}.pipeline.json"),
+            "--input-json",
+            &sandbox.input().to_string(),
+        ])
         .arg("--secrets")
         .arg(&secrets)
         .arg("--report")
         .arg(&report);
     let ran: support::Ran = support::output(cmd).await.into();
     assert_eq!(ran.code, 0, "{}", ran.stderr);
-    let expected: Value = serde_json::from_slice(&std::fs::read(support::root().join("tests/golden/customer-360.expected.json")).unwrap()).unwrap();
+    let expected: Value = serde_json::from_slice(
+        &std::fs::read(support::root().join("tests/golden/customer-360.expected.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(ran.json(), expected);
-    for vendor in ["salesforce", "stripe", "intercom", "internal", "config", "llm"] {
+    for vendor in [
+        "salesforce",
+        "stripe",
+        "intercom",
+        "internal",
+        "config",
+        "llm",
+    ] {
         assert_eq!(sandbox.hits(vendor), 1, "{vendor} called once");
     }
-    assert!(ran.stderr.contains("Customer 360 built for cust_abc123def456gh: health_score=78, risk=medium"));
-    (serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap(), expected)
+    assert!(
+        ran.stderr
+            .contains("Customer 360 built for cust_abc123def456gh: health_score=78, risk=medium")
+    );
+    (
+        serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap(),
+        expected,
+    )
 }
 
 /// The four fetches overlapped: each started before any of them finished.
 fn assert_fetches_overlap(report: &Value) {
-    let fetches: Vec<&Value> = report["stages"].as_array().unwrap().iter().filter(|s| ["fetch-salesforce", "fetch-stripe", "fetch-intercom", "fetch-internal"].contains(&s["id"].as_str().unwrap())).collect();
+    let fetches: Vec<&Value> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            [
+                "fetch-salesforce",
+                "fetch-stripe",
+                "fetch-intercom",
+                "fetch-internal",
+            ]
+            .contains(&s["id"].as_str().unwrap())
+        })
+        .collect();
     assert_eq!(fetches.len(), 4);
-    let last_start = fetches.iter().map(|s| s["started_ms"].as_u64().unwrap()).max().unwrap();
-    let first_end = fetches.iter().map(|s| s["started_ms"].as_u64().unwrap() + s["duration_ms"].as_u64().unwrap()).min().unwrap();
-    assert!(last_start <= first_end, "fetches ran one after another: {fetches:?}");
+    let last_start = fetches
+        .iter()
+        .map(|s| s["started_ms"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let first_end = fetches
+        .iter()
+        .map(|s| s["started_ms"].as_u64().unwrap() + s["duration_ms"].as_u64().unwrap())
+        .min()
+        .unwrap();
+    assert!(
+        last_start <= first_end,
+        "fetches ran one after another: {fetches:?}"
+    );
 }
 
 #[tokio::test]
@@ -273,12 +447,21 @@ async fn customer_360_with_connector_plugins_gives_the_same_output() {
 
 #[tokio::test]
 async fn a_connector_fails_loudly_when_the_vendor_changes_shape() {
-    let sandbox = fmhost_sandbox::Sandbox::start(fmhost_sandbox::Options { latency_scale: 0.0 }).await.unwrap();
+    let sandbox = fmhost_sandbox::Sandbox::start(fmhost_sandbox::Options { latency_scale: 0.0 })
+        .await
+        .unwrap();
     sandbox.set_intercom_version("2.11");
     let dir = support::scratch("intercom-2.11");
     let secrets = support::write_json(&dir, "secrets.json", &sandbox.secrets());
     let mut cmd = support::fmhost();
-    cmd.args(["run", "pipelines/customer-360-connectors.pipeline.json", "--input-json", &sandbox.input().to_string()]).arg("--secrets").arg(&secrets);
+    cmd.args([
+        "run",
+        "pipelines/customer-360-connectors.pipeline.json",
+        "--input-json",
+        &sandbox.input().to_string(),
+    ])
+    .arg("--secrets")
+    .arg(&secrets);
     let ran: support::Ran = support::output(cmd).await.into();
     assert_eq!(ran.code, 1);
     assert!(
@@ -293,18 +476,33 @@ async fn a_connector_fails_loudly_when_the_vendor_changes_shape() {
 /// when the toolchain is absent, unless FMHOST_REQUIRE_TOOLCHAINS is set (CI sets it).
 #[tokio::test]
 async fn a_python_plugin_loads_and_runs_unchanged() {
-    let present = std::process::Command::new("componentize-py").arg("--version").output().is_ok_and(|o| o.status.success());
+    let present = std::process::Command::new("componentize-py")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !present {
-        assert!(std::env::var_os("FMHOST_REQUIRE_TOOLCHAINS").is_none(), "componentize-py is required (FMHOST_REQUIRE_TOOLCHAINS is set)");
-        eprintln!("SKIPPED a_python_plugin_loads_and_runs_unchanged: componentize-py is not installed (pip install componentize-py)");
+        assert!(
+            std::env::var_os("FMHOST_REQUIRE_TOOLCHAINS").is_none(),
+            "componentize-py is required (FMHOST_REQUIRE_TOOLCHAINS is set)"
+        );
+        eprintln!(
+            "SKIPPED a_python_plugin_loads_and_runs_unchanged: componentize-py is not installed (pip install componentize-py)"
+        );
         return;
     }
     let dir = support::scratch("python-plugin");
     let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     let wasm = plugins.join("mask-fields.wasm");
-    let built = std::process::Command::new(support::root().join("examples/python-plugin/build.sh")).arg(&wasm).output().unwrap();
-    assert!(built.status.success(), "build.sh failed: {}", String::from_utf8_lossy(&built.stderr));
+    let built = std::process::Command::new(support::root().join("examples/python-plugin/build.sh"))
+        .arg(&wasm)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "build.sh failed: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
     let p = support::write_json(
         &dir,
         "p.json",
@@ -321,6 +519,13 @@ async fn a_python_plugin_loads_and_runs_unchanged() {
         .arg(&plugins);
     let ran: support::Ran = support::output(cmd).await.into();
     assert_eq!(ran.code, 0, "{}", ran.stderr);
-    assert_eq!(ran.json(), json!({"customer": {"email": "b******@acme.com", "contacts": [{"email": "c**@acme.com", "name": "Ada"}]}}));
-    assert!(ran.stderr.contains("mask-fields: masked 2 value(s)"), "the plugin's log reaches the host:\n{}", ran.stderr);
+    assert_eq!(
+        ran.json(),
+        json!({"customer": {"email": "b******@acme.com", "contacts": [{"email": "c**@acme.com", "name": "Ada"}]}})
+    );
+    assert!(
+        ran.stderr.contains("mask-fields: masked 2 value(s)"),
+        "the plugin's log reaches the host:\n{}",
+        ran.stderr
+    );
 }

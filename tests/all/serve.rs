@@ -24,22 +24,44 @@ impl Server {
         std::fs::create_dir_all(plugins).unwrap();
         let stderr = dir.join("server.log");
         let mut cmd = support::fmhost();
-        cmd.args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0", "--drain-timeout", "10s"])
-            .arg("--pipelines")
-            .arg(pipelines)
-            .arg("--plugins")
-            .arg(plugins)
-            .arg("--secrets")
-            .arg(&secrets)
-            .arg("--state")
-            .arg(dir.join("state"))
-            .env("FMHOST_CACHE_DIR", support::root().join("target/test-scratch/serve-cache"))
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap());
+        cmd.args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "10s",
+        ])
+        .arg("--pipelines")
+        .arg(pipelines)
+        .arg("--plugins")
+        .arg(plugins)
+        .arg("--secrets")
+        .arg(&secrets)
+        .arg("--state")
+        .arg(dir.join("state"))
+        .env(
+            "FMHOST_CACHE_DIR",
+            support::root().join("target/test-scratch/serve-cache"),
+        )
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap());
         let mut child = cmd.spawn().expect("start fmhost serve");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("no address; log:\n{}", std::fs::read_to_string(&stderr).unwrap_or_default())).to_string();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "no address; log:\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                )
+            })
+            .to_string();
         Server { child, url, stderr }
     }
 
@@ -48,7 +70,10 @@ impl Server {
     }
 
     fn terminate(&mut self) -> i32 {
-        std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         self.child.wait().unwrap().code().unwrap_or(-1)
     }
 }
@@ -63,8 +88,18 @@ impl Drop for Server {
 fn plugins_dir(dir: &Path) -> PathBuf {
     let p = dir.join("plugins");
     std::fs::create_dir_all(&p).unwrap();
-    for name in ["json-transform", "generator", "stripe", "salesforce", "intercom"] {
-        std::fs::copy(plugin_file("target/plugins", name), p.join(format!("{name}.wasm"))).unwrap();
+    for name in [
+        "json-transform",
+        "generator",
+        "stripe",
+        "salesforce",
+        "intercom",
+    ] {
+        std::fs::copy(
+            plugin_file("target/plugins", name),
+            p.join(format!("{name}.wasm")),
+        )
+        .unwrap();
     }
     p
 }
@@ -78,21 +113,50 @@ fn pipelines_dir(dir: &Path, files: &[(&str, Value)]) -> PathBuf {
     p
 }
 
-async fn post_run(client: &reqwest::Client, url: &str, pipeline: &str, input: &Value) -> (u16, Value) {
-    let resp = client.post(format!("{url}/v1/pipelines/{pipeline}/runs")).json(input).send().await.unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+async fn post_run(
+    client: &reqwest::Client,
+    url: &str,
+    pipeline: &str,
+    input: &Value,
+) -> (u16, Value) {
+    let resp = client
+        .post(format!("{url}/v1/pipelines/{pipeline}/runs"))
+        .json(input)
+        .send()
+        .await
+        .unwrap();
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(Value::Null),
+    )
 }
 
 fn intercom_stage(run: &Value) -> &Value {
-    run["stages"].as_array().unwrap().iter().find(|s| s["id"] == "fetch-intercom").unwrap()
+    run["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "fetch-intercom")
+        .unwrap()
 }
 
 #[tokio::test]
 async fn a_broken_connector_is_hot_swapped_under_load_with_no_failed_runs() {
-    let sandbox = fmhost_sandbox::Sandbox::start(fmhost_sandbox::Options { latency_scale: 0.5 }).await.unwrap();
+    let sandbox = fmhost_sandbox::Sandbox::start(fmhost_sandbox::Options { latency_scale: 0.5 })
+        .await
+        .unwrap();
     let dir = support::scratch("serve-swap");
-    let doc: Value = serde_json::from_slice(&std::fs::read(support::root().join("pipelines/customer-360-connectors.pipeline.json")).unwrap()).unwrap();
-    let server = Server::start(&dir, &pipelines_dir(&dir, &[("c360.pipeline.json", doc)]), &plugins_dir(&dir), &sandbox.secrets());
+    let doc: Value = serde_json::from_slice(
+        &std::fs::read(support::root().join("pipelines/customer-360-connectors.pipeline.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let server = Server::start(
+        &dir,
+        &pipelines_dir(&dir, &[("c360.pipeline.json", doc)]),
+        &plugins_dir(&dir),
+        &sandbox.secrets(),
+    );
     let client = reqwest::Client::new();
     let input = sandbox.input();
     let name = "customer-360-connectors";
@@ -100,7 +164,10 @@ async fn a_broken_connector_is_hot_swapped_under_load_with_no_failed_runs() {
     // 1. v1 reads Intercom 2.10.
     let (code, run) = post_run(&client, &server.url, name, &input).await;
     assert_eq!(code, 200, "{run}");
-    assert_eq!(run["output"]["customer"]["engagement"]["support_tickets"], 2);
+    assert_eq!(
+        run["output"]["customer"]["engagement"]["support_tickets"],
+        2
+    );
     assert_eq!(intercom_stage(&run)["version"], "1.0.0");
 
     // 2. Intercom moves to 2.11: runs fail loudly, naming the stage and the field.
@@ -108,7 +175,10 @@ async fn a_broken_connector_is_hot_swapped_under_load_with_no_failed_runs() {
     let (code, run) = post_run(&client, &server.url, name, &input).await;
     assert_eq!(code, 502, "{run}");
     let error = run["error"].as_str().unwrap();
-    assert!(error.contains("stage \"fetch-intercom\"") && error.contains("`last_seen_at`"), "{error}");
+    assert!(
+        error.contains("stage \"fetch-intercom\"") && error.contains("`last_seen_at`"),
+        "{error}"
+    );
     assert_eq!(intercom_stage(&run)["error"]["kind"], "validation");
 
     // 3. Swap in v2 while a steady load of runs is in flight.
@@ -116,19 +186,30 @@ async fn a_broken_connector_is_hot_swapped_under_load_with_no_failed_runs() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
     for _ in 0..4 {
-        let (client, url, input, results, stop) = (client.clone(), server.url.clone(), input.clone(), results.clone(), stop.clone());
+        let (client, url, input, results, stop) = (
+            client.clone(),
+            server.url.clone(),
+            input.clone(),
+            results.clone(),
+            stop.clone(),
+        );
         load.push(tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let t0 = Instant::now();
                 let (code, run) = post_run(&client, &url, name, &input).await;
-                results.lock().unwrap().push((t0, Instant::now(), code, run));
+                results
+                    .lock()
+                    .unwrap()
+                    .push((t0, Instant::now(), code, run));
             }
         }));
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
     let swap_started = Instant::now();
     let mut cmd = support::fmhost();
-    cmd.args(["plugins", "swap", "intercom"]).arg(plugin_file("target/test-plugins", "intercom-v2")).args(["--server", &server.url]);
+    cmd.args(["plugins", "swap", "intercom"])
+        .arg(plugin_file("target/test-plugins", "intercom-v2"))
+        .args(["--server", &server.url]);
     let swapped: support::Ran = support::output(cmd).await.into();
     let swap_done = Instant::now();
     assert_eq!(swapped.code, 0, "{}", swapped.stderr);
@@ -149,60 +230,163 @@ async fn a_broken_connector_is_hot_swapped_under_load_with_no_failed_runs() {
                 assert!(*t0 < swap_done, "a run that started after the swap used v1");
                 assert_eq!(*code, 502);
                 assert_eq!(stage["error"]["kind"], "validation", "{run}");
-                assert!(stage["error"]["message"].as_str().unwrap().contains("`last_seen_at`"), "{run}");
+                assert!(
+                    stage["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("`last_seen_at`"),
+                    "{run}"
+                );
             }
             Some("2.0.0") => {
                 on_v2 += 1;
-                assert!(*t1 > swap_started, "a run finished on v2 before the swap began");
+                assert!(
+                    *t1 > swap_started,
+                    "a run finished on v2 before the swap began"
+                );
                 assert_eq!(*code, 200, "a run on v2 failed: {run}");
-                assert_eq!(run["output"]["customer"]["engagement"]["support_tickets"], 2);
+                assert_eq!(
+                    run["output"]["customer"]["engagement"]["support_tickets"],
+                    2
+                );
             }
             other => panic!("unexpected version {other:?}: {run}"),
         }
     }
-    assert!(on_v1 > 0 && on_v2 > 0, "load covered both sides of the swap: v1={on_v1} v2={on_v2}");
-    eprintln!("swap under load: {} runs, {on_v1} on v1 and {on_v2} on v2; `plugins swap` took {} ms", results.len(), (swap_done - swap_started).as_millis());
+    assert!(
+        on_v1 > 0 && on_v2 > 0,
+        "load covered both sides of the swap: v1={on_v1} v2={on_v2}"
+    );
+    eprintln!(
+        "swap under load: {} runs, {on_v1} on v1 and {on_v2} on v2; `plugins swap` took {} ms",
+        results.len(),
+        (swap_done - swap_started).as_millis()
+    );
 
     // 4. Later runs succeed on v2; rollback returns to v1.
-    let plugins: Value = client.get(format!("{}/v1/plugins", server.url)).send().await.unwrap().json().await.unwrap();
-    let intercom = plugins.as_array().unwrap().iter().find(|p| p["name"] == "intercom").unwrap();
+    let plugins: Value = client
+        .get(format!("{}/v1/plugins", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let intercom = plugins
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "intercom")
+        .unwrap();
     assert_eq!(intercom["version"], "2.0.0");
     assert!(intercom["runs_served"].as_u64().unwrap() >= on_v2 as u64);
     assert_eq!(intercom["previous_versions"][0]["version"], "1.0.0");
-    assert!(server.log().contains("swapped plugin intercom: 1.0.0"), "the swap is logged with both versions");
-    let rolled: Value = client.post(format!("{}/v1/plugins/intercom/rollback", server.url)).send().await.unwrap().json().await.unwrap();
+    assert!(
+        server.log().contains("swapped plugin intercom: 1.0.0"),
+        "the swap is logged with both versions"
+    );
+    let rolled: Value = client
+        .post(format!("{}/v1/plugins/intercom/rollback", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(rolled["version"], "1.0.0");
     let (code, run) = post_run(&client, &server.url, name, &input).await;
-    assert_eq!((code, intercom_stage(&run)["version"].clone()), (502, json!("1.0.0")));
+    assert_eq!(
+        (code, intercom_stage(&run)["version"].clone()),
+        (502, json!("1.0.0"))
+    );
 
     // Metrics carry the right labels.
-    let metrics = client.get(format!("{}/metrics", server.url)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(&format!("fmhost_runs_total{{pipeline=\"{name}\",status=\"succeeded\"}}")), "{metrics}");
-    assert!(metrics.contains(&format!("fmhost_runs_total{{pipeline=\"{name}\",status=\"failed\"}}")), "{metrics}");
-    assert!(metrics.contains(&format!("fmhost_upstream_calls_total{{service=\"{}\",outcome=\"success\",kind=\"\"}}", sandbox.addr)), "{metrics}");
+    let metrics = client
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "fmhost_runs_total{{pipeline=\"{name}\",status=\"succeeded\"}}"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "fmhost_runs_total{{pipeline=\"{name}\",status=\"failed\"}}"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "fmhost_upstream_calls_total{{service=\"{}\",outcome=\"success\",kind=\"\"}}",
+            sandbox.addr
+        )),
+        "{metrics}"
+    );
     assert!(metrics.contains(&format!("fmhost_stage_duration_seconds_count{{pipeline=\"{name}\",stage=\"fetch-intercom\",status=\"failed\"}}")), "{metrics}");
 }
 
 #[tokio::test]
 async fn broken_uploads_are_refused_and_file_drops_are_swapped_in() {
-    let sandbox = fmhost_sandbox::Sandbox::start(fmhost_sandbox::Options { latency_scale: 0.0 }).await.unwrap();
+    let sandbox = fmhost_sandbox::Sandbox::start(fmhost_sandbox::Options { latency_scale: 0.0 })
+        .await
+        .unwrap();
     let dir = support::scratch("serve-upload");
     let plugins = plugins_dir(&dir);
-    let doc: Value = serde_json::from_slice(&std::fs::read(support::root().join("pipelines/customer-360-connectors.pipeline.json")).unwrap()).unwrap();
-    let server = Server::start(&dir, &pipelines_dir(&dir, &[("c360.pipeline.json", doc)]), &plugins, &sandbox.secrets());
+    let doc: Value = serde_json::from_slice(
+        &std::fs::read(support::root().join("pipelines/customer-360-connectors.pipeline.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let server = Server::start(
+        &dir,
+        &pipelines_dir(&dir, &[("c360.pipeline.json", doc)]),
+        &plugins,
+        &sandbox.secrets(),
+    );
     let client = reqwest::Client::new();
-    let put = |body: Vec<u8>| client.put(format!("{}/v1/plugins/intercom", server.url)).body(body).send();
+    let put = |body: Vec<u8>| {
+        client
+            .put(format!("{}/v1/plugins/intercom", server.url))
+            .body(body)
+            .send()
+    };
 
     let resp = put(b"not a component".to_vec()).await.unwrap();
     assert_eq!(resp.status(), 422);
     assert_eq!(resp.headers()["content-type"], "application/problem+json");
     let body: Value = resp.json().await.unwrap();
-    assert!(body["detail"].as_str().unwrap().contains("not a valid WebAssembly component"), "{body}");
-    let resp = put(std::fs::read(plugin_file("target/plugins", "stripe")).unwrap()).await.unwrap();
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid WebAssembly component"),
+        "{body}"
+    );
+    let resp = put(std::fs::read(plugin_file("target/plugins", "stripe")).unwrap())
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 422);
     let body: Value = resp.json().await.unwrap();
-    assert!(body["detail"].as_str().unwrap().contains("names itself \"stripe\", not \"intercom\""), "{body}");
-    let (code, _) = post_run(&client, &server.url, "customer-360-connectors", &sandbox.input()).await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("names itself \"stripe\", not \"intercom\""),
+        "{body}"
+    );
+    let (code, _) = post_run(
+        &client,
+        &server.url,
+        "customer-360-connectors",
+        &sandbox.input(),
+    )
+    .await;
     assert_eq!(code, 200, "the old version keeps serving");
 
     // A complete file written into the watched directory is swapped in.
@@ -212,23 +396,62 @@ async fn broken_uploads_are_refused_and_file_drops_are_swapped_in() {
     std::fs::rename(&tmp, plugins.join("intercom-v2.wasm")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let plugins: Value = client.get(format!("{}/v1/plugins", server.url)).send().await.unwrap().json().await.unwrap();
-        if plugins.as_array().unwrap().iter().any(|p| p["name"] == "intercom" && p["version"] == "2.0.0") {
+        let plugins: Value = client
+            .get(format!("{}/v1/plugins", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if plugins
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "intercom" && p["version"] == "2.0.0")
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "the dropped file was not swapped in:\n{}", server.log());
+        assert!(
+            Instant::now() < deadline,
+            "the dropped file was not swapped in:\n{}",
+            server.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (code, run) = post_run(&client, &server.url, "customer-360-connectors", &sandbox.input()).await;
+    let (code, run) = post_run(
+        &client,
+        &server.url,
+        "customer-360-connectors",
+        &sandbox.input(),
+    )
+    .await;
     assert_eq!(code, 200, "{run}");
 
-    let resp = client.post(format!("{}/v1/pipelines/customer-360-connectors/runs", server.url)).body("{not json").send().await.unwrap();
+    let resp = client
+        .post(format!(
+            "{}/v1/pipelines/customer-360-connectors/runs",
+            server.url
+        ))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
-    assert!(body["detail"].as_str().unwrap().contains("line 1 column 2"), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("line 1 column 2"),
+        "{body}"
+    );
 }
 
-fn webhook_pipeline(fake: &Fake, name: &str, path: &str, signature: &str, secret_name: &str) -> Value {
+fn webhook_pipeline(
+    fake: &Fake,
+    name: &str,
+    path: &str,
+    signature: &str,
+    secret_name: &str,
+) -> Value {
     json!({
         "name": name,
         "triggers": [{"type": "webhook", "path": path, "secret": format!("{{{{secrets.{secret_name}}}}}"), "signature": signature}],
@@ -246,30 +469,87 @@ async fn webhooks_verify_signatures_persist_and_run_once() {
     let pipelines = pipelines_dir(
         &dir,
         &[
-            ("stripe.pipeline.json", webhook_pipeline(&fake, "stripe-events", "/hooks/stripe", "stripe", "STRIPE_WEBHOOK_SECRET")),
-            ("github.pipeline.json", webhook_pipeline(&fake, "github-events", "/hooks/github", "github", "GITHUB_WEBHOOK_SECRET")),
+            (
+                "stripe.pipeline.json",
+                webhook_pipeline(
+                    &fake,
+                    "stripe-events",
+                    "/hooks/stripe",
+                    "stripe",
+                    "STRIPE_WEBHOOK_SECRET",
+                ),
+            ),
+            (
+                "github.pipeline.json",
+                webhook_pipeline(
+                    &fake,
+                    "github-events",
+                    "/hooks/github",
+                    "github",
+                    "GITHUB_WEBHOOK_SECRET",
+                ),
+            ),
         ],
     );
     let secrets = json!({"STRIPE_WEBHOOK_SECRET": "whsec_test_123456", "GITHUB_WEBHOOK_SECRET": "gh-secret-98765"});
     let server = Server::start(&dir, &pipelines, &dir.join("no-plugins"), &secrets);
     let client = reqwest::Client::new();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let body = json!({"id": "evt_1NqW", "type": "invoice.paid", "data": {"object": {"amount_paid": 4990}}}).to_string();
     let stripe = |sig: Option<String>, body: String| {
-        let mut req = client.post(format!("{}/hooks/stripe", server.url)).body(body);
+        let mut req = client
+            .post(format!("{}/hooks/stripe", server.url))
+            .body(body);
         if let Some(sig) = sig {
             req = req.header("Stripe-Signature", sig);
         }
         req.send()
     };
-    let sign = |t: i64, body: &str| fmhost::serve::webhooks::stripe_signature("whsec_test_123456", t, body.as_bytes());
+    let sign = |t: i64, body: &str| {
+        fmhost::serve::webhooks::stripe_signature("whsec_test_123456", t, body.as_bytes())
+    };
 
-    assert_eq!(stripe(None, body.clone()).await.unwrap().status(), 401, "unsigned");
-    assert_eq!(stripe(Some(fmhost::serve::webhooks::stripe_signature("wrong", now, body.as_bytes())), body.clone()).await.unwrap().status(), 401, "wrong secret");
-    assert_eq!(stripe(Some(sign(now, &body)), body.replace("4990", "1")).await.unwrap().status(), 401, "tampered body");
-    let old = stripe(Some(sign(now - 3600, &body)), body.clone()).await.unwrap();
+    assert_eq!(
+        stripe(None, body.clone()).await.unwrap().status(),
+        401,
+        "unsigned"
+    );
+    assert_eq!(
+        stripe(
+            Some(fmhost::serve::webhooks::stripe_signature(
+                "wrong",
+                now,
+                body.as_bytes()
+            )),
+            body.clone()
+        )
+        .await
+        .unwrap()
+        .status(),
+        401,
+        "wrong secret"
+    );
+    assert_eq!(
+        stripe(Some(sign(now, &body)), body.replace("4990", "1"))
+            .await
+            .unwrap()
+            .status(),
+        401,
+        "tampered body"
+    );
+    let old = stripe(Some(sign(now - 3600, &body)), body.clone())
+        .await
+        .unwrap();
     assert_eq!(old.status(), 401, "too old");
-    assert!(old.text().await.unwrap().contains("outside the 300 s tolerance"));
+    assert!(
+        old.text()
+            .await
+            .unwrap()
+            .contains("outside the 300 s tolerance")
+    );
     let ok = stripe(Some(sign(now, &body)), body.clone()).await.unwrap();
     assert_eq!(ok.status(), 202);
     let dup = stripe(Some(sign(now, &body)), body.clone()).await.unwrap();
@@ -278,41 +558,100 @@ async fn webhooks_verify_signatures_persist_and_run_once() {
 
     let gh_body = json!({"action": "opened", "number": 7}).to_string();
     let gh = |sig: &str| {
-        client.post(format!("{}/hooks/github", server.url)).header("X-GitHub-Delivery", "d-42").header("X-Hub-Signature-256", sig.to_string()).body(gh_body.clone()).send()
+        client
+            .post(format!("{}/hooks/github", server.url))
+            .header("X-GitHub-Delivery", "d-42")
+            .header("X-Hub-Signature-256", sig.to_string())
+            .body(gh_body.clone())
+            .send()
     };
     assert_eq!(gh("sha256=00").await.unwrap().status(), 401);
-    assert_eq!(gh(&fmhost::serve::webhooks::github_signature("gh-secret-98765", gh_body.as_bytes())).await.unwrap().status(), 202);
+    assert_eq!(
+        gh(&fmhost::serve::webhooks::github_signature(
+            "gh-secret-98765",
+            gh_body.as_bytes()
+        ))
+        .await
+        .unwrap()
+        .status(),
+        202
+    );
 
     let deadline = Instant::now() + Duration::from_secs(10);
-    while fake.seen("/sink/stripe-events").is_empty() || fake.seen("/sink/github-events").is_empty() {
-        assert!(Instant::now() < deadline, "webhook runs did not happen:\n{}", server.log());
+    while fake.seen("/sink/stripe-events").is_empty() || fake.seen("/sink/github-events").is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "webhook runs did not happen:\n{}",
+            server.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let runs = fake.seen("/sink/stripe-events");
-    assert_eq!(runs.len(), 1, "valid, duplicate and rejected deliveries ran exactly once");
+    assert_eq!(
+        runs.len(),
+        1,
+        "valid, duplicate and rejected deliveries ran exactly once"
+    );
     let forwarded: Value = serde_json::from_slice(&runs[0].body).unwrap();
-    assert_eq!(forwarded["id"], "evt_1NqW", "the payload is the run's input");
+    assert_eq!(
+        forwarded["id"], "evt_1NqW",
+        "the payload is the run's input"
+    );
     assert_eq!(fake.seen("/sink/github-events").len(), 1);
-    assert!(dir.join("state/inbox/stripe-events/evt_1NqW.json").exists(), "persisted before acknowledging");
+    assert!(
+        dir.join("state/inbox/stripe-events/evt_1NqW.json").exists(),
+        "persisted before acknowledging"
+    );
 }
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_runs_and_loses_nothing() {
     let fake = Fake::start().await;
-    fake.route("/sink/slow-events", vec![Reply::json(200, json!({})).delay(Duration::from_millis(1500))]);
+    fake.route(
+        "/sink/slow-events",
+        vec![Reply::json(200, json!({})).delay(Duration::from_millis(1500))],
+    );
     let dir = support::scratch("serve-shutdown");
-    let pipelines = pipelines_dir(&dir, &[("slow.pipeline.json", webhook_pipeline(&fake, "slow-events", "/hooks/slow", "github", "HOOK_SECRET"))]);
-    let mut server = Server::start(&dir, &pipelines, &dir.join("no-plugins"), &json!({"HOOK_SECRET": "drain-secret-1"}));
+    let pipelines = pipelines_dir(
+        &dir,
+        &[(
+            "slow.pipeline.json",
+            webhook_pipeline(&fake, "slow-events", "/hooks/slow", "github", "HOOK_SECRET"),
+        )],
+    );
+    let mut server = Server::start(
+        &dir,
+        &pipelines,
+        &dir.join("no-plugins"),
+        &json!({"HOOK_SECRET": "drain-secret-1"}),
+    );
     let client = reqwest::Client::new();
     let body = json!({"n": 1}).to_string();
     let sig = fmhost::serve::webhooks::github_signature("drain-secret-1", body.as_bytes());
-    let accepted = client.post(format!("{}/hooks/slow", server.url)).header("X-Hub-Signature-256", &sig).header("X-GitHub-Delivery", "drain-1").body(body.clone()).send().await.unwrap();
+    let accepted = client
+        .post(format!("{}/hooks/slow", server.url))
+        .header("X-Hub-Signature-256", &sig)
+        .header("X-GitHub-Delivery", "drain-1")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(accepted.status(), 202);
     // A synchronous run in flight too.
     let sync = tokio::spawn({
         let (client, url) = (client.clone(), server.url.clone());
-        async move { client.post(format!("{url}/v1/pipelines/slow-events/runs")).json(&json!({"n": 2})).send().await.unwrap().status().as_u16() }
+        async move {
+            client
+                .post(format!("{url}/v1/pipelines/slow-events/runs"))
+                .json(&json!({"n": 2}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
     });
     while fake.seen("/sink/slow-events").len() < 2 {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -324,6 +663,14 @@ async fn sigterm_drains_in_flight_runs_and_loses_nothing() {
     .await
     .unwrap();
     assert_eq!(code.0, 0, "{}", code.1);
-    assert_eq!(sync.await.unwrap(), 200, "the in-flight request got its answer");
-    assert!(dir.join("state/inbox/slow-events/drain-1.done").exists(), "the accepted delivery finished before exit:\n{}", code.1);
+    assert_eq!(
+        sync.await.unwrap(),
+        200,
+        "the in-flight request got its answer"
+    );
+    assert!(
+        dir.join("state/inbox/slow-events/drain-1.done").exists(),
+        "the accepted delivery finished before exit:\n{}",
+        code.1
+    );
 }

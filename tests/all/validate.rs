@@ -8,13 +8,22 @@ async fn check_golden(name: &str) {
     let mut cmd = support::fmhost();
     cmd.args(["validate", &rel]);
     let ran: support::Ran = support::output(cmd).await.into();
-    assert_eq!(ran.code, 2, "validate must exit 2 for {name}:\n{}", ran.stderr);
+    assert_eq!(
+        ran.code, 2,
+        "validate must exit 2 for {name}:\n{}",
+        ran.stderr
+    );
     let golden = support::root().join(format!("tests/golden/validate/{name}.stderr"));
     if std::env::var_os("FMHOST_BLESS").is_some() {
         std::fs::write(&golden, &ran.stderr).unwrap();
     }
     let expected = std::fs::read_to_string(&golden).unwrap_or_default();
-    assert_eq!(ran.stderr, expected, "stderr differs from {} (FMHOST_BLESS=1 rewrites it)", golden.display());
+    assert_eq!(
+        ran.stderr,
+        expected,
+        "stderr differs from {} (FMHOST_BLESS=1 rewrites it)",
+        golden.display()
+    );
 }
 
 #[tokio::test]

@@ -35,10 +35,17 @@ impl Reply {
         }
     }
     pub fn status(status: u16) -> Reply {
-        Reply::json(status, serde_json::json!({"error": format!("status {status}")}))
+        Reply::json(
+            status,
+            serde_json::json!({"error": format!("status {status}")}),
+        )
     }
     pub fn raw(status: u16, content_type: &str, body: &str) -> Reply {
-        Reply { headers: vec![("content-type".into(), content_type.into())], body: body.as_bytes().to_vec(), ..Reply::status(status) }
+        Reply {
+            headers: vec![("content-type".into(), content_type.into())],
+            body: body.as_bytes().to_vec(),
+            ..Reply::status(status)
+        }
     }
     pub fn delay(mut self, d: Duration) -> Reply {
         self.delay = d;
@@ -102,8 +109,12 @@ impl Fake {
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
         });
-        let app = axum::Router::new().fallback(handle).with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         tokio::spawn(async move { axum::serve(listener, app).await.expect("fake server") });
         Fake { addr, inner }
@@ -116,12 +127,25 @@ impl Fake {
     /// Replies to `path` with `script` in order, then with the last reply forever.
     pub fn route(&self, path: &str, script: Vec<Reply>) -> &Self {
         let then = script.last().cloned();
-        self.inner.routes.lock().unwrap().insert(path.to_string(), Route { script: script.into(), then });
+        self.inner.routes.lock().unwrap().insert(
+            path.to_string(),
+            Route {
+                script: script.into(),
+                then,
+            },
+        );
         self
     }
 
     pub fn seen(&self, path: &str) -> Vec<Seen> {
-        self.inner.seen.lock().unwrap().iter().filter(|s| s.path == path).cloned().collect()
+        self.inner
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == path)
+            .cloned()
+            .collect()
     }
 
     pub fn max_in_flight(&self) -> usize {
@@ -138,7 +162,9 @@ impl Fake {
 async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let at = inner.start.elapsed();
     let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
     let path = parts.uri.path().to_string();
     inner.seen.lock().unwrap().push(Seen {
         at,
@@ -155,7 +181,12 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             None => None,
         }
     };
-    let reply = reply.unwrap_or_else(|| Reply::json(404, serde_json::json!({"error": format!("no route {path}")})));
+    let reply = reply.unwrap_or_else(|| {
+        Reply::json(
+            404,
+            serde_json::json!({"error": format!("no route {path}")}),
+        )
+    });
     let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     inner.max_in_flight.fetch_max(now, Ordering::SeqCst);
     tokio::time::sleep(reply.delay).await;
@@ -169,10 +200,11 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         Some(stall) => {
             let first = reply.body[..reply.body.len() / 2].to_vec();
             let rest = reply.body[reply.body.len() / 2..].to_vec();
-            let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from(first))]).chain(futures::stream::once(async move {
-                tokio::time::sleep(stall).await;
-                Ok(Bytes::from(rest))
-            }));
+            let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from(first))])
+                .chain(futures::stream::once(async move {
+                    tokio::time::sleep(stall).await;
+                    Ok(Bytes::from(rest))
+                }));
             Body::from_stream(stream)
         }
     };

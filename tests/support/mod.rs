@@ -10,7 +10,10 @@ pub use fake::{Fake, Reply};
 
 /// The repository root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf()
 }
 
 /// A scratch directory unique to one test.
@@ -35,14 +38,17 @@ pub fn fmhost() -> Command {
 
 /// Runs a command to completion off the async runtime (the fakes live on it).
 pub async fn output(mut cmd: Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output().expect("spawn fmhost")).await.expect("join")
+    tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output().expect("spawn fmhost"))
+        .await
+        .expect("join")
 }
 
 /// Writes `value` as pretty JSON into `dir/name` and returns the path.
 pub fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> PathBuf {
     let path = dir.join(name);
     let mut f = std::fs::File::create(&path).expect("create file");
-    f.write_all(serde_json::to_string_pretty(value).unwrap().as_bytes()).expect("write file");
+    f.write_all(serde_json::to_string_pretty(value).unwrap().as_bytes())
+        .expect("write file");
     path
 }
 
@@ -54,7 +60,12 @@ pub struct Ran {
 
 impl Ran {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
     }
 }
 
@@ -71,6 +82,10 @@ impl From<Output> for Ran {
 /// `fmhost run PIPELINE --input-json INPUT` plus extra args.
 pub async fn run_pipeline(pipeline: &Path, input: &serde_json::Value, extra: &[&str]) -> Ran {
     let mut cmd = fmhost();
-    cmd.arg("run").arg(pipeline).arg("--input-json").arg(input.to_string()).args(extra);
+    cmd.arg("run")
+        .arg(pipeline)
+        .arg("--input-json")
+        .arg(input.to_string())
+        .args(extra);
     output(cmd).await.into()
 }

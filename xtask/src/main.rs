@@ -18,21 +18,32 @@ fn main() -> Result<()> {
         Some("test") => test(&root, &args[1..]),
         Some("plugins") => plugins(&root),
         Some("demo") => demo(&root, &args[1..]),
-        Some("bench") => bench(&root, args.iter().any(|a| a == "--quick"), args.iter().any(|a| a == "--table-only")),
+        Some("bench") => bench(
+            &root,
+            args.iter().any(|a| a == "--quick"),
+            args.iter().any(|a| a == "--table-only"),
+        ),
         _ => {
-            eprintln!("usage: cargo xtask <demo [--connectors] | test [cargo test args] | plugins | bench [--quick] [--table-only]>");
+            eprintln!(
+                "usage: cargo xtask <demo [--connectors] | test [cargo test args] | plugins | bench [--quick] [--table-only]>"
+            );
             std::process::exit(2);
         }
     }
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ has a parent")
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("$ {}", shown(cmd));
-    let status = cmd.status().with_context(|| format!("cannot start {}", shown(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", shown(cmd)))?;
     if !status.success() {
         bail!("{} failed with {status}", shown(cmd));
     }
@@ -40,7 +51,11 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn shown(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn cargo() -> Command {
@@ -49,30 +64,44 @@ fn cargo() -> Command {
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     plugins(root)?;
-    run(cargo().current_dir(root).args(["test", "--workspace"]).args(extra))
+    run(cargo()
+        .current_dir(root)
+        .args(["test", "--workspace"])
+        .args(extra))
 }
 
 /// Builds the nested wasm32-wasip2 workspaces: the plugins and the test fixtures.
 fn plugins(root: &Path) -> Result<()> {
     ensure_wasm_target()?;
     build_wasm_workspace(&root.join("plugins"), &root.join("target/plugins"))?;
-    build_wasm_workspace(&root.join("tests/plugins"), &root.join("target/test-plugins"))
+    build_wasm_workspace(
+        &root.join("tests/plugins"),
+        &root.join("target/test-plugins"),
+    )
 }
 
 /// Builds one wasm workspace and copies each `cdylib` member to `out/NAME.wasm`.
 fn build_wasm_workspace(dir: &Path, out: &Path) -> Result<()> {
-    run(cargo().current_dir(dir).args(["build", "--release", "--target", "wasm32-wasip2"]))?;
+    run(cargo()
+        .current_dir(dir)
+        .args(["build", "--release", "--target", "wasm32-wasip2"]))?;
     std::fs::create_dir_all(out)?;
     // Shared with the host workspace, so plugins are built once per checkout.
     let built = dir.join("target/wasm32-wasip2/release");
     let mut names: Vec<String> = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let manifest = entry?.path().join("Cargo.toml");
-        let Ok(text) = std::fs::read_to_string(&manifest) else { continue };
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
         if !text.contains("cdylib") {
             continue;
         }
-        let name = manifest.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = manifest
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         names.push(name);
     }
     names.sort();
@@ -93,7 +122,14 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
         Some(other) => bail!("unknown demo option {other} (expected --connectors)"),
     };
     plugins(root)?;
-    run(cargo().current_dir(root).args(["build", "--quiet", "-p", "fmhost", "-p", "fmhost-sandbox"]))?;
+    run(cargo().current_dir(root).args([
+        "build",
+        "--quiet",
+        "-p",
+        "fmhost",
+        "-p",
+        "fmhost-sandbox",
+    ]))?;
     let bin = root.join("target/debug");
 
     let dir = root.join("target/demo");
@@ -108,8 +144,15 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
         .spawn()
         .context("start fmhost-sandbox")?;
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(sandbox.stdout.take().expect("piped")), &mut first)?;
-    let url = first.trim().strip_prefix("listening on ").context("sandbox did not say where it listens")?.to_string();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sandbox.stdout.take().expect("piped")),
+        &mut first,
+    )?;
+    let url = first
+        .trim()
+        .strip_prefix("listening on ")
+        .context("sandbox did not say where it listens")?
+        .to_string();
     let result = run_demo(root, &bin, pipeline, &url, &dir);
     let _ = sandbox.kill();
     let _ = sandbox.wait();
@@ -119,7 +162,9 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
 fn run_demo(root: &Path, bin: &Path, pipeline: &str, url: &str, dir: &Path) -> Result<()> {
     let report = dir.join("report.json");
     eprintln!("sandbox of Salesforce, Stripe, Intercom, internal, config and LLM APIs at {url}");
-    eprintln!("clock pinned to the seed's 2024-01-15T10:30:00Z (FMHOST_NOW) so the output matches its Expected Output\n");
+    eprintln!(
+        "clock pinned to the seed's 2024-01-15T10:30:00Z (FMHOST_NOW) so the output matches its Expected Output\n"
+    );
     let mut cmd = Command::new(bin.join("fmhost"));
     cmd.current_dir(root)
         .env("FMHOST_NOW", "2024-01-15T10:30:00Z")
@@ -138,13 +183,24 @@ fn run_demo(root: &Path, bin: &Path, pipeline: &str, url: &str, dir: &Path) -> R
 /// A per-stage Gantt chart of the run, from its report.
 fn timeline(report: &serde_json::Value) {
     let stages = report["stages"].as_array().cloned().unwrap_or_default();
-    let end = stages.iter().filter_map(|s| Some(s["started_ms"].as_u64()? + s["duration_ms"].as_u64()?)).max().unwrap_or(1).max(1);
+    let end = stages
+        .iter()
+        .filter_map(|s| Some(s["started_ms"].as_u64()? + s["duration_ms"].as_u64()?))
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let width = 48.0;
-    eprintln!("\ntimeline ({} ms, run {}):", report["duration_ms"], report["run_id"].as_str().unwrap_or(""));
+    eprintln!(
+        "\ntimeline ({} ms, run {}):",
+        report["duration_ms"],
+        report["run_id"].as_str().unwrap_or("")
+    );
     let mut sorted = stages.clone();
     sorted.sort_by_key(|s| s["started_ms"].as_u64().unwrap_or(u64::MAX));
     for s in &sorted {
-        let (Some(start), Some(dur)) = (s["started_ms"].as_u64(), s["duration_ms"].as_u64()) else { continue };
+        let (Some(start), Some(dur)) = (s["started_ms"].as_u64(), s["duration_ms"].as_u64()) else {
+            continue;
+        };
         let from = (start as f64 / end as f64 * width).round() as usize;
         let len = ((dur as f64 / end as f64 * width).round() as usize).max(1);
         eprintln!(
@@ -159,7 +215,15 @@ fn timeline(report: &serde_json::Value) {
     }
     let fetches: Vec<u64> = stages
         .iter()
-        .filter(|s| ["fetch-salesforce", "fetch-stripe", "fetch-intercom", "fetch-internal"].contains(&s["id"].as_str().unwrap_or("")))
+        .filter(|s| {
+            [
+                "fetch-salesforce",
+                "fetch-stripe",
+                "fetch-intercom",
+                "fetch-internal",
+            ]
+            .contains(&s["id"].as_str().unwrap_or(""))
+        })
         .filter_map(|s| s["duration_ms"].as_u64())
         .collect();
     if !fetches.is_empty() {
@@ -175,7 +239,9 @@ fn timeline(report: &serde_json::Value) {
 fn bench(root: &Path, quick: bool, table_only: bool) -> Result<()> {
     let saved = root.join("target/bench/e2e.json");
     if table_only {
-        let e2e: serde_json::Value = serde_json::from_slice(&std::fs::read(&saved).context("no saved results; run `cargo xtask bench` first")?)?;
+        let e2e: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&saved).context("no saved results; run `cargo xtask bench` first")?,
+        )?;
         let table = results_table(root, &e2e, quick)?;
         std::fs::write(root.join("benchmarks/RESULTS.md"), &table)?;
         println!("{table}");
@@ -184,12 +250,33 @@ fn bench(root: &Path, quick: bool, table_only: bool) -> Result<()> {
     plugins(root)?;
     // One build with the bench profile and the bench targets, so `cargo bench` below finds
     // everything fresh instead of rebuilding with other features over the same directory.
-    run(cargo().current_dir(root).args(["build", "--profile", "bench", "-p", "fmhost", "-p", "fmhost-sandbox", "-p", "fmhost-bench", "--bins", "--benches"]))?;
+    run(cargo().current_dir(root).args([
+        "build",
+        "--profile",
+        "bench",
+        "-p",
+        "fmhost",
+        "-p",
+        "fmhost-sandbox",
+        "-p",
+        "fmhost-bench",
+        "--bins",
+        "--benches",
+    ]))?;
     let _ = std::fs::remove_dir_all(root.join("target/criterion"));
     let mut criterion = cargo();
-    criterion.current_dir(root).args(["bench", "-p", "fmhost-bench", "--bench", "micro", "--"]);
+    criterion
+        .current_dir(root)
+        .args(["bench", "-p", "fmhost-bench", "--bench", "micro", "--"]);
     if quick {
-        criterion.args(["--warm-up-time", "0.1", "--measurement-time", "0.2", "--sample-size", "10"]);
+        criterion.args([
+            "--warm-up-time",
+            "0.1",
+            "--measurement-time",
+            "0.2",
+            "--sample-size",
+            "10",
+        ]);
     }
     run(&mut criterion)?;
     let mut harness = Command::new(root.join("target/release/fmhost-bench"));
@@ -200,7 +287,10 @@ fn bench(root: &Path, quick: bool, table_only: bool) -> Result<()> {
     eprintln!("$ {}", shown(&harness));
     let out = harness.output()?;
     if !out.status.success() {
-        bail!("the end-to-end harness failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "the end-to-end harness failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let e2e: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     std::fs::create_dir_all(root.join("target/bench"))?;
@@ -215,24 +305,52 @@ fn bench(root: &Path, quick: bool, table_only: bool) -> Result<()> {
 /// Criterion's median for a benchmark id, in microseconds.
 fn median_us(root: &Path, id: &str) -> Option<f64> {
     // Criterion 0.8 keeps a benchmark id's `/` as `_` in its directory name.
-    let path = root.join("target/criterion").join(id.replace('/', "_")).join("new/estimates.json");
+    let path = root
+        .join("target/criterion")
+        .join(id.replace('/', "_"))
+        .join("new/estimates.json");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     v["median"]["point_estimate"].as_f64().map(|ns| ns / 1000.0)
 }
 
 fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<String> {
-    let cmd_out = |c: &mut Command| c.output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())).unwrap_or_default();
+    let cmd_out = |c: &mut Command| {
+        c.output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
     let nproc = cmd_out(Command::new("nproc").arg("--all"));
     let rustc = cmd_out(Command::new("rustc").arg("--version"));
     let lock = std::fs::read_to_string(root.join("Cargo.lock")).unwrap_or_default();
-    let wasmtime = lock.split("[[package]]").find(|p| p.contains("name = \"wasmtime\"\n")).and_then(|p| p.lines().find(|l| l.starts_with("version")).map(|l| l.replace("version = ", "").replace('"', ""))).unwrap_or_default();
+    let wasmtime = lock
+        .split("[[package]]")
+        .find(|p| p.contains("name = \"wasmtime\"\n"))
+        .and_then(|p| {
+            p.lines()
+                .find(|l| l.starts_with("version"))
+                .map(|l| l.replace("version = ", "").replace('"', ""))
+        })
+        .unwrap_or_default();
     let date = cmd_out(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
     let m = |id: &str| median_us(root, id);
-    let f = |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "n/a".into());
+    let f = |v: Option<f64>, digits: usize| {
+        v.map(|x| format!("{x:.digits$}"))
+            .unwrap_or_else(|| "n/a".into())
+    };
     let num = |v: &serde_json::Value| v.as_f64();
     let mut rows: Vec<String> = Vec::new();
-    let mut row = |what: &str, figure: String, target: &str, verdict: &str| rows.push(format!("| {what} | {figure} | {target} | {verdict} |"));
+    let mut row = |what: &str, figure: String, target: &str, verdict: &str| {
+        rows.push(format!("| {what} | {figure} | {target} | {verdict} |"))
+    };
     let check = |ok: Option<bool>| match ok {
         Some(true) => "met",
         Some(false) => "**missed**",
@@ -240,59 +358,203 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
     };
 
     let inst = m("plugin/instantiate+invoke");
-    row("plugin instantiate + invoke (fresh pooled instance, json-transform)", format!("{} µs", f(inst, 1)), "≤ 20 µs", check(inst.map(|v| v <= 20.0)));
+    row(
+        "plugin instantiate + invoke (fresh pooled instance, json-transform)",
+        format!("{} µs", f(inst, 1)),
+        "≤ 20 µs",
+        check(inst.map(|v| v <= 20.0)),
+    );
     let warm = m("plugin/warm-invoke");
-    row("warm call (same instance, json-transform)", format!("{} µs", f(warm, 1)), "-", "");
+    row(
+        "warm call (same instance, json-transform)",
+        format!("{} µs", f(warm, 1)),
+        "-",
+        "",
+    );
     let (l0, l1k) = (m("plugin/host-import-x0"), m("plugin/host-import-x1000"));
     let per_import = l0.zip(l1k).map(|(a, b)| (b - a) / 1000.0 * 1000.0);
-    row("host-import call (log), per call", format!("{} ns", f(per_import, 0)), "-", "");
+    row(
+        "host-import call (log), per call",
+        format!("{} ns", f(per_import, 0)),
+        "-",
+        "",
+    );
     for (label, kib) in [("1KiB", 1.0), ("64KiB", 64.0), ("1MiB", 1024.0)] {
         let v = m(&format!("crossing/{label}"));
-        row(&format!("payload crossing into a fresh instance, {label}"), format!("{} µs ({} µs/KiB)", f(v, 1), f(v.map(|x| x / kib), 2)), "-", "");
+        row(
+            &format!("payload crossing into a fresh instance, {label}"),
+            format!("{} µs ({} µs/KiB)", f(v, 1), f(v.map(|x| x / kib), 2)),
+            "-",
+            "",
+        );
     }
-    row("template rendering (merge-responses config)", format!("{} µs", f(m("template/render-merge-config"), 2)), "-", "");
+    row(
+        "template rendering (merge-responses config)",
+        format!("{} µs", f(m("template/render-merge-config"), 2)),
+        "-",
+        "",
+    );
     let (jp, jn) = (m("jmespath/plugin"), m("jmespath/native"));
-    row("JMESPath transform-stripe: plugin (fresh instance) vs native", format!("{} µs vs {} µs ({}x)", f(jp, 1), f(jn, 1), f(jp.zip(jn).map(|(a, b)| a / b), 1)), "-", "");
-    row("schema validation (final-validation on the customer-360 output)", format!("{} µs", f(m("schema/validate-customer-360"), 2)), "-", "");
+    row(
+        "JMESPath transform-stripe: plugin (fresh instance) vs native",
+        format!(
+            "{} µs vs {} µs ({}x)",
+            f(jp, 1),
+            f(jn, 1),
+            f(jp.zip(jn).map(|(a, b)| a / b), 1)
+        ),
+        "-",
+        "",
+    );
+    row(
+        "schema validation (final-validation on the customer-360 output)",
+        format!("{} µs", f(m("schema/validate-customer-360"), 2)),
+        "-",
+        "",
+    );
     for shape in ["deep", "wide"] {
         for n in [2usize, 14, 64, 1000] {
             if let Some(v) = m(&format!("scheduler/logger/{shape}/{n}")) {
-                row(&format!("scheduling overhead per stage, {n} logger stages {shape}"), format!("{:.2} µs", v / n as f64), "-", "");
+                row(
+                    &format!("scheduling overhead per stage, {n} logger stages {shape}"),
+                    format!("{:.2} µs", v / n as f64),
+                    "-",
+                    "",
+                );
             }
         }
     }
-    let (d2, d64) = (m("scheduler/logger/deep/2").map(|v| v / 2.0), m("scheduler/logger/deep/64").map(|v| v / 64.0));
+    let (d2, d64) = (
+        m("scheduler/logger/deep/2").map(|v| v / 2.0),
+        m("scheduler/logger/deep/64").map(|v| v / 64.0),
+    );
     let drift = d2.zip(d64).map(|(a, b)| (b - a) / a * 100.0);
-    row("per-stage overhead drift, 2 → 64 stages deep", format!("{}%", f(drift, 1)), "within ±10%", check(drift.map(|d| d.abs() <= 10.0)));
+    row(
+        "per-stage overhead drift, 2 → 64 stages deep",
+        format!("{}%", f(drift, 1)),
+        "within ±10%",
+        check(drift.map(|d| d.abs() <= 10.0)),
+    );
     let wasm_stage = m("scheduler/json-transform/deep/64").map(|v| v / 64.0);
-    row("host overhead per stage with a fresh instance (64 json-transform stages deep)", format!("{} µs", f(wasm_stage, 1)), "≤ 25 µs", check(wasm_stage.map(|v| v <= 25.0)));
+    row(
+        "host overhead per stage with a fresh instance (64 json-transform stages deep)",
+        format!("{} µs", f(wasm_stage, 1)),
+        "≤ 25 µs",
+        check(wasm_stage.map(|v| v <= 25.0)),
+    );
 
     let z = &e2e["c360_inproc_zero"];
     let b = &e2e["baseline_tokio_zero"];
     let rps = num(&z["runs_per_s"]);
     let brps = num(&b["runs_per_s"]);
-    row("customer-360 in-process, zero upstream latency, 16 concurrent", format!("{} runs/s (p50 {} ms, p99 {} ms)", f(rps, 0), f(num(&z["p50_ms"]), 2), f(num(&z["p99_ms"]), 2)), "≥ 2,000 runs/s", check(rps.map(|r| r >= 2000.0)));
-    row("hand-written tokio + reqwest, same calls, 16 concurrent", format!("{} runs/s (p50 {} ms, p99 {} ms)", f(brps, 0), f(num(&b["p50_ms"]), 2), f(num(&b["p99_ms"]), 2)), "-", "");
+    row(
+        "customer-360 in-process, zero upstream latency, 16 concurrent",
+        format!(
+            "{} runs/s (p50 {} ms, p99 {} ms)",
+            f(rps, 0),
+            f(num(&z["p50_ms"]), 2),
+            f(num(&z["p99_ms"]), 2)
+        ),
+        "≥ 2,000 runs/s",
+        check(rps.map(|r| r >= 2000.0)),
+    );
+    row(
+        "hand-written tokio + reqwest, same calls, 16 concurrent",
+        format!(
+            "{} runs/s (p50 {} ms, p99 {} ms)",
+            f(brps, 0),
+            f(num(&b["p50_ms"]), 2),
+            f(num(&b["p99_ms"]), 2)
+        ),
+        "-",
+        "",
+    );
     let ratio = rps.zip(brps).map(|(a, b)| a / b * 100.0);
-    row("fmhost / hand-written tokio (zero latency)", format!("{}%", f(ratio, 0)), "≥ 50%", check(ratio.map(|r| r >= 50.0)));
+    row(
+        "fmhost / hand-written tokio (zero latency)",
+        format!("{}%", f(ratio, 0)),
+        "≥ 50%",
+        check(ratio.map(|r| r >= 50.0)),
+    );
     let cp = num(&e2e["critical_path_ms"]).unwrap_or(500.0);
     let inproc = num(&e2e["c360_inproc_seed"]["p50_ms"]);
     let tokio_seed = num(&e2e["baseline_tokio_seed"]["p50_ms"]);
     let seq = num(&e2e["baseline_sequential_seed"]["p50_ms"]);
     let cli = num(&e2e["c360_cli_seed"]["p50_ms"]);
-    row("customer-360 at the seed's latencies, in-process (p50 wall)", format!("{} ms (critical path {cp} ms)", f(inproc, 1)), "-", "");
-    row("hand-written tokio at the seed's latencies (p50 wall)", format!("{} ms", f(tokio_seed, 1)), "-", "");
-    row("hand-written sequential script at the seed's latencies (p50 wall)", format!("{} ms ({}x fmhost in-process)", f(seq, 1), f(seq.zip(inproc).map(|(s, i)| s / i), 2)), "-", "");
-    row("`fmhost run` CLI, warm compile cache, seed latencies (p50 wall)", format!("{} ms (critical path + {} ms)", f(cli, 1), f(cli.map(|c| c - cp), 1)), "≤ critical path + 15 ms", check(cli.map(|c| c - cp <= 15.0)));
-    for (key, label) in [("memory_http_request", "http-request"), ("memory_connector", "salesforce connector plugin")] {
+    row(
+        "customer-360 at the seed's latencies, in-process (p50 wall)",
+        format!("{} ms (critical path {cp} ms)", f(inproc, 1)),
+        "-",
+        "",
+    );
+    row(
+        "hand-written tokio at the seed's latencies (p50 wall)",
+        format!("{} ms", f(tokio_seed, 1)),
+        "-",
+        "",
+    );
+    row(
+        "hand-written sequential script at the seed's latencies (p50 wall)",
+        format!(
+            "{} ms ({}x fmhost in-process)",
+            f(seq, 1),
+            f(seq.zip(inproc).map(|(s, i)| s / i), 2)
+        ),
+        "-",
+        "",
+    );
+    row(
+        "`fmhost run` CLI, warm compile cache, seed latencies (p50 wall)",
+        format!(
+            "{} ms (critical path + {} ms)",
+            f(cli, 1),
+            f(cli.map(|c| c - cp), 1)
+        ),
+        "≤ critical path + 15 ms",
+        check(cli.map(|c| c - cp <= 15.0)),
+    );
+    for (key, label) in [
+        ("memory_http_request", "http-request"),
+        ("memory_connector", "salesforce connector plugin"),
+    ] {
         let mem = &e2e[key];
         let per = num(&mem["kib_per_run"]);
-        row(&format!("RSS per in-flight run, 1,000 runs waiting on a slow upstream ({label})"), format!("{} KiB ({} of {} succeeded)", f(per, 0), mem["succeeded"], mem["runs"]), "≤ 512 KiB", check(per.map(|p| p <= 512.0)));
+        row(
+            &format!("RSS per in-flight run, 1,000 runs waiting on a slow upstream ({label})"),
+            format!(
+                "{} KiB ({} of {} succeeded)",
+                f(per, 0),
+                mem["succeeded"],
+                mem["runs"]
+            ),
+            "≤ 512 KiB",
+            check(per.map(|p| p <= 512.0)),
+        );
     }
     let w = &e2e["serve_run_wrk"];
-    row("`fmhost serve`: POST one-stage run → 200, wrk -c32", format!("{} req/s (p50 {} ms, p99 {} ms)", f(num(&w["requests_per_s"]), 0), f(num(&w["p50_ms"]), 2), f(num(&w["p99_ms"]), 2)), "-", "");
+    row(
+        "`fmhost serve`: POST one-stage run → 200, wrk -c32",
+        format!(
+            "{} req/s (p50 {} ms, p99 {} ms)",
+            f(num(&w["requests_per_s"]), 0),
+            f(num(&w["p50_ms"]), 2),
+            f(num(&w["p99_ms"]), 2)
+        ),
+        "-",
+        "",
+    );
     let h = &e2e["serve_webhook"];
-    row("`fmhost serve`: signed webhook → fsync → 202, 32 concurrent (reqwest)", format!("{} req/s (p50 {} ms, p99 {} ms)", f(num(&h["runs_per_s"]), 0), f(num(&h["p50_ms"]), 2), f(num(&h["p99_ms"]), 2)), "-", "");
+    row(
+        "`fmhost serve`: signed webhook → fsync → 202, 32 concurrent (reqwest)",
+        format!(
+            "{} req/s (p50 {} ms, p99 {} ms)",
+            f(num(&h["runs_per_s"]), 0),
+            f(num(&h["p50_ms"]), 2),
+            f(num(&h["p99_ms"]), 2)
+        ),
+        "-",
+        "",
+    );
 
     let mut md = String::new();
     md.push_str("# Benchmark results\n\n");
@@ -313,9 +575,17 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
 }
 
 fn ensure_wasm_target() -> Result<()> {
-    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
     match installed {
-        Ok(out) if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "wasm32-wasip2") => Ok(()),
+        Ok(out)
+            if String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.trim() == "wasm32-wasip2") =>
+        {
+            Ok(())
+        }
         Ok(_) => run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"])),
         Err(_) => {
             eprintln!("rustup not found; assuming the wasm32-wasip2 target is installed");

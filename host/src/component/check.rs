@@ -22,7 +22,10 @@ pub struct Checker<'a> {
 
 impl<'a> Checker<'a> {
     pub fn new(config: &'a Value) -> Checker<'a> {
-        let mut c = Checker { map: config.as_object(), problems: Vec::new() };
+        let mut c = Checker {
+            map: config.as_object(),
+            problems: Vec::new(),
+        };
         if c.map.is_none() {
             c.problem("", "config must be an object");
         }
@@ -30,7 +33,10 @@ impl<'a> Checker<'a> {
     }
 
     pub fn problem(&mut self, path: &str, message: impl Into<String>) {
-        self.problems.push(ConfigProblem { path: path.to_string(), message: message.into() });
+        self.problems.push(ConfigProblem {
+            path: path.to_string(),
+            message: message.into(),
+        });
     }
 
     pub fn get(&self, key: &str) -> Option<&'a Value> {
@@ -41,10 +47,18 @@ impl<'a> Checker<'a> {
     pub fn only(&mut self, known: &[&str]) -> &mut Self {
         let unknown: Vec<String> = self
             .map
-            .map(|m| m.keys().filter(|k| !known.contains(&k.as_str())).cloned().collect())
+            .map(|m| {
+                m.keys()
+                    .filter(|k| !known.contains(&k.as_str()))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         for k in unknown {
-            self.problem(&format!(".{k}"), format!("unknown field (expected one of: {})", known.join(", ")));
+            self.problem(
+                &format!(".{k}"),
+                format!("unknown field (expected one of: {})", known.join(", ")),
+            );
         }
         self
     }
@@ -70,7 +84,10 @@ impl<'a> Checker<'a> {
         if let Some(v) = self.get(key).filter(|v| !is_template(v)) {
             match v.as_i64() {
                 Some(n) if n >= min => {}
-                _ => self.problem(&format!(".{key}"), format!("expected an integer of at least {min}, found {v}")),
+                _ => self.problem(
+                    &format!(".{key}"),
+                    format!("expected an integer of at least {min}, found {v}"),
+                ),
             }
         }
         self
@@ -79,9 +96,14 @@ impl<'a> Checker<'a> {
     /// The field, when a literal, is one of `allowed` (case-insensitive).
     pub fn one_of(&mut self, key: &str, allowed: &[&str]) -> &mut Self {
         if let Some(v) = self.get(key).filter(|v| !is_template(v)) {
-            let ok = v.as_str().is_some_and(|s| allowed.iter().any(|a| a.eq_ignore_ascii_case(s)));
+            let ok = v
+                .as_str()
+                .is_some_and(|s| allowed.iter().any(|a| a.eq_ignore_ascii_case(s)));
             if !ok {
-                self.problem(&format!(".{key}"), format!("expected one of {}, found {v}", allowed.join(", ")));
+                self.problem(
+                    &format!(".{key}"),
+                    format!("expected one of {}, found {v}", allowed.join(", ")),
+                );
             }
         }
         self

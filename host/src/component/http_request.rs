@@ -43,7 +43,16 @@ struct Config {
     service: Option<String>,
 }
 
-const FIELDS: &[&str] = &["url", "method", "headers", "query_params", "body", "timeout", "idempotency_key", "service"];
+const FIELDS: &[&str] = &[
+    "url",
+    "method",
+    "headers",
+    "query_params",
+    "body",
+    "timeout",
+    "idempotency_key",
+    "service",
+];
 
 #[async_trait::async_trait]
 impl Component for HttpRequest {
@@ -65,14 +74,28 @@ impl Component for HttpRequest {
         c.finish()
     }
 
-    async fn invoke(&self, ctx: &StageContext, config: Value, _upstream: std::sync::Arc<Value>) -> Result<Value, StageError> {
+    async fn invoke(
+        &self,
+        ctx: &StageContext,
+        config: Value,
+        _upstream: std::sync::Arc<Value>,
+    ) -> Result<Value, StageError> {
         let config: Config = serde_path_to_error::deserialize(config)
             .map_err(|e| StageError::validation(format!("config.{}: {}", e.path(), e.inner())))?;
-        let method = config.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
-        let method = reqwest::Method::from_bytes(method.as_bytes())
-            .map_err(|_| StageError::validation(format!("config.method: invalid method {method:?}")))?;
-        let mut url = reqwest::Url::parse(&config.url)
-            .map_err(|e| StageError::validation(format!("config.url: {e}: {}", ctx.secrets.redact(&config.url))))?;
+        let method = config
+            .method
+            .as_deref()
+            .unwrap_or("GET")
+            .to_ascii_uppercase();
+        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| {
+            StageError::validation(format!("config.method: invalid method {method:?}"))
+        })?;
+        let mut url = reqwest::Url::parse(&config.url).map_err(|e| {
+            StageError::validation(format!(
+                "config.url: {e}: {}",
+                ctx.secrets.redact(&config.url)
+            ))
+        })?;
         if !config.query_params.is_empty() {
             let mut pairs = url.query_pairs_mut();
             for (key, value) in &config.query_params {
@@ -87,18 +110,27 @@ impl Component for HttpRequest {
                 }
             }
         }
-        let mut headers: Vec<(String, String)> =
-            config.headers.iter().map(|(k, v)| (k.clone(), crate::template::to_text(v).into_owned())).collect();
+        let mut headers: Vec<(String, String)> = config
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), crate::template::to_text(v).into_owned()))
+            .collect();
         let body = match &config.body {
             None => None,
             Some(body) => {
-                if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+                if !headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                {
                     headers.push(("content-type".into(), "application/json".into()));
                 }
                 Some(serde_json::to_vec(body).map_err(|e| StageError::internal(e.to_string()))?)
             }
         };
-        let mutating = !matches!(method, reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS);
+        let mutating = !matches!(
+            method,
+            reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS
+        );
         let idempotency_key = match config.idempotency_key {
             Some(key) => Some(key),
             None if mutating => Some(default_idempotency_key(&ctx.run_id, &ctx.stage_id)),
@@ -113,9 +145,20 @@ impl Component for HttpRequest {
             idempotency_key,
             service: config.service,
         };
-        let response = ctx.outbound.send(&ctx.call_context(), &request, &ctx.retry.clone().unwrap_or_default()).await?;
+        let response = ctx
+            .outbound
+            .send(
+                &ctx.call_context(),
+                &request,
+                &ctx.retry.clone().unwrap_or_default(),
+            )
+            .await?;
         if let Some(mut error) = http_failure_of(&response) {
-            error.message = format!("{method} {}: {}", ctx.secrets.redact(request.url.as_str()), ctx.secrets.redact(&error.message));
+            error.message = format!(
+                "{method} {}: {}",
+                ctx.secrets.redact(request.url.as_str()),
+                ctx.secrets.redact(&error.message)
+            );
             return Err(error);
         }
         response.to_output()

@@ -105,7 +105,12 @@ pub trait Component: Send + Sync {
     /// Runs once per stage execution. `upstream` is the output of the single
     /// dependency, an object keyed by dependency id when there are several, or the
     /// pipeline input when there are none.
-    async fn invoke(&self, ctx: &StageContext, config: Value, upstream: Arc<Value>) -> Result<Value, StageError>;
+    async fn invoke(
+        &self,
+        ctx: &StageContext,
+        config: Value,
+        upstream: Arc<Value>,
+    ) -> Result<Value, StageError>;
 }
 
 /// Components by canonical name. `json_transform` and `json-transform` are one name.
@@ -131,7 +136,8 @@ impl Registry {
 
     /// Adds or replaces a component under its canonical name.
     pub fn register(&mut self, component: Arc<dyn Component>) {
-        self.components.insert(canonical_name(component.name()), component);
+        self.components
+            .insert(canonical_name(component.name()), component);
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Component>> {

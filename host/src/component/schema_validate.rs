@@ -18,23 +18,42 @@ impl Component for SchemaValidate {
 
     fn check_config(&self, config: &Value) -> Vec<ConfigProblem> {
         let mut c = Checker::new(config);
-        c.only(&["data", "schema"]).required("data").required("schema").object("schema");
+        c.only(&["data", "schema"])
+            .required("data")
+            .required("schema")
+            .object("schema");
         let mut problems = c.finish();
-        if let Some(s) = config.get("schema").filter(|s| s.is_object() && !contains_template(s)) {
+        if let Some(s) = config
+            .get("schema")
+            .filter(|s| s.is_object() && !contains_template(s))
+        {
             if let Err(e) = schema::compile(s) {
-                problems.push(ConfigProblem { path: ".schema".into(), message: e });
+                problems.push(ConfigProblem {
+                    path: ".schema".into(),
+                    message: e,
+                });
             }
         }
         problems
     }
 
-    async fn invoke(&self, _ctx: &StageContext, config: Value, _upstream: std::sync::Arc<Value>) -> Result<Value, StageError> {
+    async fn invoke(
+        &self,
+        _ctx: &StageContext,
+        config: Value,
+        _upstream: std::sync::Arc<Value>,
+    ) -> Result<Value, StageError> {
         let Value::Object(mut config) = config else {
             return Err(StageError::validation("config must be an object"));
         };
-        let data = config.remove("data").ok_or_else(|| StageError::validation("config.data: required field is missing"))?;
-        let schema = config.remove("schema").ok_or_else(|| StageError::validation("config.schema: required field is missing"))?;
-        let validator = schema::compile(&schema).map_err(|e| StageError::validation(format!("config.schema: {e}")))?;
+        let data = config
+            .remove("data")
+            .ok_or_else(|| StageError::validation("config.data: required field is missing"))?;
+        let schema = config
+            .remove("schema")
+            .ok_or_else(|| StageError::validation("config.schema: required field is missing"))?;
+        let validator = schema::compile(&schema)
+            .map_err(|e| StageError::validation(format!("config.schema: {e}")))?;
         let violations = schema::violations(&validator, &data);
         if violations.is_empty() {
             Ok(data)

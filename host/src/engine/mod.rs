@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
-use futures::FutureExt;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -83,7 +83,9 @@ impl StageLookup for Results<'_> {
         let &i = self.index.get(id)?;
         match field {
             "output" => self.outputs[i].as_deref(),
-            "error" => self.errors[i].as_ref().or(self.outputs[i].as_ref().map(|_| &Value::Null)),
+            "error" => self.errors[i]
+                .as_ref()
+                .or(self.outputs[i].as_ref().map(|_| &Value::Null)),
             _ => None,
         }
     }
@@ -100,13 +102,20 @@ struct Snapshot {
 }
 
 pub fn new_run_id() -> String {
-    let millis = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
     format!("run_{millis:012x}{:08x}", rand::random::<u32>())
 }
 
 impl Engine {
     pub fn new(secrets: Secrets) -> Engine {
-        Engine { outbound: Outbound::new(), secrets: Arc::new(secrets), fixed_now: None }
+        Engine {
+            outbound: Outbound::new(),
+            secrets: Arc::new(secrets),
+            fixed_now: None,
+        }
     }
 
     /// Checks `input` against the pipeline's input schema.
@@ -114,14 +123,23 @@ impl Engine {
         match &plan.input_schema {
             Some(v) => {
                 let violations = crate::schema::violations(v, input);
-                if violations.is_empty() { Ok(()) } else { Err(RunError::InvalidInput(violations)) }
+                if violations.is_empty() {
+                    Ok(())
+                } else {
+                    Err(RunError::InvalidInput(violations))
+                }
             }
             None => Ok(()),
         }
     }
 
     /// Runs `plan` to completion (or failure, timeout, cancellation).
-    pub async fn run(&self, plan: Arc<Plan>, input: Value, opts: RunOptions) -> Result<RunReport, RunError> {
+    pub async fn run(
+        &self,
+        plan: Arc<Plan>,
+        input: Value,
+        opts: RunOptions,
+    ) -> Result<RunReport, RunError> {
         Self::check_input(&plan, &input)?;
         for (name, policy) in &plan.services {
             self.outbound.services.configure(name, policy);
@@ -130,8 +148,13 @@ impl Engine {
         let started = Instant::now();
         let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let n = plan.stages.len();
-        let index: Arc<HashMap<Arc<str>, usize>> =
-            Arc::new(plan.stages.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect());
+        let index: Arc<HashMap<Arc<str>, usize>> = Arc::new(
+            plan.stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.id.clone(), i))
+                .collect(),
+        );
         let input = Arc::new(input);
         let run_value = json!({"id": &*run_id, "pipeline": &*plan.name});
         let mut outputs: Vec<Option<Arc<Value>>> = vec![None; n];
@@ -144,7 +167,10 @@ impl Engine {
             .iter()
             .map(|s| {
                 let key = Arc::as_ptr(&s.component) as *const () as usize;
-                pinned.entry(key).or_insert_with(|| s.component.pin().unwrap_or_else(|| s.component.clone())).clone()
+                pinned
+                    .entry(key)
+                    .or_insert_with(|| s.component.pin().unwrap_or_else(|| s.component.clone()))
+                    .clone()
             })
             .collect();
         let mut reports: Vec<StageReport> = plan
@@ -189,7 +215,11 @@ impl Engine {
                 if let Some(o) = &observer {
                     o.stage_updated(&run_id, &reports[i]);
                 }
-                let results = Results { index: &index, outputs: &outputs, errors: &errors };
+                let results = Results {
+                    index: &index,
+                    outputs: &outputs,
+                    errors: &errors,
+                };
                 let scope = Scope {
                     input: &input,
                     stages: &results,
@@ -205,12 +235,21 @@ impl Engine {
                     [d] => outputs[*d].clone().unwrap_or_default(),
                     many => Arc::new(Value::Object(
                         many.iter()
-                            .map(|&d| (plan.stages[d].id.to_string(), outputs[d].as_deref().cloned().unwrap_or(Value::Null)))
+                            .map(|&d| {
+                                (
+                                    plan.stages[d].id.to_string(),
+                                    outputs[d].as_deref().cloned().unwrap_or(Value::Null),
+                                )
+                            })
                             .collect::<Map<_, _>>(),
                     )),
                 };
                 let retry = stage.retry.as_ref().map(|r| {
-                    let snapshot = r.condition.as_ref().map(|_| Snapshot { index: index.clone(), outputs: outputs.clone(), errors: errors.clone() });
+                    let snapshot = r.condition.as_ref().map(|_| Snapshot {
+                        index: index.clone(),
+                        outputs: outputs.clone(),
+                        errors: errors.clone(),
+                    });
                     self.retry_policy(r, snapshot, input.clone(), &run_value)
                 });
                 let ctx = StageContext {
@@ -233,14 +272,27 @@ impl Engine {
                         Ok(config) => {
                             let call = component.invoke(&ctx, config, upstream);
                             match timeout {
-                                Some(t) => tokio::time::timeout(t, call).await.unwrap_or_else(|_| {
-                                    Err(StageError::new(ErrorKind::Timeout, format!("stage timed out after {}", humantime::format_duration(t))))
-                                }),
+                                Some(t) => {
+                                    tokio::time::timeout(t, call).await.unwrap_or_else(|_| {
+                                        Err(StageError::new(
+                                            ErrorKind::Timeout,
+                                            format!(
+                                                "stage timed out after {}",
+                                                humantime::format_duration(t)
+                                            ),
+                                        ))
+                                    })
+                                }
                                 None => call.await,
                             }
                         }
                     };
-                    Outcome { index: i, result, duration: t0.elapsed(), attempts: 1 + ctx.retries.load(Ordering::Relaxed) }
+                    Outcome {
+                        index: i,
+                        result,
+                        duration: t0.elapsed(),
+                        attempts: 1 + ctx.retries.load(Ordering::Relaxed),
+                    }
                 };
                 // A panicking component is a host bug, but it fails its stage, not the process.
                 tasks.push(
@@ -248,8 +300,19 @@ impl Engine {
                         .catch_unwind()
                         .map(move |r| {
                             r.unwrap_or_else(|panic| {
-                                let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
-                                Outcome { index: i, result: Err(StageError::internal(format!("component panicked: {what}"))), duration: Duration::ZERO, attempts: 1 }
+                                let what = panic
+                                    .downcast_ref::<&str>()
+                                    .map(|s| s.to_string())
+                                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                                    .unwrap_or_default();
+                                Outcome {
+                                    index: i,
+                                    result: Err(StageError::internal(format!(
+                                        "component panicked: {what}"
+                                    ))),
+                                    duration: Duration::ZERO,
+                                    attempts: 1,
+                                }
                             })
                         })
                         .boxed(),
@@ -273,11 +336,27 @@ impl Engine {
             let Some(outcome) = joined else {
                 // Stopped: everything still running is failed with the run's reason.
                 let (status, _) = failure.as_ref().expect("set when stopping");
-                let kind = if *status == RunStatus::TimedOut { ErrorKind::Timeout } else { ErrorKind::Cancelled };
-                for r in reports.iter_mut().filter(|r| r.status == StageStatus::Running) {
+                let kind = if *status == RunStatus::TimedOut {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::Cancelled
+                };
+                for r in reports
+                    .iter_mut()
+                    .filter(|r| r.status == StageStatus::Running)
+                {
                     r.status = StageStatus::Failed;
-                    r.error = Some(StageError::new(kind, if kind == ErrorKind::Timeout { "stopped: run timed out" } else { "stopped: run cancelled" }));
-                    r.duration_ms = r.started_ms.map(|s| (started.elapsed().as_millis() as u64).saturating_sub(s));
+                    r.error = Some(StageError::new(
+                        kind,
+                        if kind == ErrorKind::Timeout {
+                            "stopped: run timed out"
+                        } else {
+                            "stopped: run cancelled"
+                        },
+                    ));
+                    r.duration_ms = r
+                        .started_ms
+                        .map(|s| (started.elapsed().as_millis() as u64).saturating_sub(s));
                 }
                 // Dropping the futures cancels the stages (and their outbound calls).
                 drop(std::mem::take(&mut tasks));
@@ -313,14 +392,22 @@ impl Engine {
                         tracing::error!(target: "fmhost::progress", run_id = &*run_id, stage = &*stage.id, event = "failed", duration_ms = ms as u64, attempts, error_kind = kind, error = %error.message, "{}: failed after {ms} ms ({attempts} attempt{plural}): {error}", stage.id);
                         failure.get_or_insert((
                             RunStatus::Failed,
-                            format!("stage \"{}\" failed after {attempts} attempt{plural}: {error}", stage.id),
+                            format!(
+                                "stage \"{}\" failed after {attempts} attempt{plural}: {error}",
+                                stage.id
+                            ),
                         ));
                         errors[i] = Some(serde_json::to_value(&error).unwrap_or_default());
                         report.error = Some(error);
                     }
                 }
             }
-            self.outbound.metrics.record_stage(&plan.name, &stage.id, report.status, outcome.duration);
+            self.outbound.metrics.record_stage(
+                &plan.name,
+                &stage.id,
+                report.status,
+                outcome.duration,
+            );
             if let Some(o) = &observer {
                 o.stage_updated(&run_id, report);
             }
@@ -336,11 +423,18 @@ impl Engine {
         }
 
         // Whatever never started was skipped; say why.
-        let first_failed = reports.iter().find(|r| r.status == StageStatus::Failed && !r.optional).map(|r| r.id.clone());
+        let first_failed = reports
+            .iter()
+            .find(|r| r.status == StageStatus::Failed && !r.optional)
+            .map(|r| r.id.clone());
         for (i, r) in reports.iter_mut().enumerate() {
             if r.status == StageStatus::Pending {
                 r.status = StageStatus::Skipped;
-                let blocked_by = plan.stages[i].deps.iter().find(|&&d| outputs[d].is_none()).map(|&d| plan.stages[d].id.to_string());
+                let blocked_by = plan.stages[i]
+                    .deps
+                    .iter()
+                    .find(|&&d| outputs[d].is_none())
+                    .map(|&d| plan.stages[d].id.to_string());
                 r.skipped_because = Some(match (&blocked_by, &first_failed, &failure) {
                     (_, Some(f), _) => format!("run failed at stage \"{f}\""),
                     (_, None, Some((_, why))) => why.clone(),
@@ -356,14 +450,27 @@ impl Engine {
             let mut value = match plan.sinks.as_slice() {
                 [one] => outputs[*one].as_deref().cloned().unwrap_or(Value::Null),
                 many => Value::Object(
-                    many.iter().map(|&s| (plan.stages[s].id.to_string(), outputs[s].as_deref().cloned().unwrap_or(Value::Null))).collect(),
+                    many.iter()
+                        .map(|&s| {
+                            (
+                                plan.stages[s].id.to_string(),
+                                outputs[s].as_deref().cloned().unwrap_or(Value::Null),
+                            )
+                        })
+                        .collect(),
                 ),
             };
             self.secrets.redact_value(&mut value);
             if let Some(schema) = &plan.output_schema {
                 let violations = crate::schema::violations(schema, &value);
                 if !violations.is_empty() {
-                    failure = Some((RunStatus::Failed, format!("output does not match the pipeline's output schema: {}", violations.join("; "))));
+                    failure = Some((
+                        RunStatus::Failed,
+                        format!(
+                            "output does not match the pipeline's output schema: {}",
+                            violations.join("; ")
+                        ),
+                    ));
                 }
             }
             if failure.is_none() {
@@ -382,8 +489,12 @@ impl Engine {
             }
         }
         match &error {
-            None => tracing::info!(target: "fmhost::progress", run_id = &*run_id, event = "run-finished", status = "succeeded", duration_ms, "run {run_id} succeeded in {duration_ms} ms"),
-            Some(why) => tracing::error!(target: "fmhost::progress", run_id = &*run_id, event = "run-finished", status = ?status, duration_ms, "run {run_id} {}: {why}", match status { RunStatus::Cancelled => "cancelled", RunStatus::TimedOut => "timed out", _ => "failed" }),
+            None => {
+                tracing::info!(target: "fmhost::progress", run_id = &*run_id, event = "run-finished", status = "succeeded", duration_ms, "run {run_id} succeeded in {duration_ms} ms")
+            }
+            Some(why) => {
+                tracing::error!(target: "fmhost::progress", run_id = &*run_id, event = "run-finished", status = ?status, duration_ms, "run {run_id} {}: {why}", match status { RunStatus::Cancelled => "cancelled", RunStatus::TimedOut => "timed out", _ => "failed" })
+            }
         }
         Ok(RunReport {
             run_id: run_id.to_string(),
@@ -397,14 +508,32 @@ impl Engine {
         })
     }
 
-    fn retry_policy(&self, r: &RetryPlan, snapshot: Option<Snapshot>, input: Arc<Value>, run: &Value) -> RetryPolicy {
+    fn retry_policy(
+        &self,
+        r: &RetryPlan,
+        snapshot: Option<Snapshot>,
+        input: Arc<Value>,
+        run: &Value,
+    ) -> RetryPolicy {
         let condition = r.condition.clone().zip(snapshot).map(|(template, snap)| {
             let secrets = self.secrets.clone();
             let run = run.clone();
             let now = self.fixed_now.clone();
             Arc::new(move |output: &Value| {
-                let results = Results { index: &snap.index, outputs: &snap.outputs, errors: &snap.errors };
-                let scope = Scope { input: &input, stages: &results, secrets: &secrets, output: Some(output), run: &run, now: now.as_deref(), keep_secrets: false };
+                let results = Results {
+                    index: &snap.index,
+                    outputs: &snap.outputs,
+                    errors: &snap.errors,
+                };
+                let scope = Scope {
+                    input: &input,
+                    stages: &results,
+                    secrets: &secrets,
+                    output: Some(output),
+                    run: &run,
+                    now: now.as_deref(),
+                    keep_secrets: false,
+                };
                 template.render(&scope).map(|v| crate::template::truthy(&v))
             }) as crate::http::retry::Condition
         });
@@ -412,7 +541,11 @@ impl Engine {
             max_attempts: r.spec.max_attempts.max(1),
             base_delay: Duration::from_secs_f64(r.spec.delay_seconds),
             multiplier: r.spec.backoff_multiplier,
-            max_delay: r.spec.max_delay_seconds.map(Duration::from_secs_f64).unwrap_or(Duration::from_secs(30)),
+            max_delay: r
+                .spec
+                .max_delay_seconds
+                .map(Duration::from_secs_f64)
+                .unwrap_or(Duration::from_secs(30)),
             condition,
             ..RetryPolicy::no_retry()
         }

@@ -52,7 +52,10 @@ impl HttpResponse {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     fn is_json(&self) -> bool {
@@ -69,7 +72,13 @@ impl HttpResponse {
             Value::Null
         } else if self.is_json() {
             serde_json::from_slice(&self.body).map_err(|e| {
-                StageError::new(ErrorKind::Parse, format!("response body is not valid JSON ({e}): {}", snippet(&self.body)))
+                StageError::new(
+                    ErrorKind::Parse,
+                    format!(
+                        "response body is not valid JSON ({e}): {}",
+                        snippet(&self.body)
+                    ),
+                )
             })?
         } else {
             Value::String(String::from_utf8_lossy(&self.body).into_owned())
@@ -80,7 +89,11 @@ impl HttpResponse {
     /// Like [`to_output`](Self::to_output) but keeps a malformed JSON body as text, for
     /// evaluating retry conditions.
     fn lenient_output(&self) -> Value {
-        self.to_output().unwrap_or_else(|_| self.output_with(Value::String(String::from_utf8_lossy(&self.body).into_owned())))
+        self.to_output().unwrap_or_else(|_| {
+            self.output_with(Value::String(
+                String::from_utf8_lossy(&self.body).into_owned(),
+            ))
+        })
     }
 
     fn output_with(&self, body: Value) -> Value {
@@ -104,7 +117,11 @@ impl HttpResponse {
 pub fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
     let text = text.trim();
-    if body.len() > 300 { format!("{text}...") } else { text.to_string() }
+    if body.len() > 300 {
+        format!("{text}...")
+    } else {
+        text.to_string()
+    }
 }
 
 /// Who is calling, for headers, logs, budgets and redaction.
@@ -146,12 +163,24 @@ impl Outbound {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .expect("the TLS backend initialises");
-        Outbound { client, services: Arc::default(), metrics: Arc::default() }
+        Outbound {
+            client,
+            services: Arc::default(),
+            metrics: Arc::default(),
+        }
     }
 
     /// Sends `req`, retrying per `policy`, and returns the final response whatever its status.
-    pub async fn send(&self, ctx: &CallContext<'_>, req: &HttpRequest, policy: &RetryPolicy) -> Result<HttpResponse, StageError> {
-        let mutating = !matches!(req.method, reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS);
+    pub async fn send(
+        &self,
+        ctx: &CallContext<'_>,
+        req: &HttpRequest,
+        policy: &RetryPolicy,
+    ) -> Result<HttpResponse, StageError> {
+        let mutating = !matches!(
+            req.method,
+            reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS
+        );
         // Retrying a write without an idempotency key risks doing it twice.
         let may_retry = !mutating || req.idempotency_key.is_some();
         let service_name = req.service.clone().unwrap_or_else(|| service_of(&req.url));
@@ -165,9 +194,17 @@ impl Outbound {
             let duration_ms = elapsed.as_millis() as u64;
             let (status, output, failure) = match &result {
                 Ok(resp) => (Some(resp.status), resp.lenient_output(), http_failure(resp)),
-                Err(f) => (None, json!({"status_code": null, "error": f.error.kind.as_str()}), None),
+                Err(f) => (
+                    None,
+                    json!({"status_code": null, "error": f.error.kind.as_str()}),
+                    None,
+                ),
             };
-            let kind = result.as_ref().err().map(|f| f.error.kind).or(failure.as_ref().map(|f| f.error.kind));
+            let kind = result
+                .as_ref()
+                .err()
+                .map(|f| f.error.kind)
+                .or(failure.as_ref().map(|f| f.error.kind));
             self.metrics.record_call(&service_name, kind, elapsed);
             tracing::info!(
                 target: "fmhost::http",
@@ -188,7 +225,13 @@ impl Outbound {
             );
             if kind == Some(ErrorKind::CircuitOpen) {
                 // Failing fast is the point: no retry until the breaker lets probes through.
-                return Err(with_attempts(result.err().map(|f| f.error).unwrap_or_else(|| StageError::internal("circuit open")), attempt));
+                return Err(with_attempts(
+                    result
+                        .err()
+                        .map(|f| f.error)
+                        .unwrap_or_else(|| StageError::internal("circuit open")),
+                    attempt,
+                ));
             }
             let transient = result.as_ref().err().is_some_and(|f| f.transient);
             let retry = attempt < policy.max_attempts
@@ -203,7 +246,9 @@ impl Outbound {
                 };
             }
             let retry_after = match &result {
-                Ok(resp) => resp.header("retry-after").and_then(|v| retry::parse_retry_after(v, SystemTime::now())),
+                Ok(resp) => resp
+                    .header("retry-after")
+                    .and_then(|v| retry::parse_retry_after(v, SystemTime::now())),
                 Err(f) => f.retry_after,
             };
             let delay = policy.delay(attempt, retry_after);
@@ -221,17 +266,33 @@ impl Outbound {
     }
 
     /// One attempt under the service's policies: breaker, then rate limit, then bulkhead.
-    async fn guarded_attempt(&self, ctx: &CallContext<'_>, req: &HttpRequest, attempt: u32, service: &service::Service) -> Result<HttpResponse, Failure> {
+    async fn guarded_attempt(
+        &self,
+        ctx: &CallContext<'_>,
+        req: &HttpRequest,
+        attempt: u32,
+        service: &service::Service,
+    ) -> Result<HttpResponse, Failure> {
         let ticket = match service.breaker.as_ref().map(|b| b.acquire()) {
             None => None,
             Some(Ok(t)) => Some(t),
             Some(Err(remaining)) => {
                 let mut error = StageError::new(
                     ErrorKind::CircuitOpen,
-                    format!("{} {}: circuit for service {} is open (retry in {} ms); nothing was sent", req.method, ctx.secrets.redact(&req.url), service.name, remaining.as_millis()),
+                    format!(
+                        "{} {}: circuit for service {} is open (retry in {} ms); nothing was sent",
+                        req.method,
+                        ctx.secrets.redact(&req.url),
+                        service.name,
+                        remaining.as_millis()
+                    ),
                 );
                 error.status = None;
-                return Err(Failure { error, retry_after: None, transient: false });
+                return Err(Failure {
+                    error,
+                    retry_after: None,
+                    transient: false,
+                });
             }
         };
         let breaker = service.breaker.as_ref();
@@ -248,7 +309,15 @@ impl Outbound {
                         b.abandon(t);
                     }
                     return Err(Failure {
-                        error: StageError::new(ErrorKind::Timeout, format!("{} {}: deadline passed while waiting for service {}'s rate limit or concurrency limit", req.method, ctx.secrets.redact(&req.url), service.name)),
+                        error: StageError::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "{} {}: deadline passed while waiting for service {}'s rate limit or concurrency limit",
+                                req.method,
+                                ctx.secrets.redact(&req.url),
+                                service.name
+                            ),
+                        ),
                         retry_after: None,
                         transient: false,
                     });
@@ -271,17 +340,25 @@ impl Outbound {
         result
     }
 
-    async fn attempt(&self, ctx: &CallContext<'_>, req: &HttpRequest, attempt: u32) -> Result<HttpResponse, Failure> {
+    async fn attempt(
+        &self,
+        ctx: &CallContext<'_>,
+        req: &HttpRequest,
+        attempt: u32,
+    ) -> Result<HttpResponse, Failure> {
         let shown = || ctx.secrets.redact(&req.url).into_owned();
         let mut builder = self.client.request(req.method.clone(), &req.url);
         for (name, value) in &req.headers {
-            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| Failure {
-                error: StageError::validation(format!("invalid header name {name:?}")),
-                retry_after: None,
-                transient: false,
-            })?;
+            let name =
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| Failure {
+                    error: StageError::validation(format!("invalid header name {name:?}")),
+                    retry_after: None,
+                    transient: false,
+                })?;
             let value = reqwest::header::HeaderValue::from_str(value).map_err(|_| Failure {
-                error: StageError::validation(format!("header {name}: value is not valid in an HTTP header")),
+                error: StageError::validation(format!(
+                    "header {name}: value is not valid in an HTTP header"
+                )),
                 retry_after: None,
                 transient: false,
             })?;
@@ -304,7 +381,12 @@ impl Outbound {
             let headers = resp
                 .headers()
                 .iter()
-                .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect();
             let mut body = Vec::new();
             while let Some(chunk) = resp.chunk().await? {
@@ -313,27 +395,54 @@ impl Outbound {
                     return Ok(Err(body.len()));
                 }
             }
-            Ok::<_, reqwest::Error>(Ok(HttpResponse { status, headers, body }))
+            Ok::<_, reqwest::Error>(Ok(HttpResponse {
+                status,
+                headers,
+                body,
+            }))
         };
         match tokio::time::timeout(timeout, exchange).await {
             Err(_) => Err(Failure {
                 error: StageError::new(
                     ErrorKind::Timeout,
-                    format!("{} {} timed out after {} ms (attempt {attempt})", req.method, shown(), timeout.as_millis()),
+                    format!(
+                        "{} {} timed out after {} ms (attempt {attempt})",
+                        req.method,
+                        shown(),
+                        timeout.as_millis()
+                    ),
                 ),
                 retry_after: None,
                 transient: true,
             }),
             Ok(Ok(Ok(resp))) => Ok(resp),
             Ok(Ok(Err(len))) => Err(Failure {
-                error: StageError::new(ErrorKind::Parse, format!("{} {}: response body exceeds {MAX_BODY_BYTES} bytes (read {len})", req.method, shown())),
+                error: StageError::new(
+                    ErrorKind::Parse,
+                    format!(
+                        "{} {}: response body exceeds {MAX_BODY_BYTES} bytes (read {len})",
+                        req.method,
+                        shown()
+                    ),
+                ),
                 retry_after: None,
                 transient: false,
             }),
             Ok(Err(e)) => {
-                let kind = if e.is_timeout() { ErrorKind::Timeout } else { ErrorKind::Connect };
-                let message = ctx.secrets.redact(&format!("{} {}: {}", req.method, shown(), error_chain(&e))).into_owned();
-                Err(Failure { error: StageError::new(kind, message), retry_after: None, transient: true })
+                let kind = if e.is_timeout() {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::Connect
+                };
+                let message = ctx
+                    .secrets
+                    .redact(&format!("{} {}: {}", req.method, shown(), error_chain(&e)))
+                    .into_owned();
+                Err(Failure {
+                    error: StageError::new(kind, message),
+                    retry_after: None,
+                    transient: true,
+                })
             }
         }
     }
@@ -360,9 +469,16 @@ fn http_failure(resp: &HttpResponse) -> Option<Failure> {
         500..=599 => ErrorKind::Http5xx,
         _ => ErrorKind::Http4xx,
     };
-    let mut error = StageError::new(kind, format!("http {}: {}", resp.status, snippet(&resp.body)));
+    let mut error = StageError::new(
+        kind,
+        format!("http {}: {}", resp.status, snippet(&resp.body)),
+    );
     error.status = Some(resp.status);
-    Some(Failure { error, retry_after: None, transient: false })
+    Some(Failure {
+        error,
+        retry_after: None,
+        transient: false,
+    })
 }
 
 /// `host:port` of a URL, the default service name.

@@ -61,7 +61,12 @@ impl RetryPolicy {
     /// A condition decides alone, so it can also poll a 2xx until it says done. Without
     /// one: timeouts, broken connections, 408, 429 and 5xx are retried; other 4xx,
     /// parse errors and successes are not.
-    pub fn should_retry(&self, status: Option<u16>, transient_error: bool, output: &Value) -> Result<bool, String> {
+    pub fn should_retry(
+        &self,
+        status: Option<u16>,
+        transient_error: bool,
+        output: &Value,
+    ) -> Result<bool, String> {
         if let Some(condition) = &self.condition {
             return condition(output);
         }
@@ -78,7 +83,10 @@ impl RetryPolicy {
         if let Some(ra) = retry_after {
             return ra.min(self.max_retry_after);
         }
-        let exp = self.multiplier.max(1.0).powi(attempt.saturating_sub(1).min(30) as i32);
+        let exp = self
+            .multiplier
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(30) as i32);
         let nominal = self.base_delay.as_secs_f64() * exp;
         let jittered = nominal * (1.0 + rand::random::<f64>() * 0.25);
         Duration::from_secs_f64(jittered.min(self.max_delay.as_secs_f64()))
@@ -101,16 +109,28 @@ mod tests {
 
     #[test]
     fn backoff_grows_with_bounded_jitter() {
-        let p = RetryPolicy { max_attempts: 5, ..RetryPolicy::no_retry() };
+        let p = RetryPolicy {
+            max_attempts: 5,
+            ..RetryPolicy::no_retry()
+        };
         for _ in 0..100 {
             let (d1, d2, d3) = (p.delay(1, None), p.delay(2, None), p.delay(3, None));
             assert!(d1 >= Duration::from_secs(1) && d1 <= Duration::from_millis(1250));
             assert!(d2 > d1 && d3 > d2);
         }
-        let capped = RetryPolicy { max_delay: Duration::from_secs(3), ..p.clone() };
+        let capped = RetryPolicy {
+            max_delay: Duration::from_secs(3),
+            ..p.clone()
+        };
         assert_eq!(capped.delay(10, None), Duration::from_secs(3));
-        assert_eq!(p.delay(1, Some(Duration::from_secs(2))), Duration::from_secs(2));
-        assert_eq!(p.delay(1, Some(Duration::from_secs(600))), Duration::from_secs(60));
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(600))),
+            Duration::from_secs(60)
+        );
     }
 
     #[test]
@@ -134,7 +154,15 @@ mod tests {
             condition: Some(Arc::new(|o: &Value| Ok(o["status_code"] == 429))),
             ..RetryPolicy::no_retry()
         };
-        assert!(!only_429.should_retry(Some(503), false, &serde_json::json!({"status_code": 503})).unwrap());
-        assert!(only_429.should_retry(Some(429), false, &serde_json::json!({"status_code": 429})).unwrap());
+        assert!(
+            !only_429
+                .should_retry(Some(503), false, &serde_json::json!({"status_code": 503}))
+                .unwrap()
+        );
+        assert!(
+            only_429
+                .should_retry(Some(429), false, &serde_json::json!({"status_code": 429}))
+                .unwrap()
+        );
     }
 }

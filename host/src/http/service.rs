@@ -65,7 +65,10 @@ impl ServicePolicy {
         let mut out = Vec::new();
         if let Some(r) = &self.rate_limit {
             if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) {
-                out.push(("rate_limit.requests_per_second", "must be a positive number".into()));
+                out.push((
+                    "rate_limit.requests_per_second",
+                    "must be a positive number".into(),
+                ));
             }
             if r.burst == 0 {
                 out.push(("rate_limit.burst", "must be at least 1".into()));
@@ -76,13 +79,22 @@ impl ServicePolicy {
         }
         if let Some(b) = &self.circuit_breaker {
             if b.failure_threshold == 0 {
-                out.push(("circuit_breaker.failure_threshold", "must be at least 1".into()));
+                out.push((
+                    "circuit_breaker.failure_threshold",
+                    "must be at least 1".into(),
+                ));
             }
             if !(b.open_seconds.is_finite() && b.open_seconds >= 0.0) {
-                out.push(("circuit_breaker.open_seconds", "must be a non-negative number".into()));
+                out.push((
+                    "circuit_breaker.open_seconds",
+                    "must be a non-negative number".into(),
+                ));
             }
             if b.half_open_max_calls == 0 {
-                out.push(("circuit_breaker.half_open_max_calls", "must be at least 1".into()));
+                out.push((
+                    "circuit_breaker.half_open_max_calls",
+                    "must be at least 1".into(),
+                ));
             }
         }
         out
@@ -102,11 +114,23 @@ impl Service {
     fn new(name: &str, policy: ServicePolicy) -> Service {
         let limiter = policy.rate_limit.as_ref().and_then(|r| {
             let period = Duration::from_secs_f64(1.0 / r.requests_per_second);
-            Quota::with_period(period).map(|q| RateLimiter::direct(q.allow_burst(NonZeroU32::new(r.burst).unwrap_or(NonZeroU32::MIN))))
+            Quota::with_period(period).map(|q| {
+                RateLimiter::direct(
+                    q.allow_burst(NonZeroU32::new(r.burst).unwrap_or(NonZeroU32::MIN)),
+                )
+            })
         });
-        let bulkhead = policy.max_concurrency.map(|n| Arc::new(Semaphore::new(n as usize)));
+        let bulkhead = policy
+            .max_concurrency
+            .map(|n| Arc::new(Semaphore::new(n as usize)));
         let breaker = policy.circuit_breaker.clone().map(Breaker::new);
-        Service { name: name.to_string(), policy, limiter, bulkhead, breaker }
+        Service {
+            name: name.to_string(),
+            policy,
+            limiter,
+            bulkhead,
+            breaker,
+        }
     }
 
     /// Waits for a rate-limit token.
@@ -137,7 +161,9 @@ impl Services {
             return s.clone();
         }
         let mut map = self.map.write().expect("services lock");
-        map.entry(name.to_string()).or_insert_with(|| Arc::new(Service::new(name, ServicePolicy::default()))).clone()
+        map.entry(name.to_string())
+            .or_insert_with(|| Arc::new(Service::new(name, ServicePolicy::default())))
+            .clone()
     }
 
     /// Applies a declared policy. An unchanged policy keeps the live state (open
@@ -147,11 +173,20 @@ impl Services {
         if map.get(name).is_some_and(|s| &s.policy == policy) {
             return;
         }
-        map.insert(name.to_string(), Arc::new(Service::new(name, policy.clone())));
+        map.insert(
+            name.to_string(),
+            Arc::new(Service::new(name, policy.clone())),
+        );
     }
 
     pub fn all(&self) -> Vec<Arc<Service>> {
-        let mut v: Vec<_> = self.map.read().expect("services lock").values().cloned().collect();
+        let mut v: Vec<_> = self
+            .map
+            .read()
+            .expect("services lock")
+            .values()
+            .cloned()
+            .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -195,7 +230,10 @@ pub struct Ticket {
 
 impl Breaker {
     pub fn new(policy: BreakerPolicy) -> Breaker {
-        Breaker { policy, inner: Mutex::new(Inner::Closed { failures: 0 }) }
+        Breaker {
+            policy,
+            inner: Mutex::new(Inner::Closed { failures: 0 }),
+        }
     }
 
     pub fn state(&self) -> BreakerState {
@@ -228,7 +266,9 @@ impl Breaker {
     /// Records a call's outcome; returns the new state when it changed.
     pub fn record(&self, ticket: Ticket, failed: bool) -> Option<BreakerState> {
         let mut inner = self.inner.lock().expect("breaker lock");
-        let open = || Inner::Open { until: Instant::now() + Duration::from_secs_f64(self.policy.open_seconds) };
+        let open = || Inner::Open {
+            until: Instant::now() + Duration::from_secs_f64(self.policy.open_seconds),
+        };
         match (&mut *inner, ticket.probe, failed) {
             (Inner::Closed { failures }, false, true) => {
                 *failures += 1;
@@ -271,7 +311,11 @@ mod tests {
 
     #[test]
     fn breaker_opens_fails_fast_and_recovers_through_half_open() {
-        let b = Breaker::new(BreakerPolicy { failure_threshold: 2, open_seconds: 0.05, half_open_max_calls: 1 });
+        let b = Breaker::new(BreakerPolicy {
+            failure_threshold: 2,
+            open_seconds: 0.05,
+            half_open_max_calls: 1,
+        });
         let t = b.acquire().unwrap();
         assert_eq!(b.record(t, true), None);
         let t = b.acquire().unwrap();
@@ -280,7 +324,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         let probe = b.acquire().unwrap();
         assert!(b.acquire().is_err(), "one probe at a time");
-        assert_eq!(b.record(probe, true), Some(BreakerState::Open), "a failed probe reopens");
+        assert_eq!(
+            b.record(probe, true),
+            Some(BreakerState::Open),
+            "a failed probe reopens"
+        );
         std::thread::sleep(Duration::from_millis(60));
         let probe = b.acquire().unwrap();
         assert_eq!(b.record(probe, false), Some(BreakerState::Closed));

@@ -23,7 +23,14 @@ pub fn cycles(deps: &[Vec<usize>]) -> Vec<Vec<usize>> {
     out
 }
 
-fn walk_back(deps: &[Vec<usize>], node: usize, target: usize, in_scc: &dyn Fn(usize) -> bool, path: &mut Vec<usize>, seen: &mut [bool]) -> bool {
+fn walk_back(
+    deps: &[Vec<usize>],
+    node: usize,
+    target: usize,
+    in_scc: &dyn Fn(usize) -> bool,
+    path: &mut Vec<usize>,
+    seen: &mut [bool],
+) -> bool {
     seen[node] = true;
     let mut next: Vec<usize> = deps[node].iter().copied().filter(|&n| in_scc(n)).collect();
     next.sort_unstable();
@@ -81,7 +88,14 @@ fn tarjan(deps: &[Vec<usize>]) -> Vec<Vec<usize>> {
         }
     }
     let n = deps.len();
-    let mut s = State { index: vec![None; n], low: vec![0; n], on_stack: vec![false; n], stack: Vec::new(), next: 0, out: Vec::new() };
+    let mut s = State {
+        index: vec![None; n],
+        low: vec![0; n],
+        on_stack: vec![false; n],
+        stack: Vec::new(),
+        next: 0,
+        out: Vec::new(),
+    };
     for v in 0..n {
         if s.index[v].is_none() {
             strong(v, deps, &mut s);

@@ -32,7 +32,11 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(location: impl Into<String>, message: impl Into<String>) -> Self {
-        Diagnostic { location: location.into(), line_col: None, message: message.into() }
+        Diagnostic {
+            location: location.into(),
+            line_col: None,
+            message: message.into(),
+        }
     }
 
     /// The diagnostic as one line, prefixed with the file it is in.
@@ -51,7 +55,10 @@ pub enum LoadError {
     #[error("{path}: {message}")]
     Io { path: String, message: String },
     #[error("{} problem(s) in {path}", .diagnostics.len())]
-    Invalid { path: String, diagnostics: Vec<Diagnostic> },
+    Invalid {
+        path: String,
+        diagnostics: Vec<Diagnostic>,
+    },
 }
 
 impl LoadError {
@@ -59,7 +66,9 @@ impl LoadError {
     pub fn lines(&self) -> Vec<String> {
         match self {
             LoadError::Io { .. } => vec![self.to_string()],
-            LoadError::Invalid { path, diagnostics } => diagnostics.iter().map(|d| d.render(path)).collect(),
+            LoadError::Invalid { path, diagnostics } => {
+                diagnostics.iter().map(|d| d.render(path)).collect()
+            }
         }
     }
 }
@@ -67,8 +76,14 @@ impl LoadError {
 /// Reads and compiles a pipeline file.
 pub fn load(path: &Path, registry: &Registry) -> Result<Plan, LoadError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| LoadError::Io { path: shown.clone(), message: e.to_string() })?;
-    compile(&text, registry).map_err(|diagnostics| LoadError::Invalid { path: shown, diagnostics })
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError::Io {
+        path: shown.clone(),
+        message: e.to_string(),
+    })?;
+    compile(&text, registry).map_err(|diagnostics| LoadError::Invalid {
+        path: shown,
+        diagnostics,
+    })
 }
 
 /// The seed's retry block, on a stage or (as in the seed) inside an `http-request` config.

@@ -78,15 +78,25 @@ struct Parsed {
 /// Checks `text` as a pipeline and compiles it, or lists every problem.
 pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>> {
     let source: Value = serde_json::from_str(text).map_err(|e| {
-        vec![Diagnostic { location: String::new(), line_col: Some((e.line(), e.column())), message: format!("invalid JSON: {}", strip_position(&e.to_string())) }]
+        vec![Diagnostic {
+            location: String::new(),
+            line_col: Some((e.line(), e.column())),
+            message: format!("invalid JSON: {}", strip_position(&e.to_string())),
+        }]
     })?;
     let doc: PipelineDoc = serde_path_to_error::deserialize(&source).map_err(|e| {
         let path = e.path().to_string();
-        vec![Diagnostic::new(if path == "." { String::new() } else { path }, e.inner().to_string())]
+        vec![Diagnostic::new(
+            if path == "." { String::new() } else { path },
+            e.inner().to_string(),
+        )]
     })?;
     let mut diags = Vec::new();
     if doc.stages.is_empty() {
-        diags.push(Diagnostic::new("stages", "a pipeline needs at least one stage"));
+        diags.push(Diagnostic::new(
+            "stages",
+            "a pipeline needs at least one stage",
+        ));
     }
 
     let mut services = Vec::new();
@@ -100,8 +110,15 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
             }
             Err(e) => {
                 let path = e.path().to_string();
-                let at = if path == "." { String::new() } else { format!(".{path}") };
-                diags.push(Diagnostic::new(format!("services.{name}{at}"), e.inner().to_string()));
+                let at = if path == "." {
+                    String::new()
+                } else {
+                    format!(".{path}")
+                };
+                diags.push(Diagnostic::new(
+                    format!("services.{name}{at}"),
+                    e.inner().to_string(),
+                ));
             }
         }
     }
@@ -110,14 +127,23 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         match serde_path_to_error::deserialize::<_, super::Trigger>(raw) {
             Ok(t) => {
                 if t.kind != "webhook" {
-                    diags.push(Diagnostic::new(format!("triggers[{i}].type"), format!("unknown trigger type \"{}\" (expected webhook)", t.kind)));
+                    diags.push(Diagnostic::new(
+                        format!("triggers[{i}].type"),
+                        format!("unknown trigger type \"{}\" (expected webhook)", t.kind),
+                    ));
                 }
                 if !t.path.starts_with('/') || t.path.starts_with("/v1/") || t.path == "/metrics" {
-                    diags.push(Diagnostic::new(format!("triggers[{i}].path"), "must start with / and not clash with /v1/ or /metrics"));
+                    diags.push(Diagnostic::new(
+                        format!("triggers[{i}].path"),
+                        "must start with / and not clash with /v1/ or /metrics",
+                    ));
                 }
                 match Template::parse(&t.secret) {
                     Ok(Some(tpl)) if tpl.paths().iter().any(|p| p.root != "secrets") => {
-                        diags.push(Diagnostic::new(format!("triggers[{i}].secret"), "may only reference {{secrets.NAME}}"))
+                        diags.push(Diagnostic::new(
+                            format!("triggers[{i}].secret"),
+                            "may only reference {{secrets.NAME}}",
+                        ))
                     }
                     Err(e) => diags.push(Diagnostic::new(format!("triggers[{i}].secret"), e)),
                     _ => {}
@@ -126,8 +152,15 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
             }
             Err(e) => {
                 let path = e.path().to_string();
-                let at = if path == "." { String::new() } else { format!(".{path}") };
-                diags.push(Diagnostic::new(format!("triggers[{i}]{at}"), e.inner().to_string()));
+                let at = if path == "." {
+                    String::new()
+                } else {
+                    format!(".{path}")
+                };
+                diags.push(Diagnostic::new(
+                    format!("triggers[{i}]{at}"),
+                    e.inner().to_string(),
+                ));
             }
         }
     }
@@ -145,7 +178,10 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
     for (i, p) in parsed.iter().enumerate() {
         let Some(p) = p else { continue };
         if let Some(&first) = index.get(p.doc.id.as_str()) {
-            diags.push(Diagnostic::new(p.loc.clone(), format!("duplicate stage id (also stages[{first}])")));
+            diags.push(Diagnostic::new(
+                p.loc.clone(),
+                format!("duplicate stage id (also stages[{first}])"),
+            ));
         } else {
             index.insert(&p.doc.id, i);
         }
@@ -155,27 +191,45 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         let Some(p) = p else { continue };
         for (j, dep) in p.doc.depends_on.iter().enumerate() {
             match index.get(dep.as_str()) {
-                Some(&d) if deps[i].contains(&d) => {
-                    diags.push(Diagnostic::new(format!("{}: depends_on[{j}]", p.loc), format!("\"{dep}\" is listed twice")))
-                }
+                Some(&d) if deps[i].contains(&d) => diags.push(Diagnostic::new(
+                    format!("{}: depends_on[{j}]", p.loc),
+                    format!("\"{dep}\" is listed twice"),
+                )),
                 Some(&d) => deps[i].push(d),
                 None => diags.push(Diagnostic::new(
                     format!("{}: depends_on[{j}]", p.loc),
-                    format!("unknown stage \"{dep}\"{}", suggest(dep, index.keys().copied())),
+                    format!(
+                        "unknown stage \"{dep}\"{}",
+                        suggest(dep, index.keys().copied())
+                    ),
                 )),
             }
         }
     }
-    let id_of = |i: usize| parsed[i].as_ref().map(|p| p.doc.id.clone()).unwrap_or_else(|| format!("stages[{i}]"));
+    let id_of = |i: usize| {
+        parsed[i]
+            .as_ref()
+            .map(|p| p.doc.id.clone())
+            .unwrap_or_else(|| format!("stages[{i}]"))
+    };
     for cycle in graph::cycles(&deps) {
         // depends_on points upstream; name the cycle in the direction data flows.
         let names: Vec<String> = cycle.iter().rev().map(|&i| id_of(i)).collect();
-        diags.push(Diagnostic::new(format!("stage \"{}\"", id_of(cycle[0])), format!("cycle: {}", names.join(" -> "))));
+        diags.push(Diagnostic::new(
+            format!("stage \"{}\"", id_of(cycle[0])),
+            format!("cycle: {}", names.join(" -> ")),
+        ));
     }
     let upstream = graph::upstream_sets(&deps);
     if let Some(out) = &doc.output_stage {
         if !index.contains_key(out.as_str()) {
-            diags.push(Diagnostic::new("output_stage", format!("unknown stage \"{out}\"{}", suggest(out, index.keys().copied()))));
+            diags.push(Diagnostic::new(
+                "output_stage",
+                format!(
+                    "unknown stage \"{out}\"{}",
+                    suggest(out, index.keys().copied())
+                ),
+            ));
         }
     }
 
@@ -198,16 +252,22 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         }
         if let Some(c) = component {
             for problem in c.check_config(&p.config) {
-                diags.push(Diagnostic::new(format!("{}: config{}", p.loc, problem.path), problem.message));
+                diags.push(Diagnostic::new(
+                    format!("{}: config{}", p.loc, problem.path),
+                    problem.message,
+                ));
             }
         }
-        let check_refs = |path: &str, t: &Template, allow_output: bool, diags: &mut Vec<Diagnostic>| {
-            for r in t.paths() {
-                if let Err(message) = check_reference(r, allow_output, &index, &upstream[i], &p.doc.id) {
-                    diags.push(Diagnostic::new(format!("{}: {path}", p.loc), message));
+        let check_refs =
+            |path: &str, t: &Template, allow_output: bool, diags: &mut Vec<Diagnostic>| {
+                for r in t.paths() {
+                    if let Err(message) =
+                        check_reference(r, allow_output, &index, &upstream[i], &p.doc.id)
+                    {
+                        diags.push(Diagnostic::new(format!("{}: {path}", p.loc), message));
+                    }
                 }
-            }
-        };
+            };
         let config = match ValueTemplate::compile(&p.config) {
             Ok(t) => {
                 for (path, template) in t.templates() {
@@ -217,7 +277,10 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
             }
             Err(errors) => {
                 for e in errors {
-                    diags.push(Diagnostic::new(format!("{}: config{}", p.loc, e.path), e.message));
+                    diags.push(Diagnostic::new(
+                        format!("{}: config{}", p.loc, e.path),
+                        e.message,
+                    ));
                 }
                 ValueTemplate::Literal(Value::Null)
             }
@@ -227,19 +290,35 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
                 Ok(s) => s,
                 Err(e) => {
                     let path = e.path().to_string();
-                    let at = if path == "." { String::new() } else { format!(".{path}") };
-                    diags.push(Diagnostic::new(format!("{}: {origin}{at}", p.loc), e.inner().to_string()));
+                    let at = if path == "." {
+                        String::new()
+                    } else {
+                        format!(".{path}")
+                    };
+                    diags.push(Diagnostic::new(
+                        format!("{}: {origin}{at}", p.loc),
+                        e.inner().to_string(),
+                    ));
                     return None;
                 }
             };
             if spec.max_attempts == 0 {
-                diags.push(Diagnostic::new(format!("{}: {origin}.max_attempts", p.loc), "must be at least 1"));
+                diags.push(Diagnostic::new(
+                    format!("{}: {origin}.max_attempts", p.loc),
+                    "must be at least 1",
+                ));
             }
             if !(spec.delay_seconds.is_finite() && spec.delay_seconds >= 0.0) {
-                diags.push(Diagnostic::new(format!("{}: {origin}.delay_seconds", p.loc), "must be a non-negative number"));
+                diags.push(Diagnostic::new(
+                    format!("{}: {origin}.delay_seconds", p.loc),
+                    "must be a non-negative number",
+                ));
             }
             if !(spec.backoff_multiplier.is_finite() && spec.backoff_multiplier >= 1.0) {
-                diags.push(Diagnostic::new(format!("{}: {origin}.backoff_multiplier", p.loc), "must be at least 1"));
+                diags.push(Diagnostic::new(
+                    format!("{}: {origin}.backoff_multiplier", p.loc),
+                    "must be at least 1",
+                ));
             }
             let condition = match spec.condition.as_deref().map(Template::parse) {
                 None => None,
@@ -261,13 +340,17 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
             };
             Some(RetryPlan { spec, condition })
         });
-        let timeout = p.doc.timeout.as_ref().and_then(|t| match parse_duration(t) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                diags.push(Diagnostic::new(format!("{}: timeout", p.loc), e));
-                None
-            }
-        });
+        let timeout = p
+            .doc
+            .timeout
+            .as_ref()
+            .and_then(|t| match parse_duration(t) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    diags.push(Diagnostic::new(format!("{}: timeout", p.loc), e));
+                    None
+                }
+            });
         if let Some(component) = component {
             stages.push(PlannedStage {
                 id: Arc::from(p.doc.id.as_str()),
@@ -292,8 +375,14 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         }
     }
     let sinks = match &doc.output_stage {
-        Some(out) => stages.iter().position(|s| &*s.id == out.as_str()).into_iter().collect(),
-        None => (0..stages.len()).filter(|&i| stages[i].dependents.is_empty()).collect(),
+        Some(out) => stages
+            .iter()
+            .position(|s| &*s.id == out.as_str())
+            .into_iter()
+            .collect(),
+        None => (0..stages.len())
+            .filter(|&i| stages[i].dependents.is_empty())
+            .collect(),
     };
     let version = doc.version.map(|v| match v {
         Value::String(s) => s,
@@ -321,43 +410,81 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
     // The seed writes `retry` inside an http-request's config; it means the stage's policy.
     let mut raw = raw.clone();
     let mut retry = None;
-    if let Some(r) = raw.get_mut("config").and_then(Value::as_object_mut).and_then(|c| c.remove("retry")) {
+    if let Some(r) = raw
+        .get_mut("config")
+        .and_then(Value::as_object_mut)
+        .and_then(|c| c.remove("retry"))
+    {
         retry = Some((r, "config.retry"));
     }
     let doc: StageDoc = match serde_path_to_error::deserialize(&raw) {
         Ok(d) => d,
         Err(e) => {
             let path = e.path().to_string();
-            let at = if path == "." { String::new() } else { format!(": {path}") };
+            let at = if path == "." {
+                String::new()
+            } else {
+                format!(": {path}")
+            };
             diags.push(Diagnostic::new(format!("{loc}{at}"), e.inner().to_string()));
             return None;
         }
     };
-    if doc.id.is_empty() || !doc.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        diags.push(Diagnostic::new(format!("{loc}: id"), "a stage id uses only letters, digits, '-' and '_'"));
+    if doc.id.is_empty()
+        || !doc
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        diags.push(Diagnostic::new(
+            format!("{loc}: id"),
+            "a stage id uses only letters, digits, '-' and '_'",
+        ));
     }
     if let Some(r) = &doc.retry {
         if retry.is_some() {
-            diags.push(Diagnostic::new(format!("{loc}: retry"), "retry is given both on the stage and in config.retry"));
+            diags.push(Diagnostic::new(
+                format!("{loc}: retry"),
+                "retry is given both on the stage and in config.retry",
+            ));
         }
         retry = Some((r.clone(), "retry"));
     }
     for (j, h) in doc.allowed_hosts.iter().enumerate() {
         if crate::plugin::HostPattern::parse(h).is_none() {
-            diags.push(Diagnostic::new(format!("{loc}: allowed_hosts[{j}]"), format!("{h:?} is not a host, *.domain or host:port")));
+            diags.push(Diagnostic::new(
+                format!("{loc}: allowed_hosts[{j}]"),
+                format!("{h:?} is not a host, *.domain or host:port"),
+            ));
         }
     }
-    let config = doc.config.clone().unwrap_or_else(|| Value::Object(Map::new()));
+    let config = doc
+        .config
+        .clone()
+        .unwrap_or_else(|| Value::Object(Map::new()));
     let _ = (&doc.name, &doc.description);
-    Some(Parsed { doc, loc, config, retry })
+    Some(Parsed {
+        doc,
+        loc,
+        config,
+        retry,
+    })
 }
 
 /// Checks that a template path reads something that will exist when it is rendered.
-fn check_reference(path: &Path, allow_output: bool, index: &HashMap<&str, usize>, upstream: &[bool], own_id: &str) -> Result<(), String> {
+fn check_reference(
+    path: &Path,
+    allow_output: bool,
+    index: &HashMap<&str, usize>,
+    upstream: &[bool],
+    own_id: &str,
+) -> Result<(), String> {
     match path.root.as_str() {
         "input" | "run" => Ok(()),
         "output" if allow_output => Ok(()),
-        "output" => Err(format!("`{path}`: `output` is only available in a retry condition")),
+        "output" => Err(format!(
+            "`{path}`: `output` is only available in a retry condition"
+        )),
         "secrets" => match path.segments.as_slice() {
             [Segment::Field(_)] => Ok(()),
             _ => Err(format!("`{path}`: expected `secrets.NAME`")),
@@ -371,19 +498,30 @@ fn check_reference(path: &Path, allow_output: bool, index: &HashMap<&str, usize>
                 _ => return Err(format!("`{path}`: expected `stages.{id}.output`")),
             }
             match index.get(id.as_str()) {
-                None => Err(format!("`{path}`: unknown stage \"{id}\"{}", suggest(id, index.keys().copied()))),
-                Some(_) if id == own_id => Err(format!("`{path}`: a stage cannot read its own output")),
-                Some(&i) if !upstream[i] => {
-                    Err(format!("`{path}`: stage \"{id}\" is not upstream of this stage; add it to depends_on"))
+                None => Err(format!(
+                    "`{path}`: unknown stage \"{id}\"{}",
+                    suggest(id, index.keys().copied())
+                )),
+                Some(_) if id == own_id => {
+                    Err(format!("`{path}`: a stage cannot read its own output"))
                 }
+                Some(&i) if !upstream[i] => Err(format!(
+                    "`{path}`: stage \"{id}\" is not upstream of this stage; add it to depends_on"
+                )),
                 Some(_) => Ok(()),
             }
         }
-        other => Err(format!("`{path}`: unknown name `{other}` (expected input, stages, secrets or run)")),
+        other => Err(format!(
+            "`{path}`: unknown name `{other}` (expected input, stages, secrets or run)"
+        )),
     }
 }
 
-fn compile_schema(schema: Option<&Value>, at: &str, diags: &mut Vec<Diagnostic>) -> Option<crate::schema::Validator> {
+fn compile_schema(
+    schema: Option<&Value>,
+    at: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<crate::schema::Validator> {
     match crate::schema::compile(schema?) {
         Ok(v) => Some(v),
         Err(e) => {
@@ -395,7 +533,9 @@ fn compile_schema(schema: Option<&Value>, at: &str, diags: &mut Vec<Diagnostic>)
 
 /// serde_json appends "at line L column C", which the diagnostic already carries.
 fn strip_position(message: &str) -> &str {
-    message.rfind(" at line ").map_or(message, |i| &message[..i])
+    message
+        .rfind(" at line ")
+        .map_or(message, |i| &message[..i])
 }
 
 /// Milliseconds as a number, or a humane string (`"5s"`, `"250ms"`).
@@ -403,10 +543,16 @@ pub fn parse_duration(v: &Value) -> Result<Duration, String> {
     match v {
         Value::Number(n) => match n.as_u64() {
             Some(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
-            _ => Err(format!("expected a positive number of milliseconds, found {n}")),
+            _ => Err(format!(
+                "expected a positive number of milliseconds, found {n}"
+            )),
         },
-        Value::String(s) => humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}")),
-        other => Err(format!("expected milliseconds or a duration such as \"5s\", found {other}")),
+        Value::String(s) => {
+            humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+        }
+        other => Err(format!(
+            "expected milliseconds or a duration such as \"5s\", found {other}"
+        )),
     }
 }
 
@@ -426,7 +572,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
         }
         prev = cur;
     }

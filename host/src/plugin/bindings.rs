@@ -11,7 +11,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use self::fmhost::plugin::types::PluginKind;
 pub use self::fmhost::plugin::http::{HttpError, HttpErrorKind, Request, Response};
 pub use self::fmhost::plugin::log::Level;
 pub use self::fmhost::plugin::types::ErrorKind as PluginErrorKind;
+pub use self::fmhost::plugin::types::PluginKind;

@@ -26,7 +26,10 @@ pub fn default_dir() -> Option<PathBuf> {
 
 /// The hex SHA-256 of a component's bytes: its identity in the cache, the registry and logs.
 pub fn content_hash(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl CompileCache {
@@ -34,12 +37,17 @@ impl CompileCache {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
         env!("CARGO_PKG_VERSION").hash(&mut h);
-        CompileCache { dir: dir.map(|d| d.join("components")), engine_key: h.finish() }
+        CompileCache {
+            dir: dir.map(|d| d.join("components")),
+            engine_key: h.finish(),
+        }
     }
 
     /// Loads the compiled form of `bytes`, compiling (and storing) it on a miss.
     pub fn load(&self, engine: &Engine, bytes: &[u8], hash: &str) -> wasmtime::Result<Component> {
-        let Some(dir) = &self.dir else { return Component::new(engine, bytes) };
+        let Some(dir) = &self.dir else {
+            return Component::new(engine, bytes);
+        };
         let path = dir.join(format!("{}-{:016x}.cwasm", &hash[..32], self.engine_key));
         if path.exists() {
             // SAFETY: the file was written by `Engine::precompile_component` of an engine
@@ -47,7 +55,9 @@ impl CompileCache {
             // wasmtime also checks the header and refuses incompatible artifacts.
             match unsafe { Component::deserialize_file(engine, &path) } {
                 Ok(c) => return Ok(c),
-                Err(e) => tracing::warn!(target: "fmhost::plugin", path = %path.display(), "ignoring unusable compile cache entry: {e}"),
+                Err(e) => {
+                    tracing::warn!(target: "fmhost::plugin", path = %path.display(), "ignoring unusable compile cache entry: {e}")
+                }
             }
         }
         let compiled = engine.precompile_component(bytes)?;
@@ -60,9 +70,17 @@ impl CompileCache {
     }
 }
 
-fn write_atomically(dir: &std::path::Path, path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+fn write_atomically(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    bytes: &[u8],
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".tmp-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+    let tmp = dir.join(format!(
+        ".tmp-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
 }

@@ -32,7 +32,13 @@ impl Component for WasmComponent {
     }
 
     fn describe(&self) -> String {
-        format!("{} {} ({:?} plugin, {})", self.plugin.name, self.plugin.version, self.plugin.kind, self.plugin.path.display())
+        format!(
+            "{} {} ({:?} plugin, {})",
+            self.plugin.name,
+            self.plugin.version,
+            self.plugin.kind,
+            self.plugin.path.display()
+        )
     }
 
     fn version(&self) -> Option<String> {
@@ -45,7 +51,10 @@ impl Component for WasmComponent {
         match (&self.plugin.validator, contains_template(config)) {
             (Some(v), false) => crate::schema::violations(v, config)
                 .into_iter()
-                .map(|m| ConfigProblem { path: String::new(), message: m })
+                .map(|m| ConfigProblem {
+                    path: String::new(),
+                    message: m,
+                })
                 .collect(),
             _ => Vec::new(),
         }
@@ -55,12 +64,21 @@ impl Component for WasmComponent {
         false
     }
 
-    async fn invoke(&self, ctx: &StageContext, config: Value, upstream: Arc<Value>) -> Result<Value, StageError> {
+    async fn invoke(
+        &self,
+        ctx: &StageContext,
+        config: Value,
+        upstream: Arc<Value>,
+    ) -> Result<Value, StageError> {
         let p = &self.plugin;
         if let Some(v) = &p.validator {
             let violations = crate::schema::violations(v, &config);
             if !violations.is_empty() {
-                return Err(StageError::validation(format!("config does not match plugin {}'s schema: {}", p.name, violations.join("; "))));
+                return Err(StageError::validation(format!(
+                    "config does not match plugin {}'s schema: {}",
+                    p.name,
+                    violations.join("; ")
+                )));
             }
         }
         let grant = (p.kind == World::Connector).then(|| HttpGrant {
@@ -72,46 +90,95 @@ impl Component for WasmComponent {
         let config_text = config.to_string();
         let input_text = upstream.to_string();
         let runtime = &p.runtime;
-        let state = PluginState::new(Arc::from(p.name.as_str()), ctx.run_id.clone(), ctx.stage_id.clone(), ctx.secrets.clone(), runtime.memory_limit, grant);
-        let deadline = ctx.deadline.map(|d| d.saturating_duration_since(std::time::Instant::now())).unwrap_or(DEFAULT_DEADLINE);
+        let state = PluginState::new(
+            Arc::from(p.name.as_str()),
+            ctx.run_id.clone(),
+            ctx.stage_id.clone(),
+            ctx.secrets.clone(),
+            runtime.memory_limit,
+            grant,
+        );
+        let deadline = ctx
+            .deadline
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or(DEFAULT_DEADLINE);
         let mut store = runtime.store(state, deadline);
         let result = async {
             let instance = p.pre.instantiate_async(&mut store).await?;
-            instance.fmhost_plugin_plugin().call_invoke(&mut store, &config_text, &input_text).await
+            instance
+                .fmhost_plugin_plugin()
+                .call_invoke(&mut store, &config_text, &input_text)
+                .await
         }
         .await;
         let state = store.data();
-        ctx.retries.fetch_add(state.retries.load(Ordering::Relaxed), Ordering::Relaxed);
+        ctx.retries
+            .fetch_add(state.retries.load(Ordering::Relaxed), Ordering::Relaxed);
         match result {
-            Ok(Ok(out)) => serde_json::from_str(&out)
-                .map_err(|e| StageError::internal(format!("plugin {} returned invalid JSON: {e}", p.name))),
+            Ok(Ok(out)) => serde_json::from_str(&out).map_err(|e| {
+                StageError::internal(format!("plugin {} returned invalid JSON: {e}", p.name))
+            }),
             Ok(Err(e)) => {
                 let kind = match e.kind {
-                    PluginErrorKind::InvalidConfig | PluginErrorKind::InvalidInput => ErrorKind::Validation,
-                    PluginErrorKind::Upstream => state.last_call_error.unwrap_or(ErrorKind::Http5xx),
+                    PluginErrorKind::InvalidConfig | PluginErrorKind::InvalidInput => {
+                        ErrorKind::Validation
+                    }
+                    PluginErrorKind::Upstream => {
+                        state.last_call_error.unwrap_or(ErrorKind::Http5xx)
+                    }
                     PluginErrorKind::Timeout => ErrorKind::Timeout,
                     PluginErrorKind::RateLimited => ErrorKind::RateLimited,
                     PluginErrorKind::Unauthorized => ErrorKind::Http4xx,
                     PluginErrorKind::Internal => ErrorKind::Internal,
                 };
-                Err(StageError::new(kind, format!("plugin {}: {}", p.name, e.message)))
+                Err(StageError::new(
+                    kind,
+                    format!("plugin {}: {}", p.name, e.message),
+                ))
             }
             Err(trap) => Err(sandbox_error(&p.name, &trap, state, deadline)),
         }
     }
 }
 
-fn sandbox_error(plugin: &str, trap: &wasmtime::Error, state: &PluginState, deadline: Duration) -> StageError {
-    let stderr = String::from_utf8_lossy(&state.stderr.contents()).trim().to_string();
-    let detail = if stderr.is_empty() { String::new() } else { format!(" (stderr: {})", stderr.lines().take(5).collect::<Vec<_>>().join(" | ")) };
+fn sandbox_error(
+    plugin: &str,
+    trap: &wasmtime::Error,
+    state: &PluginState,
+    deadline: Duration,
+) -> StageError {
+    let stderr = String::from_utf8_lossy(&state.stderr.contents())
+        .trim()
+        .to_string();
+    let detail = if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (stderr: {})",
+            stderr.lines().take(5).collect::<Vec<_>>().join(" | ")
+        )
+    };
     let what = if let Some(bytes) = state.limits.exceeded {
-        format!("exceeded its memory limit of {} MiB (asked for {} MiB)", state.limits.memory >> 20, bytes >> 20)
-    } else if matches!(trap.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
-        format!("was stopped at its CPU deadline of {}", humantime::format_duration(Duration::from_millis(deadline.as_millis() as u64)))
+        format!(
+            "exceeded its memory limit of {} MiB (asked for {} MiB)",
+            state.limits.memory >> 20,
+            bytes >> 20
+        )
+    } else if matches!(
+        trap.downcast_ref::<wasmtime::Trap>(),
+        Some(wasmtime::Trap::Interrupt)
+    ) {
+        format!(
+            "was stopped at its CPU deadline of {}",
+            humantime::format_duration(Duration::from_millis(deadline.as_millis() as u64))
+        )
     } else {
         format!("trapped: {}", chain(trap))
     };
-    StageError::new(ErrorKind::Sandbox, format!("plugin {plugin} {what}{detail}"))
+    StageError::new(
+        ErrorKind::Sandbox,
+        format!("plugin {plugin} {what}{detail}"),
+    )
 }
 
 fn contains_template(v: &Value) -> bool {

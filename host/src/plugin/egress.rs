@@ -34,7 +34,10 @@ impl HostPattern {
     /// The host and port of a URL, as a pattern that matches exactly them.
     pub fn of_url(url: &str) -> Option<HostPattern> {
         let u = reqwest::Url::parse(url).ok()?;
-        Some(HostPattern { host: u.host_str()?.to_ascii_lowercase(), port: u.port_or_known_default() })
+        Some(HostPattern {
+            host: u.host_str()?.to_ascii_lowercase(),
+            port: u.port_or_known_default(),
+        })
     }
 
     pub fn matches(&self, host: &str, port: Option<u16>) -> bool {
@@ -63,11 +66,22 @@ pub fn substitute(value: &str, secrets: &Secrets) -> Result<String, String> {
         return Ok(value.to_string());
     };
     if let Some(p) = t.paths().into_iter().find(|p| p.root != "secrets") {
-        return Err(format!("only {{{{secrets.NAME}}}} is substituted in requests, found `{p}`"));
+        return Err(format!(
+            "only {{{{secrets.NAME}}}} is substituted in requests, found `{p}`"
+        ));
     }
     let run = Value::Null;
-    let scope = Scope { input: &Value::Null, stages: &NoStages, secrets, output: None, run: &run, now: None, keep_secrets: false };
-    t.render(&scope).map(|v| crate::template::to_text(&v).into_owned())
+    let scope = Scope {
+        input: &Value::Null,
+        stages: &NoStages,
+        secrets,
+        output: None,
+        run: &run,
+        now: None,
+        keep_secrets: false,
+    };
+    t.render(&scope)
+        .map(|v| crate::template::to_text(&v).into_owned())
 }
 
 /// The hosts a plugin's stage may reach.
@@ -78,10 +92,22 @@ pub struct Egress {
 
 impl Egress {
     /// Builds the allow-list from the plugin's declaration and the trusted parties' additions.
-    pub fn new(declared: &[String], stage_allowed: &[String], config: &Value, secrets: &Secrets) -> Egress {
-        let mut allowed: Vec<HostPattern> = declared.iter().chain(stage_allowed).filter_map(|h| HostPattern::parse(h)).collect();
+    pub fn new(
+        declared: &[String],
+        stage_allowed: &[String],
+        config: &Value,
+        secrets: &Secrets,
+    ) -> Egress {
+        let mut allowed: Vec<HostPattern> = declared
+            .iter()
+            .chain(stage_allowed)
+            .filter_map(|h| HostPattern::parse(h))
+            .collect();
         if let Some(base) = config.get("base_url").and_then(Value::as_str) {
-            if let Some(p) = substitute(base, secrets).ok().and_then(|u| HostPattern::of_url(&u)) {
+            if let Some(p) = substitute(base, secrets)
+                .ok()
+                .and_then(|u| HostPattern::of_url(&u))
+            {
                 allowed.push(p);
             }
         }
@@ -99,7 +125,9 @@ impl Egress {
         // but only that exact host: `{{secrets.BASE}}.evil.com` does not qualify.
         if raw.trim_start().starts_with("{{secrets.") {
             if let Some(end) = raw.find("}}") {
-                let from_secret = substitute(&raw[..end + 2], secrets).ok().and_then(|u| HostPattern::of_url(&u));
+                let from_secret = substitute(&raw[..end + 2], secrets)
+                    .ok()
+                    .and_then(|u| HostPattern::of_url(&u));
                 if from_secret.is_some_and(|p| p.matches(host, port)) {
                     return Ok(());
                 }
@@ -109,7 +137,11 @@ impl Egress {
         Err(format!(
             "host {host}{} is not allowed (allowed: {}); add it to the stage's allowed_hosts if it should be",
             port.map(|p| format!(":{p}")).unwrap_or_default(),
-            if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") }
+            if allowed.is_empty() {
+                "none".to_string()
+            } else {
+                allowed.join(", ")
+            }
         ))
     }
 }
@@ -123,7 +155,12 @@ mod tests {
     #[test]
     fn patterns_and_trusted_additions() {
         let secrets = Secrets::from_pairs([("BASE", "http://127.0.0.1:4010"), ("KEY", "k-123456")]);
-        let e = Egress::new(&["api.stripe.com".into(), "*.salesforce.com".into()], &["localhost:9000".into()], &json!({"base_url": "http://10.0.0.1:8080/v1"}), &secrets);
+        let e = Egress::new(
+            &["api.stripe.com".into(), "*.salesforce.com".into()],
+            &["localhost:9000".into()],
+            &json!({"base_url": "http://10.0.0.1:8080/v1"}),
+            &secrets,
+        );
         let ok = |raw: &str| {
             let url = reqwest::Url::parse(&substitute(raw, &secrets).unwrap()).unwrap();
             e.check(raw, &url, &secrets)
@@ -135,9 +172,23 @@ mod tests {
         assert!(ok("http://localhost:9001/").is_err());
         assert!(ok("http://10.0.0.1:8080/other").is_ok());
         assert!(ok("{{secrets.BASE}}/v1/chat").is_ok());
-        assert!(ok("http://evil.example/{{secrets.BASE}}").unwrap_err().contains("evil.example"));
-        assert_eq!(substitute("Bearer {{secrets.KEY}}", &secrets).unwrap(), "Bearer k-123456");
-        assert_eq!(substitute("{{secrets.NOPE | default('https://api.openai.com/v1')}}", &secrets).unwrap(), "https://api.openai.com/v1");
+        assert!(
+            ok("http://evil.example/{{secrets.BASE}}")
+                .unwrap_err()
+                .contains("evil.example")
+        );
+        assert_eq!(
+            substitute("Bearer {{secrets.KEY}}", &secrets).unwrap(),
+            "Bearer k-123456"
+        );
+        assert_eq!(
+            substitute(
+                "{{secrets.NOPE | default('https://api.openai.com/v1')}}",
+                &secrets
+            )
+            .unwrap(),
+            "https://api.openai.com/v1"
+        );
         assert!(substitute("{{input.x}}", &secrets).is_err());
     }
 }

@@ -38,7 +38,11 @@ pub enum PluginError {
     #[error("plugin {path}: {message}")]
     Load { path: String, message: String },
     #[error("two plugins are named \"{name}\": {first} and {second}")]
-    Duplicate { name: String, first: String, second: String },
+    Duplicate {
+        name: String,
+        first: String,
+        second: String,
+    },
     #[error("plugin directory {path}: {message}")]
     Dir { path: String, message: String },
 }
@@ -79,7 +83,11 @@ pub struct Plugin {
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("name", &self.name).field("version", &self.version).field("path", &self.path).finish()
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -92,7 +100,10 @@ impl PluginRuntime {
             .and_then(|v| v.parse::<usize>().ok())
             .map(|mb| mb << 20)
             .unwrap_or(DEFAULT_MEMORY_LIMIT);
-        let instances = std::env::var("FMHOST_PLUGIN_INSTANCES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000u32);
+        let instances = std::env::var("FMHOST_PLUGIN_INSTANCES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000u32);
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
             .total_core_instances(instances * 4)
@@ -114,22 +125,36 @@ impl PluginRuntime {
 
         let mut transform_linker: Linker<PluginState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut transform_linker)?;
-        bindings::fmhost::plugin::types::add_to_linker::<_, HasSelf<_>>(&mut transform_linker, |s| s)?;
-        bindings::fmhost::plugin::log::add_to_linker::<_, HasSelf<_>>(&mut transform_linker, |s| s)?;
+        bindings::fmhost::plugin::types::add_to_linker::<_, HasSelf<_>>(
+            &mut transform_linker,
+            |s| s,
+        )?;
+        bindings::fmhost::plugin::log::add_to_linker::<_, HasSelf<_>>(
+            &mut transform_linker,
+            |s| s,
+        )?;
         let mut connector_linker: Linker<PluginState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut connector_linker)?;
         bindings::Connector::add_to_linker::<_, HasSelf<_>>(&mut connector_linker, |s| s)?;
 
         let weak = engine.weak();
-        std::thread::Builder::new().name("fmhost-epoch".into()).spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("fmhost-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
         let cache = cache::CompileCache::new(&engine, cache::default_dir());
-        Ok(Arc::new(PluginRuntime { engine, transform_linker, connector_linker, cache, memory_limit }))
+        Ok(Arc::new(PluginRuntime {
+            engine,
+            transform_linker,
+            connector_linker,
+            cache,
+            memory_limit,
+        }))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -143,7 +168,11 @@ impl PluginRuntime {
         self.load_bytes(path, &bytes).await
     }
 
-    pub async fn load_bytes(self: &Arc<Self>, path: &Path, bytes: &[u8]) -> Result<Plugin, PluginError> {
+    pub async fn load_bytes(
+        self: &Arc<Self>,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<Plugin, PluginError> {
         let hash = content_hash(bytes);
         let component = {
             let (rt, bytes, hash) = (self.clone(), bytes.to_vec(), hash.clone());
@@ -151,13 +180,31 @@ impl PluginRuntime {
             tokio::task::spawn_blocking(move || rt.cache.load(&rt.engine, &bytes, &hash))
                 .await
                 .map_err(|e| load_err(path, e.to_string()))?
-                .map_err(|e| load_err(path, format!("not a valid WebAssembly component: {}", chain(&e))))?
+                .map_err(|e| {
+                    load_err(
+                        path,
+                        format!("not a valid WebAssembly component: {}", chain(&e)),
+                    )
+                })?
         };
-        let imports: Vec<String> = component.component_type().imports(&self.engine).map(|(name, _)| name.to_string()).collect();
+        let imports: Vec<String> = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
         if let Some(http) = imports.iter().find(|i| i.starts_with("wasi:http/")) {
-            return Err(load_err(path, format!("imports {http}, which fmhost does not grant; make HTTP calls through fmhost:plugin/http")));
+            return Err(load_err(
+                path,
+                format!(
+                    "imports {http}, which fmhost does not grant; make HTTP calls through fmhost:plugin/http"
+                ),
+            ));
         }
-        let world = if imports.iter().any(|i| i.starts_with("fmhost:plugin/http@")) { World::Connector } else { World::Transform };
+        let world = if imports.iter().any(|i| i.starts_with("fmhost:plugin/http@")) {
+            World::Connector
+        } else {
+            World::Transform
+        };
         let linker = match world {
             World::Transform => &self.transform_linker,
             World::Connector => &self.connector_linker,
@@ -165,33 +212,82 @@ impl PluginRuntime {
         let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
             load_err(path, format!("its imports cannot be satisfied (fmhost grants WASI p2 and fmhost:plugin@0.1.0 log/http): {}", chain(&e)))
         })?;
-        let pre = bindings::ConnectorPre::new(instance_pre)
-            .map_err(|e| load_err(path, format!("does not export fmhost:plugin/plugin@0.1.0: {}", chain(&e))))?;
+        let pre = bindings::ConnectorPre::new(instance_pre).map_err(|e| {
+            load_err(
+                path,
+                format!("does not export fmhost:plugin/plugin@0.1.0: {}", chain(&e)),
+            )
+        })?;
 
-        let mut store = self.store(PluginState::new(Arc::from("?"), Arc::from("describe"), Arc::from("describe"), Default::default(), self.memory_limit, None), Duration::from_secs(10));
-        let instance = pre.instantiate_async(&mut store).await.map_err(|e| load_err(path, format!("cannot be instantiated: {}", chain(&e))))?;
-        let d = instance.fmhost_plugin_plugin().call_describe(&mut store).await.map_err(|e| load_err(path, format!("describe() failed: {}", chain(&e))))?;
+        let mut store = self.store(
+            PluginState::new(
+                Arc::from("?"),
+                Arc::from("describe"),
+                Arc::from("describe"),
+                Default::default(),
+                self.memory_limit,
+                None,
+            ),
+            Duration::from_secs(10),
+        );
+        let instance = pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| load_err(path, format!("cannot be instantiated: {}", chain(&e))))?;
+        let d = instance
+            .fmhost_plugin_plugin()
+            .call_describe(&mut store)
+            .await
+            .map_err(|e| load_err(path, format!("describe() failed: {}", chain(&e))))?;
         let kind = match d.kind {
             bindings::PluginKind::Transform => World::Transform,
             bindings::PluginKind::Connector => World::Connector,
         };
         if kind == World::Transform && world == World::Connector {
-            return Err(load_err(path, format!("\"{}\" describes itself as a transform but imports http; build it against the connector world", d.name)));
+            return Err(load_err(
+                path,
+                format!(
+                    "\"{}\" describes itself as a transform but imports http; build it against the connector world",
+                    d.name
+                ),
+            ));
         }
-        if d.name.is_empty() || !d.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return Err(load_err(path, format!("describe() gave an invalid name {:?}: use letters, digits, '-' and '_'", d.name)));
+        if d.name.is_empty()
+            || !d
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(load_err(
+                path,
+                format!(
+                    "describe() gave an invalid name {:?}: use letters, digits, '-' and '_'",
+                    d.name
+                ),
+            ));
         }
         let (config_schema, validator) = if d.config_schema.trim().is_empty() {
             (None, None)
         } else {
-            let schema: Value = serde_json::from_str(&d.config_schema)
-                .map_err(|e| load_err(path, format!("\"{}\": config schema is not JSON: {e}", d.name)))?;
-            let validator = crate::schema::compile(&schema).map_err(|e| load_err(path, format!("\"{}\": config schema: {e}", d.name)))?;
+            let schema: Value = serde_json::from_str(&d.config_schema).map_err(|e| {
+                load_err(
+                    path,
+                    format!("\"{}\": config schema is not JSON: {e}", d.name),
+                )
+            })?;
+            let validator = crate::schema::compile(&schema)
+                .map_err(|e| load_err(path, format!("\"{}\": config schema: {e}", d.name)))?;
             (Some(schema), Some(validator))
         };
         for h in &d.allowed_hosts {
             if HostPattern::parse(h).is_none() {
-                return Err(load_err(path, format!("\"{}\": allowed host {h:?} is not a host, *.domain or host:port", d.name)));
+                return Err(load_err(
+                    path,
+                    format!(
+                        "\"{}\": allowed host {h:?} is not a host, *.domain or host:port",
+                        d.name
+                    ),
+                ));
             }
         }
         Ok(Plugin {
@@ -222,17 +318,27 @@ impl PluginRuntime {
     /// Like [`discover`](Self::discover), but when two files name the same plugin the
     /// newer file wins: in `serve`, dropping a new version into a watched directory is
     /// how a plugin is swapped, so both files are expected to be there at the next start.
-    pub async fn discover_newest(self: &Arc<Self>, explicit: &[PathBuf]) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
+    pub async fn discover_newest(
+        self: &Arc<Self>,
+        explicit: &[PathBuf],
+    ) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
         self.discover_with(explicit, true).await
     }
 
     /// Finds plugins: each `--plugins` dir, then `FMHOST_PLUGIN_PATH`, then `./target/plugins`.
     /// Directories that do not exist are skipped, except those named explicitly.
-    pub async fn discover(self: &Arc<Self>, explicit: &[PathBuf]) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
+    pub async fn discover(
+        self: &Arc<Self>,
+        explicit: &[PathBuf],
+    ) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
         self.discover_with(explicit, false).await
     }
 
-    async fn discover_with(self: &Arc<Self>, explicit: &[PathBuf], newest_wins: bool) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
+    async fn discover_with(
+        self: &Arc<Self>,
+        explicit: &[PathBuf],
+        newest_wins: bool,
+    ) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
         let mut dirs: Vec<(PathBuf, bool)> = explicit.iter().map(|d| (d.clone(), true)).collect();
         if let Some(path) = std::env::var_os("FMHOST_PLUGIN_PATH") {
             dirs.extend(std::env::split_paths(&path).map(|d| (d, false)));
@@ -250,24 +356,39 @@ impl PluginRuntime {
             let entries = match std::fs::read_dir(&dir) {
                 Ok(e) => e,
                 Err(e) if explicit => {
-                    errors.push(PluginError::Dir { path: dir.display().to_string(), message: e.to_string() });
+                    errors.push(PluginError::Dir {
+                        path: dir.display().to_string(),
+                        message: e.to_string(),
+                    });
                     continue;
                 }
                 Err(_) => continue,
             };
-            let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "wasm")).collect();
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+                .collect();
             files.sort();
             for file in files {
                 match self.load_file(&file).await {
                     Ok(p) => {
-                        let mtime = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                        if let Some(i) = plugins.iter().position(|q| q.name == p.name).filter(|_| newest_wins) {
+                        let mtime =
+                            |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                        if let Some(i) = plugins
+                            .iter()
+                            .position(|q| q.name == p.name)
+                            .filter(|_| newest_wins)
+                        {
                             if mtime(&p.path) > mtime(&plugins[i].path) {
                                 tracing::info!(target: "fmhost::plugin", "{}: {} is newer than {}; using it", p.name, p.path.display(), plugins[i].path.display());
                                 plugins[i] = Arc::new(p);
                             }
                         } else if let Some(first) = plugins.iter().find(|q| q.name == p.name) {
-                            errors.push(PluginError::Duplicate { name: p.name.clone(), first: first.path.display().to_string(), second: file.display().to_string() });
+                            errors.push(PluginError::Duplicate {
+                                name: p.name.clone(),
+                                first: first.path.display().to_string(),
+                                second: file.display().to_string(),
+                            });
                         } else {
                             plugins.push(Arc::new(p));
                         }
@@ -276,7 +397,11 @@ impl PluginRuntime {
                 }
             }
         }
-        if errors.is_empty() { Ok(plugins) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(plugins)
+        } else {
+            Err(errors)
+        }
     }
 }
 
@@ -289,9 +414,20 @@ pub struct WarmInstance {
 
 impl Plugin {
     pub async fn warm_instance(&self) -> Result<WarmInstance, String> {
-        let state = PluginState::new(Arc::from(self.name.as_str()), Arc::from("bench"), Arc::from("bench"), Default::default(), self.runtime.memory_limit, None);
+        let state = PluginState::new(
+            Arc::from(self.name.as_str()),
+            Arc::from("bench"),
+            Arc::from("bench"),
+            Default::default(),
+            self.runtime.memory_limit,
+            None,
+        );
         let mut store = self.runtime.store(state, Duration::from_secs(3600));
-        let bindings = self.pre.instantiate_async(&mut store).await.map_err(|e| chain(&e))?;
+        let bindings = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| chain(&e))?;
         Ok(WarmInstance { store, bindings })
     }
 }
@@ -299,7 +435,12 @@ impl Plugin {
 impl WarmInstance {
     pub async fn invoke(&mut self, config: &str, input: &str) -> Result<String, String> {
         let (config, input) = (config.to_owned(), input.to_owned());
-        match self.bindings.fmhost_plugin_plugin().call_invoke(&mut self.store, &config, &input).await {
+        match self
+            .bindings
+            .fmhost_plugin_plugin()
+            .call_invoke(&mut self.store, &config, &input)
+            .await
+        {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(e)) => Err(e.message),
             Err(trap) => Err(chain(&trap)),
@@ -308,10 +449,16 @@ impl WarmInstance {
 }
 
 fn load_err(path: &Path, message: String) -> PluginError {
-    PluginError::Load { path: path.display().to_string(), message }
+    PluginError::Load {
+        path: path.display().to_string(),
+        message,
+    }
 }
 
 /// An error and its causes on one line.
 pub(crate) fn chain(e: &wasmtime::Error) -> String {
-    e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }

@@ -42,7 +42,14 @@ pub struct PluginState {
 }
 
 impl PluginState {
-    pub fn new(plugin: Arc<str>, run_id: Arc<str>, stage_id: Arc<str>, secrets: Arc<Secrets>, memory_limit: usize, http: Option<HttpGrant>) -> Self {
+    pub fn new(
+        plugin: Arc<str>,
+        run_id: Arc<str>,
+        stage_id: Arc<str>,
+        secrets: Arc<Secrets>,
+        memory_limit: usize,
+        http: Option<HttpGrant>,
+    ) -> Self {
         let stderr = MemoryOutputPipe::new(8 * 1024);
         // Nothing beyond the world: no preopens, no environment, no arguments, no
         // network (sockets are linked for toolchains that import them, but every
@@ -56,7 +63,10 @@ impl PluginState {
         PluginState {
             wasi,
             table: ResourceTable::new(),
-            limits: Limits { memory: memory_limit, exceeded: None },
+            limits: Limits {
+                memory: memory_limit,
+                exceeded: None,
+            },
             stderr,
             plugin,
             run_id,
@@ -72,7 +82,10 @@ impl PluginState {
 
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -84,7 +97,12 @@ pub struct Limits {
 }
 
 impl wasmtime::ResourceLimiter for Limits {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory {
             self.exceeded = Some(desired);
             return Ok(false);
@@ -92,7 +110,12 @@ impl wasmtime::ResourceLimiter for Limits {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -104,18 +127,31 @@ impl bindings::fmhost::plugin::log::Host for PluginState {
         let message = self.secrets.redact(&message);
         let (plugin, run_id, stage) = (&*self.plugin, &*self.run_id, &*self.stage_id);
         match level {
-            Level::Trace => tracing::trace!(target: "fmhost::plugin", plugin, run_id, stage, "{plugin}: {message}"),
-            Level::Debug => tracing::debug!(target: "fmhost::plugin", plugin, run_id, stage, "{plugin}: {message}"),
-            Level::Info => tracing::info!(target: "fmhost::plugin", plugin, run_id, stage, "{plugin}: {message}"),
-            Level::Warn => tracing::warn!(target: "fmhost::plugin", plugin, run_id, stage, "{plugin}: {message}"),
-            Level::Error => tracing::error!(target: "fmhost::plugin", plugin, run_id, stage, "{plugin}: {message}"),
+            Level::Trace => {
+                tracing::trace!(target: "fmhost::plugin", plugin, run_id, stage, "{plugin}: {message}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "fmhost::plugin", plugin, run_id, stage, "{plugin}: {message}")
+            }
+            Level::Info => {
+                tracing::info!(target: "fmhost::plugin", plugin, run_id, stage, "{plugin}: {message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "fmhost::plugin", plugin, run_id, stage, "{plugin}: {message}")
+            }
+            Level::Error => {
+                tracing::error!(target: "fmhost::plugin", plugin, run_id, stage, "{plugin}: {message}")
+            }
         }
         Ok(())
     }
 }
 
 fn http_error(kind: HttpErrorKind, message: impl Into<String>) -> HttpError {
-    HttpError { kind, message: message.into() }
+    HttpError {
+        kind,
+        message: message.into(),
+    }
 }
 
 impl bindings::fmhost::plugin::http::Host for PluginState {
@@ -127,43 +163,70 @@ impl bindings::fmhost::plugin::http::Host for PluginState {
 impl PluginState {
     async fn send_checked(&mut self, req: Request) -> Result<Response, HttpError> {
         let Some(grant) = &self.http else {
-            return Err(http_error(HttpErrorKind::Refused, "this plugin was not granted http"));
+            return Err(http_error(
+                HttpErrorKind::Refused,
+                "this plugin was not granted http",
+            ));
         };
         self.calls += 1;
         let refused = |m: String| http_error(HttpErrorKind::Refused, m);
-        let url = egress::substitute(&req.url, &self.secrets).map_err(|e| refused(format!("url: {e}")))?;
-        let parsed = reqwest::Url::parse(&url)
-            .map_err(|e| http_error(HttpErrorKind::InvalidRequest, format!("url {}: {e}", self.secrets.redact(&url))))?;
+        let url = egress::substitute(&req.url, &self.secrets)
+            .map_err(|e| refused(format!("url: {e}")))?;
+        let parsed = reqwest::Url::parse(&url).map_err(|e| {
+            http_error(
+                HttpErrorKind::InvalidRequest,
+                format!("url {}: {e}", self.secrets.redact(&url)),
+            )
+        })?;
         if let Err(why) = grant.egress.check(&req.url, &parsed, &self.secrets) {
             tracing::warn!(target: "fmhost::plugin", plugin = &*self.plugin, run_id = &*self.run_id, stage = &*self.stage_id, "{}: refused egress: {why}", self.plugin);
             return Err(refused(why));
         }
         let mut headers = Vec::with_capacity(req.headers.len());
         for (name, value) in &req.headers {
-            let value = egress::substitute(value, &self.secrets).map_err(|e| refused(format!("header {name}: {e}")))?;
+            let value = egress::substitute(value, &self.secrets)
+                .map_err(|e| refused(format!("header {name}: {e}")))?;
             headers.push((name.clone(), value));
         }
         let method = reqwest::Method::from_bytes(req.method.to_ascii_uppercase().as_bytes())
-            .map_err(|_| http_error(HttpErrorKind::InvalidRequest, format!("invalid method {:?}", req.method)))?;
-        let mutating = !matches!(method, reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS);
+            .map_err(|_| {
+                http_error(
+                    HttpErrorKind::InvalidRequest,
+                    format!("invalid method {:?}", req.method),
+                )
+            })?;
+        let mutating = !matches!(
+            method,
+            reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS
+        );
         let idempotency_key = req.idempotency_key.clone().or_else(|| {
-            mutating.then(|| crate::component::default_idempotency_key(&self.run_id, &format!("{}#{}", self.stage_id, self.calls)))
+            mutating.then(|| {
+                crate::component::default_idempotency_key(
+                    &self.run_id,
+                    &format!("{}#{}", self.stage_id, self.calls),
+                )
+            })
         });
-        let policy = grant.stage_retry.clone().unwrap_or_else(|| match &req.retry {
-            Some(r) => RetryPolicy {
-                max_attempts: r.max_attempts.clamp(1, 10),
-                base_delay: std::time::Duration::from_millis(u64::from(r.initial_delay_ms)),
-                multiplier: f64::from(r.backoff_multiplier).max(1.0),
-                ..RetryPolicy::no_retry()
-            },
-            None => RetryPolicy::no_retry(),
-        });
+        let policy = grant
+            .stage_retry
+            .clone()
+            .unwrap_or_else(|| match &req.retry {
+                Some(r) => RetryPolicy {
+                    max_attempts: r.max_attempts.clamp(1, 10),
+                    base_delay: std::time::Duration::from_millis(u64::from(r.initial_delay_ms)),
+                    multiplier: f64::from(r.backoff_multiplier).max(1.0),
+                    ..RetryPolicy::no_retry()
+                },
+                None => RetryPolicy::no_retry(),
+            });
         let request = HttpRequest {
             method,
             url,
             headers,
             body: req.body,
-            timeout: req.timeout_ms.map(|ms| std::time::Duration::from_millis(u64::from(ms))),
+            timeout: req
+                .timeout_ms
+                .map(|ms| std::time::Duration::from_millis(u64::from(ms))),
             idempotency_key,
             service: None,
         };
@@ -177,7 +240,11 @@ impl PluginState {
         match grant.outbound.send(&ctx, &request, &policy).await {
             Ok(resp) => {
                 self.last_call_error = crate::http::http_failure_of(&resp).map(|e| e.kind);
-                Ok(Response { status: resp.status, headers: resp.headers, body: resp.body })
+                Ok(Response {
+                    status: resp.status,
+                    headers: resp.headers,
+                    body: resp.body,
+                })
             }
             Err(e) => {
                 self.last_call_error = Some(e.kind);

@@ -64,10 +64,23 @@ struct App {
 /// Starts the server and serves until SIGTERM or Ctrl-C, then drains.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let runtime = PluginRuntime::new()?;
-    let found = runtime.discover_newest(&opts.plugins).await.map_err(|errors| {
-        anyhow::anyhow!(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
-    })?;
-    let registry = Arc::new(PluginRegistry::new(runtime.clone(), found, Some(opts.state.join("plugins"))));
+    let found = runtime
+        .discover_newest(&opts.plugins)
+        .await
+        .map_err(|errors| {
+            anyhow::anyhow!(
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })?;
+    let registry = Arc::new(PluginRegistry::new(
+        runtime.clone(),
+        found,
+        Some(opts.state.join("plugins")),
+    ));
     let components = registry.registry();
 
     let mut pipelines = HashMap::new();
@@ -84,12 +97,21 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             Ok(plan) => {
                 let name = plan.name.to_string();
                 for t in &plan.triggers {
-                    if let Some((other, _)) = hooks.insert(t.path.clone(), (name.clone(), t.clone())) {
-                        problems.push(format!("{}: trigger path {} is also used by pipeline {other}", file.display(), t.path));
+                    if let Some((other, _)) =
+                        hooks.insert(t.path.clone(), (name.clone(), t.clone()))
+                    {
+                        problems.push(format!(
+                            "{}: trigger path {} is also used by pipeline {other}",
+                            file.display(),
+                            t.path
+                        ));
                     }
                 }
                 if pipelines.insert(name.clone(), Arc::new(plan)).is_some() {
-                    problems.push(format!("{}: a second pipeline is named \"{name}\"", file.display()));
+                    problems.push(format!(
+                        "{}: a second pipeline is named \"{name}\"",
+                        file.display()
+                    ));
                 }
             }
             Err(e) => problems.extend(e.lines()),
@@ -116,10 +138,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     for d in app.inbox.pending() {
         tracing::info!(target: "fmhost::serve", event_id = %d.event_id, pipeline = %d.pipeline, "resuming accepted delivery {} for {}", d.event_id, d.pipeline);
         let app2 = app.clone();
-        app.tracker.spawn(async move { process_delivery(app2, d, new_run_id()).await });
+        app.tracker
+            .spawn(async move { process_delivery(app2, d, new_run_id()).await });
     }
 
-    let _watcher = plugins::watch(registry, opts.plugins.clone()).map_err(|e| anyhow::anyhow!("cannot watch the plugin directories: {e}"))?;
+    let _watcher = plugins::watch(registry, opts.plugins.clone())
+        .map_err(|e| anyhow::anyhow!("cannot watch the plugin directories: {e}"))?;
 
     let router = Router::new()
         .route("/v1/pipelines/{name}/runs", post(start_run))
@@ -133,7 +157,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(256 << 20))
         .with_state(app.clone());
-    let listener = tokio::net::TcpListener::bind(&opts.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");
     tracing::info!(target: "fmhost::serve", %addr, pipelines = app.pipelines.len(), "serving {} pipeline(s) on http://{addr}", app.pipelines.len());
@@ -147,7 +173,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         })
         .await?;
     app.tracker.close();
-    if tokio::time::timeout(opts.drain_timeout, app.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(opts.drain_timeout, app.tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(target: "fmhost::serve", "drain timeout: {} background run(s) still running; accepted deliveries will resume at next start", app.tracker.len());
     }
     tracing::info!(target: "fmhost::serve", "stopped");
@@ -158,7 +187,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -171,7 +201,12 @@ async fn shutdown_signal() {
 /// An RFC 9457 problem body.
 fn problem(status: StatusCode, title: &str, detail: impl Into<String>) -> Response {
     let body = json!({"type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail.into()});
-    (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn run_status_code(report: &RunReport) -> StatusCode {
@@ -183,9 +218,18 @@ fn run_status_code(report: &RunReport) -> StatusCode {
     }
 }
 
-async fn execute(app: &App, plan: Arc<Plan>, input: Value, run_id: String) -> Result<RunReport, String> {
+async fn execute(
+    app: &App,
+    plan: Arc<Plan>,
+    input: Value,
+    run_id: String,
+) -> Result<RunReport, String> {
     let observer: Arc<dyn crate::engine::RunObserver> = app.runs.clone();
-    let opts = RunOptions { run_id: Some(run_id), observer: Some(observer), ..RunOptions::default() };
+    let opts = RunOptions {
+        run_id: Some(run_id),
+        observer: Some(observer),
+        ..RunOptions::default()
+    };
     match app.engine.run(plan, input, opts).await {
         Ok(report) => {
             app.runs.finish(&report);
@@ -195,24 +239,47 @@ async fn execute(app: &App, plan: Arc<Plan>, input: Value, run_id: String) -> Re
     }
 }
 
-async fn start_run(State(app): State<Arc<App>>, Path(name): Path<String>, Query(q): Query<HashMap<String, String>>, body: Bytes) -> Response {
+async fn start_run(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
     if app.draining.load(Ordering::SeqCst) {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "shutting down", "the server is draining and accepts no new runs");
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down",
+            "the server is draining and accepts no new runs",
+        );
     }
     let Some(plan) = app.pipelines.get(&name).cloned() else {
         let known: Vec<&String> = app.pipelines.keys().collect();
-        return problem(StatusCode::NOT_FOUND, "unknown pipeline", format!("no pipeline named \"{name}\" (known: {known:?})"));
+        return problem(
+            StatusCode::NOT_FOUND,
+            "unknown pipeline",
+            format!("no pipeline named \"{name}\" (known: {known:?})"),
+        );
     };
     let input: Value = if body.is_empty() {
         json!({})
     } else {
         match serde_json::from_slice(&body) {
             Ok(v) => v,
-            Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid input", format!("request body: line {} column {}: {e}", e.line(), e.column())),
+            Err(e) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "invalid input",
+                    format!("request body: line {} column {}: {e}", e.line(), e.column()),
+                );
+            }
         }
     };
     if let Err(e) = Engine::check_input(&plan, &input) {
-        return problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid input", e.to_string());
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid input",
+            e.to_string(),
+        );
     }
     let run_id = new_run_id();
     match q.get("mode").map(String::as_str) {
@@ -228,14 +295,22 @@ async fn start_run(State(app): State<Arc<App>>, Path(name): Path<String>, Query(
             });
             (StatusCode::ACCEPTED, Json(json!({"run_id": run_id, "status": "running", "href": format!("/v1/runs/{run_id}")}))).into_response()
         }
-        Some(other) => problem(StatusCode::BAD_REQUEST, "invalid mode", format!("mode must be sync or async, not {other:?}")),
+        Some(other) => problem(
+            StatusCode::BAD_REQUEST,
+            "invalid mode",
+            format!("mode must be sync or async, not {other:?}"),
+        ),
     }
 }
 
 async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
     match app.runs.get(&id) {
         Some(run) => Json(run).into_response(),
-        None => problem(StatusCode::NOT_FOUND, "unknown run", format!("no run {id} on this server")),
+        None => problem(
+            StatusCode::NOT_FOUND,
+            "unknown run",
+            format!("no run {id} on this server"),
+        ),
     }
 }
 
@@ -243,9 +318,17 @@ async fn list_plugins(State(app): State<Arc<App>>) -> Response {
     Json(app.plugins.list()).into_response()
 }
 
-async fn put_plugin(State(app): State<Arc<App>>, Path(name): Path<String>, body: Bytes) -> Response {
+async fn put_plugin(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
     if body.is_empty() {
-        return problem(StatusCode::BAD_REQUEST, "empty upload", "the request body must be a WebAssembly component");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "empty upload",
+            "the request body must be a WebAssembly component",
+        );
     }
     match app.plugins.swap(&name, &body, &format!("upload:{name}")).await {
         Ok((old, new)) => Json(json!({"name": name, "previous_version": old, "version": new.version, "sha256": new.hash})).into_response(),
@@ -256,14 +339,25 @@ async fn put_plugin(State(app): State<Arc<App>>, Path(name): Path<String>, body:
 
 async fn rollback_plugin(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
     match app.plugins.rollback(&name) {
-        Ok((from, to)) => Json(json!({"name": name, "previous_version": from, "version": to})).into_response(),
-        Err(e @ plugins::SwapError::Unknown(_)) => problem(StatusCode::NOT_FOUND, "unknown plugin", e.to_string()),
+        Ok((from, to)) => {
+            Json(json!({"name": name, "previous_version": from, "version": to})).into_response()
+        }
+        Err(e @ plugins::SwapError::Unknown(_)) => {
+            problem(StatusCode::NOT_FOUND, "unknown plugin", e.to_string())
+        }
         Err(e) => problem(StatusCode::CONFLICT, "nothing to roll back", e.to_string()),
     }
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], app.engine.outbound.metrics.encode()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.engine.outbound.metrics.encode(),
+    )
+        .into_response()
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
@@ -274,31 +368,63 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-async fn fallback(State(app): State<Arc<App>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn fallback(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let Some((pipeline, trigger)) = app.hooks.get(uri.path()).cloned() else {
-        return problem(StatusCode::NOT_FOUND, "not found", format!("no route for {method} {}", uri.path()));
+        return problem(
+            StatusCode::NOT_FOUND,
+            "not found",
+            format!("no route for {method} {}", uri.path()),
+        );
     };
     if method != Method::POST {
-        return problem(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "webhooks take POST");
+        return problem(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+            "webhooks take POST",
+        );
     }
     if app.draining.load(Ordering::SeqCst) {
         // The sender will retry; nothing was accepted.
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "shutting down", "retry later");
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down",
+            "retry later",
+        );
     }
     let secret = match crate::plugin::substitute_secrets(&trigger.secret, &app.engine.secrets) {
         Ok(s) if !s.is_empty() => s,
         Ok(_) | Err(_) => {
             tracing::error!(target: "fmhost::serve", path = %trigger.path, "webhook secret for {} is not set; refusing deliveries", trigger.path);
-            return problem(StatusCode::INTERNAL_SERVER_ERROR, "webhook misconfigured", "the signing secret is not set on this server");
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "webhook misconfigured",
+                "the signing secret is not set on this server",
+            );
         }
     };
     if let Err(why) = webhooks::verify(&trigger, &secret, &headers, &body, SystemTime::now()) {
         tracing::warn!(target: "fmhost::serve", path = %trigger.path, "rejected webhook delivery: {why}");
-        return problem(StatusCode::UNAUTHORIZED, "invalid signature", why.to_string());
+        return problem(
+            StatusCode::UNAUTHORIZED,
+            "invalid signature",
+            why.to_string(),
+        );
     }
     let payload: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, "invalid payload", format!("body is not JSON: {e}")),
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "invalid payload",
+                format!("body is not JSON: {e}"),
+            );
+        }
     };
     let event_id = webhooks::event_id(&trigger, &headers, &payload, &body);
     let delivery = Delivery {
@@ -309,17 +435,28 @@ async fn fallback(State(app): State<Arc<App>>, method: Method, uri: Uri, headers
         payload,
     };
     match app.inbox.accept(&delivery) {
-        Ok(Accepted::Duplicate) => Json(json!({"event_id": event_id, "duplicate": true})).into_response(),
+        Ok(Accepted::Duplicate) => {
+            Json(json!({"event_id": event_id, "duplicate": true})).into_response()
+        }
         Ok(Accepted::New) => {
             let run_id = new_run_id();
             let app2 = app.clone();
             let id = run_id.clone();
-            app.tracker.spawn(async move { process_delivery(app2, delivery, id).await });
-            (StatusCode::ACCEPTED, Json(json!({"event_id": event_id, "run_id": run_id}))).into_response()
+            app.tracker
+                .spawn(async move { process_delivery(app2, delivery, id).await });
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({"event_id": event_id, "run_id": run_id})),
+            )
+                .into_response()
         }
         Err(e) => {
             tracing::error!(target: "fmhost::serve", "cannot persist webhook delivery {event_id}: {e}");
-            problem(StatusCode::SERVICE_UNAVAILABLE, "cannot persist", "the delivery could not be stored durably; retry later")
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot persist",
+                "the delivery could not be stored durably; retry later",
+            )
         }
     }
 }
@@ -330,7 +467,9 @@ async fn process_delivery(app: Arc<App>, d: Delivery, run_id: String) {
         return;
     };
     let outcome = match execute(&app, plan, d.payload.clone(), run_id.clone()).await {
-        Ok(report) => json!({"run_id": report.run_id, "status": report.status, "error": report.error}),
+        Ok(report) => {
+            json!({"run_id": report.run_id, "status": report.status, "error": report.error})
+        }
         Err(e) => json!({"run_id": run_id, "status": "rejected", "error": e}),
     };
     if let Err(e) = app.inbox.done(&d.pipeline, &d.event_id, &outcome) {

@@ -59,9 +59,16 @@ impl Component for SwappableComponent {
         v.runs_served.fetch_add(1, Ordering::Relaxed);
         Some(Arc::new(WasmComponent::new(v.plugin.clone())))
     }
-    async fn invoke(&self, ctx: &StageContext, config: Value, upstream: Arc<Value>) -> Result<Value, StageError> {
+    async fn invoke(
+        &self,
+        ctx: &StageContext,
+        config: Value,
+        upstream: Arc<Value>,
+    ) -> Result<Value, StageError> {
         // Only reached when a caller did not pin; use the current version.
-        WasmComponent::new(self.slot.current().plugin.clone()).invoke(ctx, config, upstream).await
+        WasmComponent::new(self.slot.current().plugin.clone())
+            .invoke(ctx, config, upstream)
+            .await
     }
 }
 
@@ -84,16 +91,34 @@ pub struct PluginRegistry {
 }
 
 impl PluginRegistry {
-    pub fn new(runtime: Arc<PluginRuntime>, plugins: Vec<Arc<Plugin>>, upload_dir: Option<PathBuf>) -> PluginRegistry {
+    pub fn new(
+        runtime: Arc<PluginRuntime>,
+        plugins: Vec<Arc<Plugin>>,
+        upload_dir: Option<PathBuf>,
+    ) -> PluginRegistry {
         let slots = plugins
             .into_iter()
             .map(|p| {
                 let name = p.name.clone();
-                let version = Arc::new(Version { plugin: p, runs_served: AtomicU64::new(0) });
-                (name.clone(), Arc::new(Slot { name, current: ArcSwap::new(version), previous: Mutex::new(Vec::new()) }))
+                let version = Arc::new(Version {
+                    plugin: p,
+                    runs_served: AtomicU64::new(0),
+                });
+                (
+                    name.clone(),
+                    Arc::new(Slot {
+                        name,
+                        current: ArcSwap::new(version),
+                        previous: Mutex::new(Vec::new()),
+                    }),
+                )
             })
             .collect();
-        PluginRegistry { runtime, slots: RwLock::new(slots), upload_dir }
+        PluginRegistry {
+            runtime,
+            slots: RwLock::new(slots),
+            upload_dir,
+        }
     }
 
     /// The built-ins plus a swappable component per plugin, for compiling pipelines.
@@ -128,12 +153,24 @@ impl PluginRegistry {
     }
 
     /// Compiles and validates `bytes`, then switches `name` to it. Returns (old, new) versions.
-    pub async fn swap(&self, name: &str, bytes: &[u8], origin: &str) -> Result<(Option<String>, Arc<Plugin>), SwapError> {
+    pub async fn swap(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        origin: &str,
+    ) -> Result<(Option<String>, Arc<Plugin>), SwapError> {
         let started = Instant::now();
         let shown = PathBuf::from(origin);
-        let plugin = self.runtime.load_bytes(&shown, bytes).await.map_err(|e| SwapError::Invalid(e.to_string()))?;
+        let plugin = self
+            .runtime
+            .load_bytes(&shown, bytes)
+            .await
+            .map_err(|e| SwapError::Invalid(e.to_string()))?;
         if plugin.name != name {
-            return Err(SwapError::Invalid(format!("the component names itself \"{}\", not \"{name}\"", plugin.name)));
+            return Err(SwapError::Invalid(format!(
+                "the component names itself \"{}\", not \"{name}\"",
+                plugin.name
+            )));
         }
         let slot = self.slots.read().expect("slots lock").get(name).cloned();
         let Some(slot) = slot else {
@@ -141,7 +178,13 @@ impl PluginRegistry {
         };
         let old = slot.current();
         if old.plugin.kind != plugin.kind {
-            return Err(SwapError::Invalid(format!("\"{name}\" is a {:?} but the upload is a {:?}", old.plugin.kind, plugin.kind).to_lowercase()));
+            return Err(SwapError::Invalid(
+                format!(
+                    "\"{name}\" is a {:?} but the upload is a {:?}",
+                    old.plugin.kind, plugin.kind
+                )
+                .to_lowercase(),
+            ));
         }
         if old.plugin.hash == plugin.hash {
             return Ok((Some(old.plugin.version.clone()), old.plugin.clone()));
@@ -152,7 +195,10 @@ impl PluginRegistry {
                 tracing::warn!(target: "fmhost::serve", plugin = name, "cannot keep the uploaded version on disk: {e}");
             }
         }
-        let new = Arc::new(Version { plugin: plugin.clone(), runs_served: AtomicU64::new(0) });
+        let new = Arc::new(Version {
+            plugin: plugin.clone(),
+            runs_served: AtomicU64::new(0),
+        });
         let previous = slot.current.swap(new);
         slot.previous.lock().expect("previous lock").push(previous);
         tracing::info!(
@@ -176,8 +222,19 @@ impl PluginRegistry {
 
     /// Goes back to the version before the current one.
     pub fn rollback(&self, name: &str) -> Result<(String, String), SwapError> {
-        let slot = self.slots.read().expect("slots lock").get(name).cloned().ok_or_else(|| SwapError::Unknown(name.to_string()))?;
-        let previous = slot.previous.lock().expect("previous lock").pop().ok_or_else(|| SwapError::NothingToRollBack(name.to_string()))?;
+        let slot = self
+            .slots
+            .read()
+            .expect("slots lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SwapError::Unknown(name.to_string()))?;
+        let previous = slot
+            .previous
+            .lock()
+            .expect("previous lock")
+            .pop()
+            .ok_or_else(|| SwapError::NothingToRollBack(name.to_string()))?;
         let to = previous.plugin.version.clone();
         let from = slot.current.swap(previous);
         tracing::info!(target: "fmhost::serve", plugin = name, old_version = %from.plugin.version, new_version = %to, "rolled back plugin {name}: {} -> {to}", from.plugin.version);
@@ -208,18 +265,29 @@ impl PluginRegistry {
 
 fn persist(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
     std::fs::write(dir.join(format!("{name}-{stamp}.wasm")), bytes)
 }
 
 /// Watches plugin directories and swaps in complete `.wasm` files: an event starts a
 /// quiet period, and a file is acted on once it has stopped changing.
-pub fn watch(registry: Arc<PluginRegistry>, dirs: Vec<PathBuf>) -> notify::Result<notify::RecommendedWatcher> {
+pub fn watch(
+    registry: Arc<PluginRegistry>,
+    dirs: Vec<PathBuf>,
+) -> notify::Result<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
-            if matches!(event.kind, notify::EventKind::Create(_) | notify::EventKind::Modify(_) | notify::EventKind::Access(notify::event::AccessKind::Close(_))) {
+            if matches!(
+                event.kind,
+                notify::EventKind::Create(_)
+                    | notify::EventKind::Modify(_)
+                    | notify::EventKind::Access(notify::event::AccessKind::Close(_))
+            ) {
                 for p in event.paths {
                     if p.extension().is_some_and(|e| e == "wasm") {
                         let _ = tx.send(p);

@@ -41,13 +41,16 @@ impl RunStore {
 
 impl RunObserver for RunStore {
     fn run_started(&self, run_id: &str, pipeline: &str, stages: &[StageReport]) {
-        let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let started_at =
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
         self.put(run_id, json!({"run_id": run_id, "pipeline": pipeline, "status": "running", "started_at": started_at, "stages": stages}));
     }
 
     fn stage_updated(&self, run_id: &str, stage: &StageReport) {
         let mut guard = self.inner.lock().expect("runs lock");
-        if let Some(Value::Array(stages)) = guard.0.get_mut(run_id).and_then(|r| r.get_mut("stages")) {
+        if let Some(Value::Array(stages)) =
+            guard.0.get_mut(run_id).and_then(|r| r.get_mut("stages"))
+        {
             if let Some(slot) = stages.iter_mut().find(|s| s["id"] == stage.id.as_str()) {
                 *slot = serde_json::to_value(stage).unwrap_or(Value::Null);
             }

@@ -30,15 +30,22 @@ impl std::fmt::Display for Rejection {
         match self {
             Rejection::Missing(h) => write!(f, "missing {h} header"),
             Rejection::Invalid(h) => write!(f, "invalid signature in {h}"),
-            Rejection::TooOld { age_seconds, tolerance } => {
-                write!(f, "signature timestamp is {age_seconds} s from now, outside the {tolerance} s tolerance")
+            Rejection::TooOld {
+                age_seconds,
+                tolerance,
+            } => {
+                write!(
+                    f,
+                    "signature timestamp is {age_seconds} s from now, outside the {tolerance} s tolerance"
+                )
             }
         }
     }
 }
 
 fn mac(secret: &str, parts: &[&[u8]]) -> HmacSha256 {
-    let mut m = HmacSha256::new_from_slice(secret.as_bytes()).expect("hmac takes keys of any length");
+    let mut m =
+        HmacSha256::new_from_slice(secret.as_bytes()).expect("hmac takes keys of any length");
     for p in parts {
         m.update(p);
     }
@@ -46,14 +53,30 @@ fn mac(secret: &str, parts: &[&[u8]]) -> HmacSha256 {
 }
 
 /// Checks a delivery's signature against `secret` by the trigger's scheme.
-pub fn verify(trigger: &Trigger, secret: &str, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Result<(), Rejection> {
-    let header = |name: &'static str| headers.get(name).and_then(|v| v.to_str().ok()).ok_or(Rejection::Missing(name));
+pub fn verify(
+    trigger: &Trigger,
+    secret: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: SystemTime,
+) -> Result<(), Rejection> {
+    let header = |name: &'static str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(Rejection::Missing(name))
+    };
     match trigger.signature {
         Signature::Github => {
             let value = header("x-hub-signature-256")?;
-            let hex_sig = value.strip_prefix("sha256=").ok_or(Rejection::Invalid("x-hub-signature-256"))?;
-            let sig = hex::decode(hex_sig).map_err(|_| Rejection::Invalid("x-hub-signature-256"))?;
-            mac(secret, &[body]).verify_slice(&sig).map_err(|_| Rejection::Invalid("x-hub-signature-256"))
+            let hex_sig = value
+                .strip_prefix("sha256=")
+                .ok_or(Rejection::Invalid("x-hub-signature-256"))?;
+            let sig =
+                hex::decode(hex_sig).map_err(|_| Rejection::Invalid("x-hub-signature-256"))?;
+            mac(secret, &[body])
+                .verify_slice(&sig)
+                .map_err(|_| Rejection::Invalid("x-hub-signature-256"))
         }
         Signature::Stripe => {
             let value = header("stripe-signature")?;
@@ -69,13 +92,22 @@ pub fn verify(trigger: &Trigger, secret: &str, headers: &HeaderMap, body: &[u8],
             let t = timestamp.ok_or(Rejection::Invalid("stripe-signature"))?;
             let expected = mac(secret, &[t.to_string().as_bytes(), b".", body]);
             // Check the signature before the clock, so a forged request learns nothing.
-            if !candidates.iter().any(|c| expected.clone().verify_slice(c).is_ok()) {
+            if !candidates
+                .iter()
+                .any(|c| expected.clone().verify_slice(c).is_ok())
+            {
                 return Err(Rejection::Invalid("stripe-signature"));
             }
-            let now = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+            let now = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs() as i64;
             let age = now - t;
             if age.unsigned_abs() > trigger.tolerance_seconds {
-                return Err(Rejection::TooOld { age_seconds: age, tolerance: trigger.tolerance_seconds });
+                return Err(Rejection::TooOld {
+                    age_seconds: age,
+                    tolerance: trigger.tolerance_seconds,
+                });
             }
             Ok(())
         }
@@ -84,14 +116,33 @@ pub fn verify(trigger: &Trigger, secret: &str, headers: &HeaderMap, body: &[u8],
 
 /// A delivery's identity: the vendor's event id, else a digest of the body.
 pub fn event_id(trigger: &Trigger, headers: &HeaderMap, payload: &Value, body: &[u8]) -> String {
-    let from_header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let from_header = |h: &str| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let id = match trigger.signature {
         Signature::Github => from_header("x-github-delivery"),
-        Signature::Stripe => payload.get("id").and_then(Value::as_str).map(str::to_string),
+        Signature::Stripe => payload
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_string),
     };
-    let id = id.or_else(|| from_header("idempotency-key")).unwrap_or_else(|| format!("sha256-{}", &crate::plugin::content_hash(body)[..32]));
+    let id = id
+        .or_else(|| from_header("idempotency-key"))
+        .unwrap_or_else(|| format!("sha256-{}", &crate::plugin::content_hash(body)[..32]));
     // Event ids become file names: keep them tame.
-    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).take(128).collect()
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,7 +185,10 @@ impl Inbox {
         let tmp = dir.join(format!(".{}.tmp-{}", d.event_id, rand::random::<u32>()));
         {
             let mut f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, &serde_json::to_vec(d).map_err(std::io::Error::other)?)?;
+            std::io::Write::write_all(
+                &mut f,
+                &serde_json::to_vec(d).map_err(std::io::Error::other)?,
+            )?;
             f.sync_all()?;
         }
         // A concurrent duplicate may have won; the first stored copy is the one that runs.
@@ -158,15 +212,27 @@ impl Inbox {
     /// Deliveries accepted but not yet processed (after a crash or shutdown).
     pub fn pending(&self) -> Vec<Delivery> {
         let mut out = Vec::new();
-        let Ok(pipelines) = std::fs::read_dir(&self.dir) else { return out };
+        let Ok(pipelines) = std::fs::read_dir(&self.dir) else {
+            return out;
+        };
         for p in pipelines.flatten() {
-            let Ok(entries) = std::fs::read_dir(p.path()) else { continue };
+            let Ok(entries) = std::fs::read_dir(p.path()) else {
+                continue;
+            };
             for e in entries.flatten() {
                 let path = e.path();
-                if path.extension().is_some_and(|x| x == "json") && !path.with_extension("done").exists() {
-                    match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Delivery>(&b).map_err(|e| e.to_string())) {
+                if path.extension().is_some_and(|x| x == "json")
+                    && !path.with_extension("done").exists()
+                {
+                    match std::fs::read(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| {
+                            serde_json::from_slice::<Delivery>(&b).map_err(|e| e.to_string())
+                        }) {
                         Ok(d) => out.push(d),
-                        Err(e) => tracing::error!(target: "fmhost::serve", file = %path.display(), "unreadable inbox entry left in place: {e}"),
+                        Err(e) => {
+                            tracing::error!(target: "fmhost::serve", file = %path.display(), "unreadable inbox entry left in place: {e}")
+                        }
                     }
                 }
             }
@@ -182,13 +248,18 @@ impl Inbox {
 
 /// Signs a body the way Stripe does, for clients and tests: `t=...,v1=...`.
 pub fn stripe_signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
-    let sig = mac(secret, &[timestamp.to_string().as_bytes(), b".", body]).finalize().into_bytes();
+    let sig = mac(secret, &[timestamp.to_string().as_bytes(), b".", body])
+        .finalize()
+        .into_bytes();
     format!("t={timestamp},v1={}", hex::encode(sig))
 }
 
 /// Signs a body the way GitHub does: `sha256=...`.
 pub fn github_signature(secret: &str, body: &[u8]) -> String {
-    format!("sha256={}", hex::encode(mac(secret, &[body]).finalize().into_bytes()))
+    format!(
+        "sha256={}",
+        hex::encode(mac(secret, &[body]).finalize().into_bytes())
+    )
 }
 
 #[cfg(test)]
@@ -198,7 +269,13 @@ mod tests {
     use super::*;
 
     fn trigger(signature: Signature) -> Trigger {
-        Trigger { kind: "webhook".into(), path: "/hooks/x".into(), secret: "s".into(), signature, tolerance_seconds: 300 }
+        Trigger {
+            kind: "webhook".into(),
+            path: "/hooks/x".into(),
+            secret: "s".into(),
+            signature,
+            tolerance_seconds: 300,
+        }
     }
 
     #[test]
@@ -207,18 +284,46 @@ mod tests {
         let body = br#"{"id":"evt_1"}"#;
         let mut h = HeaderMap::new();
         let t = trigger(Signature::Stripe);
-        assert_eq!(verify(&t, "whsec", &h, body, now), Err(Rejection::Missing("stripe-signature")));
-        h.insert("stripe-signature", stripe_signature("whsec", 1_700_000_000, body).parse().unwrap());
+        assert_eq!(
+            verify(&t, "whsec", &h, body, now),
+            Err(Rejection::Missing("stripe-signature"))
+        );
+        h.insert(
+            "stripe-signature",
+            stripe_signature("whsec", 1_700_000_000, body)
+                .parse()
+                .unwrap(),
+        );
         assert_eq!(verify(&t, "whsec", &h, body, now), Ok(()));
-        assert_eq!(verify(&t, "other", &h, body, now), Err(Rejection::Invalid("stripe-signature")));
-        assert_eq!(verify(&t, "whsec", &h, b"tampered", now), Err(Rejection::Invalid("stripe-signature")));
-        h.insert("stripe-signature", stripe_signature("whsec", 1_700_000_000 - 301, body).parse().unwrap());
-        assert!(matches!(verify(&t, "whsec", &h, body, now), Err(Rejection::TooOld { .. })));
+        assert_eq!(
+            verify(&t, "other", &h, body, now),
+            Err(Rejection::Invalid("stripe-signature"))
+        );
+        assert_eq!(
+            verify(&t, "whsec", &h, b"tampered", now),
+            Err(Rejection::Invalid("stripe-signature"))
+        );
+        h.insert(
+            "stripe-signature",
+            stripe_signature("whsec", 1_700_000_000 - 301, body)
+                .parse()
+                .unwrap(),
+        );
+        assert!(matches!(
+            verify(&t, "whsec", &h, body, now),
+            Err(Rejection::TooOld { .. })
+        ));
 
         let g = trigger(Signature::Github);
         let mut h = HeaderMap::new();
-        h.insert("x-hub-signature-256", github_signature("gh", body).parse().unwrap());
+        h.insert(
+            "x-hub-signature-256",
+            github_signature("gh", body).parse().unwrap(),
+        );
         assert_eq!(verify(&g, "gh", &h, body, now), Ok(()));
-        assert_eq!(verify(&g, "gh", &h, b"x", now), Err(Rejection::Invalid("x-hub-signature-256")));
+        assert_eq!(
+            verify(&g, "gh", &h, b"x", now),
+            Err(Rejection::Invalid("x-hub-signature-256"))
+        );
     }
 }

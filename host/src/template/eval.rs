@@ -5,8 +5,8 @@ use std::cmp::Ordering;
 
 use serde_json::Value;
 
-use super::parse::{CmpOp, Expr, Path, Segment};
 use super::Scope;
+use super::parse::{CmpOp, Expr, Path, Segment};
 
 pub(super) fn eval<'a>(expr: &'a Expr, scope: &Scope<'a>) -> Result<Cow<'a, Value>, String> {
     match expr {
@@ -26,19 +26,26 @@ pub(super) fn eval<'a>(expr: &'a Expr, scope: &Scope<'a>) -> Result<Cow<'a, Valu
                 };
             }
             let value = eval(input, scope)?;
-            let args = args.iter().map(|a| eval(a, scope)).collect::<Result<Vec<_>, _>>()?;
+            let args = args
+                .iter()
+                .map(|a| eval(a, scope))
+                .collect::<Result<Vec<_>, _>>()?;
             filter(name, value, &args).map(Cow::Owned)
         }
         Expr::Compare { op, left, right } => {
             let (l, r) = (eval(left, scope)?, eval(right, scope)?);
             Ok(Cow::Owned(Value::Bool(compare(*op, &l, &r)?)))
         }
-        Expr::And(l, r) => {
-            Ok(Cow::Owned(Value::Bool(truthy(&*eval(l, scope)?) && truthy(&*eval(r, scope)?))))
-        }
+        Expr::And(l, r) => Ok(Cow::Owned(Value::Bool(
+            truthy(&*eval(l, scope)?) && truthy(&*eval(r, scope)?),
+        ))),
         Expr::Or(l, r) => {
             let left = eval(l, scope)?;
-            if truthy(&left) { Ok(left) } else { eval(r, scope) }
+            if truthy(&left) {
+                Ok(left)
+            } else {
+                eval(r, scope)
+            }
         }
         Expr::Not(e) => Ok(Cow::Owned(Value::Bool(!truthy(&*eval(e, scope)?)))),
     }
@@ -82,19 +89,25 @@ fn resolve<'a>(path: &'a Path, scope: &Scope<'a>) -> Result<&'a Value, String> {
                 [Segment::Field(id), Segment::Field(field), ..] => (id, field),
                 _ => return Err(format!("expected `stages.ID.output`, found `{path}`")),
             };
-            let base = scope
-                .stages
-                .stage_field(id, field)
-                .ok_or_else(|| match scope.stages.has_stage(id) {
+            let base = scope.stages.stage_field(id, field).ok_or_else(|| {
+                match scope.stages.has_stage(id) {
                     true if field != "output" && field != "error" => {
-                        format!("`{}`: a stage has `output` and `error`", path.display_upto(2))
+                        format!(
+                            "`{}`: a stage has `output` and `error`",
+                            path.display_upto(2)
+                        )
                     }
                     true => format!("`{}`: stage {id} has not produced it", path.display_upto(2)),
                     false => format!("`{}`: no stage {id} has run", path.display_upto(1)),
-                })?;
+                }
+            })?;
             (base, &path.segments[2..])
         }
-        other => return Err(format!("unknown name `{other}` (expected input, stages, secrets, output or run)")),
+        other => {
+            return Err(format!(
+                "unknown name `{other}` (expected input, stages, secrets, output or run)"
+            ));
+        }
     };
     let offset = path.segments.len() - rest.len();
     let mut cur = base;
@@ -107,14 +120,23 @@ fn resolve<'a>(path: &'a Path, scope: &Scope<'a>) -> Result<&'a Value, String> {
         cur = next.ok_or_else(|| {
             let at = path.display_upto(offset + i);
             match (seg, cur) {
-                (Segment::Field(f), Value::Object(_)) => format!("`{path}`: `{at}` has no field `{f}`"),
-                (Segment::Index(idx), Value::Array(a)) => {
-                    format!("`{path}`: index {idx} is out of bounds (`{at}` has {} items)", a.len())
+                (Segment::Field(f), Value::Object(_)) => {
+                    format!("`{path}`: `{at}` has no field `{f}`")
                 }
-                (_, other) => format!("`{path}`: `{at}` is {}, not {}", type_name(other), match seg {
-                    Segment::Field(_) => "an object",
-                    Segment::Index(_) => "an array",
-                }),
+                (Segment::Index(idx), Value::Array(a)) => {
+                    format!(
+                        "`{path}`: index {idx} is out of bounds (`{at}` has {} items)",
+                        a.len()
+                    )
+                }
+                (_, other) => format!(
+                    "`{path}`: `{at}` is {}, not {}",
+                    type_name(other),
+                    match seg {
+                        Segment::Field(_) => "an object",
+                        Segment::Index(_) => "an array",
+                    }
+                ),
             }
         })?;
     }
@@ -143,7 +165,13 @@ fn call<'a>(name: &str, args: &'a [Expr], scope: &Scope<'a>) -> Result<Cow<'a, V
 const FILTERS: &str = "tojson, default, length, lower, upper, trim, string";
 
 fn filter(name: &str, value: Cow<'_, Value>, args: &[Cow<'_, Value>]) -> Result<Value, String> {
-    let no_args = |v: Value| if args.is_empty() { Ok(v) } else { Err(format!("filter `{name}` takes no arguments")) };
+    let no_args = |v: Value| {
+        if args.is_empty() {
+            Ok(v)
+        } else {
+            Err(format!("filter `{name}` takes no arguments"))
+        }
+    };
     match name {
         "tojson" | "json" => no_args(Value::String(value.to_string())),
         "string" => no_args(Value::String(super::to_text(&value).into_owned())),
@@ -151,11 +179,19 @@ fn filter(name: &str, value: Cow<'_, Value>, args: &[Cow<'_, Value>]) -> Result<
             Value::Array(a) => a.len().into(),
             Value::Object(o) => o.len().into(),
             Value::String(s) => s.chars().count().into(),
-            other => return Err(format!("filter `length` needs an array, object or string, not {}", type_name(other))),
+            other => {
+                return Err(format!(
+                    "filter `length` needs an array, object or string, not {}",
+                    type_name(other)
+                ));
+            }
         }),
         "lower" | "upper" | "trim" => {
             let Value::String(s) = &*value else {
-                return Err(format!("filter `{name}` needs a string, not {}", type_name(&value)));
+                return Err(format!(
+                    "filter `{name}` needs a string, not {}",
+                    type_name(&value)
+                ));
             };
             no_args(Value::String(match name {
                 "lower" => s.to_lowercase(),
@@ -169,14 +205,28 @@ fn filter(name: &str, value: Cow<'_, Value>, args: &[Cow<'_, Value>]) -> Result<
 
 fn compare(op: CmpOp, l: &Value, r: &Value) -> Result<bool, String> {
     let ordering = match (l, r) {
-        (Value::Number(a), Value::Number(b)) => a.as_f64().zip(b.as_f64()).and_then(|(a, b)| a.partial_cmp(&b)),
+        (Value::Number(a), Value::Number(b)) => a
+            .as_f64()
+            .zip(b.as_f64())
+            .and_then(|(a, b)| a.partial_cmp(&b)),
         (Value::String(a), Value::String(b)) => Some(a.cmp(b)),
-        (a, b) if matches!(op, CmpOp::Eq | CmpOp::Ne) => Some(if a == b { Ordering::Equal } else { Ordering::Less }),
+        (a, b) if matches!(op, CmpOp::Eq | CmpOp::Ne) => Some(if a == b {
+            Ordering::Equal
+        } else {
+            Ordering::Less
+        }),
         (a, b) => {
-            return Err(format!("cannot compare {} with {} using `{}`", type_name(a), type_name(b), op.as_str()));
+            return Err(format!(
+                "cannot compare {} with {} using `{}`",
+                type_name(a),
+                type_name(b),
+                op.as_str()
+            ));
         }
     };
-    let Some(ord) = ordering else { return Ok(matches!(op, CmpOp::Ne)) };
+    let Some(ord) = ordering else {
+        return Ok(matches!(op, CmpOp::Ne));
+    };
     Ok(match op {
         CmpOp::Eq => ord == Ordering::Equal,
         CmpOp::Ne => ord != Ordering::Equal,

@@ -64,7 +64,11 @@ impl Scope<'_> {
 #[derive(Debug, Clone, PartialEq)]
 enum Part {
     Text(String),
-    Expr { expr: Expr, source: String, reads_secrets: bool },
+    Expr {
+        expr: Expr,
+        source: String,
+        reads_secrets: bool,
+    },
 }
 
 /// A string with zero or more `{{ ... }}` parts.
@@ -93,7 +97,11 @@ impl Template {
             let mut paths = Vec::new();
             expr.paths(&mut paths);
             let reads_secrets = paths.iter().any(|p| p.root == "secrets");
-            parts.push(Part::Expr { expr, source: rest[start..body_start + end + 2].to_string(), reads_secrets });
+            parts.push(Part::Expr {
+                expr,
+                source: rest[start..body_start + end + 2].to_string(),
+                reads_secrets,
+            });
             rest = &rest[body_start + end + 2..];
         }
         if !rest.is_empty() {
@@ -115,7 +123,14 @@ impl Template {
 
     /// Renders to a JSON value: typed when the string is exactly one template.
     pub fn render(&self, scope: &Scope<'_>) -> Result<Value, String> {
-        if let [Part::Expr { expr, source, reads_secrets }] = self.parts.as_slice() {
+        if let [
+            Part::Expr {
+                expr,
+                source,
+                reads_secrets,
+            },
+        ] = self.parts.as_slice()
+        {
             if *reads_secrets && scope.keep_secrets {
                 return Ok(Value::String(source.clone()));
             }
@@ -125,7 +140,11 @@ impl Template {
         for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),
-                Part::Expr { source, reads_secrets: true, .. } if scope.keep_secrets => out.push_str(source),
+                Part::Expr {
+                    source,
+                    reads_secrets: true,
+                    ..
+                } if scope.keep_secrets => out.push_str(source),
                 Part::Expr { expr, .. } => out.push_str(&to_text(&*eval::eval(expr, scope)?)),
             }
         }
@@ -196,7 +215,11 @@ impl ValueTemplate {
     pub fn compile(value: &Value) -> Result<ValueTemplate, Vec<TemplateError>> {
         let mut errors = Vec::new();
         let compiled = compile_at(value, &mut String::new(), &mut errors);
-        if errors.is_empty() { Ok(compiled) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(compiled)
+        } else {
+            Err(errors)
+        }
     }
 
     /// Every template in the tree with its JSON path, for static checks.
@@ -209,7 +232,10 @@ impl ValueTemplate {
     pub fn render(&self, scope: &Scope<'_>) -> Result<Value, TemplateError> {
         match self {
             ValueTemplate::Literal(v) => Ok(v.clone()),
-            ValueTemplate::Template(t) => t.render(scope).map_err(|message| TemplateError { path: String::new(), message }),
+            ValueTemplate::Template(t) => t.render(scope).map_err(|message| TemplateError {
+                path: String::new(),
+                message,
+            }),
             ValueTemplate::Array(items) => items
                 .iter()
                 .enumerate()
@@ -219,7 +245,10 @@ impl ValueTemplate {
             ValueTemplate::Object(fields) => {
                 let mut map = Map::with_capacity(fields.len());
                 for (key, field) in fields {
-                    map.insert(key.clone(), field.render(scope).map_err(|e| prefix(e, &key_path(key)))?);
+                    map.insert(
+                        key.clone(),
+                        field.render(scope).map_err(|e| prefix(e, &key_path(key)))?,
+                    );
                 }
                 Ok(Value::Object(map))
             }
@@ -233,7 +262,11 @@ fn prefix(mut e: TemplateError, seg: &str) -> TemplateError {
 }
 
 fn key_path(key: &str) -> String {
-    if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    if !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         format!(".{key}")
     } else {
         format!("[{}]", Value::String(key.to_string()))
@@ -246,7 +279,10 @@ fn compile_at(value: &Value, path: &mut String, errors: &mut Vec<TemplateError>)
             Ok(Some(t)) => ValueTemplate::Template(t),
             Ok(None) => ValueTemplate::Literal(value.clone()),
             Err(message) => {
-                errors.push(TemplateError { path: path.clone(), message });
+                errors.push(TemplateError {
+                    path: path.clone(),
+                    message,
+                });
                 ValueTemplate::Literal(value.clone())
             }
         },
@@ -254,9 +290,14 @@ fn compile_at(value: &Value, path: &mut String, errors: &mut Vec<TemplateError>)
             let compiled: Vec<_> = items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| with_segment(path, &format!("[{i}]"), |p| compile_at(item, p, errors)))
+                .map(|(i, item)| {
+                    with_segment(path, &format!("[{i}]"), |p| compile_at(item, p, errors))
+                })
                 .collect();
-            if compiled.iter().all(|c| matches!(c, ValueTemplate::Literal(_))) {
+            if compiled
+                .iter()
+                .all(|c| matches!(c, ValueTemplate::Literal(_)))
+            {
                 ValueTemplate::Literal(value.clone())
             } else {
                 ValueTemplate::Array(compiled)
@@ -265,9 +306,17 @@ fn compile_at(value: &Value, path: &mut String, errors: &mut Vec<TemplateError>)
         Value::Object(map) => {
             let compiled: Vec<_> = map
                 .iter()
-                .map(|(k, v)| (k.clone(), with_segment(path, &key_path(k), |p| compile_at(v, p, errors))))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        with_segment(path, &key_path(k), |p| compile_at(v, p, errors)),
+                    )
+                })
                 .collect();
-            if compiled.iter().all(|(_, c)| matches!(c, ValueTemplate::Literal(_))) {
+            if compiled
+                .iter()
+                .all(|(_, c)| matches!(c, ValueTemplate::Literal(_)))
+            {
                 ValueTemplate::Literal(value.clone())
             } else {
                 ValueTemplate::Object(compiled)
@@ -353,19 +402,36 @@ mod tests {
         .unwrap();
         assert_eq!(out["data"], json!({"Name": "Acme", "n": [1, {"y": 7}]}));
         assert_eq!(out["n"], json!(7));
-        assert_eq!(out["msg"], json!("hello ada at 2024-01-15T10:30:00Z: [1,{\"y\":7}]"));
+        assert_eq!(
+            out["msg"],
+            json!("hello ada at 2024-01-15T10:30:00Z: [1,{\"y\":7}]")
+        );
         assert_eq!(out["nested"][0]["deep"], json!("ADA"));
         assert_eq!(out["auth"], json!("Bearer s3cr3t-value"));
     }
 
     #[test]
     fn missing_references_name_the_path() {
-        let err = render(json!({"a": {"b": ["{{input.x.y}}"]}}), json!({"x": {}}), json!({})).unwrap_err();
+        let err = render(
+            json!({"a": {"b": ["{{input.x.y}}"]}}),
+            json!({"x": {}}),
+            json!({}),
+        )
+        .unwrap_err();
         assert_eq!(err.path, ".a.b[0]");
-        assert!(err.message.contains("`input.x` has no field `y`"), "{}", err.message);
+        assert!(
+            err.message.contains("`input.x` has no field `y`"),
+            "{}",
+            err.message
+        );
         let err = render(json!("{{stages.nope.output}}"), json!({}), json!({})).unwrap_err();
         assert!(err.message.contains("no stage nope"), "{}", err.message);
-        let with_default = render(json!("{{input.x.y | default('n/a')}}"), json!({"x": {}}), json!({})).unwrap();
+        let with_default = render(
+            json!("{{input.x.y | default('n/a')}}"),
+            json!({"x": {}}),
+            json!({}),
+        )
+        .unwrap();
         assert_eq!(with_default, json!("n/a"));
     }
 
@@ -377,7 +443,10 @@ mod tests {
             json!({}),
         )
         .unwrap();
-        assert_eq!(out, json!("{customer_id: 'cust_1', fetched_at: '2024-01-15T10:30:00Z'}"));
+        assert_eq!(
+            out,
+            json!("{customer_id: 'cust_1', fetched_at: '2024-01-15T10:30:00Z'}")
+        );
     }
 
     #[test]
@@ -394,9 +463,13 @@ mod tests {
             now: None,
             keep_secrets: false,
         };
-        let t = Template::parse("{{output.status_code == 429}}").unwrap().unwrap();
+        let t = Template::parse("{{output.status_code == 429}}")
+            .unwrap()
+            .unwrap();
         assert_eq!(t.render(&scope).unwrap(), json!(true));
-        let t = Template::parse("{{output.status_code >= 500 or output.status_code == 408}}").unwrap().unwrap();
+        let t = Template::parse("{{output.status_code >= 500 or output.status_code == 408}}")
+            .unwrap()
+            .unwrap();
         assert_eq!(t.render(&scope).unwrap(), json!(false));
     }
 
@@ -413,7 +486,9 @@ mod tests {
             now: None,
             keep_secrets: true,
         };
-        let t = Template::parse("Bearer {{secrets.TOKEN}}").unwrap().unwrap();
+        let t = Template::parse("Bearer {{secrets.TOKEN}}")
+            .unwrap()
+            .unwrap();
         assert_eq!(t.render(&scope).unwrap(), json!("Bearer {{secrets.TOKEN}}"));
     }
 }

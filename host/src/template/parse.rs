@@ -18,9 +18,20 @@ use serde_json::Value;
 pub enum Expr {
     Literal(Value),
     Path(Path),
-    Call { name: String, args: Vec<Expr> },
-    Filter { input: Box<Expr>, name: String, args: Vec<Expr> },
-    Compare { op: CmpOp, left: Box<Expr>, right: Box<Expr> },
+    Call {
+        name: String,
+        args: Vec<Expr>,
+    },
+    Filter {
+        input: Box<Expr>,
+        name: String,
+        args: Vec<Expr>,
+    },
+    Compare {
+        op: CmpOp,
+        left: Box<Expr>,
+        right: Box<Expr>,
+    },
     And(Box<Expr>, Box<Expr>),
     Or(Box<Expr>, Box<Expr>),
     Not(Box<Expr>),
@@ -141,7 +152,9 @@ fn lex(src: &str) -> Result<Vec<Tok>, String> {
                 toks.push(Tok::Comma);
                 i += 1
             }
-            '|' if chars.get(i + 1) == Some(&'|') => return Err("`||` is not supported; use `or`".into()),
+            '|' if chars.get(i + 1) == Some(&'|') => {
+                return Err("`||` is not supported; use `or`".into());
+            }
             '|' => {
                 toks.push(Tok::Pipe);
                 i += 1
@@ -155,7 +168,11 @@ fn lex(src: &str) -> Result<Vec<Tok>, String> {
                     ('>', true) => CmpOp::Ge,
                     ('<', false) => CmpOp::Lt,
                     ('>', false) => CmpOp::Gt,
-                    _ => return Err(format!("unexpected `{c}` at offset {i}; did you mean `{c}=`?")),
+                    _ => {
+                        return Err(format!(
+                            "unexpected `{c}` at offset {i}; did you mean `{c}=`?"
+                        ));
+                    }
                 };
                 toks.push(Tok::Cmp(op));
                 i += if next_eq { 2 } else { 1 };
@@ -188,14 +205,19 @@ fn lex(src: &str) -> Result<Vec<Tok>, String> {
                 }
                 toks.push(Tok::Str(s));
             }
-            c if c.is_ascii_digit() || (c == '-' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) => {
+            c if c.is_ascii_digit()
+                || (c == '-' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) =>
+            {
                 let start = i;
                 i += 1;
-                while i < chars.len() && (chars[i].is_ascii_digit() || matches!(chars[i], '.' | 'e' | 'E')) {
+                while i < chars.len()
+                    && (chars[i].is_ascii_digit() || matches!(chars[i], '.' | 'e' | 'E'))
+                {
                     i += 1;
                 }
                 let text: String = chars[start..i].iter().collect();
-                let num: Value = serde_json::from_str(&text).map_err(|_| format!("invalid number `{text}`"))?;
+                let num: Value =
+                    serde_json::from_str(&text).map_err(|_| format!("invalid number `{text}`"))?;
                 toks.push(Tok::Num(num));
             }
             c if is_ident_char(c) => {
@@ -274,8 +296,15 @@ impl Parser {
     fn expect(&mut self, tok: Tok) -> Result<(), String> {
         match self.next() {
             Some(t) if t == tok => Ok(()),
-            Some(t) => Err(format!("expected {}, found {}", describe(&tok), describe(&t))),
-            None => Err(format!("expected {}, found end of template", describe(&tok))),
+            Some(t) => Err(format!(
+                "expected {}, found {}",
+                describe(&tok),
+                describe(&t)
+            )),
+            None => Err(format!(
+                "expected {}, found end of template",
+                describe(&tok)
+            )),
         }
     }
 
@@ -304,7 +333,11 @@ impl Parser {
         if let Some(Tok::Cmp(op)) = self.peek().cloned() {
             self.pos += 1;
             let right = self.pipe()?;
-            return Ok(Expr::Compare { op, left: Box::new(left), right: Box::new(right) });
+            return Ok(Expr::Compare {
+                op,
+                left: Box::new(left),
+                right: Box::new(right),
+            });
         }
         Ok(left)
     }
@@ -315,8 +348,16 @@ impl Parser {
                 Some(Tok::Ident(name)) => name,
                 _ => return Err("expected a filter name after `|`".into()),
             };
-            let args = if self.eat(&Tok::LParen) { self.args()? } else { Vec::new() };
-            expr = Expr::Filter { input: Box::new(expr), name, args };
+            let args = if self.eat(&Tok::LParen) {
+                self.args()?
+            } else {
+                Vec::new()
+            };
+            expr = Expr::Filter {
+                input: Box::new(expr),
+                name,
+                args,
+            };
         }
         Ok(expr)
     }
@@ -346,7 +387,10 @@ impl Parser {
                 "true" => Ok(Expr::Literal(Value::Bool(true))),
                 "false" => Ok(Expr::Literal(Value::Bool(false))),
                 "null" => Ok(Expr::Literal(Value::Null)),
-                _ if self.eat(&Tok::LParen) => Ok(Expr::Call { name, args: self.args()? }),
+                _ if self.eat(&Tok::LParen) => Ok(Expr::Call {
+                    name,
+                    args: self.args()?,
+                }),
                 _ => self.path(name),
             },
             Some(t) => Err(format!("unexpected {}", describe(&t))),
@@ -363,7 +407,12 @@ impl Parser {
                     Some(Tok::Num(Value::Number(n))) if n.is_u64() => {
                         segments.push(Segment::Index(n.as_u64().unwrap_or_default() as usize))
                     }
-                    _ => return Err(format!("expected a field name after `{}.`", display(&root, &segments))),
+                    _ => {
+                        return Err(format!(
+                            "expected a field name after `{}.`",
+                            display(&root, &segments)
+                        ));
+                    }
                 }
             } else if self.eat(&Tok::LBracket) {
                 match self.next() {
@@ -371,7 +420,12 @@ impl Parser {
                         segments.push(Segment::Index(n.as_u64().unwrap_or_default() as usize))
                     }
                     Some(Tok::Str(s)) => segments.push(Segment::Field(s)),
-                    _ => return Err(format!("expected an index or a quoted key after `{}[`", display(&root, &segments))),
+                    _ => {
+                        return Err(format!(
+                            "expected an index or a quoted key after `{}[`",
+                            display(&root, &segments)
+                        ));
+                    }
                 }
                 self.expect(Tok::RBracket)?;
             } else {
@@ -383,7 +437,11 @@ impl Parser {
 }
 
 fn display(root: &str, segments: &[Segment]) -> String {
-    Path { root: root.to_string(), segments: segments.to_vec() }.to_string()
+    Path {
+        root: root.to_string(),
+        segments: segments.to_vec(),
+    }
+    .to_string()
 }
 
 impl Expr {
@@ -413,7 +471,9 @@ mod tests {
     #[test]
     fn hyphenated_stage_ids_are_one_path() {
         let e = parse_expr("stages.fetch-salesforce.output.x[0].y").unwrap();
-        let Expr::Path(p) = e else { panic!("not a path: {e:?}") };
+        let Expr::Path(p) = e else {
+            panic!("not a path: {e:?}")
+        };
         assert_eq!(p.root, "stages");
         assert_eq!(
             p.segments,
@@ -429,8 +489,14 @@ mod tests {
 
     #[test]
     fn comparison_filters_and_calls() {
-        assert!(matches!(parse_expr("output.status_code == 429").unwrap(), Expr::Compare { op: CmpOp::Eq, .. }));
-        assert!(matches!(parse_expr("stages.a.output | tojson").unwrap(), Expr::Filter { .. }));
+        assert!(matches!(
+            parse_expr("output.status_code == 429").unwrap(),
+            Expr::Compare { op: CmpOp::Eq, .. }
+        ));
+        assert!(matches!(
+            parse_expr("stages.a.output | tojson").unwrap(),
+            Expr::Filter { .. }
+        ));
         assert!(matches!(parse_expr("now()").unwrap(), Expr::Call { .. }));
         assert!(parse_expr("a ==").is_err());
         assert!(parse_expr("a = 1").unwrap_err().contains("did you mean"));

@@ -5,7 +5,10 @@
 //! so this plugin never holds them. Output: the assistant's message parsed as JSON
 //! when it is a JSON object (also inside a ```json fence), else `{"text": ...}`.
 
-use fmhost_plugin_sdk::{Descriptor, Guest, PluginError, PluginKind, Request, RetryPolicy, export_connector, invalid_config, json_body, parse_config};
+use fmhost_plugin_sdk::{
+    Descriptor, Guest, PluginError, PluginKind, Request, RetryPolicy, export_connector,
+    invalid_config, json_body, parse_config,
+};
 use serde_json::{Value, json};
 
 struct Generator;
@@ -38,10 +41,15 @@ impl Guest for Generator {
 
     fn invoke(config: String, _input: String) -> Result<String, PluginError> {
         let config = parse_config(&config)?;
-        let prompt = config.get("prompt").and_then(Value::as_str).ok_or_else(|| invalid_config("config.prompt: required"))?;
+        let prompt = config
+            .get("prompt")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid_config("config.prompt: required"))?;
         let base = match config.get("base_url").and_then(Value::as_str) {
             Some(b) => b.to_string(),
-            None => "{{secrets.OPENAI_BASE_URL | default('https://api.openai.com/v1')}}".to_string(),
+            None => {
+                "{{secrets.OPENAI_BASE_URL | default('https://api.openai.com/v1')}}".to_string()
+            }
         };
         let mut messages = Vec::new();
         if let Some(system) = config.get("system_prompt").and_then(Value::as_str) {
@@ -62,19 +70,30 @@ impl Guest for Generator {
             url: format!("{}/chat/completions", base.trim_end_matches('/')),
             headers: vec![
                 ("content-type".into(), "application/json".into()),
-                ("authorization".into(), "Bearer {{secrets.OPENAI_API_KEY | default('')}}".into()),
+                (
+                    "authorization".into(),
+                    "Bearer {{secrets.OPENAI_API_KEY | default('')}}".into(),
+                ),
             ],
             body: Some(body.to_string().into_bytes()),
             timeout_ms: Some(120_000),
             idempotency_key: None,
-            retry: Some(RetryPolicy { max_attempts: 3, initial_delay_ms: 1000, backoff_multiplier: 2.0 }),
+            retry: Some(RetryPolicy {
+                max_attempts: 3,
+                initial_delay_ms: 1000,
+                backoff_multiplier: 2.0,
+            }),
         };
         let resp = fmhost_plugin_sdk::send(&req)?;
         let answer = json_body(&req, &resp)?;
         let content = answer
             .pointer("/choices/0/message/content")
             .and_then(Value::as_str)
-            .ok_or_else(|| fmhost_plugin_sdk::invalid_input("chat completion has no choices[0].message.content"))?;
+            .ok_or_else(|| {
+                fmhost_plugin_sdk::invalid_input(
+                    "chat completion has no choices[0].message.content",
+                )
+            })?;
         Ok(parse_answer(content).to_string())
     }
 }

@@ -3,7 +3,10 @@
 //! `open_tickets`, `tags`, `custom_attributes`). Reads the Intercom-Version 2.10 shape
 //! and fails loudly, naming the field, when the API answers in another shape.
 
-use fmhost_plugin_sdk::{Descriptor, Guest, PluginError, PluginKind, RetryPolicy, config_str, export_connector, field, get_json, parse_config};
+use fmhost_plugin_sdk::{
+    Descriptor, Guest, PluginError, PluginKind, RetryPolicy, config_str, export_connector, field,
+    get_json, parse_config,
+};
 use serde_json::{Value, json};
 
 struct Intercom;
@@ -40,8 +43,20 @@ impl Guest for Intercom {
         let secret = config_str(&config, "secret", Some("INTERCOM_TOKEN"))?;
         let url = format!("{}/contacts/{id}", base.trim_end_matches('/'));
         let auth = format!("Bearer {{{{secrets.{secret}}}}}");
-        let retry = RetryPolicy { max_attempts: 3, initial_delay_ms: 2000, backoff_multiplier: 2.0 };
-        let c = get_json(&url, &[("authorization", &auth), ("intercom-version", API_VERSION), ("accept", "application/json")], Some(retry))?;
+        let retry = RetryPolicy {
+            max_attempts: 3,
+            initial_delay_ms: 2000,
+            backoff_multiplier: 2.0,
+        };
+        let c = get_json(
+            &url,
+            &[
+                ("authorization", &auth),
+                ("intercom-version", API_VERSION),
+                ("accept", "application/json"),
+            ],
+            Some(retry),
+        )?;
         let tags: Vec<Value> = field(&c, "tags.data", "intercom")?
             .as_array()
             .map(|t| t.iter().map(|t| t["name"].clone()).collect())

@@ -20,7 +20,11 @@ const CONFIG_SCHEMA: &str = r#"{
 }"#;
 
 fn error(kind: ErrorKind, message: String) -> PluginError {
-    PluginError { kind, message, retryable: false }
+    PluginError {
+        kind,
+        message,
+        retryable: false,
+    }
 }
 
 impl Guest for JsonTransform {
@@ -36,20 +40,33 @@ impl Guest for JsonTransform {
     }
 
     fn invoke(config: String, input: String) -> Result<String, PluginError> {
-        let mut config: Value =
-            serde_json::from_str(&config).map_err(|e| error(ErrorKind::InvalidConfig, format!("config is not JSON: {e}")))?;
+        let mut config: Value = serde_json::from_str(&config)
+            .map_err(|e| error(ErrorKind::InvalidConfig, format!("config is not JSON: {e}")))?;
         let expression = match config.get("expression") {
             Some(Value::String(s)) => s.clone(),
-            Some(other) => return Err(error(ErrorKind::InvalidConfig, format!("config.expression: expected a string, found {other}"))),
-            None => return Err(error(ErrorKind::InvalidConfig, "config.expression: required field is missing".into())),
+            Some(other) => {
+                return Err(error(
+                    ErrorKind::InvalidConfig,
+                    format!("config.expression: expected a string, found {other}"),
+                ));
+            }
+            None => {
+                return Err(error(
+                    ErrorKind::InvalidConfig,
+                    "config.expression: required field is missing".into(),
+                ));
+            }
         };
         let data = match config.get_mut("data") {
             Some(data) => data.take(),
-            None => serde_json::from_str(&input).map_err(|e| error(ErrorKind::InvalidInput, format!("input is not JSON: {e}")))?,
+            None => serde_json::from_str(&input)
+                .map_err(|e| error(ErrorKind::InvalidInput, format!("input is not JSON: {e}")))?,
         };
         let compiled = jpx_core::compile(&expression)
             .map_err(|e| error(ErrorKind::InvalidConfig, format!("config.expression: {e}")))?;
-        let result = compiled.search(&data).map_err(|e| error(ErrorKind::InvalidInput, format!("config.expression: {e}")))?;
+        let result = compiled
+            .search(&data)
+            .map_err(|e| error(ErrorKind::InvalidInput, format!("config.expression: {e}")))?;
         Ok(result.to_string())
     }
 }

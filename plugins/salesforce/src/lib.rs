@@ -3,7 +3,10 @@
 //! `owner`, `created_at`). The instance URL is per customer, so it comes from
 //! `config.base_url` or the operator's secret `SALESFORCE_URL`.
 
-use fmhost_plugin_sdk::{Descriptor, Guest, PluginError, PluginKind, RetryPolicy, config_str, export_connector, field, get_json, parse_config};
+use fmhost_plugin_sdk::{
+    Descriptor, Guest, PluginError, PluginKind, RetryPolicy, config_str, export_connector, field,
+    get_json, parse_config,
+};
 use serde_json::json;
 
 struct Salesforce;
@@ -38,9 +41,16 @@ impl Guest for Salesforce {
         let base = config_str(&config, "base_url", Some("{{secrets.SALESFORCE_URL}}"))?;
         let version = config_str(&config, "api_version", Some("v58.0"))?;
         let secret = config_str(&config, "secret", Some("SALESFORCE_TOKEN"))?;
-        let url = format!("{}/services/data/{version}/sobjects/Account/{id}", base.trim_end_matches('/'));
+        let url = format!(
+            "{}/services/data/{version}/sobjects/Account/{id}",
+            base.trim_end_matches('/')
+        );
         let auth = format!("Bearer {{{{secrets.{secret}}}}}");
-        let retry = RetryPolicy { max_attempts: 3, initial_delay_ms: 1000, backoff_multiplier: 2.0 };
+        let retry = RetryPolicy {
+            max_attempts: 3,
+            initial_delay_ms: 1000,
+            backoff_multiplier: 2.0,
+        };
         let a = get_json(&url, &[("authorization", &auth)], Some(retry))?;
         Ok(json!({
             "source": "salesforce",

@@ -19,8 +19,15 @@ pub use fmhost::plugin::types::{Descriptor, ErrorKind, PluginError, PluginKind};
 use serde_json::Value;
 
 pub fn error(kind: ErrorKind, message: impl Into<String>) -> PluginError {
-    let retryable = matches!(kind, ErrorKind::Upstream | ErrorKind::Timeout | ErrorKind::RateLimited);
-    PluginError { kind, message: message.into(), retryable }
+    let retryable = matches!(
+        kind,
+        ErrorKind::Upstream | ErrorKind::Timeout | ErrorKind::RateLimited
+    );
+    PluginError {
+        kind,
+        message: message.into(),
+        retryable,
+    }
 }
 
 pub fn invalid_config(message: impl Into<String>) -> PluginError {
@@ -37,11 +44,18 @@ pub fn parse_config(config: &str) -> Result<Value, PluginError> {
 }
 
 /// A string field of the config, or `default` when absent.
-pub fn config_str<'a>(config: &'a Value, key: &str, default: Option<&'a str>) -> Result<&'a str, PluginError> {
+pub fn config_str<'a>(
+    config: &'a Value,
+    key: &str,
+    default: Option<&'a str>,
+) -> Result<&'a str, PluginError> {
     match config.get(key) {
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(invalid_config(format!("config.{key}: expected a string, found {other}"))),
-        None => default.ok_or_else(|| invalid_config(format!("config.{key}: required field is missing"))),
+        Some(other) => Err(invalid_config(format!(
+            "config.{key}: expected a string, found {other}"
+        ))),
+        None => default
+            .ok_or_else(|| invalid_config(format!("config.{key}: required field is missing"))),
     }
 }
 
@@ -62,11 +76,18 @@ pub fn send(req: &Request) -> Result<Response, PluginError> {
 }
 
 /// GETs `url` and parses a 2xx JSON body; other statuses become errors of the right kind.
-pub fn get_json(url: &str, headers: &[(&str, &str)], retry: Option<RetryPolicy>) -> Result<Value, PluginError> {
+pub fn get_json(
+    url: &str,
+    headers: &[(&str, &str)],
+    retry: Option<RetryPolicy>,
+) -> Result<Value, PluginError> {
     let req = Request {
         method: "GET".into(),
         url: url.into(),
-        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         body: None,
         timeout_ms: None,
         idempotency_key: None,
@@ -87,9 +108,20 @@ pub fn json_body(req: &Request, resp: &Response) -> Result<Value, PluginError> {
             _ => ErrorKind::Upstream,
         };
         let snippet: String = text.chars().take(300).collect();
-        return Err(error(kind, format!("{} {}: http {}: {snippet}", req.method, req.url, resp.status)));
+        return Err(error(
+            kind,
+            format!(
+                "{} {}: http {}: {snippet}",
+                req.method, req.url, resp.status
+            ),
+        ));
     }
-    serde_json::from_str(&text).map_err(|e| error(ErrorKind::Upstream, format!("{} {}: response is not JSON: {e}", req.method, req.url)))
+    serde_json::from_str(&text).map_err(|e| {
+        error(
+            ErrorKind::Upstream,
+            format!("{} {}: response is not JSON: {e}", req.method, req.url),
+        )
+    })
 }
 
 /// Reads a JSON path such as `statistics.open_tickets` that a vendor's documented

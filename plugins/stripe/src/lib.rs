@@ -2,7 +2,10 @@
 //! fields (`source`, `email`, `currency`, `balance`, `subscriptions`, `total_spent`,
 //! `payment_method`).
 
-use fmhost_plugin_sdk::{Descriptor, Guest, PluginError, PluginKind, RetryPolicy, config_str, export_connector, field, get_json, parse_config};
+use fmhost_plugin_sdk::{
+    Descriptor, Guest, PluginError, PluginKind, RetryPolicy, config_str, export_connector, field,
+    get_json, parse_config,
+};
 use serde_json::{Value, json};
 
 struct Stripe;
@@ -37,11 +40,22 @@ impl Guest for Stripe {
         let base = config_str(&config, "base_url", Some("https://api.stripe.com"))?;
         let version = config_str(&config, "api_version", Some("2023-10-16"))?;
         let secret = config_str(&config, "secret", Some("STRIPE_SECRET_KEY"))?;
-        let url = format!("{}/v1/customers/{id}?expand[]=subscriptions&expand[]=invoice_settings", base.trim_end_matches('/'));
+        let url = format!(
+            "{}/v1/customers/{id}?expand[]=subscriptions&expand[]=invoice_settings",
+            base.trim_end_matches('/')
+        );
         let auth = format!("Bearer {{{{secrets.{secret}}}}}");
         // Stripe asks clients to back off on 429; reads are safe to retry.
-        let retry = RetryPolicy { max_attempts: 3, initial_delay_ms: 1000, backoff_multiplier: 2.0 };
-        let c = get_json(&url, &[("authorization", &auth), ("stripe-version", version)], Some(retry))?;
+        let retry = RetryPolicy {
+            max_attempts: 3,
+            initial_delay_ms: 1000,
+            backoff_multiplier: 2.0,
+        };
+        let c = get_json(
+            &url,
+            &[("authorization", &auth), ("stripe-version", version)],
+            Some(retry),
+        )?;
         let subscriptions: Vec<Value> = field(&c, "subscriptions.data", "stripe")?
             .as_array()
             .map(|subs| {
@@ -57,7 +71,10 @@ impl Guest for Stripe {
             .unwrap_or_default();
         // `metadata.lifetime_value` is a string in Stripe metadata; 0 when absent.
         let total_spent = match c.pointer("/metadata/lifetime_value") {
-            Some(Value::String(s)) => serde_json::from_str::<Value>(s).ok().filter(Value::is_number).unwrap_or(json!(0)),
+            Some(Value::String(s)) => serde_json::from_str::<Value>(s)
+                .ok()
+                .filter(Value::is_number)
+                .unwrap_or(json!(0)),
             Some(n @ Value::Number(_)) => n.clone(),
             _ => json!(0),
         };

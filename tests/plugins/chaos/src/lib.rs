@@ -6,7 +6,10 @@
 //! - `log`: calls the host's log import `config.n` times (for benchmarks).
 //! - `env`: reports what WASI lets it see (environment, files, arguments).
 
-use fmhost_plugin_sdk::{Descriptor, Guest, PluginError, PluginKind, Request, export_connector, invalid_config, parse_config};
+use fmhost_plugin_sdk::{
+    Descriptor, Guest, PluginError, PluginKind, Request, export_connector, invalid_config,
+    parse_config,
+};
 use serde_json::{Value, json};
 
 struct Chaos;
@@ -54,7 +57,13 @@ impl Guest for Chaos {
                     url: r["url"].as_str().unwrap_or_default().into(),
                     headers: r["headers"]
                         .as_object()
-                        .map(|h| h.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+                        .map(|h| {
+                            h.iter()
+                                .map(|(k, v)| {
+                                    (k.clone(), v.as_str().unwrap_or_default().to_string())
+                                })
+                                .collect()
+                        })
                         .unwrap_or_default(),
                     body: r.get("body").map(|b| b.to_string().into_bytes()),
                     timeout_ms: None,
@@ -69,11 +78,16 @@ impl Guest for Chaos {
             }
             "env" => {
                 let env: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
-                let root = std::fs::read_dir("/").map(|d| d.count()).map_err(|e| e.to_string());
+                let root = std::fs::read_dir("/")
+                    .map(|d| d.count())
+                    .map_err(|e| e.to_string());
                 let args: Vec<String> = std::env::args().collect();
                 Ok(json!({"env": env, "root": format!("{root:?}"), "args": args}).to_string())
             }
-            other => Err(invalid_config(format!("config.mode: unknown mode {other:?}: {}", Value::Null))),
+            other => Err(invalid_config(format!(
+                "config.mode: unknown mode {other:?}: {}",
+                Value::Null
+            ))),
         }
     }
 }

@@ -2,7 +2,10 @@
 //! became `conversation_stats` and `last_seen_at` became `last_seen`): the version an
 //! operator hot-swaps in when the vendor changes its API. Same name, same output.
 
-use fmhost_plugin_sdk::{Descriptor, Guest, PluginError, PluginKind, config_str, export_connector, field, get_json, parse_config};
+use fmhost_plugin_sdk::{
+    Descriptor, Guest, PluginError, PluginKind, config_str, export_connector, field, get_json,
+    parse_config,
+};
 use serde_json::{Value, json};
 
 struct Intercom;
@@ -27,8 +30,15 @@ impl Guest for Intercom {
         let base = config_str(&config, "base_url", Some("https://api.intercom.io"))?;
         let secret = config_str(&config, "secret", Some("INTERCOM_TOKEN"))?;
         let auth = format!("Bearer {{{{secrets.{secret}}}}}");
-        let c = get_json(&format!("{}/contacts/{id}", base.trim_end_matches('/')), &[("authorization", &auth), ("intercom-version", API_VERSION)], None)?;
-        let tags: Vec<Value> = field(&c, "tags.data", "intercom")?.as_array().map(|t| t.iter().map(|t| t["name"].clone()).collect()).unwrap_or_default();
+        let c = get_json(
+            &format!("{}/contacts/{id}", base.trim_end_matches('/')),
+            &[("authorization", &auth), ("intercom-version", API_VERSION)],
+            None,
+        )?;
+        let tags: Vec<Value> = field(&c, "tags.data", "intercom")?
+            .as_array()
+            .map(|t| t.iter().map(|t| t["name"].clone()).collect())
+            .unwrap_or_default();
         Ok(json!({
             "source": "intercom",
             "last_seen": field(&c, "last_seen", "intercom")?,
