@@ -52,6 +52,16 @@ fn sandbox(scale: f64) -> Proc {
     start(Command::new(bin("fmhost-sandbox")).args(["--latency-scale", &scale.to_string()]))
 }
 
+/// An engine holding a sandbox's secrets.
+fn engine_for(secrets: &Value) -> Engine {
+    let pairs = secrets
+        .as_object()
+        .expect("secrets are an object")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()));
+    Engine::new(Secrets::from_pairs(pairs))
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -125,13 +135,7 @@ async fn main() {
     // Zero upstream latency: what the host costs.
     {
         let sb = sandbox(0.0);
-        let engine = Arc::new(Engine::new(Secrets::from_pairs(
-            secrets_for(&sb.1)
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())),
-        )));
+        let engine = Arc::new(engine_for(&secrets_for(&sb.1)));
         let input = input_for(&sb.1);
         for _ in 0..20 {
             engine
@@ -168,13 +172,7 @@ async fn main() {
     {
         let sb = sandbox(1.0);
         let secrets = secrets_for(&sb.1);
-        let engine = Engine::new(Secrets::from_pairs(
-            secrets
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())),
-        ));
+        let engine = engine_for(&secrets);
         let input = input_for(&sb.1);
         out.insert("critical_path_ms".into(), json!(500));
         out.insert(
@@ -245,13 +243,7 @@ async fn main() {
         ]});
         let plan = Arc::new(fmhost::pipeline::compile(&doc.to_string(), &registry).unwrap());
         let secrets = secrets_for(&sb.1);
-        let engine = Arc::new(Engine::new(Secrets::from_pairs(
-            secrets
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())),
-        )));
+        let engine = Arc::new(engine_for(&secrets));
         let input = json!({"customer_id": CUSTOMER});
         let before = fx::rss_kib();
         let n = 1000;

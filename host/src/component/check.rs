@@ -14,6 +14,15 @@ pub fn is_template(v: &Value) -> bool {
     matches!(v, Value::String(s) if s.contains("{{"))
 }
 
+/// Whether a template appears anywhere inside a JSON value.
+pub fn contains_template(v: &Value) -> bool {
+    match v {
+        Value::Array(a) => a.iter().any(contains_template),
+        Value::Object(o) => o.values().any(contains_template),
+        other => is_template(other),
+    }
+}
+
 /// Collects problems while walking a config object.
 pub struct Checker<'a> {
     map: Option<&'a Map<String, Value>>,

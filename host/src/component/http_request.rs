@@ -127,10 +127,7 @@ impl Component for HttpRequest {
                 Some(serde_json::to_vec(body).map_err(|e| StageError::internal(e.to_string()))?)
             }
         };
-        let mutating = !matches!(
-            method,
-            reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS
-        );
+        let mutating = crate::http::is_mutating(&method);
         let idempotency_key = match config.idempotency_key {
             Some(key) => Some(key),
             None if mutating => Some(default_idempotency_key(&ctx.run_id, &ctx.stage_id)),

@@ -4,7 +4,7 @@
 //! [`Component`]; the scheduler cannot tell them apart. Adding a built-in is one file
 //! plus one line in [`Registry::builtins`].
 
-mod check;
+pub mod check;
 mod http_request;
 mod logger;
 mod schema_validate;

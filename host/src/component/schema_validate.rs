@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::check::is_template;
+use super::check::contains_template;
 use super::{Checker, Component, ConfigProblem, StageContext};
 use crate::error::StageError;
 use crate::schema;
@@ -65,13 +65,5 @@ impl Component for SchemaValidate {
                 violations.join("; ")
             )))
         }
-    }
-}
-
-fn contains_template(v: &Value) -> bool {
-    match v {
-        Value::Array(a) => a.iter().any(contains_template),
-        Value::Object(o) => o.values().any(contains_template),
-        other => is_template(other),
     }
 }

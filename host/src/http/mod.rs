@@ -177,10 +177,7 @@ impl Outbound {
         req: &HttpRequest,
         policy: &RetryPolicy,
     ) -> Result<HttpResponse, StageError> {
-        let mutating = !matches!(
-            req.method,
-            reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS
-        );
+        let mutating = is_mutating(&req.method);
         // Retrying a write without an idempotency key risks doing it twice.
         let may_retry = !mutating || req.idempotency_key.is_some();
         let service_name = req.service.clone().unwrap_or_else(|| service_of(&req.url));
@@ -193,7 +190,11 @@ impl Outbound {
             let elapsed = started.elapsed();
             let duration_ms = elapsed.as_millis() as u64;
             let (status, output, failure) = match &result {
-                Ok(resp) => (Some(resp.status), resp.lenient_output(), http_failure(resp)),
+                // Only a retry condition reads `output`; do not parse every body twice.
+                Ok(resp) if policy.condition.is_some() => {
+                    (Some(resp.status), resp.lenient_output(), http_failure(resp))
+                }
+                Ok(resp) => (Some(resp.status), Value::Null, http_failure(resp)),
                 Err(f) => (
                     None,
                     json!({"status_code": null, "error": f.error.kind.as_str()}),
@@ -479,6 +480,14 @@ fn http_failure(resp: &HttpResponse) -> Option<Failure> {
         retry_after: None,
         transient: false,
     })
+}
+
+/// Whether a method changes state upstream, so retrying it needs an idempotency key.
+pub fn is_mutating(method: &reqwest::Method) -> bool {
+    !matches!(
+        *method,
+        reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS
+    )
 }
 
 /// `host:port` of a URL, the default service name.

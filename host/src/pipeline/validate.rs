@@ -109,12 +109,7 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
                 services.push((name.clone(), policy));
             }
             Err(e) => {
-                let path = e.path().to_string();
-                let at = if path == "." {
-                    String::new()
-                } else {
-                    format!(".{path}")
-                };
+                let at = error_at(e.path(), ".");
                 diags.push(Diagnostic::new(
                     format!("services.{name}{at}"),
                     e.inner().to_string(),
@@ -151,12 +146,7 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
                 triggers.push(t);
             }
             Err(e) => {
-                let path = e.path().to_string();
-                let at = if path == "." {
-                    String::new()
-                } else {
-                    format!(".{path}")
-                };
+                let at = error_at(e.path(), ".");
                 diags.push(Diagnostic::new(
                     format!("triggers[{i}]{at}"),
                     e.inner().to_string(),
@@ -289,12 +279,7 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
             let spec: RetrySpec = match serde_path_to_error::deserialize(raw) {
                 Ok(s) => s,
                 Err(e) => {
-                    let path = e.path().to_string();
-                    let at = if path == "." {
-                        String::new()
-                    } else {
-                        format!(".{path}")
-                    };
+                    let at = error_at(e.path(), ".");
                     diags.push(Diagnostic::new(
                         format!("{}: {origin}{at}", p.loc),
                         e.inner().to_string(),
@@ -420,12 +405,7 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
     let doc: StageDoc = match serde_path_to_error::deserialize(&raw) {
         Ok(d) => d,
         Err(e) => {
-            let path = e.path().to_string();
-            let at = if path == "." {
-                String::new()
-            } else {
-                format!(": {path}")
-            };
+            let at = error_at(e.path(), ": ");
             diags.push(Diagnostic::new(format!("{loc}{at}"), e.inner().to_string()));
             return None;
         }
@@ -528,6 +508,16 @@ fn compile_schema(
             diags.push(Diagnostic::new(at, e));
             None
         }
+    }
+}
+
+/// Where inside the value a deserialisation error is, prefixed by `sep`; empty at the root.
+fn error_at(path: &serde_path_to_error::Path, sep: &str) -> String {
+    let path = path.to_string();
+    if path == "." {
+        String::new()
+    } else {
+        format!("{sep}{path}")
     }
 }
 

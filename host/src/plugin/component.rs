@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::bindings::PluginErrorKind;
 use super::state::{HttpGrant, PluginState};
 use super::{DEFAULT_DEADLINE, Egress, Plugin, World, chain};
+use crate::component::check::contains_template;
 use crate::component::{Component, ConfigProblem, StageContext};
 use crate::error::{ErrorKind, StageError};
 
@@ -179,13 +180,4 @@ fn sandbox_error(
         ErrorKind::Sandbox,
         format!("plugin {plugin} {what}{detail}"),
     )
-}
-
-fn contains_template(v: &Value) -> bool {
-    match v {
-        Value::String(s) => s.contains("{{"),
-        Value::Array(a) => a.iter().any(contains_template),
-        Value::Object(o) => o.values().any(contains_template),
-        _ => false,
-    }
 }

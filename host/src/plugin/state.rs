@@ -195,10 +195,7 @@ impl PluginState {
                     format!("invalid method {:?}", req.method),
                 )
             })?;
-        let mutating = !matches!(
-            method,
-            reqwest::Method::GET | reqwest::Method::HEAD | reqwest::Method::OPTIONS
-        );
+        let mutating = crate::http::is_mutating(&method);
         let idempotency_key = req.idempotency_key.clone().or_else(|| {
             mutating.then(|| {
                 crate::component::default_idempotency_key(
