@@ -12,6 +12,7 @@ pub mod component;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod journal;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;

@@ -3,6 +3,7 @@
 //!
 //! Secret values live only here and in rendered requests; nothing in this module writes them.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -17,8 +18,8 @@ const MIN_REDACT_LEN: usize = 4;
 #[derive(Debug, Default, Clone)]
 pub struct Secrets {
     values: HashMap<String, Value>,
-    /// Longest first, so a secret that contains another is masked whole.
-    redact: Vec<String>,
+    /// `(value, name)`, longest value first, so a secret that contains another is masked whole.
+    redact: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,14 +47,13 @@ impl Secrets {
             .into_iter()
             .map(|(k, v)| (k.into(), Value::String(v.into())))
             .collect();
-        let mut redact: Vec<String> = values
-            .values()
-            .filter_map(|v| v.as_str())
-            .filter(|s| s.len() >= MIN_REDACT_LEN)
-            .map(str::to_string)
+        let mut redact: Vec<(String, String)> = values
+            .iter()
+            .filter_map(|(k, v)| Some((v.as_str()?.to_string(), k.clone())))
+            .filter(|(v, _)| v.len() >= MIN_REDACT_LEN)
             .collect();
-        redact.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        redact.dedup();
+        redact.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.cmp(b)));
+        redact.dedup_by(|a, b| a.0 == b.0);
         Secrets { values, redact }
     }
 
@@ -67,11 +67,15 @@ impl Secrets {
     }
 
     /// Masks every secret value that occurs in `text`.
-    pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
-        let mut out = std::borrow::Cow::Borrowed(text);
-        for secret in &self.redact {
+    pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        self.replace_values(text, |_| MASK.to_string())
+    }
+
+    fn replace_values<'a>(&self, text: &'a str, with: impl Fn(&str) -> String) -> Cow<'a, str> {
+        let mut out = Cow::Borrowed(text);
+        for (secret, name) in &self.redact {
             if out.contains(secret.as_str()) {
-                out = std::borrow::Cow::Owned(out.replace(secret.as_str(), MASK));
+                out = Cow::Owned(out.replace(secret.as_str(), &with(name)));
             }
         }
         out
@@ -79,30 +83,57 @@ impl Secrets {
 
     /// Masks secret values anywhere inside a JSON value (strings and keys).
     pub fn redact_value(&self, value: &mut Value) {
-        if self.redact.is_empty() {
-            return;
+        if !self.redact.is_empty() {
+            map_strings(value, &|s| self.redact(s));
         }
-        match value {
-            Value::String(s) => {
-                if let std::borrow::Cow::Owned(masked) = self.redact(s) {
-                    *s = masked;
+    }
+
+    /// Replaces secret values inside a JSON value by `{{secrets.NAME}}`, so what is
+    /// stored (the run journal) holds no secret yet can be restored by [`Self::restore_value`].
+    pub fn to_references(&self, value: &mut Value) {
+        if !self.redact.is_empty() {
+            map_strings(value, &|s| {
+                self.replace_values(s, |name| format!("{{{{secrets.{name}}}}}"))
+            });
+        }
+    }
+
+    /// Puts the current secret values back where [`Self::to_references`] left references.
+    pub fn restore_value(&self, value: &mut Value) {
+        map_strings(value, &|s| {
+            if !s.contains("{{secrets.") {
+                return Cow::Borrowed(s);
+            }
+            let mut out = s.to_string();
+            for (name, v) in &self.values {
+                if let Some(v) = v.as_str() {
+                    out = out.replace(&format!("{{{{secrets.{name}}}}}"), v);
                 }
             }
-            Value::Array(items) => items.iter_mut().for_each(|v| self.redact_value(v)),
-            Value::Object(map) => {
-                let needs_key_mask = map
-                    .keys()
-                    .any(|k| matches!(self.redact(k), std::borrow::Cow::Owned(_)));
-                if needs_key_mask {
-                    let old = std::mem::take(map);
-                    for (k, v) in old {
-                        map.insert(self.redact(&k).into_owned(), v);
-                    }
-                }
-                map.values_mut().for_each(|v| self.redact_value(v));
+            Cow::Owned(out)
+        });
+    }
+}
+
+/// Applies `f` to every string and object key in `value`.
+fn map_strings(value: &mut Value, f: &dyn Fn(&str) -> Cow<'_, str>) {
+    match value {
+        Value::String(s) => {
+            if let Cow::Owned(changed) = f(s) {
+                *s = changed;
             }
-            _ => {}
         }
+        Value::Array(items) => items.iter_mut().for_each(|v| map_strings(v, f)),
+        Value::Object(map) => {
+            if map.keys().any(|k| matches!(f(k), Cow::Owned(_))) {
+                let old = std::mem::take(map);
+                for (k, v) in old {
+                    map.insert(f(&k).into_owned(), v);
+                }
+            }
+            map.values_mut().for_each(|v| map_strings(v, f));
+        }
+        _ => {}
     }
 }
 

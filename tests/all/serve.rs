@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::plugins::plugin_file;
-use crate::support::{self, Fake, Reply};
+use crate::support::{self, Fake, Ran, Reply};
 
 struct Server {
     child: Child,
@@ -552,6 +552,10 @@ async fn webhooks_verify_signatures_persist_and_run_once() {
     );
     let ok = stripe(Some(sign(now, &body)), body.clone()).await.unwrap();
     assert_eq!(ok.status(), 202);
+    let stripe_run = ok.json::<Value>().await.unwrap()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let dup = stripe(Some(sign(now, &body)), body.clone()).await.unwrap();
     assert_eq!(dup.status(), 200);
     assert_eq!(dup.json::<Value>().await.unwrap()["duplicate"], true);
@@ -600,10 +604,16 @@ async fn webhooks_verify_signatures_persist_and_run_once() {
         "the payload is the run's input"
     );
     assert_eq!(fake.seen("/sink/github-events").len(), 1);
-    assert!(
-        dir.join("state/inbox/stripe-events/evt_1NqW.json").exists(),
-        "persisted before acknowledging"
-    );
+    let run: Value = client
+        .get(format!("{}/v1/runs/{stripe_run}", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(run["trigger"], "webhook", "{run}");
+    assert_eq!(run["input"]["id"], "evt_1NqW", "the delivery is journaled: {run}");
 }
 
 #[tokio::test]
@@ -668,8 +678,16 @@ async fn sigterm_drains_in_flight_runs_and_loses_nothing() {
         200,
         "the in-flight request got its answer"
     );
-    assert!(
-        dir.join("state/inbox/slow-events/drain-1.done").exists(),
+    let accepted: Value = accepted.json().await.unwrap();
+    let mut show = support::fmhost();
+    show.arg("--state")
+        .arg(dir.join("state"))
+        .args(["runs", "show", "--json"])
+        .arg(accepted["run_id"].as_str().unwrap());
+    let shown = Ran::from(support::output(show).await);
+    assert_eq!(
+        shown.json()["status"],
+        "succeeded",
         "the accepted delivery finished before exit:\n{}",
         code.1
     );

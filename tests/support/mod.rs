@@ -24,7 +24,9 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// `fmhost` with a clean environment: no inherited FMHOST_* settings.
+/// `fmhost` with a clean environment: no inherited FMHOST_* settings, and a journal
+/// shared by the tests (under target/) rather than the user's own; a test that looks
+/// at the journal passes its own `--state`.
 pub fn fmhost() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fmhost"));
     for (k, _) in std::env::vars() {
@@ -32,6 +34,7 @@ pub fn fmhost() -> Command {
             cmd.env_remove(k);
         }
     }
+    cmd.env("FMHOST_STATE", root().join("target/test-scratch/shared-state"));
     cmd.current_dir(root());
     cmd
 }

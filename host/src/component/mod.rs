@@ -38,6 +38,8 @@ pub struct StageContext {
     pub deadline: Option<Instant>,
     /// Retries made so far, across all outbound calls of this stage.
     pub retries: AtomicU32,
+    /// Told about every outbound attempt (the run journal).
+    pub observer: Option<Arc<dyn crate::engine::RunObserver>>,
 }
 
 impl StageContext {
@@ -53,6 +55,7 @@ impl StageContext {
             allowed_hosts: Arc::from(Vec::new()),
             deadline: None,
             retries: AtomicU32::new(0),
+            observer: None,
         }
     }
 
@@ -63,6 +66,7 @@ impl StageContext {
             secrets: &self.secrets,
             deadline: self.deadline,
             retries: &self.retries,
+            observer: self.observer.as_deref(),
         }
     }
 }

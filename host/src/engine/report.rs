@@ -48,6 +48,9 @@ pub struct StageReport {
     /// Why a skipped stage did not run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped_because: Option<String>,
+    /// The run this stage's output was taken from, when it did not run (replay, resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<Arc<Value>>,
 }

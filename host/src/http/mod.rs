@@ -133,6 +133,27 @@ pub struct CallContext<'a> {
     pub deadline: Option<Instant>,
     /// Incremented for every retry, so the stage report can count attempts.
     pub retries: &'a AtomicU32,
+    /// Told about every attempt (the run journal).
+    pub observer: Option<&'a dyn crate::engine::RunObserver>,
+}
+
+/// One outbound attempt, as the run journal records it. Secrets are already redacted.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Attempt {
+    pub attempt: u32,
+    pub service: String,
+    pub method: String,
+    pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
+    pub duration_ms: u64,
+    /// The `Idempotency-Key` sent, so a resumed run can be checked to reuse it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Unix milliseconds when the attempt ended.
+    pub at_ms: i64,
 }
 
 /// The outbound HTTP machinery, shared by every stage of every run in this process.
@@ -224,6 +245,23 @@ impl Outbound {
                 status.map(|s| s.to_string()).unwrap_or_else(|| kind.map(|k| k.as_str().to_string()).unwrap_or_default()),
                 duration_ms,
             );
+            if let Some(o) = ctx.observer {
+                let attempt = Attempt {
+                    attempt,
+                    service: service_name.clone(),
+                    method: req.method.to_string(),
+                    url: shown_url.clone(),
+                    status,
+                    error_kind: kind.map(|k| k.as_str().to_string()),
+                    duration_ms,
+                    idempotency_key: req
+                        .idempotency_key
+                        .as_deref()
+                        .map(|k| ctx.secrets.redact(k).into_owned()),
+                    at_ms: crate::journal::unix_ms(SystemTime::now()),
+                };
+                o.attempt(ctx.run_id, ctx.stage_id, &attempt);
+            }
             if kind == Some(ErrorKind::CircuitOpen) {
                 // Failing fast is the point: no retry until the breaker lets probes through.
                 return Err(with_attempts(

@@ -87,6 +87,7 @@ impl Component for WasmComponent {
             egress: Egress::new(&p.allowed_hosts, &ctx.allowed_hosts, &config, &ctx.secrets),
             stage_retry: ctx.retry.clone(),
             deadline: ctx.deadline,
+            observer: ctx.observer.clone(),
         });
         let config_text = config.to_string();
         let input_text = upstream.to_string();

@@ -22,6 +22,7 @@ pub struct HttpGrant {
     /// The stage's `retry` block, which wins over what the plugin asks for.
     pub stage_retry: Option<RetryPolicy>,
     pub deadline: Option<Instant>,
+    pub observer: Option<Arc<dyn crate::engine::RunObserver>>,
 }
 
 pub struct PluginState {
@@ -233,6 +234,7 @@ impl PluginState {
             secrets: &self.secrets,
             deadline: grant.deadline,
             retries: &self.retries,
+            observer: grant.observer.as_deref(),
         };
         match grant.outbound.send(&ctx, &request, &policy).await {
             Ok(resp) => {

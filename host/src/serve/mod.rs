@@ -1,11 +1,13 @@
 //! `fmhost serve`: a long-running host with an HTTP API, webhooks, metrics and
 //! hot-swappable plugins.
 //!
-//! Runs go through the same [`Engine`] as `fmhost run`; this module adds the HTTP
-//! surface, the plugin slots ([`plugins`]), webhook intake ([`webhooks`]) and shutdown.
+//! Runs go through the same [`Engine`] as `fmhost run` and are journaled the same way;
+//! this module adds the HTTP surface, the plugin slots ([`plugins`]), webhook intake
+//! ([`webhooks`], deliveries stored in the journal), recovery at start ([`recover`])
+//! and shutdown.
 
 pub mod plugins;
-pub mod runs;
+mod recover;
 pub mod webhooks;
 
 use std::collections::HashMap;
@@ -24,12 +26,14 @@ use serde_json::{Value, json};
 use tokio_util::task::TaskTracker;
 
 use crate::engine::{Engine, RunOptions, RunReport, RunStatus, new_run_id};
+use crate::journal::{
+    Delivery, DlqFilter, Journal, OWNER_SERVE, RunFilter, RunJournal, RunStart, run_journaled,
+    unix_ms,
+};
 use crate::pipeline::{Plan, Trigger};
 use crate::plugin::PluginRuntime;
 use crate::secrets::Secrets;
 use plugins::PluginRegistry;
-use runs::RunStore;
-use webhooks::{Accepted, Delivery, Inbox};
 
 pub struct ServeOptions {
     pub pipelines: PathBuf,
@@ -39,6 +43,16 @@ pub struct ServeOptions {
     pub state: PathBuf,
     /// How long in-flight runs may take to finish after SIGTERM.
     pub drain_timeout: Duration,
+    pub on_interrupted: Interrupted,
+}
+
+/// What a server does at start with runs it was running when it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Interrupted {
+    /// Run them again from their last completed stages (same run id, same idempotency keys).
+    Resume,
+    /// Fail them into the dead-letter queue, for `fmhost dlq retry`.
+    DeadLetter,
 }
 
 /// `$XDG_DATA_HOME/fmhost`, else `~/.local/share/fmhost`, else `./.fmhost`.
@@ -53,16 +67,31 @@ pub fn default_state_dir() -> PathBuf {
 struct App {
     engine: Engine,
     pipelines: HashMap<String, Arc<Plan>>,
+    /// Each pipeline's file, recorded with its runs.
+    files: HashMap<String, String>,
     hooks: HashMap<String, (String, Trigger)>,
     plugins: Arc<PluginRegistry>,
-    runs: Arc<RunStore>,
-    inbox: Inbox,
+    journal: Journal,
     tracker: TaskTracker,
     draining: AtomicBool,
 }
 
 /// Starts the server and serves until SIGTERM or Ctrl-C, then drains.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.state)
+        .map_err(|e| anyhow::anyhow!("state directory {}: {e}", opts.state.display()))?;
+    // One server per state directory: it alone resumes the runs journaled as its own.
+    let lock_path = opts.state.join("serve.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another fmhost serve is using the state directory {} (it holds {})",
+            opts.state.display(),
+            lock_path.display()
+        );
+    }
+    let journal = Journal::open(&opts.state)?;
     let runtime = PluginRuntime::new()?;
     let found = runtime
         .discover_newest(&opts.plugins)
@@ -84,6 +113,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let components = registry.registry();
 
     let mut pipelines = HashMap::new();
+    let mut pipeline_files = HashMap::new();
     let mut hooks = HashMap::new();
     let mut problems = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&opts.pipelines)
@@ -107,6 +137,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                         ));
                     }
                 }
+                let absolute = std::fs::canonicalize(&file).unwrap_or(file.clone());
+                pipeline_files.insert(name.clone(), absolute.display().to_string());
                 if pipelines.insert(name.clone(), Arc::new(plan)).is_some() {
                     problems.push(format!(
                         "{}: a second pipeline is named \"{name}\"",
@@ -126,28 +158,28 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let app = Arc::new(App {
         engine,
         pipelines,
+        files: pipeline_files,
         hooks,
         plugins: registry.clone(),
-        runs: Arc::new(RunStore::default()),
-        inbox: Inbox::new(opts.state.join("inbox"))?,
+        journal,
         tracker: TaskTracker::new(),
         draining: AtomicBool::new(false),
     });
 
-    // Deliveries accepted before a crash or shutdown but never processed.
-    for d in app.inbox.pending() {
-        tracing::info!(target: "fmhost::serve", event_id = %d.event_id, pipeline = %d.pipeline, "resuming accepted delivery {} for {}", d.event_id, d.pipeline);
-        let app2 = app.clone();
-        app.tracker
-            .spawn(async move { process_delivery(app2, d, new_run_id()).await });
-    }
+    // Runs and deliveries a crash or a drain timeout left unfinished.
+    recover::recover(&app, opts.on_interrupted).await?;
 
     let _watcher = plugins::watch(registry, opts.plugins.clone())
         .map_err(|e| anyhow::anyhow!("cannot watch the plugin directories: {e}"))?;
 
     let router = Router::new()
         .route("/v1/pipelines/{name}/runs", post(start_run))
+        .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}/replay", post(replay_run))
+        .route("/v1/dlq", get(list_dlq))
+        .route("/v1/dlq/{id}", get(get_dlq).delete(drop_dlq))
+        .route("/v1/dlq/{id}/retry", post(retry_dlq))
         .route("/v1/plugins", get(list_plugins))
         .route("/v1/plugins/{name}", axum::routing::put(put_plugin))
         .route("/v1/plugins/{name}/rollback", post(rollback_plugin))
@@ -179,7 +211,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     {
         tracing::warn!(target: "fmhost::serve", "drain timeout: {} background run(s) still running; accepted deliveries will resume at next start", app.tracker.len());
     }
+    if let Err(e) = app.journal.commit(true).await {
+        tracing::error!(target: "fmhost::serve", "journal: {e}");
+    }
     tracing::info!(target: "fmhost::serve", "stopped");
+    drop(lock);
     Ok(())
 }
 
@@ -218,21 +254,41 @@ fn run_status_code(report: &RunReport) -> StatusCode {
     }
 }
 
+impl App {
+    /// A journal entry for a new run of `plan` by this server.
+    fn run_start(&self, plan: &Plan, run_id: String, trigger: &str, input: &Value) -> RunStart {
+        RunStart {
+            run_id,
+            pipeline: plan.name.to_string(),
+            pipeline_file: self.files.get(&*plan.name).cloned(),
+            trigger: trigger.into(),
+            owner: OWNER_SERVE.into(),
+            input: input.clone(),
+            replay_of: None,
+            replay_from: None,
+            started_at: unix_ms(SystemTime::now()),
+        }
+    }
+}
+
+/// Runs `plan`, journaled; returns once the run is committed.
 async fn execute(
     app: &App,
     plan: Arc<Plan>,
     input: Value,
-    run_id: String,
+    start: RunStart,
+    reuse: Option<crate::engine::Reuse>,
 ) -> Result<RunReport, String> {
-    let observer: Arc<dyn crate::engine::RunObserver> = app.runs.clone();
+    let watcher = RunJournal::new(app.journal.clone(), start, app.engine.secrets.clone());
     let opts = RunOptions {
-        run_id: Some(run_id),
-        observer: Some(observer),
+        reuse: reuse.map(Arc::new),
         ..RunOptions::default()
     };
-    match app.engine.run(plan, input, opts).await {
-        Ok(report) => {
-            app.runs.finish(&report);
+    match run_journaled(&app.engine, plan, input, opts, Some(watcher)).await {
+        Ok((report, committed)) => {
+            if let Err(e) = committed {
+                tracing::error!(target: "fmhost::serve", run_id = %report.run_id, "run finished but is not fully journaled: {e}");
+            }
             Ok(report)
         }
         Err(e) => Err(e.to_string()),
@@ -282,16 +338,19 @@ async fn start_run(
         );
     }
     let run_id = new_run_id();
+    let start = app.run_start(&plan, run_id.clone(), "api", &input);
     match q.get("mode").map(String::as_str) {
-        None | Some("sync") => match execute(&app, plan, input, run_id).await {
+        None | Some("sync") => match execute(&app, plan, input, start, None).await {
             Ok(report) => (run_status_code(&report), Json(report)).into_response(),
             Err(e) => problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid input", e),
         },
         Some("async") => {
+            // In the journal before the answer, so the run can be looked up at once.
+            RunJournal::new(app.journal.clone(), start.clone(), app.engine.secrets.clone())
+                .announce();
             let app2 = app.clone();
-            let id = run_id.clone();
             app.tracker.spawn(async move {
-                let _ = execute(&app2, plan, input, id).await;
+                let _ = execute(&app2, plan, input, start, None).await;
             });
             (StatusCode::ACCEPTED, Json(json!({"run_id": run_id, "status": "running", "href": format!("/v1/runs/{run_id}")}))).into_response()
         }
@@ -303,14 +362,214 @@ async fn start_run(
     }
 }
 
+fn journal_problem(e: crate::journal::JournalError) -> Response {
+    problem(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "journal unavailable",
+        e.to_string(),
+    )
+}
+
 async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    match app.runs.get(&id) {
-        Some(run) => Json(run).into_response(),
-        None => problem(
+    // Whatever this server has queued for the run is visible once committed.
+    let read = async {
+        app.journal.commit(false).await?;
+        app.journal.run(&id).await
+    };
+    match read.await {
+        Ok(Some(run)) => Json(run).into_response(),
+        Ok(None) => problem(
             StatusCode::NOT_FOUND,
             "unknown run",
-            format!("no run {id} on this server"),
+            format!("no run {id} in the journal"),
         ),
+        Err(e) => journal_problem(e),
+    }
+}
+
+/// `GET /v1/runs?pipeline=&status=&since=&until=&limit=`
+async fn list_runs(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let time = |k: &str| {
+        q.get(k)
+            .map(|t| crate::journal::parse_time(t).map_err(|e| format!("{k}: {e}")))
+            .transpose()
+    };
+    let (since_ms, until_ms) = match (time("since"), time("until")) {
+        (Ok(s), Ok(u)) => (s, u),
+        (Err(e), _) | (_, Err(e)) => {
+            return problem(StatusCode::BAD_REQUEST, "invalid query", e);
+        }
+    };
+    let filter = RunFilter {
+        pipeline: q.get("pipeline").cloned(),
+        status: q.get("status").cloned(),
+        since_ms,
+        until_ms,
+        limit: q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(100),
+        ..RunFilter::default()
+    };
+    match app.journal.runs(filter).await {
+        Ok(runs) => Json(runs).into_response(),
+        Err(e) => journal_problem(e),
+    }
+}
+
+/// Replays a journaled run with this server's pipelines and plugins, synchronously.
+async fn replay(
+    app: &Arc<App>,
+    run_id: &str,
+    from: Option<&str>,
+    input: Option<Value>,
+    trigger: &str,
+) -> Result<RunReport, Response> {
+    let original = match app.journal.run(run_id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return Err(problem(
+                StatusCode::NOT_FOUND,
+                "unknown run",
+                format!("no run {run_id} in the journal"),
+            ));
+        }
+        Err(e) => return Err(journal_problem(e)),
+    };
+    let Some(plan) = app.pipelines.get(&original.summary.pipeline).cloned() else {
+        return Err(problem(
+            StatusCode::CONFLICT,
+            "unknown pipeline",
+            format!(
+                "run {run_id} is of pipeline \"{}\", which this server does not serve",
+                original.summary.pipeline
+            ),
+        ));
+    };
+    let prepared = crate::journal::replay::prepare(
+        &plan,
+        &original,
+        from,
+        input,
+        trigger,
+        OWNER_SERVE,
+        &app.engine.secrets,
+    )
+        .map_err(|e| problem(StatusCode::UNPROCESSABLE_ENTITY, "cannot replay", e))?;
+    let mut start = prepared.start;
+    start.pipeline_file = app.files.get(&*plan.name).cloned();
+    execute(app, plan, prepared.input, start, Some(prepared.reuse))
+        .await
+        .map_err(|e| problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid input", e))
+}
+
+/// `POST /v1/runs/{id}/replay?from=STAGE`, with an optional new input as the body.
+async fn replay_run(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let input = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "invalid input",
+                    format!("request body: line {} column {}: {e}", e.line(), e.column()),
+                );
+            }
+        }
+    };
+    match replay(&app, &id, q.get("from").map(String::as_str), input, "replay").await {
+        Ok(report) => (run_status_code(&report), Json(report)).into_response(),
+        Err(resp) => resp,
+    }
+}
+
+/// `GET /v1/dlq?pipeline=&status=open|resolved|dropped|all`
+async fn list_dlq(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let status = match q.get("status").map(String::as_str) {
+        None => Some("open".to_string()),
+        Some("all") => None,
+        Some(s) => Some(s.to_string()),
+    };
+    let filter = DlqFilter {
+        pipeline: q.get("pipeline").cloned(),
+        status,
+        limit: q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0),
+    };
+    match app.journal.dead_letters(filter).await {
+        Ok(entries) => Json(entries).into_response(),
+        Err(e) => journal_problem(e),
+    }
+}
+
+async fn dead_letter(app: &App, id: i64) -> Result<crate::journal::DeadLetter, Response> {
+    match app.journal.dead_letter(id).await {
+        Ok(Some(e)) => Ok(e),
+        Ok(None) => Err(problem(
+            StatusCode::NOT_FOUND,
+            "unknown dead letter",
+            format!("no dead letter {id}"),
+        )),
+        Err(e) => Err(journal_problem(e)),
+    }
+}
+
+async fn get_dlq(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response {
+    match dead_letter(&app, id).await {
+        Ok(e) => Json(e).into_response(),
+        Err(resp) => resp,
+    }
+}
+
+/// Retries an open entry by replaying its run; answers with the entry and the run.
+async fn retry_dlq(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response {
+    let entry = match dead_letter(&app, id).await {
+        Ok(e) if e.status == "open" => e,
+        Ok(e) => {
+            return problem(
+                StatusCode::CONFLICT,
+                "not open",
+                format!("dead letter {id} is {}", e.status),
+            );
+        }
+        Err(resp) => return resp,
+    };
+    let report = match replay(&app, &entry.run_id, None, None, "dlq-retry").await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let entry = match dead_letter(&app, id).await {
+        Ok(e) => e,
+        Err(resp) => return resp,
+    };
+    (
+        run_status_code(&report),
+        Json(json!({"dead_letter": entry, "run": report})),
+    )
+        .into_response()
+}
+
+async fn drop_dlq(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response {
+    match app.journal.drop_dead_letter(id).await {
+        Ok(true) => match dead_letter(&app, id).await {
+            Ok(e) => Json(e).into_response(),
+            Err(resp) => resp,
+        },
+        Ok(false) => problem(
+            StatusCode::NOT_FOUND,
+            "no open dead letter",
+            format!("no open dead letter {id}"),
+        ),
+        Err(e) => journal_problem(e),
     }
 }
 
@@ -428,22 +687,21 @@ async fn fallback(
     };
     let event_id = webhooks::event_id(&trigger, &headers, &payload, &body);
     let delivery = Delivery {
-        event_id: event_id.clone(),
         pipeline: pipeline.clone(),
+        event_id: event_id.clone(),
         path: trigger.path.clone(),
-        received_at: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+        received_at: unix_ms(SystemTime::now()),
         payload,
+        run_id: new_run_id(),
     };
-    match app.inbox.accept(&delivery) {
-        Ok(Accepted::Duplicate) => {
-            Json(json!({"event_id": event_id, "duplicate": true})).into_response()
-        }
-        Ok(Accepted::New) => {
-            let run_id = new_run_id();
+    // Acknowledged only once it is in the journal, synced to disk.
+    match app.journal.accept_delivery(delivery.clone()).await {
+        Ok(false) => Json(json!({"event_id": event_id, "duplicate": true})).into_response(),
+        Ok(true) => {
+            let run_id = delivery.run_id.clone();
             let app2 = app.clone();
-            let id = run_id.clone();
             app.tracker
-                .spawn(async move { process_delivery(app2, delivery, id).await });
+                .spawn(async move { process_delivery(app2, delivery).await });
             (
                 StatusCode::ACCEPTED,
                 Json(json!({"event_id": event_id, "run_id": run_id})),
@@ -461,18 +719,37 @@ async fn fallback(
     }
 }
 
-async fn process_delivery(app: Arc<App>, d: Delivery, run_id: String) {
-    let Some(plan) = app.pipelines.get(&d.pipeline).cloned() else {
-        tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "pipeline {} is gone; delivery left in the inbox", d.pipeline);
-        return;
+/// Runs an accepted delivery; one that cannot run (its pipeline is gone, its payload
+/// does not match the input schema) is dead-lettered with the reason.
+async fn process_delivery(app: Arc<App>, d: Delivery) {
+    let plan = app.pipelines.get(&d.pipeline).cloned();
+    let problem = match &plan {
+        None => Some(format!("pipeline \"{}\" is not served here", d.pipeline)),
+        Some(plan) => Engine::check_input(plan, &d.payload).err().map(|e| e.to_string()),
     };
-    let outcome = match execute(&app, plan, d.payload.clone(), run_id.clone()).await {
-        Ok(report) => {
-            json!({"run_id": report.run_id, "status": report.status, "error": report.error})
+    let start = RunStart {
+        run_id: d.run_id.clone(),
+        pipeline: d.pipeline.clone(),
+        pipeline_file: app.files.get(&d.pipeline).cloned(),
+        trigger: "webhook".into(),
+        owner: OWNER_SERVE.into(),
+        input: d.payload.clone(),
+        replay_of: None,
+        replay_from: None,
+        started_at: unix_ms(SystemTime::now()),
+    };
+    match (plan, problem) {
+        (Some(plan), None) => {
+            let _ = execute(&app, plan, d.payload, start, None).await;
         }
-        Err(e) => json!({"run_id": run_id, "status": "rejected", "error": e}),
-    };
-    if let Err(e) = app.inbox.done(&d.pipeline, &d.event_id, &outcome) {
-        tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "cannot mark delivery done (it will run again at restart): {e}");
+        (_, why) => {
+            let why = why.unwrap_or_default();
+            tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "delivery {} for {} cannot run, dead-lettered: {why}", d.event_id, d.pipeline);
+            let watcher = RunJournal::new(app.journal.clone(), start, app.engine.secrets.clone());
+            let kind = if why.contains("input schema") { "validation" } else { "config" };
+            if let Err(e) = watcher.reject(&why, kind, true).await {
+                tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "journal: {e}");
+            }
+        }
     }
 }

@@ -1,16 +1,14 @@
-//! Webhook triggers: signature verification and the durable inbox.
+//! Webhook triggers: signature verification and event identity.
 //!
-//! A delivery is verified (HMAC-SHA256, constant-time), written to the inbox and
-//! fsync'd, and only then acknowledged; the run happens afterwards. An event id seen
-//! before is acknowledged again without running twice. Entries without a `.done`
-//! marker are processed again when the server starts, so nothing accepted is lost.
+//! A delivery is verified (HMAC-SHA256, constant-time), stored in the journal with a
+//! full sync, and only then acknowledged; the run happens afterwards. An event id seen
+//! before is acknowledged again without running twice. Deliveries whose run has not
+//! finished are picked up again when the server starts, so nothing accepted is lost.
 
-use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use axum::http::HeaderMap;
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
 
@@ -132,7 +130,7 @@ pub fn event_id(trigger: &Trigger, headers: &HeaderMap, payload: &Value, body: &
     let id = id
         .or_else(|| from_header("idempotency-key"))
         .unwrap_or_else(|| format!("sha256-{}", &crate::plugin::content_hash(body)[..32]));
-    // Event ids become file names: keep them tame.
+    // Event ids appear in logs and URLs: keep them tame.
     id.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -143,107 +141,6 @@ pub fn event_id(trigger: &Trigger, headers: &HeaderMap, payload: &Value, body: &
         })
         .take(128)
         .collect()
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Delivery {
-    pub event_id: String,
-    pub pipeline: String,
-    pub path: String,
-    pub received_at: String,
-    pub payload: Value,
-}
-
-/// Accepted deliveries on disk: `inbox/PIPELINE/EVENT.json`, plus `EVENT.done` once run.
-pub struct Inbox {
-    dir: PathBuf,
-}
-
-pub enum Accepted {
-    New,
-    Duplicate,
-}
-
-impl Inbox {
-    pub fn new(dir: PathBuf) -> std::io::Result<Inbox> {
-        std::fs::create_dir_all(&dir)?;
-        Ok(Inbox { dir })
-    }
-
-    fn entry(&self, pipeline: &str, event_id: &str, ext: &str) -> PathBuf {
-        self.dir.join(pipeline).join(format!("{event_id}.{ext}"))
-    }
-
-    /// Stores a delivery durably (file and directory fsync'd) unless its id is known.
-    pub fn accept(&self, d: &Delivery) -> std::io::Result<Accepted> {
-        let path = self.entry(&d.pipeline, &d.event_id, "json");
-        if path.exists() {
-            return Ok(Accepted::Duplicate);
-        }
-        let dir = path.parent().expect("entries live in a pipeline folder");
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".{}.tmp-{}", d.event_id, rand::random::<u32>()));
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(
-                &mut f,
-                &serde_json::to_vec(d).map_err(std::io::Error::other)?,
-            )?;
-            f.sync_all()?;
-        }
-        // A concurrent duplicate may have won; the first stored copy is the one that runs.
-        if path.exists() {
-            let _ = std::fs::remove_file(&tmp);
-            return Ok(Accepted::Duplicate);
-        }
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(Accepted::New)
-    }
-
-    /// Marks a delivery processed, with how its run ended.
-    pub fn done(&self, pipeline: &str, event_id: &str, outcome: &Value) -> std::io::Result<()> {
-        let path = self.entry(pipeline, event_id, "done");
-        let mut f = std::fs::File::create(&path)?;
-        std::io::Write::write_all(&mut f, outcome.to_string().as_bytes())?;
-        f.sync_all()
-    }
-
-    /// Deliveries accepted but not yet processed (after a crash or shutdown).
-    pub fn pending(&self) -> Vec<Delivery> {
-        let mut out = Vec::new();
-        let Ok(pipelines) = std::fs::read_dir(&self.dir) else {
-            return out;
-        };
-        for p in pipelines.flatten() {
-            let Ok(entries) = std::fs::read_dir(p.path()) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let path = e.path();
-                if path.extension().is_some_and(|x| x == "json")
-                    && !path.with_extension("done").exists()
-                {
-                    match std::fs::read(&path)
-                        .map_err(|e| e.to_string())
-                        .and_then(|b| {
-                            serde_json::from_slice::<Delivery>(&b).map_err(|e| e.to_string())
-                        }) {
-                        Ok(d) => out.push(d),
-                        Err(e) => {
-                            tracing::error!(target: "fmhost::serve", file = %path.display(), "unreadable inbox entry left in place: {e}")
-                        }
-                    }
-                }
-            }
-        }
-        out.sort_by(|a, b| a.received_at.cmp(&b.received_at));
-        out
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// Signs a body the way Stripe does, for clients and tests: `t=...,v1=...`.

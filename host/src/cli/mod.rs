@@ -1,5 +1,8 @@
 //! The `fmhost` command line. The only place that turns errors into exit codes:
-//! 0 success, 1 the run failed, 2 invalid pipeline, input or usage, 130 interrupted.
+//! 0 success, 1 the run failed (or the journal could not be used), 2 invalid
+//! pipeline, input or usage, 130 interrupted.
+
+mod journal;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -31,6 +34,10 @@ struct Cli {
     /// How stderr logs look.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Where the run journal, accepted webhooks and uploaded plugins live
+    /// (default: $XDG_DATA_HOME/fmhost or ~/.local/share/fmhost).
+    #[arg(long, global = true, value_name = "DIR", env = "FMHOST_STATE")]
+    state: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,6 +53,14 @@ enum Command {
     Plugins(PluginsCommand),
     /// Serve pipelines over HTTP, with webhooks, metrics and hot-swappable plugins.
     Serve(ServeArgs),
+    /// List journaled runs, or show one.
+    #[command(subcommand)]
+    Runs(journal::RunsCommand),
+    /// Re-run a journaled run, from a stage or where it stopped; or many (--pipeline --since).
+    Replay(journal::ReplayArgs),
+    /// The dead-letter queue: failed runs and unprocessable webhook deliveries.
+    #[command(subcommand)]
+    Dlq(journal::DlqCommand),
 }
 
 #[derive(Args)]
@@ -61,12 +76,13 @@ struct ServeArgs {
     /// Secrets as a JSON object or dotenv file; FMHOST_SECRET_<NAME> variables also work.
     #[arg(long, value_name = "FILE")]
     secrets: Option<PathBuf>,
-    /// Where accepted webhooks and uploaded plugins are kept (default ~/.local/share/fmhost).
-    #[arg(long, value_name = "DIR")]
-    state: Option<PathBuf>,
     /// How long in-flight runs may take to finish after SIGTERM.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
     drain_timeout: Duration,
+    /// What happens at start to runs a crash or a drain timeout interrupted: resume them
+    /// from their last completed stages, or put them in the dead-letter queue.
+    #[arg(long, value_enum, default_value = "resume")]
+    on_interrupted: crate::serve::Interrupted,
 }
 
 #[derive(Subcommand)]
@@ -133,6 +149,9 @@ struct RunArgs {
     /// Print a per-service table of calls, errors by kind, latency and breaker state.
     #[arg(long)]
     metrics: bool,
+    /// Do not record the run in the journal.
+    #[arg(long)]
+    no_journal: bool,
     #[command(flatten)]
     plugins: PluginArgs,
 }
@@ -162,6 +181,14 @@ pub fn main() -> ExitCode {
         }
     };
     logging::init(cli.log_format);
+    if !matches!(cli.command, Command::Serve(_)) {
+        // `fmhost runs list | head` should end quietly, not panic on a closed stdout.
+        #[cfg(unix)]
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -172,12 +199,19 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
+    let state = cli
+        .state
+        .clone()
+        .unwrap_or_else(crate::serve::default_state_dir);
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(args, &state).await,
             Command::Validate(args) => validate(args).await,
             Command::Plugins(cmd) => plugins(cmd).await,
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(args, state).await,
+            Command::Runs(cmd) => journal::runs(&state, cmd).await,
+            Command::Replay(args) => journal::replay_cmd(&state, args).await,
+            Command::Dlq(cmd) => journal::dlq(&state, cmd).await,
         }
     });
     ExitCode::from(code)
@@ -224,14 +258,15 @@ fn plugin_json(p: &Plugin) -> Value {
     })
 }
 
-async fn serve(args: ServeArgs) -> u8 {
+async fn serve(args: ServeArgs, state: PathBuf) -> u8 {
     let opts = crate::serve::ServeOptions {
         pipelines: args.pipelines,
         plugins: args.plugins,
         listen: args.listen,
         secrets: args.secrets,
-        state: args.state.unwrap_or_else(crate::serve::default_state_dir),
+        state,
         drain_timeout: args.drain_timeout,
+        on_interrupted: args.on_interrupted,
     };
     match crate::serve::serve(opts).await {
         Ok(()) => 0,
@@ -429,27 +464,99 @@ async fn validate(args: ValidateArgs) -> u8 {
     }
 }
 
-fn read_input(args: &RunArgs) -> Result<Value, String> {
-    let (text, origin) = match (&args.input, &args.input_json) {
-        (_, Some(inline)) => (inline.clone(), "--input-json".to_string()),
-        (Some(dash), None) if dash == "-" => {
-            let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .map_err(|e| format!("stdin: {e}"))?;
-            (s, "stdin".to_string())
-        }
-        (Some(file), None) => (
+/// Reads an input JSON file, or stdin for `-`.
+fn read_input_file(file: &str) -> Result<Value, String> {
+    let (text, origin) = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("stdin: {e}"))?;
+        (s, "stdin".to_string())
+    } else {
+        (
             std::fs::read_to_string(file).map_err(|e| format!("input {file}: {e}"))?,
             format!("input {file}"),
-        ),
-        (None, None) => return Ok(Value::Object(Default::default())),
+        )
     };
     serde_json::from_str(&text)
         .map_err(|e| format!("{origin}:{}:{}: invalid JSON: {e}", e.line(), e.column()))
 }
 
-async fn run(args: RunArgs) -> u8 {
+fn read_input(args: &RunArgs) -> Result<Value, String> {
+    match (&args.input, &args.input_json) {
+        (_, Some(inline)) => serde_json::from_str(inline).map_err(|e| {
+            format!(
+                "--input-json:{}:{}: invalid JSON: {e}",
+                e.line(),
+                e.column()
+            )
+        }),
+        (Some(file), None) => read_input_file(file),
+        (None, None) => Ok(Value::Object(Default::default())),
+    }
+}
+
+/// An engine with the secrets from `file` (and FMHOST_SECRET_*), and FMHOST_NOW.
+fn engine(secrets: Option<&Path>) -> Result<Engine, u8> {
+    let secrets = Secrets::load(secrets).map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_INVALID
+    })?;
+    let mut engine = Engine::new(secrets);
+    engine.fixed_now = std::env::var("FMHOST_NOW").ok().map(Arc::from);
+    Ok(engine)
+}
+
+/// Ctrl-C cancels the run: running stages stop, the rest are skipped, exit 130.
+fn cancel_on_ctrl_c(opts: &RunOptions) {
+    let cancel = opts.cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::warn!(target: "fmhost::progress", "interrupted: cancelling the run");
+            cancel.cancel();
+        }
+    });
+}
+
+fn status_name(status: RunStatus) -> String {
+    serde_json::to_value(status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Prints a finished run's output (stdout) and writes its report; the exit code.
+fn report_outcome(
+    report: crate::engine::RunReport,
+    report_file: Option<&Path>,
+    metrics: Option<&Engine>,
+) -> u8 {
+    if let Some(engine) = metrics {
+        eprint!("\n{}", engine.outbound.metrics.table());
+    }
+    if let Some(path) = report_file {
+        let written = serde_json::to_vec_pretty(&report)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| std::fs::write(path, bytes).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            eprintln!("error: report {}: {e}", path.display());
+        }
+    }
+    match report.status {
+        RunStatus::Succeeded => {
+            let output = report.output.unwrap_or(Value::Null);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&output).unwrap_or_default()
+            );
+            0
+        }
+        RunStatus::Cancelled => EXIT_INTERRUPTED,
+        _ => EXIT_FAILED,
+    }
+}
+
+async fn run(args: RunArgs, state: &Path) -> u8 {
     let registry = match registry(&args.plugins).await {
         Ok(r) => r,
         Err(e) => {
@@ -472,54 +579,65 @@ async fn run(args: RunArgs) -> u8 {
         eprintln!("error: {e}");
         return EXIT_INVALID;
     }
-    let secrets = match Secrets::load(args.secrets.as_deref()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_INVALID;
+    let engine = match engine(args.secrets.as_deref()) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    // Open the journal before running anything: a run that cannot be journaled does not start.
+    let watcher = if args.no_journal {
+        None
+    } else {
+        match crate::journal::Journal::open(state) {
+            Ok(journal) => {
+                let start = crate::journal::RunStart {
+                    run_id: crate::engine::new_run_id(),
+                    pipeline: plan.name.to_string(),
+                    pipeline_file: Some(
+                        std::fs::canonicalize(&args.pipeline)
+                            .unwrap_or_else(|_| args.pipeline.clone())
+                            .display()
+                            .to_string(),
+                    ),
+                    trigger: "cli".into(),
+                    owner: crate::journal::OWNER_CLI.into(),
+                    input: input.clone(),
+                    replay_of: None,
+                    replay_from: None,
+                    started_at: crate::journal::unix_ms(std::time::SystemTime::now()),
+                };
+                Some(crate::journal::RunJournal::new(
+                    journal,
+                    start,
+                    engine.secrets.clone(),
+                ))
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                eprintln!("(--no-journal runs without one)");
+                return EXIT_FAILED;
+            }
         }
     };
-    let mut engine = Engine::new(secrets);
-    engine.fixed_now = std::env::var("FMHOST_NOW").ok().map(Arc::from);
     let opts = RunOptions {
         timeout: args.timeout,
         ..RunOptions::default()
     };
-    let cancel = opts.cancel.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::warn!(target: "fmhost::progress", "interrupted: cancelling the run");
-            cancel.cancel();
+    cancel_on_ctrl_c(&opts);
+    let report = match crate::journal::run_journaled(&engine, plan, input, opts, watcher).await {
+        Ok((report, committed)) => {
+            if let Err(e) = committed {
+                eprintln!("error: the run finished but is not fully journaled: {e}");
+            }
+            report
         }
-    });
-    let report = match engine.run(plan, input, opts).await {
-        Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return EXIT_INVALID;
         }
     };
-    if args.metrics {
-        eprint!("\n{}", engine.outbound.metrics.table());
-    }
-    if let Some(path) = &args.report {
-        let written = serde_json::to_vec_pretty(&report)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| std::fs::write(path, bytes).map_err(|e| e.to_string()));
-        if let Err(e) = written {
-            eprintln!("error: report {}: {e}", path.display());
-        }
-    }
-    match report.status {
-        RunStatus::Succeeded => {
-            let output = report.output.unwrap_or(Value::Null);
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&output).unwrap_or_default()
-            );
-            0
-        }
-        RunStatus::Cancelled => EXIT_INTERRUPTED,
-        _ => EXIT_FAILED,
-    }
+    report_outcome(
+        report,
+        args.report.as_deref(),
+        args.metrics.then_some(&engine),
+    )
 }

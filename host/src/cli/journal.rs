@@ -1,0 +1,653 @@
+//! `fmhost runs`, `fmhost replay` and `fmhost dlq`: the journal from the command line.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use super::{
+    EXIT_FAILED, EXIT_INVALID, PluginArgs, cancel_on_ctrl_c, engine, load_plan, read_input_file,
+    registry,
+};
+use crate::engine::{RunOptions, RunReport, RunStatus};
+use crate::journal::{
+    DlqFilter, Journal, OWNER_CLI, RunDetail, RunFilter, RunJournal, parse_time, replay,
+    run_journaled,
+};
+
+const STATUSES: [&str; 5] = ["running", "succeeded", "failed", "cancelled", "timed-out"];
+
+#[derive(Subcommand)]
+pub enum RunsCommand {
+    /// Journaled runs, newest first.
+    List {
+        #[arg(long, value_name = "NAME")]
+        pipeline: Option<String>,
+        #[arg(long, value_parser = STATUSES)]
+        status: Option<String>,
+        /// Started at or after: RFC 3339, a date, or an age such as `3d`.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        since: Option<i64>,
+        /// Started before.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        until: Option<i64>,
+        #[arg(long, default_value = "50")]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run: its stages, timings, attempts, error kinds and outputs.
+    Show {
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    /// The run to replay (`fmhost runs list`).
+    #[arg(required_unless_present = "pipeline", conflicts_with = "pipeline")]
+    run: Option<String>,
+    /// Run this stage and everything downstream of it again; the other stages' outputs
+    /// come from the journal. Without it, stages that succeeded are reused and the rest run.
+    #[arg(long, value_name = "STAGE")]
+    from: Option<String>,
+    /// New input (a JSON file, or `-` for stdin); reruns every stage unless --from says otherwise.
+    #[arg(long, value_name = "FILE", requires = "run")]
+    input: Option<String>,
+    /// Replay every matching run of this pipeline (with --since).
+    #[arg(long, value_name = "NAME", requires = "since")]
+    pipeline: Option<String>,
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    since: Option<i64>,
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    until: Option<i64>,
+    /// Which runs to replay with --pipeline.
+    #[arg(long, value_parser = STATUSES, default_value = "failed")]
+    status: String,
+    /// Secrets as a JSON object or dotenv file; FMHOST_SECRET_<NAME> variables also work.
+    #[arg(long, value_name = "FILE")]
+    secrets: Option<PathBuf>,
+    /// Deadline for each run.
+    #[arg(long, value_name = "DURATION", value_parser = super::parse_duration)]
+    timeout: Option<Duration>,
+    #[command(flatten)]
+    plugins: PluginArgs,
+}
+
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// Dead-lettered runs and deliveries, newest first (open ones unless --all).
+    List {
+        #[arg(long, value_name = "NAME")]
+        pipeline: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One entry, with the input it needs to be retried.
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retry entries: replay their runs with the current pipeline and plugins.
+    Retry {
+        #[arg(required = true)]
+        ids: Vec<i64>,
+        #[arg(long, value_name = "FILE")]
+        secrets: Option<PathBuf>,
+        #[command(flatten)]
+        plugins: PluginArgs,
+    },
+    /// Drop entries: they are kept, marked dropped, and no longer listed as open.
+    Drop {
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+}
+
+fn open(state: &Path) -> Result<Journal, u8> {
+    Journal::open(state).map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_FAILED
+    })
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn one_line(v: &Value, max: usize) -> String {
+    let text = v.to_string();
+    if text.len() <= max {
+        return text;
+    }
+    let cut = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    format!(
+        "{}... ({} bytes; --json shows all)",
+        &text[..cut],
+        text.len()
+    )
+}
+
+pub async fn runs(state: &Path, cmd: RunsCommand) -> u8 {
+    let journal = match open(state) {
+        Ok(j) => j,
+        Err(code) => return code,
+    };
+    match cmd {
+        RunsCommand::List {
+            pipeline,
+            status,
+            since,
+            until,
+            limit,
+            json,
+        } => {
+            let filter = RunFilter {
+                pipeline,
+                status,
+                since_ms: since,
+                until_ms: until,
+                limit,
+                ..RunFilter::default()
+            };
+            let runs = match journal.runs(filter).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return EXIT_FAILED;
+                }
+            };
+            if json {
+                print_json(&runs);
+                return 0;
+            }
+            println!(
+                "{:<30} {:<22} {:<10} {:<21} {:>9}  ERROR",
+                "RUN", "PIPELINE", "STATUS", "STARTED", "DURATION"
+            );
+            for r in &runs {
+                let error = match (&r.error_kind, &r.error) {
+                    (Some(k), Some(e)) => format!("[{k}] {e}"),
+                    (None, Some(e)) => e.clone(),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:<30} {:<22} {:<10} {:<21} {:>9}  {}",
+                    r.run_id,
+                    r.pipeline,
+                    r.status,
+                    r.started_at,
+                    r.duration_ms.map(|d| format!("{d} ms")).unwrap_or_default(),
+                    error
+                );
+            }
+            0
+        }
+        RunsCommand::Show { run, json } => match journal.run(&run).await {
+            Ok(Some(detail)) => {
+                if json {
+                    print_json(&detail);
+                } else {
+                    show_run(&detail);
+                }
+                0
+            }
+            Ok(None) => {
+                eprintln!(
+                    "error: no run {run} in the journal {}",
+                    journal.path().display()
+                );
+                EXIT_FAILED
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                EXIT_FAILED
+            }
+        },
+    }
+}
+
+fn show_run(d: &RunDetail) {
+    let s = &d.summary;
+    println!(
+        "run {}  pipeline {}  {}  (trigger {})",
+        s.run_id, s.pipeline, s.status, s.trigger
+    );
+    println!(
+        "started {}{}{}",
+        s.started_at,
+        s.duration_ms
+            .map(|ms| format!(", took {ms} ms"))
+            .unwrap_or_default(),
+        if d.resumed > 0 {
+            format!(", resumed {} time(s) after a restart", d.resumed)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(of) = &s.replay_of {
+        println!(
+            "replay of {of}{}",
+            d.replay_from
+                .as_ref()
+                .map(|f| format!(" from stage {f}"))
+                .unwrap_or_default()
+        );
+    }
+    if !d.replayed_by.is_empty() {
+        println!("replayed by {}", d.replayed_by.join(", "));
+    }
+    if let Some(e) = &s.error {
+        println!(
+            "error: {}{e}",
+            s.error_kind
+                .as_ref()
+                .map(|k| format!("[{k}] "))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(id) = d.dead_letter {
+        println!("dead letter {id} (open): fmhost dlq retry {id}");
+    }
+    println!("input: {}", one_line(&d.input, 300));
+    println!();
+    println!(
+        "{:<24} {:<10} {:>8} {:>8} {:>9}  COMPONENT",
+        "STAGE", "STATUS", "ATTEMPTS", "START", "DURATION"
+    );
+    for st in &d.stages {
+        let r = &st.report;
+        let status = serde_json::to_value(r.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:<10} {:>8} {:>8} {:>9}  {}{}",
+            r.id,
+            status,
+            r.attempts,
+            r.started_ms.map(|m| format!("{m} ms")).unwrap_or_default(),
+            r.duration_ms.map(|m| format!("{m} ms")).unwrap_or_default(),
+            r.component,
+            r.version
+                .as_ref()
+                .map(|v| format!(" {v}"))
+                .unwrap_or_default()
+        );
+        for c in &st.calls {
+            println!(
+                "    {} {} -> {} in {} ms (attempt {}{}{})",
+                c.method,
+                c.url,
+                c.status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "no response".into()),
+                c.duration_ms,
+                c.attempt,
+                c.error_kind
+                    .as_ref()
+                    .map(|k| format!(", {k}"))
+                    .unwrap_or_default(),
+                c.idempotency_key
+                    .as_ref()
+                    .map(|k| format!(", idempotency key {k}"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(from) = &r.reused_from {
+            println!("    output reused from run {from}");
+        }
+        if let Some(e) = &r.error {
+            println!("    error: [{}] {}", e.kind.as_str(), e.message);
+        }
+        if let Some(why) = &r.skipped_because {
+            println!("    skipped: {why}");
+        }
+        if let Some(out) = &r.output {
+            println!("    output: {}", one_line(out, 300));
+        }
+    }
+    if let Some(out) = &d.output {
+        println!();
+        println!("output: {}", one_line(out, 2000));
+    }
+}
+
+/// Replays `original` and returns its report; errors are printed.
+async fn replay_one(
+    journal: &Journal,
+    original: &RunDetail,
+    from: Option<&str>,
+    input: Option<Value>,
+    trigger: &str,
+    secrets: Option<&Path>,
+    plugins: &PluginArgs,
+    timeout: Option<Duration>,
+) -> Result<RunReport, u8> {
+    let registry = registry(plugins).await.map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_INVALID
+    })?;
+    let Some(file) = original.pipeline_file.as_deref() else {
+        eprintln!(
+            "error: run {} has no pipeline file in the journal",
+            original.summary.run_id
+        );
+        return Err(EXIT_INVALID);
+    };
+    let plan = Arc::new(load_plan(Path::new(file), &registry)?);
+    let engine = engine(secrets)?;
+    let prepared = replay::prepare(
+        &plan,
+        original,
+        from,
+        input,
+        trigger,
+        OWNER_CLI,
+        &engine.secrets,
+    )
+    .map_err(|e| {
+        eprintln!("error: replay of {}: {e}", original.summary.run_id);
+        EXIT_INVALID
+    })?;
+    tracing::info!(target: "fmhost::progress", run_id = %prepared.start.run_id, replay_of = %original.summary.run_id, reused = prepared.reuse.outputs.len(), "replaying run {} as {} ({} stage output(s) from the journal)", original.summary.run_id, prepared.start.run_id, prepared.reuse.outputs.len());
+    let watcher = RunJournal::new(journal.clone(), prepared.start, engine.secrets.clone());
+    let opts = RunOptions {
+        timeout,
+        reuse: Some(Arc::new(prepared.reuse)),
+        ..RunOptions::default()
+    };
+    cancel_on_ctrl_c(&opts);
+    match run_journaled(&engine, plan, prepared.input, opts, Some(watcher)).await {
+        Ok((report, committed)) => {
+            if let Err(e) = committed {
+                eprintln!("error: {e}");
+            }
+            Ok(report)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(EXIT_INVALID)
+        }
+    }
+}
+
+async fn load_run(journal: &Journal, id: &str) -> Result<RunDetail, u8> {
+    match journal.run(id).await {
+        Ok(Some(d)) => Ok(d),
+        Ok(None) => {
+            eprintln!(
+                "error: no run {id} in the journal {}",
+                journal.path().display()
+            );
+            Err(EXIT_INVALID)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(EXIT_FAILED)
+        }
+    }
+}
+
+pub async fn replay_cmd(state: &Path, args: ReplayArgs) -> u8 {
+    let journal = match open(state) {
+        Ok(j) => j,
+        Err(code) => return code,
+    };
+    if let Some(id) = &args.run {
+        let original = match load_run(&journal, id).await {
+            Ok(d) => d,
+            Err(code) => return code,
+        };
+        let input = match args.input.as_deref().map(read_input_file).transpose() {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_INVALID;
+            }
+        };
+        return match replay_one(
+            &journal,
+            &original,
+            args.from.as_deref(),
+            input,
+            "replay",
+            args.secrets.as_deref(),
+            &args.plugins,
+            args.timeout,
+        )
+        .await
+        {
+            Ok(report) => super::report_outcome(report, None, None),
+            Err(code) => code,
+        };
+    }
+    // Many: the ends of replay chains (a run already replayed is represented by its replay).
+    let filter = RunFilter {
+        pipeline: args.pipeline.clone(),
+        status: Some(args.status.clone()),
+        since_ms: args.since,
+        until_ms: args.until,
+        not_replayed: true,
+        ..RunFilter::default()
+    };
+    let mut runs = match journal.runs(filter).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    runs.reverse(); // oldest first, as they happened
+    eprintln!(
+        "replaying {} {} run(s) of {}",
+        runs.len(),
+        args.status,
+        args.pipeline.as_deref().unwrap_or_default()
+    );
+    println!("{:<30} {:<30} {:<10} ERROR", "RUN", "REPLAY", "STATUS");
+    let mut all_ok = true;
+    for r in runs {
+        let original = match load_run(&journal, &r.run_id).await {
+            Ok(d) => d,
+            Err(code) => return code,
+        };
+        match replay_one(
+            &journal,
+            &original,
+            args.from.as_deref(),
+            None,
+            "replay",
+            args.secrets.as_deref(),
+            &args.plugins,
+            args.timeout,
+        )
+        .await
+        {
+            Ok(report) => {
+                all_ok &= report.status == RunStatus::Succeeded;
+                println!(
+                    "{:<30} {:<30} {:<10} {}",
+                    r.run_id,
+                    report.run_id,
+                    super::status_name(report.status),
+                    report.error.unwrap_or_default()
+                );
+                if report.status == RunStatus::Cancelled {
+                    return super::EXIT_INTERRUPTED;
+                }
+            }
+            Err(code) => return code,
+        }
+    }
+    if all_ok { 0 } else { EXIT_FAILED }
+}
+
+pub async fn dlq(state: &Path, cmd: DlqCommand) -> u8 {
+    let journal = match open(state) {
+        Ok(j) => j,
+        Err(code) => return code,
+    };
+    match cmd {
+        DlqCommand::List {
+            pipeline,
+            all,
+            json,
+        } => {
+            let filter = DlqFilter {
+                pipeline,
+                status: (!all).then(|| "open".to_string()),
+                limit: 0,
+            };
+            let entries = match journal.dead_letters(filter).await {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return EXIT_FAILED;
+                }
+            };
+            if json {
+                print_json(&entries);
+                return 0;
+            }
+            println!(
+                "{:>4} {:<22} {:<8} {:<9} {:>7} {:<14} {:<30} REASON",
+                "ID", "PIPELINE", "KIND", "STATUS", "RETRIES", "ERROR KIND", "RUN"
+            );
+            for e in &entries {
+                println!(
+                    "{:>4} {:<22} {:<8} {:<9} {:>7} {:<14} {:<30} {}",
+                    e.id,
+                    e.pipeline,
+                    e.kind,
+                    e.status,
+                    e.retries,
+                    e.error_kind.as_deref().unwrap_or("-"),
+                    e.run_id,
+                    e.reason
+                );
+            }
+            0
+        }
+        DlqCommand::Show { id, json } => match journal.dead_letter(id).await {
+            Ok(Some(e)) => {
+                if json {
+                    print_json(&e);
+                } else {
+                    println!("dead letter {}  ({}, {})", e.id, e.kind, e.status);
+                    println!("pipeline:       {}", e.pipeline);
+                    println!("reason:         {}", e.reason);
+                    println!("error kind:     {}", e.error_kind.as_deref().unwrap_or("-"));
+                    println!("correlation id: {}", e.correlation_id);
+                    println!("run:            {} (first: {})", e.run_id, e.first_run_id);
+                    if let Some(ev) = &e.event_id {
+                        println!("event:          {ev}");
+                    }
+                    println!("retries:        {}", e.retries);
+                    println!("created:        {}  updated: {}", e.created_at, e.updated_at);
+                    if let Some(by) = &e.resolved_by {
+                        println!("resolved by:    {by}");
+                    }
+                    println!("input:          {}", one_line(&e.input, 2000));
+                }
+                0
+            }
+            Ok(None) => {
+                eprintln!("error: no dead letter {id}");
+                EXIT_INVALID
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                EXIT_FAILED
+            }
+        },
+        DlqCommand::Retry {
+            ids,
+            secrets,
+            plugins,
+        } => {
+            let mut code = 0;
+            for id in ids {
+                let entry = match journal.dead_letter(id).await {
+                    Ok(Some(e)) if e.status == "open" => e,
+                    Ok(Some(e)) => {
+                        eprintln!("error: dead letter {id} is {}, not open", e.status);
+                        code = EXIT_INVALID;
+                        continue;
+                    }
+                    Ok(None) => {
+                        eprintln!("error: no dead letter {id}");
+                        code = EXIT_INVALID;
+                        continue;
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return EXIT_FAILED;
+                    }
+                };
+                let original = match load_run(&journal, &entry.run_id).await {
+                    Ok(d) => d,
+                    Err(c) => return c,
+                };
+                match replay_one(
+                    &journal,
+                    &original,
+                    None,
+                    None,
+                    "dlq-retry",
+                    secrets.as_deref(),
+                    &plugins,
+                    None,
+                )
+                .await
+                {
+                    Ok(report) => {
+                        let ok = report.status == RunStatus::Succeeded;
+                        println!(
+                            "dead letter {id}: run {} {}{}",
+                            report.run_id,
+                            super::status_name(report.status),
+                            if ok {
+                                " (resolved)".to_string()
+                            } else {
+                                format!(
+                                    "; still open: {}",
+                                    report.error.as_deref().unwrap_or_default()
+                                )
+                            }
+                        );
+                        if !ok && code == 0 {
+                            code = EXIT_FAILED;
+                        }
+                    }
+                    Err(c) => code = c,
+                }
+            }
+            code
+        }
+        DlqCommand::Drop { ids } => {
+            let mut code = 0;
+            for id in ids {
+                match journal.drop_dead_letter(id).await {
+                    Ok(true) => println!("dead letter {id}: dropped"),
+                    Ok(false) => {
+                        eprintln!("error: no open dead letter {id}");
+                        code = EXIT_INVALID;
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return EXIT_FAILED;
+                    }
+                }
+            }
+            code
+        }
+    }
+}

@@ -1,0 +1,641 @@
+//! The run journal: every run, stage, outbound attempt and stage output, the webhook
+//! deliveries a server accepted, and the dead-letter queue, in an embedded store.
+//!
+//! Writers never wait on the store: records go down a channel to one writer thread,
+//! which commits whatever has queued up as one transaction ([`Backend::write`]). A
+//! caller that needs its records on disk awaits [`Journal::commit`]: a run is reported
+//! done only after its last records are committed, and a webhook is acknowledged only
+//! after its delivery is committed with a full sync. Reads use their own connection.
+//!
+//! [`Backend`] is the small trait a store implements; [`sqlite`] is the default (and
+//! only) one. Its schema is documented in `docs/journal.md`.
+
+pub mod replay;
+pub mod sqlite;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::engine::{RunObserver, RunReport, RunStatus, StageReport, StageStatus};
+use crate::http::Attempt;
+use crate::secrets::Secrets;
+
+/// Unix milliseconds.
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// RFC 3339 (UTC, seconds) for unix milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// `3d`, `12h` (that long ago), `2026-11-17` (midnight UTC) or RFC 3339.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(ago) = humantime::parse_duration(s) {
+        return Ok(unix_ms(SystemTime::now() - ago));
+    }
+    let full = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_string()
+    };
+    humantime::parse_rfc3339_weak(&full)
+        .map(unix_ms)
+        .map_err(|_| {
+            format!("{s:?} is not a time: use RFC 3339 (2026-11-17T09:00:00Z), a date (2026-11-17) or an age (3d, 12h)")
+        })
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JournalError {
+    #[error(
+        "journal {path} is not a usable fmhost journal ({why}); move it aside to start a new one, or restore it from a backup"
+    )]
+    Corrupt { path: PathBuf, why: String },
+    #[error(
+        "journal {path} is locked by another process and stayed locked for {waited_ms} ms; another fmhost may be holding it (FMHOST_JOURNAL_BUSY_TIMEOUT sets how long to wait)"
+    )]
+    Locked { path: PathBuf, waited_ms: u64 },
+    #[error(
+        "journal {path} has schema version {found}, newer than this fmhost understands ({known}); use a newer fmhost"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("journal {path}: {why}")]
+    Io { path: PathBuf, why: String },
+    #[error("journal: the writer has stopped")]
+    Closed,
+}
+
+/// Who started a run; a server resumes only its own interrupted runs.
+pub const OWNER_SERVE: &str = "serve";
+pub const OWNER_CLI: &str = "cli";
+
+/// What the journal knows about a run before it starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunStart {
+    pub run_id: String,
+    pub pipeline: String,
+    /// The pipeline file, absolute, so a replay can load it again.
+    pub pipeline_file: Option<String>,
+    /// `cli`, `api`, `webhook`, `replay`, `resume`, `dlq-retry`.
+    pub trigger: String,
+    pub owner: String,
+    /// The run's input; journaled with `{{secrets.NAME}}` in place of secret values.
+    pub input: Value,
+    pub replay_of: Option<String>,
+    pub replay_from: Option<String>,
+    pub started_at: i64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunEnd {
+    pub run_id: String,
+    pub status: RunStatus,
+    pub error: Option<String>,
+    pub error_kind: Option<String>,
+    pub output: Option<Value>,
+    pub duration_ms: u64,
+    pub finished_at: i64,
+    /// The run this one replays: a success resolves its open dead letter; a failure
+    /// moves that entry here instead of adding a second one.
+    pub replay_of: Option<String>,
+    /// Set for a failure that goes to the dead-letter queue.
+    pub dead_letter: Option<NewDeadLetter>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    /// `run` or `webhook`.
+    pub kind: String,
+    pub pipeline: String,
+    pub event_id: Option<String>,
+    pub reason: String,
+    pub error_kind: Option<String>,
+}
+
+/// An accepted webhook delivery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delivery {
+    pub pipeline: String,
+    pub event_id: String,
+    pub path: String,
+    pub received_at: i64,
+    pub payload: Value,
+    /// The run that processes it (assigned when it is accepted).
+    pub run_id: String,
+}
+
+/// One write. Records are applied in order, a batch at a time.
+#[derive(Debug, Clone)]
+pub enum Record {
+    RunStarted(RunStart),
+    /// A stage's state; `position` is its place in the pipeline (set on first write).
+    Stage {
+        run_id: String,
+        position: u32,
+        stage: StageReport,
+    },
+    Attempt {
+        run_id: String,
+        stage_id: String,
+        attempt: Attempt,
+    },
+    RunFinished(RunEnd),
+    /// Stored unless `(pipeline, event_id)` is known; [`Backend::write`] says which.
+    Delivery(Delivery),
+    DropDeadLetter {
+        id: i64,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub pipeline: Option<String>,
+    pub status: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub owner: Option<String>,
+    /// Only runs no later run replays (the ends of replay chains).
+    pub not_replayed: bool,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub pipeline: String,
+    pub status: String,
+    pub trigger: String,
+    pub started_at: String,
+    pub duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_of: Option<String>,
+}
+
+/// A stage as journaled: its report plus every outbound attempt it made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageDetail {
+    #[serde(flatten)]
+    pub report: StageReport,
+    pub calls: Vec<Attempt>,
+}
+
+/// Everything the journal holds about one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunDetail {
+    #[serde(flatten)]
+    pub summary: RunSummary,
+    pub owner: String,
+    pub pipeline_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_from: Option<String>,
+    /// Later runs that replay this one.
+    pub replayed_by: Vec<String>,
+    /// How many times a restarted server resumed it.
+    pub resumed: u32,
+    pub finished_at: Option<String>,
+    pub input: Value,
+    pub output: Option<Value>,
+    /// The open dead-letter entry for this run, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<i64>,
+    pub stages: Vec<StageDetail>,
+}
+
+impl RunDetail {
+    pub fn stage(&self, id: &str) -> Option<&StageDetail> {
+        self.stages.iter().find(|s| s.report.id == id)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DlqFilter {
+    pub pipeline: Option<String>,
+    /// `open` (the default), `resolved`, `dropped`; `None` for all.
+    pub status: Option<String>,
+    pub limit: usize,
+}
+
+/// A dead-letter entry: a failed run or an unprocessable delivery, with all it takes
+/// to retry it (the run it points at holds the pipeline, input and stage outputs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    /// `run` or `webhook`.
+    pub kind: String,
+    /// `open`, `resolved` or `dropped`.
+    pub status: String,
+    pub pipeline: String,
+    /// The latest run for this entry; retrying replays it.
+    pub run_id: String,
+    /// The run that first failed.
+    pub first_run_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    pub reason: String,
+    pub error_kind: Option<String>,
+    /// Sent upstream as `X-Correlation-Id` by the failed run.
+    pub correlation_id: String,
+    pub retries: u32,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolved_by: Option<String>,
+    pub input: Value,
+}
+
+/// A journal store. Writes come from one thread, a batch at a time; reads from another
+/// instance. A second backend (Postgres, for several hosts) implements the same.
+pub trait Backend: Send + 'static {
+    /// Applies `batch` in one transaction; with `durable`, synced to stable storage
+    /// before returning. Returns, per record, whether it changed anything (a
+    /// `Delivery` already known changes nothing).
+    fn write(&mut self, batch: &[Record], durable: bool) -> Result<Vec<bool>, JournalError>;
+    fn runs(&mut self, filter: &RunFilter) -> Result<Vec<RunSummary>, JournalError>;
+    fn run(&mut self, id: &str) -> Result<Option<RunDetail>, JournalError>;
+    /// Accepted deliveries whose run has not finished.
+    fn pending_deliveries(&mut self) -> Result<Vec<Delivery>, JournalError>;
+    fn dead_letters(&mut self, filter: &DlqFilter) -> Result<Vec<DeadLetter>, JournalError>;
+    fn dead_letter(&mut self, id: i64) -> Result<Option<DeadLetter>, JournalError>;
+}
+
+enum Msg {
+    Write(Record, Option<oneshot::Sender<Result<bool, JournalError>>>),
+    Commit {
+        durable: bool,
+        reply: oneshot::Sender<Result<(), JournalError>>,
+    },
+}
+
+/// A handle on the journal; cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Msg>,
+    reader: Mutex<Box<dyn Backend>>,
+    path: PathBuf,
+}
+
+impl Journal {
+    /// Opens (creating and migrating) the SQLite journal `DIR/journal.db`.
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        std::fs::create_dir_all(dir).map_err(|e| JournalError::Io {
+            path: dir.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        let path = dir.join("journal.db");
+        let writer = sqlite::SqliteBackend::open(&path)?;
+        let reader = sqlite::SqliteBackend::open(&path)?;
+        Ok(Journal::with_backends(
+            path,
+            Box::new(writer),
+            Box::new(reader),
+        ))
+    }
+
+    /// A journal over any backend: `writer` moves to the writer thread.
+    pub fn with_backends(
+        path: PathBuf,
+        mut writer: Box<dyn Backend>,
+        reader: Box<dyn Backend>,
+    ) -> Journal {
+        let (tx, rx) = mpsc::channel::<Msg>();
+        std::thread::Builder::new()
+            .name("fmhost-journal".into())
+            .spawn(move || writer_loop(&mut *writer, rx))
+            .expect("spawn the journal writer thread");
+        Journal {
+            inner: Arc::new(Inner {
+                tx,
+                reader: Mutex::new(reader),
+                path,
+            }),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Queues a record; it is committed with the next batch.
+    pub fn record(&self, record: Record) {
+        // A stopped writer has already reported why; commit() says so to whoever waits.
+        let _ = self.inner.tx.send(Msg::Write(record, None));
+    }
+
+    /// Waits until everything queued so far is committed; `durable` also syncs it to
+    /// stable storage (otherwise it survives a crash of this process, not of the machine).
+    pub async fn commit(&self, durable: bool) -> Result<(), JournalError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Msg::Commit { durable, reply })
+            .map_err(|_| JournalError::Closed)?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Stores an accepted webhook delivery durably; `false` if it was already known.
+    pub async fn accept_delivery(&self, d: Delivery) -> Result<bool, JournalError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Msg::Write(Record::Delivery(d), Some(reply)))
+            .map_err(|_| JournalError::Closed)?;
+        let new = rx.await.map_err(|_| JournalError::Closed)??;
+        self.commit(true).await?;
+        Ok(new)
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Backend) -> Result<T, JournalError> + Send + 'static,
+    ) -> Result<T, JournalError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut reader = inner.reader.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut **reader)
+        })
+        .await
+        .map_err(|_| JournalError::Closed)?
+    }
+
+    pub async fn runs(&self, filter: RunFilter) -> Result<Vec<RunSummary>, JournalError> {
+        self.read(move |b| b.runs(&filter)).await
+    }
+
+    pub async fn run(&self, id: &str) -> Result<Option<RunDetail>, JournalError> {
+        let id = id.to_string();
+        self.read(move |b| b.run(&id)).await
+    }
+
+    pub async fn pending_deliveries(&self) -> Result<Vec<Delivery>, JournalError> {
+        self.read(|b| b.pending_deliveries()).await
+    }
+
+    pub async fn dead_letters(&self, filter: DlqFilter) -> Result<Vec<DeadLetter>, JournalError> {
+        self.read(move |b| b.dead_letters(&filter)).await
+    }
+
+    pub async fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, JournalError> {
+        self.read(move |b| b.dead_letter(id)).await
+    }
+
+    /// Drops an open dead-letter entry; `false` if there is no open entry with that id.
+    pub async fn drop_dead_letter(&self, id: i64) -> Result<bool, JournalError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Msg::Write(Record::DropDeadLetter { id }, Some(reply)))
+            .map_err(|_| JournalError::Closed)?;
+        let changed = rx.await.map_err(|_| JournalError::Closed)??;
+        self.commit(true).await?;
+        Ok(changed)
+    }
+}
+
+/// The writer thread: takes whatever has queued up and commits it as one transaction.
+fn writer_loop(backend: &mut dyn Backend, rx: mpsc::Receiver<Msg>) {
+    const MAX_BATCH: usize = 4096;
+    // A failed batch is reported to every commit that follows, until one is reported.
+    let mut lost: Option<JournalError> = None;
+    while let Ok(first) = rx.recv() {
+        let mut msgs = vec![first];
+        while msgs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
+        }
+        let durable = msgs
+            .iter()
+            .any(|m| matches!(m, Msg::Commit { durable: true, .. }));
+        let mut records = Vec::new();
+        let mut replies = Vec::new();
+        let mut commits = Vec::new();
+        for m in msgs {
+            match m {
+                Msg::Write(r, reply) => {
+                    if let Some(reply) = reply {
+                        replies.push((records.len(), reply));
+                    }
+                    records.push(r);
+                }
+                Msg::Commit { reply, .. } => commits.push(reply),
+            }
+        }
+        let result = if records.is_empty() && !durable {
+            Ok(Vec::new())
+        } else {
+            backend.write(&records, durable)
+        };
+        match result {
+            Ok(changed) => {
+                for (i, reply) in replies {
+                    let _ = reply.send(Ok(changed.get(i).copied().unwrap_or(false)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(target: "fmhost::journal", records = records.len(), "journal write failed: {e}");
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                lost = Some(e);
+            }
+        }
+        for reply in commits {
+            let _ = reply.send(match lost.take() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            });
+        }
+    }
+}
+
+/// Journals one run: the engine's observer while it runs, then [`finish`](Self::finish).
+pub struct RunJournal {
+    journal: Journal,
+    start: RunStart,
+    secrets: Arc<Secrets>,
+}
+
+impl RunJournal {
+    pub fn new(journal: Journal, mut start: RunStart, secrets: Arc<Secrets>) -> Arc<RunJournal> {
+        secrets.to_references(&mut start.input);
+        Arc::new(RunJournal {
+            journal,
+            start,
+            secrets,
+        })
+    }
+
+    pub fn start(&self) -> &RunStart {
+        &self.start
+    }
+
+    /// Records the run as started before the engine does (so it can be looked up at once).
+    pub fn announce(&self) {
+        self.journal.record(Record::RunStarted(self.start.clone()));
+    }
+
+    fn stage(&self, run_id: &str, position: u32, stage: &StageReport) {
+        let mut stage = stage.clone();
+        if let Some(out) = &stage.output {
+            let mut v = (**out).clone();
+            self.secrets.to_references(&mut v);
+            stage.output = Some(Arc::new(v));
+        }
+        self.journal.record(Record::Stage {
+            run_id: run_id.to_string(),
+            position,
+            stage,
+        });
+    }
+
+    /// Records how the run ended (dead-lettering a failure) and waits until the whole
+    /// run is committed to stable storage.
+    pub async fn finish(&self, report: &RunReport) -> Result<(), JournalError> {
+        let error_kind = run_error_kind(report);
+        let failed = matches!(report.status, RunStatus::Failed | RunStatus::TimedOut);
+        let webhook = self.start.trigger == "webhook";
+        let dead_letter = failed.then(|| NewDeadLetter {
+            kind: if webhook { "webhook" } else { "run" }.into(),
+            pipeline: report.pipeline.clone(),
+            event_id: None,
+            reason: report.error.clone().unwrap_or_default(),
+            error_kind: error_kind.clone(),
+        });
+        let mut output = report.output.clone();
+        if let Some(v) = output.as_mut() {
+            self.secrets.to_references(v);
+        }
+        self.journal.record(Record::RunFinished(RunEnd {
+            run_id: report.run_id.clone(),
+            status: report.status,
+            error: report.error.clone(),
+            error_kind,
+            output,
+            duration_ms: report.duration_ms,
+            finished_at: unix_ms(SystemTime::now()),
+            replay_of: self.start.replay_of.clone(),
+            dead_letter,
+        }));
+        self.journal.commit(true).await
+    }
+}
+
+impl RunJournal {
+    /// Records a run that could not start (no pipeline, input not valid) as failed with
+    /// `reason`, dead-lettered. `started` also records it as started first.
+    pub async fn reject(&self, reason: &str, kind: &str, started: bool) -> Result<(), JournalError> {
+        if started {
+            self.journal.record(Record::RunStarted(self.start.clone()));
+        }
+        self.journal.record(Record::RunFinished(RunEnd {
+            run_id: self.start.run_id.clone(),
+            status: RunStatus::Failed,
+            error: Some(reason.to_string()),
+            error_kind: Some(kind.to_string()),
+            output: None,
+            duration_ms: 0,
+            finished_at: unix_ms(SystemTime::now()),
+            replay_of: self.start.replay_of.clone(),
+            dead_letter: Some(NewDeadLetter {
+                kind: if self.start.trigger == "webhook" { "webhook" } else { "run" }.into(),
+                pipeline: self.start.pipeline.clone(),
+                event_id: None,
+                reason: reason.to_string(),
+                error_kind: Some(kind.to_string()),
+            }),
+        }));
+        self.journal.commit(true).await
+    }
+}
+
+/// The kind of the error that failed a run: its first failed required stage's, else
+/// `timeout` for a run deadline, else `schema` (the output did not match).
+pub fn run_error_kind(report: &RunReport) -> Option<String> {
+    match report.status {
+        RunStatus::Succeeded | RunStatus::Running => None,
+        RunStatus::TimedOut => Some("timeout".into()),
+        RunStatus::Cancelled => Some("cancelled".into()),
+        RunStatus::Failed => Some(
+            report
+                .stages
+                .iter()
+                .filter(|s| s.status == StageStatus::Failed && !s.optional)
+                .find_map(|s| s.error.as_ref().map(|e| e.kind.as_str().to_string()))
+                .unwrap_or_else(|| "schema".into()),
+        ),
+    }
+}
+
+impl RunObserver for RunJournal {
+    fn run_started(&self, run_id: &str, pipeline: &str, stages: &[StageReport]) {
+        let mut start = self.start.clone();
+        start.run_id = run_id.to_string();
+        start.pipeline = pipeline.to_string();
+        self.journal.record(Record::RunStarted(start));
+        for (i, s) in stages.iter().enumerate() {
+            self.stage(run_id, i as u32, s);
+        }
+    }
+
+    fn stage_updated(&self, run_id: &str, stage: &StageReport) {
+        // A resumed run keeps the rows of the stages it does not run again.
+        if stage.reused_from.as_deref() == Some(run_id) {
+            return;
+        }
+        self.stage(run_id, u32::MAX, stage);
+    }
+
+    fn attempt(&self, run_id: &str, stage_id: &str, attempt: &Attempt) {
+        self.journal.record(Record::Attempt {
+            run_id: run_id.to_string(),
+            stage_id: stage_id.to_string(),
+            attempt: attempt.clone(),
+        });
+    }
+}
+
+/// Runs `plan` with `journal` (if any) watching, and commits the run before returning:
+/// the report, and whether the journal has all of it.
+pub async fn run_journaled(
+    engine: &crate::engine::Engine,
+    plan: Arc<crate::pipeline::Plan>,
+    input: Value,
+    mut opts: crate::engine::RunOptions,
+    journal: Option<Arc<RunJournal>>,
+) -> Result<(RunReport, Result<(), JournalError>), crate::engine::RunError> {
+    if let Some(j) = &journal {
+        opts.run_id = Some(j.start.run_id.clone());
+        opts.observer = Some(j.clone());
+    }
+    let report = engine.run(plan, input, opts).await?;
+    let committed = match &journal {
+        Some(j) => j.finish(&report).await,
+        None => Ok(()),
+    };
+    Ok((report, committed))
+}

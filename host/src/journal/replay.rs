@@ -1,0 +1,117 @@
+//! Which stage outputs a replay or a resumed run takes from the journal.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::RunDetail;
+use crate::engine::{Reuse, StageStatus};
+use crate::pipeline::Plan;
+use crate::secrets::Secrets;
+
+/// The outputs `plan` can take from `original` instead of running stages again.
+///
+/// With `from`, every stage that is not `from` or downstream of it is taken from the
+/// journal (if it succeeded there; one that did not runs again). Without, every stage
+/// that succeeded is taken and the rest run: the run continues where it stopped.
+///
+/// The journal holds `{{secrets.NAME}}` where outputs held secret values; `secrets`
+/// puts the current values back.
+pub fn reuse(
+    plan: &Plan,
+    original: &RunDetail,
+    from: Option<&str>,
+    secrets: &Secrets,
+) -> Result<Reuse, String> {
+    let rerun: Vec<bool> = match from {
+        None => vec![false; plan.stages.len()],
+        Some(id) => {
+            let Some(start) = plan.stage_index(id) else {
+                let known: Vec<&str> = plan.stages.iter().map(|s| &*s.id).collect();
+                return Err(format!(
+                    "--from {id}: pipeline {} has no stage \"{id}\" (stages: {})",
+                    plan.name,
+                    known.join(", ")
+                ));
+            };
+            let mut rerun = vec![false; plan.stages.len()];
+            let mut stack = vec![start];
+            while let Some(i) = stack.pop() {
+                if !rerun[i] {
+                    rerun[i] = true;
+                    stack.extend(&plan.stages[i].dependents);
+                }
+            }
+            rerun
+        }
+    };
+    let mut outputs = HashMap::new();
+    for (stage, rerun) in plan.stages.iter().zip(rerun) {
+        if rerun {
+            continue;
+        }
+        let Some(s) = original.stage(&stage.id) else {
+            continue;
+        };
+        // An optional stage that failed has a null output; it gets another chance.
+        if s.report.status == StageStatus::Succeeded && s.report.error.is_none() {
+            if let Some(out) = &s.report.output {
+                let mut out = (**out).clone();
+                secrets.restore_value(&mut out);
+                outputs.insert(stage.id.to_string(), Arc::new(out));
+            }
+        }
+    }
+    Ok(Reuse {
+        from_run: original.summary.run_id.clone(),
+        outputs,
+    })
+}
+
+/// A replay of `original`, ready to run: its input, the outputs it reuses, and its
+/// journal entry, linked to the original.
+pub struct Replay {
+    pub input: serde_json::Value,
+    pub reuse: Reuse,
+    pub start: super::RunStart,
+}
+
+/// Prepares a replay of `original` with `plan` (the pipeline as it is now). A new
+/// `input` reruns every stage unless `from` says where to start.
+pub fn prepare(
+    plan: &Plan,
+    original: &RunDetail,
+    from: Option<&str>,
+    input: Option<serde_json::Value>,
+    trigger: &str,
+    owner: &str,
+    secrets: &Secrets,
+) -> Result<Replay, String> {
+    let reuse = match (&input, from) {
+        (Some(_), None) => Reuse {
+            from_run: original.summary.run_id.clone(),
+            outputs: HashMap::new(),
+        },
+        _ => reuse(plan, original, from, secrets)?,
+    };
+    let input = input.unwrap_or_else(|| {
+        let mut input = original.input.clone();
+        secrets.restore_value(&mut input);
+        input
+    });
+    crate::engine::Engine::check_input(plan, &input).map_err(|e| e.to_string())?;
+    Ok(Replay {
+        start: super::RunStart {
+            run_id: crate::engine::new_run_id(),
+            pipeline: plan.name.to_string(),
+            pipeline_file: original.pipeline_file.clone(),
+            trigger: trigger.to_string(),
+            owner: owner.to_string(),
+            input: input.clone(),
+            replay_of: Some(original.summary.run_id.clone()),
+            replay_from: from.map(str::to_string),
+            started_at: super::unix_ms(std::time::SystemTime::now()),
+        },
+        input,
+        reuse,
+    })
+}

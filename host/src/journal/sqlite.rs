@@ -1,0 +1,659 @@
+//! The SQLite journal backend (`rusqlite`, SQLite bundled): WAL mode, so readers never
+//! block the writer; `synchronous=NORMAL` for ordinary batches (a commit survives a
+//! crash of the process) and `FULL` for durable ones (it survives the machine's).
+//! The schema is documented in `docs/journal.md`; [`MIGRATIONS`] are applied in order
+//! and the version kept in `PRAGMA user_version`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use serde_json::Value;
+
+use super::{
+    Backend, DeadLetter, Delivery, DlqFilter, JournalError, Record, RunDetail, RunFilter,
+    RunSummary, StageDetail, unix_ms,
+};
+use crate::engine::{StageReport, StageStatus};
+use crate::http::Attempt;
+
+/// Versioned migrations: `(version, name, sql)`. Never edit one that has shipped; add one.
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "runs, stages, attempts, deliveries, dead letters",
+    r#"
+CREATE TABLE schema_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at INTEGER NOT NULL
+);
+CREATE TABLE runs (
+    id            TEXT PRIMARY KEY,
+    pipeline      TEXT NOT NULL,
+    pipeline_file TEXT,
+    status        TEXT NOT NULL,
+    trigger       TEXT NOT NULL,
+    owner         TEXT NOT NULL,
+    input         TEXT NOT NULL,
+    output        TEXT,
+    error         TEXT,
+    error_kind    TEXT,
+    started_at    INTEGER NOT NULL,
+    finished_at   INTEGER,
+    duration_ms   INTEGER,
+    replay_of     TEXT,
+    replay_from   TEXT,
+    resumed       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX runs_by_start ON runs (started_at);
+CREATE INDEX runs_by_pipeline ON runs (pipeline, started_at);
+CREATE INDEX runs_by_status ON runs (status, started_at);
+CREATE INDEX runs_by_replay_of ON runs (replay_of);
+CREATE TABLE stages (
+    run_id          TEXT NOT NULL,
+    stage_id        TEXT NOT NULL,
+    position        INTEGER NOT NULL,
+    component       TEXT NOT NULL,
+    version         TEXT,
+    status          TEXT NOT NULL,
+    optional        INTEGER NOT NULL,
+    started_ms      INTEGER,
+    duration_ms     INTEGER,
+    attempts        INTEGER NOT NULL,
+    error_kind      TEXT,
+    error           TEXT,
+    skipped_because TEXT,
+    reused_from     TEXT,
+    output          TEXT,
+    PRIMARY KEY (run_id, stage_id)
+) WITHOUT ROWID;
+CREATE TABLE attempts (
+    run_id          TEXT NOT NULL,
+    stage_id        TEXT NOT NULL,
+    attempt         INTEGER NOT NULL,
+    service         TEXT NOT NULL,
+    method          TEXT NOT NULL,
+    url             TEXT NOT NULL,
+    status          INTEGER,
+    error_kind      TEXT,
+    duration_ms     INTEGER NOT NULL,
+    idempotency_key TEXT,
+    at              INTEGER NOT NULL
+);
+CREATE INDEX attempts_by_run ON attempts (run_id, stage_id);
+CREATE TABLE deliveries (
+    pipeline    TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    payload     TEXT NOT NULL,
+    run_id      TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    PRIMARY KEY (pipeline, event_id)
+);
+CREATE INDEX deliveries_by_status ON deliveries (status, received_at);
+CREATE INDEX deliveries_by_run ON deliveries (run_id);
+CREATE TABLE dead_letters (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind          TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    pipeline      TEXT NOT NULL,
+    run_id        TEXT NOT NULL,
+    first_run_id  TEXT NOT NULL,
+    event_id      TEXT,
+    reason        TEXT NOT NULL,
+    error_kind    TEXT,
+    retries       INTEGER NOT NULL DEFAULT 0,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    resolved_by   TEXT
+);
+CREATE INDEX dead_letters_by_run ON dead_letters (run_id, status);
+CREATE INDEX dead_letters_by_status ON dead_letters (status, pipeline);
+"#,
+)];
+
+pub struct SqliteBackend {
+    conn: Connection,
+    path: PathBuf,
+    busy: Duration,
+}
+
+/// How long to wait for another process's lock: `FMHOST_JOURNAL_BUSY_TIMEOUT`
+/// (`500ms`, `10s`), default 5 s.
+fn busy_timeout() -> Duration {
+    std::env::var("FMHOST_JOURNAL_BUSY_TIMEOUT")
+        .ok()
+        .and_then(|v| {
+            v.parse::<u64>()
+                .map(Duration::from_millis)
+                .ok()
+                .or_else(|| humantime::parse_duration(&v).ok())
+        })
+        .unwrap_or(Duration::from_secs(5))
+}
+
+impl SqliteBackend {
+    pub fn open(path: &Path) -> Result<SqliteBackend, JournalError> {
+        let busy = busy_timeout();
+        let conn = Connection::open(path).map_err(|e| error(path, busy, e))?;
+        let mut b = SqliteBackend {
+            conn,
+            path: path.to_path_buf(),
+            busy,
+        };
+        b.conn.busy_timeout(busy).map_err(|e| b.err(e))?;
+        b.conn
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+            )
+            .map_err(|e| b.err(e))?;
+        b.migrate()?;
+        Ok(b)
+    }
+
+    fn err(&self, e: rusqlite::Error) -> JournalError {
+        error(&self.path, self.busy, e)
+    }
+
+    fn migrate(&mut self) -> Result<(), JournalError> {
+        let known = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        let found: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if found > known {
+            return Err(JournalError::TooNew {
+                path: self.path.clone(),
+                found,
+                known,
+            });
+        }
+        if found == known {
+            return Ok(());
+        }
+        let (path, busy) = (self.path.clone(), self.busy);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| error(&path, busy, e))?;
+        // Another process may have migrated while we waited for the lock.
+        let found: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| error(&path, busy, e))?;
+        for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > found) {
+            tx.execute_batch(sql).map_err(|e| error(&path, busy, e))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
+                params![version, name, unix_ms(SystemTime::now())],
+            )
+            .map_err(|e| error(&path, busy, e))?;
+            tx.pragma_update(None, "user_version", version)
+                .map_err(|e| error(&path, busy, e))?;
+        }
+        tx.commit().map_err(|e| error(&path, busy, e))
+    }
+}
+
+fn error(path: &Path, busy: Duration, e: rusqlite::Error) -> JournalError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => JournalError::Corrupt {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        },
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => JournalError::Locked {
+            path: path.to_path_buf(),
+            waited_ms: busy.as_millis() as u64,
+        },
+        _ => JournalError::Io {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        },
+    }
+}
+
+fn json_text(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn parse_json(text: Option<String>) -> Option<Value> {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+}
+
+fn status_str<T: serde::Serialize>(s: &T) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bool> {
+    let now = unix_ms(SystemTime::now());
+    let changed = match record {
+        Record::RunStarted(s) => tx
+            .prepare_cached(
+                "INSERT INTO runs (id, pipeline, pipeline_file, status, trigger, owner, input, started_at, replay_of, replay_from)
+                 VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (id) DO UPDATE SET status = 'running', resumed = runs.resumed + 1,
+                     error = NULL, error_kind = NULL, finished_at = NULL",
+            )?
+            .execute(params![
+                s.run_id,
+                s.pipeline,
+                s.pipeline_file,
+                s.trigger,
+                s.owner,
+                json_text(&s.input),
+                s.started_at,
+                s.replay_of,
+                s.replay_from
+            ])?,
+        Record::Stage {
+            run_id,
+            position,
+            stage: s,
+        } => tx
+            .prepare_cached(
+                "INSERT INTO stages (run_id, stage_id, position, component, version, status, optional, started_ms,
+                     duration_ms, attempts, error_kind, error, skipped_because, reused_from, output)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                 ON CONFLICT (run_id, stage_id) DO UPDATE SET component = excluded.component,
+                     version = excluded.version, status = excluded.status, optional = excluded.optional,
+                     started_ms = excluded.started_ms, duration_ms = excluded.duration_ms,
+                     attempts = excluded.attempts, error_kind = excluded.error_kind, error = excluded.error,
+                     skipped_because = excluded.skipped_because, reused_from = excluded.reused_from,
+                     output = excluded.output
+                 WHERE excluded.status != 'pending' OR stages.status IN ('pending', 'running')",
+            )?
+            .execute(params![
+                run_id,
+                s.id,
+                position,
+                s.component,
+                s.version,
+                status_str(&s.status),
+                s.optional,
+                s.started_ms,
+                s.duration_ms,
+                s.attempts,
+                s.error.as_ref().map(|e| e.kind.as_str()),
+                s.error
+                    .as_ref()
+                    .map(|e| serde_json::to_string(e).unwrap_or_default()),
+                s.skipped_because,
+                s.reused_from,
+                s.output.as_deref().map(json_text),
+            ])?,
+        Record::Attempt {
+            run_id,
+            stage_id,
+            attempt: a,
+        } => tx
+            .prepare_cached(
+                "INSERT INTO attempts (run_id, stage_id, attempt, service, method, url, status, error_kind,
+                     duration_ms, idempotency_key, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                run_id,
+                stage_id,
+                a.attempt,
+                a.service,
+                a.method,
+                a.url,
+                a.status,
+                a.error_kind,
+                a.duration_ms,
+                a.idempotency_key,
+                a.at_ms
+            ])?,
+        Record::RunFinished(end) => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE runs SET status = ?2, error = ?3, error_kind = ?4, output = ?5, duration_ms = ?6,
+                         finished_at = ?7 WHERE id = ?1",
+                )?
+                .execute(params![
+                    end.run_id,
+                    status_str(&end.status),
+                    end.error,
+                    end.error_kind,
+                    end.output.as_ref().map(json_text),
+                    end.duration_ms,
+                    end.finished_at
+                ])?;
+            tx.prepare_cached("UPDATE deliveries SET status = 'done' WHERE run_id = ?1")?
+                .execute(params![end.run_id])?;
+            if end.dead_letter.is_none() && end.status == crate::engine::RunStatus::Succeeded {
+                if let Some(original) = &end.replay_of {
+                    tx.prepare_cached(
+                        "UPDATE dead_letters SET status = 'resolved', resolved_by = ?2, updated_at = ?3
+                         WHERE run_id = ?1 AND status = 'open'",
+                    )?
+                    .execute(params![original, end.run_id, now])?;
+                }
+            }
+            if let Some(dl) = &end.dead_letter {
+                let moved = match &end.replay_of {
+                    Some(original) => tx
+                        .prepare_cached(
+                            "UPDATE dead_letters SET run_id = ?2, retries = retries + 1, reason = ?3,
+                                 error_kind = ?4, updated_at = ?5
+                             WHERE run_id = ?1 AND status = 'open'",
+                        )?
+                        .execute(params![original, end.run_id, dl.reason, dl.error_kind, now])?,
+                    None => 0,
+                };
+                if moved == 0 {
+                    tx.prepare_cached(
+                        "INSERT INTO dead_letters (kind, status, pipeline, run_id, first_run_id, event_id, reason,
+                             error_kind, created_at, updated_at)
+                         VALUES (?1, 'open', ?2, ?3, ?3,
+                             COALESCE(?4, (SELECT event_id FROM deliveries WHERE run_id = ?3)), ?5, ?6, ?7, ?7)",
+                    )?
+                    .execute(params![
+                        dl.kind,
+                        dl.pipeline,
+                        end.run_id,
+                        dl.event_id,
+                        dl.reason,
+                        dl.error_kind,
+                        now
+                    ])?;
+                }
+            }
+            n
+        }
+        Record::Delivery(d) => tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO deliveries (pipeline, event_id, path, received_at, payload, run_id, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
+            )?
+            .execute(params![
+                d.pipeline,
+                d.event_id,
+                d.path,
+                d.received_at,
+                json_text(&d.payload),
+                d.run_id
+            ])?,
+        Record::DropDeadLetter { id } => tx
+            .prepare_cached(
+                "UPDATE dead_letters SET status = 'dropped', updated_at = ?2 WHERE id = ?1 AND status = 'open'",
+            )?
+            .execute(params![id, now])?,
+    };
+    Ok(changed > 0)
+}
+
+const SUMMARY_COLUMNS: &str =
+    "id, pipeline, status, trigger, started_at, duration_ms, error, error_kind, replay_of";
+
+fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
+    Ok(RunSummary {
+        run_id: r.get(0)?,
+        pipeline: r.get(1)?,
+        status: r.get(2)?,
+        trigger: r.get(3)?,
+        started_at: super::rfc3339(r.get(4)?),
+        duration_ms: r.get(5)?,
+        error: r.get(6)?,
+        error_kind: r.get(7)?,
+        replay_of: r.get(8)?,
+    })
+}
+
+fn dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        status: r.get(2)?,
+        pipeline: r.get(3)?,
+        run_id: r.get(4)?,
+        correlation_id: r.get(4)?,
+        first_run_id: r.get(5)?,
+        event_id: r.get(6)?,
+        reason: r.get(7)?,
+        error_kind: r.get(8)?,
+        retries: r.get(9)?,
+        created_at: super::rfc3339(r.get(10)?),
+        updated_at: super::rfc3339(r.get(11)?),
+        resolved_by: r.get(12)?,
+        input: parse_json(r.get(13)?).unwrap_or(Value::Null),
+    })
+}
+
+const DEAD_LETTER_SELECT: &str = "SELECT d.id, d.kind, d.status, d.pipeline, d.run_id, d.first_run_id, d.event_id,
+    d.reason, d.error_kind, d.retries, d.created_at, d.updated_at, d.resolved_by, r.input
+    FROM dead_letters d LEFT JOIN runs r ON r.id = d.run_id";
+
+impl SqliteBackend {
+    fn read_run(&mut self, id: &str) -> rusqlite::Result<Option<RunDetail>> {
+        let conn = &self.conn;
+        let Some((summary, owner, file, replay_from, resumed, finished, input, output)) = conn
+            .query_row(
+                &format!(
+                    "SELECT {SUMMARY_COLUMNS}, owner, pipeline_file, replay_from, resumed, finished_at, input, output
+                     FROM runs WHERE id = ?1"
+                ),
+                params![id],
+                |r| {
+                    Ok((
+                        summary(r)?,
+                        r.get::<_, String>(9)?,
+                        r.get::<_, Option<String>>(10)?,
+                        r.get::<_, Option<String>>(11)?,
+                        r.get::<_, u32>(12)?,
+                        r.get::<_, Option<i64>>(13)?,
+                        r.get::<_, String>(14)?,
+                        r.get::<_, Option<String>>(15)?,
+                    ))
+                },
+            )
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let mut calls: std::collections::HashMap<String, Vec<Attempt>> = Default::default();
+        let mut stmt = conn.prepare_cached(
+            "SELECT stage_id, attempt, service, method, url, status, error_kind, duration_ms, idempotency_key, at
+             FROM attempts WHERE run_id = ?1 ORDER BY rowid",
+        )?;
+        let rows = stmt.query_map(params![id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Attempt {
+                    attempt: r.get(1)?,
+                    service: r.get(2)?,
+                    method: r.get(3)?,
+                    url: r.get(4)?,
+                    status: r.get(5)?,
+                    error_kind: r.get(6)?,
+                    duration_ms: r.get(7)?,
+                    idempotency_key: r.get(8)?,
+                    at_ms: r.get(9)?,
+                },
+            ))
+        })?;
+        for row in rows {
+            let (stage, a) = row?;
+            calls.entry(stage).or_default().push(a);
+        }
+        let mut stmt = conn.prepare_cached(
+            "SELECT stage_id, component, version, status, optional, started_ms, duration_ms, attempts, error,
+                 skipped_because, reused_from, output
+             FROM stages WHERE run_id = ?1 ORDER BY position",
+        )?;
+        let stages = stmt
+            .query_map(params![id], |r| {
+                let status: String = r.get(3)?;
+                Ok(StageReport {
+                    id: r.get(0)?,
+                    component: r.get(1)?,
+                    version: r.get(2)?,
+                    status: serde_json::from_value(Value::String(status))
+                        .unwrap_or(StageStatus::Pending),
+                    optional: r.get(4)?,
+                    started_ms: r.get(5)?,
+                    duration_ms: r.get(6)?,
+                    attempts: r.get(7)?,
+                    error: r
+                        .get::<_, Option<String>>(8)?
+                        .and_then(|t| serde_json::from_str(&t).ok()),
+                    skipped_because: r.get(9)?,
+                    reused_from: r.get(10)?,
+                    output: parse_json(r.get(11)?).map(std::sync::Arc::new),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .map(|report| StageDetail {
+                calls: calls.remove(&report.id).unwrap_or_default(),
+                report,
+            })
+            .collect();
+        let replayed_by = conn
+            .prepare_cached("SELECT id FROM runs WHERE replay_of = ?1 ORDER BY started_at")?
+            .query_map(params![id], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        let dead_letter = conn
+            .query_row(
+                "SELECT id FROM dead_letters WHERE run_id = ?1 AND status = 'open'",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(Some(RunDetail {
+            summary,
+            owner,
+            pipeline_file: file,
+            replay_from,
+            replayed_by,
+            resumed,
+            finished_at: finished.map(super::rfc3339),
+            input: serde_json::from_str(&input).unwrap_or(Value::Null),
+            output: parse_json(output),
+            dead_letter,
+            stages,
+        }))
+    }
+}
+
+impl Backend for SqliteBackend {
+    fn write(&mut self, batch: &[Record], durable: bool) -> Result<Vec<bool>, JournalError> {
+        let (path, busy) = (self.path.clone(), self.busy);
+        let e = |e| error(&path, busy, e);
+        if durable {
+            self.conn
+                .pragma_update(None, "synchronous", "FULL")
+                .map_err(e)?;
+        }
+        let result = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let changed = batch
+                .iter()
+                .map(|r| apply(&tx, r))
+                .collect::<rusqlite::Result<Vec<bool>>>()?;
+            tx.commit()?;
+            Ok(changed)
+        })();
+        if durable {
+            let _ = self.conn.pragma_update(None, "synchronous", "NORMAL");
+        }
+        result.map_err(e)
+    }
+
+    fn runs(&mut self, f: &RunFilter) -> Result<Vec<RunSummary>, JournalError> {
+        let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM runs WHERE 1 = 1");
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        let mut add = |clause: &str, v: Box<dyn rusqlite::ToSql>| {
+            args.push(v);
+            sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+        };
+        if let Some(p) = &f.pipeline {
+            add("pipeline =", Box::new(p.clone()));
+        }
+        if let Some(s) = &f.status {
+            add("status =", Box::new(s.clone()));
+        }
+        if let Some(t) = f.since_ms {
+            add("started_at >=", Box::new(t));
+        }
+        if let Some(t) = f.until_ms {
+            add("started_at <", Box::new(t));
+        }
+        if let Some(o) = &f.owner {
+            add("owner =", Box::new(o.clone()));
+        }
+        if f.not_replayed {
+            sql.push_str(" AND NOT EXISTS (SELECT 1 FROM runs later WHERE later.replay_of = runs.id)");
+        }
+        sql.push_str(&format!(
+            " ORDER BY started_at DESC, rowid DESC LIMIT {}",
+            if f.limit == 0 { -1 } else { f.limit as i64 }
+        ));
+        let run = || -> rusqlite::Result<Vec<RunSummary>> {
+            let mut stmt = self.conn.prepare(&sql)?;
+            let params: Vec<&dyn rusqlite::ToSql> = args.iter().map(|b| &**b).collect();
+            stmt.query_map(params.as_slice(), summary)?.collect()
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    fn run(&mut self, id: &str) -> Result<Option<RunDetail>, JournalError> {
+        self.read_run(id).map_err(|e| self.err(e))
+    }
+
+    fn pending_deliveries(&mut self) -> Result<Vec<Delivery>, JournalError> {
+        let read = || -> rusqlite::Result<Vec<Delivery>> {
+            let mut stmt = self.conn.prepare(
+                "SELECT pipeline, event_id, path, received_at, payload, run_id FROM deliveries
+                 WHERE status = 'pending' ORDER BY received_at, rowid",
+            )?;
+            stmt.query_map([], |r| {
+                Ok(Delivery {
+                    pipeline: r.get(0)?,
+                    event_id: r.get(1)?,
+                    path: r.get(2)?,
+                    received_at: r.get(3)?,
+                    payload: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or(Value::Null),
+                    run_id: r.get(5)?,
+                })
+            })?
+            .collect()
+        };
+        read().map_err(|e| self.err(e))
+    }
+
+    fn dead_letters(&mut self, f: &DlqFilter) -> Result<Vec<DeadLetter>, JournalError> {
+        let read = || -> rusqlite::Result<Vec<DeadLetter>> {
+            let mut stmt = self.conn.prepare(&format!(
+                "{DEAD_LETTER_SELECT} WHERE (?1 IS NULL OR d.pipeline = ?1) AND (?2 IS NULL OR d.status = ?2)
+                 ORDER BY d.id DESC LIMIT ?3"
+            ))?;
+            stmt.query_map(
+                params![
+                    f.pipeline,
+                    f.status,
+                    if f.limit == 0 { -1 } else { f.limit as i64 }
+                ],
+                dead_letter,
+            )?
+            .collect()
+        };
+        read().map_err(|e| self.err(e))
+    }
+
+    fn dead_letter(&mut self, id: i64) -> Result<Option<DeadLetter>, JournalError> {
+        self.conn
+            .query_row(
+                &format!("{DEAD_LETTER_SELECT} WHERE d.id = ?1"),
+                params![id],
+                dead_letter,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+}

@@ -1,0 +1,77 @@
+//! What a starting server does with work its previous life left unfinished: runs that
+//! were running when it crashed (or outlived the drain timeout), and accepted webhook
+//! deliveries whose run never started. None is dropped silently.
+
+use std::sync::Arc;
+
+use super::{App, Interrupted, execute, process_delivery};
+use crate::journal::{OWNER_SERVE, RunFilter, RunJournal, RunStart, replay};
+
+pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Result<()> {
+    let interrupted = app
+        .journal
+        .runs(RunFilter {
+            status: Some("running".into()),
+            owner: Some(OWNER_SERVE.into()),
+            ..RunFilter::default()
+        })
+        .await?;
+    let mut handled = std::collections::HashSet::new();
+    for summary in interrupted {
+        let Some(run) = app.journal.run(&summary.run_id).await? else {
+            continue;
+        };
+        handled.insert(run.summary.run_id.clone());
+        let start = RunStart {
+            run_id: run.summary.run_id.clone(),
+            pipeline: run.summary.pipeline.clone(),
+            pipeline_file: run.pipeline_file.clone(),
+            trigger: run.summary.trigger.clone(),
+            owner: OWNER_SERVE.into(),
+            input: run.input.clone(),
+            replay_of: run.summary.replay_of.clone(),
+            replay_from: run.replay_from.clone(),
+            started_at: crate::journal::unix_ms(std::time::SystemTime::now()),
+        };
+        let plan = app.pipelines.get(&run.summary.pipeline).cloned();
+        match (policy, plan) {
+            (Interrupted::Resume, Some(plan)) => {
+                let reuse = replay::reuse(&plan, &run, None, &app.engine.secrets)
+                    .map_err(anyhow::Error::msg)?;
+                tracing::info!(target: "fmhost::serve", run_id = %start.run_id, reused = reuse.outputs.len(), "resuming interrupted run {} of {} ({} completed stage(s) kept)", start.run_id, plan.name, reuse.outputs.len());
+                let app2 = app.clone();
+                let mut input = run.input.clone();
+                app.engine.secrets.restore_value(&mut input);
+                app.tracker.spawn(async move {
+                    let _ = execute(&app2, plan, input, start, Some(reuse)).await;
+                });
+            }
+            (policy, plan) => {
+                let why = if plan.is_none() {
+                    format!(
+                        "interrupted by a restart, and pipeline \"{}\" is no longer served",
+                        start.pipeline
+                    )
+                } else {
+                    "interrupted by a restart (--on-interrupted dead-letter)".to_string()
+                };
+                debug_assert!(plan.is_none() || policy == Interrupted::DeadLetter);
+                tracing::warn!(target: "fmhost::serve", run_id = %start.run_id, "run {} dead-lettered: {why}", start.run_id);
+                RunJournal::new(app.journal.clone(), start, app.engine.secrets.clone())
+                    .reject(&why, "interrupted", false)
+                    .await?;
+            }
+        }
+    }
+    // Accepted, but the server stopped before their run was journaled as started.
+    for d in app.journal.pending_deliveries().await? {
+        if handled.contains(&d.run_id) || app.journal.run(&d.run_id).await?.is_some() {
+            continue;
+        }
+        tracing::info!(target: "fmhost::serve", event_id = %d.event_id, pipeline = %d.pipeline, "processing accepted delivery {} for {}", d.event_id, d.pipeline);
+        let app2 = app.clone();
+        app.tracker
+            .spawn(async move { process_delivery(app2, d).await });
+    }
+    Ok(())
+}
