@@ -6,6 +6,7 @@ mod support;
 
 mod engine;
 mod examples;
+mod journal;
 mod plugins;
 mod resilience;
 mod serve;

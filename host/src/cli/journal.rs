@@ -111,8 +111,13 @@ pub enum DlqCommand {
     },
 }
 
-fn open(state: &Path) -> Result<Journal, u8> {
-    Journal::open(state).map_err(|e| {
+fn open(state: &Path, write: bool) -> Result<Journal, u8> {
+    let journal = if write {
+        Journal::open(state)
+    } else {
+        Journal::open_for_reading(state)
+    };
+    journal.map_err(|e| {
         eprintln!("error: {e}");
         EXIT_FAILED
     })
@@ -136,7 +141,7 @@ fn one_line(v: &Value, max: usize) -> String {
 }
 
 pub async fn runs(state: &Path, cmd: RunsCommand) -> u8 {
-    let journal = match open(state) {
+    let journal = match open(state, false) {
         Ok(j) => j,
         Err(code) => return code,
     };
@@ -397,7 +402,7 @@ async fn load_run(journal: &Journal, id: &str) -> Result<RunDetail, u8> {
 }
 
 pub async fn replay_cmd(state: &Path, args: ReplayArgs) -> u8 {
-    let journal = match open(state) {
+    let journal = match open(state, true) {
         Ok(j) => j,
         Err(code) => return code,
     };
@@ -491,7 +496,8 @@ pub async fn replay_cmd(state: &Path, args: ReplayArgs) -> u8 {
 }
 
 pub async fn dlq(state: &Path, cmd: DlqCommand) -> u8 {
-    let journal = match open(state) {
+    let write = matches!(cmd, DlqCommand::Retry { .. } | DlqCommand::Drop { .. });
+    let journal = match open(state, write) {
         Ok(j) => j,
         Err(code) => return code,
     };

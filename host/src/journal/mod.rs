@@ -299,14 +299,28 @@ struct Inner {
 }
 
 impl Journal {
-    /// Opens (creating and migrating) the SQLite journal `DIR/journal.db`.
+    /// Opens (creating and migrating) the SQLite journal `DIR/journal.db` for reading
+    /// and writing; fails if another process holds the write lock too long.
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        Self::open_sqlite(dir, true)
+    }
+
+    /// Opens the journal to read it: works while another process is writing.
+    pub fn open_for_reading(dir: &Path) -> Result<Journal, JournalError> {
+        Self::open_sqlite(dir, false)
+    }
+
+    fn open_sqlite(dir: &Path, write: bool) -> Result<Journal, JournalError> {
         std::fs::create_dir_all(dir).map_err(|e| JournalError::Io {
             path: dir.to_path_buf(),
             why: e.to_string(),
         })?;
         let path = dir.join("journal.db");
-        let writer = sqlite::SqliteBackend::open(&path)?;
+        let writer = if write {
+            sqlite::SqliteBackend::open_writer(&path)?
+        } else {
+            sqlite::SqliteBackend::open(&path)?
+        };
         let reader = sqlite::SqliteBackend::open(&path)?;
         Ok(Journal::with_backends(
             path,

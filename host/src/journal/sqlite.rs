@@ -152,6 +152,16 @@ impl SqliteBackend {
         Ok(b)
     }
 
+    /// Opens the journal for writing: fails now, with a clear error, if another process
+    /// holds the write lock past the busy timeout, rather than after a run.
+    pub fn open_writer(path: &Path) -> Result<SqliteBackend, JournalError> {
+        let b = Self::open(path)?;
+        b.conn
+            .execute_batch("BEGIN IMMEDIATE; COMMIT;")
+            .map_err(|e| b.err(e))?;
+        Ok(b)
+    }
+
     fn err(&self, e: rusqlite::Error) -> JournalError {
         error(&self.path, self.busy, e)
     }
