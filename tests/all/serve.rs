@@ -7,6 +7,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::plugins::plugin_file;
@@ -690,5 +691,180 @@ async fn sigterm_drains_in_flight_runs_and_loses_nothing() {
         "succeeded",
         "the accepted delivery finished before exit:\n{}",
         code.1
+    );
+}
+
+/// A stream of signed webhooks; the server is killed with SIGKILL mid-stream and
+/// restarted on the same state. Every acknowledged delivery is processed exactly once:
+/// one effect per event at the vendor (one Idempotency-Key, however many requests).
+#[tokio::test]
+async fn sigkill_mid_stream_loses_no_acknowledged_delivery_and_runs_each_once() {
+    const N: u64 = 24;
+    const SECRET: &str = "kill-secret-31337";
+    let fake = Fake::start().await;
+    fake.route(
+        "/enrich",
+        vec![Reply::json(200, json!({"tier": "gold"})).delay(Duration::from_millis(150))],
+    );
+    fake.route(
+        "/charge",
+        vec![Reply::json(200, json!({"charged": true})).delay(Duration::from_millis(300))],
+    );
+    let dir = support::scratch("serve-sigkill");
+    let pipelines = pipelines_dir(
+        &dir,
+        &[(
+            "charges.pipeline.json",
+            json!({
+                "name": "charges",
+                "triggers": [{"type": "webhook", "path": "/hooks/charges", "secret": "{{secrets.HOOK_SECRET}}", "signature": "github"}],
+                "stages": [
+                    {"id": "enrich", "component": "http-request", "config": {"url": fake.url("/enrich")}},
+                    {"id": "charge", "component": "http-request", "depends_on": ["enrich"], "config": {
+                        "url": fake.url("/charge"), "method": "POST",
+                        "body": {"n": "{{input.n}}", "tier": "{{stages.enrich.output.body.tier}}"}}}
+                ]
+            }),
+        )],
+    );
+    let secrets = json!({"HOOK_SECRET": SECRET});
+    let plugins = dir.join("no-plugins");
+    let mut server = Server::start(&dir, &pipelines, &plugins, &secrets);
+    let client = reqwest::Client::new();
+    // n -> the run id from the 202 (None when acknowledged as a duplicate).
+    let acked: Arc<Mutex<std::collections::HashMap<u64, Option<String>>>> = Arc::default();
+    let send = {
+        let (client, acked) = (client.clone(), acked.clone());
+        move |url: String, n: u64| {
+        let (client, acked) = (client.clone(), acked.clone());
+        async move {
+            let body = json!({"n": n}).to_string();
+            let sig = fmhost::serve::webhooks::github_signature(SECRET, body.as_bytes());
+            let resp = client
+                .post(format!("{url}/hooks/charges"))
+                .header("X-Hub-Signature-256", sig)
+                .header("X-GitHub-Delivery", format!("evt-{n}"))
+                .body(body)
+                .send()
+                .await
+                .ok()?;
+            let status = resp.status().as_u16();
+            let answer: Value = resp.json().await.ok()?;
+            match status {
+                202 => acked
+                    .lock()
+                    .unwrap()
+                    .insert(n, Some(answer["run_id"].as_str()?.to_string())),
+                200 if answer["duplicate"] == true => {
+                    acked.lock().unwrap().entry(n).or_insert(None);
+                    None
+                }
+                _ => None,
+            };
+            Some(())
+        }
+    }};
+
+    // A stream (one every 40 ms, up to three in flight); SIGKILL once charges are in flight.
+    let url = server.url.clone();
+    let stream = tokio::spawn({
+        let send = send.clone();
+        async move {
+            futures::stream::iter(0..N)
+                .then(|n| async move {
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    n
+                })
+                .map(|n| send(url.clone(), n))
+                .buffer_unordered(3)
+                .collect::<Vec<_>>()
+                .await
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.seen("/charge").len() < 2 {
+        assert!(Instant::now() < deadline, "stream stalled:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    stream.await.unwrap();
+    let acked_before_kill = acked.lock().unwrap().len();
+    let charges_before_kill = fake.seen("/charge").len();
+
+    // Restart on the same state; the sender retries whatever was not acknowledged.
+    let server = Server::start(&dir, &pipelines, &plugins, &secrets);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let missing: Vec<u64> = (0..N)
+            .filter(|n| !acked.lock().unwrap().contains_key(n))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not acknowledged: {missing:?}\n{}", server.log());
+        for n in missing {
+            send(server.url.clone(), n).await;
+        }
+    }
+    // Every delivery's run finishes, on the restarted server.
+    let by_event = || {
+        let mut keys: std::collections::HashMap<u64, std::collections::HashSet<String>> =
+            Default::default();
+        for c in fake.seen("/charge") {
+            let body: Value = serde_json::from_slice(&c.body).unwrap();
+            let n = body["n"].as_u64().unwrap();
+            keys.entry(n)
+                .or_default()
+                .insert(c.header("idempotency-key").unwrap().to_string());
+        }
+        keys
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while by_event().len() < N as usize {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {N} events charged:\n{}",
+            by_event().len(),
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let runs: Vec<String> = acked.lock().unwrap().values().flatten().cloned().collect();
+    let mut resumed = 0;
+    for run_id in &runs {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let run: Value = client
+                .get(format!("{}/v1/runs/{run_id}", server.url))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if run["status"] == "succeeded" {
+                resumed += usize::from(run["resumed"].as_u64().unwrap_or(0) > 0);
+                break;
+            }
+            assert!(Instant::now() < deadline, "run {run_id} did not finish: {run}\n{}", server.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let keys = by_event();
+    for n in 0..N {
+        assert_eq!(
+            keys[&n].len(),
+            1,
+            "event {n} was charged under more than one idempotency key: {:?}",
+            keys[&n]
+        );
+    }
+    assert!(resumed >= 1, "a run in flight at the kill was resumed");
+    eprintln!(
+        "sigkill: {acked_before_kill} of {N} acknowledged and {charges_before_kill} charge requests before the kill; \
+         {resumed} run(s) resumed; {} charge requests for {N} events in all",
+        fake.seen("/charge").len()
     );
 }
