@@ -21,6 +21,16 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, pipelines: &Path, plugins: &Path, secrets: &Value) -> Server {
+        Self::start_with(dir, pipelines, plugins, secrets, &[])
+    }
+
+    fn start_with(
+        dir: &Path,
+        pipelines: &Path,
+        plugins: &Path,
+        secrets: &Value,
+        extra: &[&str],
+    ) -> Server {
         let secrets = support::write_json(dir, "secrets.json", secrets);
         std::fs::create_dir_all(plugins).unwrap();
         let stderr = dir.join("server.log");
@@ -42,6 +52,7 @@ impl Server {
         .arg(&secrets)
         .arg("--state")
         .arg(dir.join("state"))
+        .args(extra)
         .env(
             "FMHOST_CACHE_DIR",
             support::root().join("target/test-scratch/serve-cache"),
@@ -867,4 +878,130 @@ async fn sigkill_mid_stream_loses_no_acknowledged_delivery_and_runs_each_once() 
          {resumed} run(s) resumed; {} charge requests for {N} events in all",
         fake.seen("/charge").len()
     );
+}
+
+async fn get_json(client: &reqwest::Client, url: String) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// The journal over serve's API: a webhook whose run fails is dead-lettered, looked up,
+/// and retried once the vendor is fixed; with `--on-interrupted dead-letter`, a run cut
+/// short by SIGKILL is dead-lettered at restart instead of resumed.
+#[tokio::test]
+async fn failed_webhook_runs_are_dead_lettered_and_retried_over_the_api() {
+    let fake = Fake::start().await;
+    fake.route("/sink/flaky", vec![Reply::json(500, json!({"error": "boom"}))]);
+    fake.route(
+        "/slow",
+        vec![Reply::json(200, json!({})).delay(Duration::from_secs(5))],
+    );
+    let dir = support::scratch("serve-dlq");
+    let pipelines = pipelines_dir(
+        &dir,
+        &[
+            (
+                "flaky.pipeline.json",
+                webhook_pipeline(&fake, "flaky", "/hooks/flaky", "github", "HOOK_SECRET"),
+            ),
+            (
+                "slow.pipeline.json",
+                json!({"name": "slow", "stages": [{"id": "wait", "component": "http-request", "config": {"url": fake.url("/slow")}}]}),
+            ),
+        ],
+    );
+    let secrets = json!({"HOOK_SECRET": "dlq-secret-424242"});
+    let plugins = dir.join("no-plugins");
+    let mut server = Server::start(&dir, &pipelines, &plugins, &secrets);
+    let client = reqwest::Client::new();
+    let body = json!({"order": 7}).to_string();
+    let accepted: Value = client
+        .post(format!("{}/hooks/flaky", server.url))
+        .header("X-GitHub-Delivery", "evt-flaky-1")
+        .header(
+            "X-Hub-Signature-256",
+            fmhost::serve::webhooks::github_signature("dlq-secret-424242", body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let run_id = accepted["run_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let run = loop {
+        let run = get_json(&client, format!("{}/v1/runs/{run_id}", server.url)).await;
+        if run["status"] == "failed" {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "{run}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(run["error_kind"], "http-5xx", "{run}");
+    assert_eq!(run["stages"][0]["calls"][0]["status"], 500, "{run}");
+
+    let dlq = get_json(&client, format!("{}/v1/dlq", server.url)).await;
+    assert_eq!(dlq.as_array().unwrap().len(), 1, "{dlq}");
+    let entry = &dlq[0];
+    assert_eq!(entry["kind"], "webhook");
+    assert_eq!(entry["event_id"], "evt-flaky-1");
+    assert_eq!(entry["run_id"], run_id.as_str());
+    assert_eq!(entry["input"], json!({"order": 7}));
+    let id = entry["id"].as_i64().unwrap();
+
+    fake.route("/sink/flaky", vec![Reply::json(200, json!({"ok": true}))]);
+    let retried = client
+        .post(format!("{}/v1/dlq/{id}/retry", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 200);
+    let retried: Value = retried.json().await.unwrap();
+    assert_eq!(retried["run"]["status"], "succeeded", "{retried}");
+    assert_eq!(retried["dead_letter"]["status"], "resolved", "{retried}");
+    let forwarded: Value = serde_json::from_slice(&fake.seen("/sink/flaky")[1].body).unwrap();
+    assert_eq!(forwarded, json!({"order": 7}), "the retry carries the delivery's payload");
+    let runs = get_json(&client, format!("{}/v1/runs?pipeline=flaky", server.url)).await;
+    assert_eq!(runs.as_array().unwrap().len(), 2, "{runs}");
+    assert_eq!(
+        client
+            .delete(format!("{}/v1/dlq/{id}", server.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404,
+        "a resolved entry is not open"
+    );
+
+    // Interrupted, then dead-lettered by the setting rather than resumed.
+    let started: Value = client
+        .post(format!("{}/v1/pipelines/slow/runs?mode=async", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let slow_run = started["run_id"].as_str().unwrap().to_string();
+    while fake.seen("/slow").is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let server = Server::start_with(
+        &dir,
+        &pipelines,
+        &plugins,
+        &secrets,
+        &["--on-interrupted", "dead-letter"],
+    );
+    let run = get_json(&client, format!("{}/v1/runs/{slow_run}", server.url)).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["error_kind"], "interrupted", "{run}");
+    let dlq = get_json(&client, format!("{}/v1/dlq", server.url)).await;
+    assert_eq!(dlq.as_array().unwrap().len(), 1, "{dlq}");
+    assert_eq!(dlq[0]["run_id"], slow_run.as_str());
+    assert_eq!(fake.seen("/slow").len(), 1, "not resumed");
 }
