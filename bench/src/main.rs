@@ -168,6 +168,76 @@ async fn main() {
         );
     }
 
+    // The journal's cost: the same zero-latency run with and without it, interleaved.
+    // With it, every stage update and attempt is queued to the writer thread and the run
+    // waits for its durable commit (fsync) before it counts as done.
+    {
+        let sb = sandbox(0.0);
+        let engine = Arc::new(engine_for(&secrets_for(&sb.1)));
+        let input = input_for(&sb.1);
+        let dir = fx::root().join("target/bench/journal");
+        let _ = std::fs::remove_dir_all(&dir);
+        let journal = fmhost::journal::Journal::open(&dir).unwrap();
+        let journaled = |e: Arc<Engine>,
+                         j: fmhost::journal::Journal,
+                         p: Arc<fmhost::pipeline::Plan>,
+                         i: Value| async move {
+            let start = fmhost::journal::RunStart {
+                run_id: fmhost::engine::new_run_id(),
+                pipeline: p.name.to_string(),
+                pipeline_file: None,
+                trigger: "bench".into(),
+                owner: "bench".into(),
+                input: i.clone(),
+                replay_of: None,
+                replay_from: None,
+                started_at: 0,
+            };
+            let watcher = fmhost::journal::RunJournal::new(j, start, e.secrets.clone());
+            let (r, committed) =
+                fmhost::journal::run_journaled(&e, p, i, RunOptions::default(), Some(watcher))
+                    .await
+                    .unwrap();
+            committed.unwrap();
+            assert_eq!(r.status, RunStatus::Succeeded, "{:?}", r.error);
+        };
+        let n = if quick { 60 } else { 300 };
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let t = Instant::now();
+            engine
+                .run(c360.clone(), input.clone(), RunOptions::default())
+                .await
+                .unwrap();
+            without.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            journaled(engine.clone(), journal.clone(), c360.clone(), input.clone()).await;
+            with.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let stages = c360.stages.len() as f64;
+        let (with, without) = (
+            summary(with, Duration::ZERO),
+            summary(without, Duration::ZERO),
+        );
+        let per_stage_us = (with["p50_ms"].as_f64().unwrap() - without["p50_ms"].as_f64().unwrap())
+            * 1000.0
+            / stages;
+        out.insert("journal_seq".into(), json!({"stages": c360.stages.len(), "with": with, "without": without, "per_stage_us": per_stage_us}));
+        let (e, j, p, i) = (engine.clone(), journal.clone(), c360.clone(), input.clone());
+        let loaded = load(16, Duration::from_secs(secs), move || {
+            journaled(e.clone(), j.clone(), p.clone(), i.clone())
+        })
+        .await;
+        out.insert("journal_load".into(), loaded);
+        let db = std::fs::metadata(dir.join("journal.db"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+            + std::fs::metadata(dir.join("journal.db-wal"))
+                .map(|m| m.len())
+                .unwrap_or(0);
+        out.insert("journal_bytes".into(), json!(db));
+    }
+
     // The seed's latencies: wall time against the critical path (200 ms fetches + 300 ms LLM).
     {
         let sb = sandbox(1.0);
@@ -206,7 +276,10 @@ async fn main() {
         let cli = || {
             let status = Command::new(bin("fmhost"))
                 .current_dir(fx::root())
-                .args(["run", "pipelines/customer-360.pipeline.json", "--input"])
+                .args(["run", "pipelines/customer-360.pipeline.json"])
+                .arg("--state")
+                .arg(dir.join("cli-state"))
+                .arg("--input")
                 .arg(dir.join("input.json"))
                 .arg("--secrets")
                 .arg(dir.join("secrets.json"))

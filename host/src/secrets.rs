@@ -193,6 +193,20 @@ mod tests {
     }
 
     #[test]
+    fn references_stand_in_for_values_and_restore_them() {
+        let s = Secrets::from_pairs([("URL", "http://10.0.0.7:9000"), ("KEY", "sk-secret-9")]);
+        let original = json!({"api": "http://10.0.0.7:9000/v1", "echo": ["Bearer sk-secret-9"]});
+        let mut stored = original.clone();
+        s.to_references(&mut stored);
+        assert_eq!(
+            stored,
+            json!({"api": "{{secrets.URL}}/v1", "echo": ["Bearer {{secrets.KEY}}"]})
+        );
+        s.restore_value(&mut stored);
+        assert_eq!(stored, original);
+    }
+
+    #[test]
     fn dotenv_and_json_files() {
         let dir = std::env::temp_dir().join(format!("fmhost-secrets-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

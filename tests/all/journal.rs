@@ -59,14 +59,23 @@ async fn a_failed_run_is_dead_lettered_retried_once_fixed_and_replayed_from_a_mi
     // The vendor echoes the token back: the journal must still not hold it.
     fake.route(
         "/orders/o-1",
-        vec![Reply::json(200, json!({"customer": "c-9", "seen_token": TOKEN}))],
+        vec![Reply::json(
+            200,
+            json!({"customer": "c-9", "seen_token": TOKEN}),
+        )],
     );
-    fake.route("/orders/o-2", vec![Reply::json(200, json!({"customer": "c-9"}))]);
+    fake.route(
+        "/orders/o-2",
+        vec![Reply::json(200, json!({"customer": "c-9"}))],
+    );
     fake.route(
         "/customers/c-9",
         vec![Reply::json(200, json!({"email": "ada@example.com"}))],
     );
-    fake.route("/invoices", vec![Reply::json(503, json!({"error": "down"}))]);
+    fake.route(
+        "/invoices",
+        vec![Reply::json(503, json!({"error": "down"}))],
+    );
     let dir = support::scratch("journal-replay");
     let state = dir.join("state");
     let pipeline = orders_pipeline(&dir);
@@ -76,25 +85,74 @@ async fn a_failed_run_is_dead_lettered_retried_once_fixed_and_replayed_from_a_mi
     let p = pipeline.to_str().unwrap();
 
     // Two runs fail on the invoice API, after their retries.
-    let first = fmhost(&state, &["run", p, "--input-json", &input("o-1"), "--secrets", secrets]).await;
+    let first = fmhost(
+        &state,
+        &[
+            "run",
+            p,
+            "--input-json",
+            &input("o-1"),
+            "--secrets",
+            secrets,
+        ],
+    )
+    .await;
     assert_eq!(first.code, 1, "{}", first.stderr);
-    let second = fmhost(&state, &["run", p, "--input-json", &input("o-2"), "--secrets", secrets]).await;
+    let second = fmhost(
+        &state,
+        &[
+            "run",
+            p,
+            "--input-json",
+            &input("o-2"),
+            "--secrets",
+            secrets,
+        ],
+    )
+    .await;
     assert_eq!(second.code, 1, "{}", second.stderr);
 
     // Found: by pipeline and status.
-    let listed = fmhost(&state, &["runs", "list", "--pipeline", "orders-sync", "--status", "failed", "--since", "1h", "--json"]).await;
+    let listed = fmhost(
+        &state,
+        &[
+            "runs",
+            "list",
+            "--pipeline",
+            "orders-sync",
+            "--status",
+            "failed",
+            "--since",
+            "1h",
+            "--json",
+        ],
+    )
+    .await;
     let listed = listed.json();
-    let ids: Vec<&str> = listed.as_array().unwrap().iter().map(|r| r["run_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids.len(), 2, "{listed}");
     let (run1, run2) = (ids[1].to_string(), ids[0].to_string());
     assert_eq!(listed[0]["error_kind"], "http-5xx");
 
     // Understood: stages, attempts, error kinds and outputs.
-    let shown = fmhost(&state, &["runs", "show", &run1, "--json"]).await.json();
+    let shown = fmhost(&state, &["runs", "show", &run1, "--json"])
+        .await
+        .json();
     assert_eq!(shown["status"], "failed");
     assert_eq!(shown["error_kind"], "http-5xx");
     let stage = |run: &Value, id: &str| -> Value {
-        run["stages"].as_array().unwrap().iter().find(|s| s["id"] == id).unwrap().clone()
+        run["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap()
+            .clone()
     };
     let push = stage(&shown, "push-invoice");
     assert_eq!(push["status"], "failed");
@@ -103,13 +161,26 @@ async fn a_failed_run_is_dead_lettered_retried_once_fixed_and_replayed_from_a_mi
     let calls = push["calls"].as_array().unwrap();
     assert_eq!(calls.len(), 2, "{push}");
     assert!(calls.iter().all(|c| c["status"] == 503));
-    assert_eq!(calls[0]["idempotency_key"], calls[1]["idempotency_key"], "one key for all attempts");
-    assert_eq!(stage(&shown, "fetch-customer")["output"]["body"]["email"], "ada@example.com");
+    assert_eq!(
+        calls[0]["idempotency_key"], calls[1]["idempotency_key"],
+        "one key for all attempts"
+    );
+    assert_eq!(
+        stage(&shown, "fetch-customer")["output"]["body"]["email"],
+        "ada@example.com"
+    );
     let text = fmhost(&state, &["runs", "show", &run1]).await;
-    assert!(text.stdout.contains("push-invoice") && text.stdout.contains("[http-5xx]"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("push-invoice") && text.stdout.contains("[http-5xx]"),
+        "{}",
+        text.stdout
+    );
 
     // Secrets are never written, even when a vendor echoes one back.
-    assert!(!contains(&journal_bytes(&state), TOKEN), "the token is in the journal");
+    assert!(
+        !contains(&journal_bytes(&state), TOKEN),
+        "the token is in the journal"
+    );
     assert_eq!(
         stage(&shown, "fetch-order")["output"]["body"]["seen_token"],
         "{{secrets.ORDERS_TOKEN}}"
@@ -119,39 +190,89 @@ async fn a_failed_run_is_dead_lettered_retried_once_fixed_and_replayed_from_a_mi
     let dlq = fmhost(&state, &["dlq", "list", "--json"]).await.json();
     let entries = dlq.as_array().unwrap();
     assert_eq!(entries.len(), 2, "{dlq}");
-    let entry = entries.iter().find(|e| e["run_id"] == run1.as_str()).unwrap();
+    let entry = entries
+        .iter()
+        .find(|e| e["run_id"] == run1.as_str())
+        .unwrap();
     assert_eq!(entry["error_kind"], "http-5xx");
-    assert!(entry["reason"].as_str().unwrap().contains("push-invoice"), "{entry}");
+    assert!(
+        entry["reason"].as_str().unwrap().contains("push-invoice"),
+        "{entry}"
+    );
     assert_eq!(entry["correlation_id"], run1.as_str());
     assert_eq!(entry["input"]["order_id"], "o-1");
     let invoices = fake.seen("/invoices");
-    assert_eq!(invoices[0].header("x-correlation-id"), Some(run1.as_str()), "the id upstream logs carry");
+    assert_eq!(
+        invoices[0].header("x-correlation-id"),
+        Some(run1.as_str()),
+        "the id upstream logs carry"
+    );
     let id = entry["id"].to_string();
 
     // Fixed upstream; the retry reuses what succeeded and resolves the entry.
-    fake.route("/invoices", vec![Reply::json(201, json!({"invoice": "in_1"}))]);
+    fake.route(
+        "/invoices",
+        vec![Reply::json(201, json!({"invoice": "in_1"}))],
+    );
     let retried = fmhost(&state, &["dlq", "retry", &id, "--secrets", secrets]).await;
     assert_eq!(retried.code, 0, "{}\n{}", retried.stdout, retried.stderr);
     assert!(retried.stdout.contains("resolved"), "{}", retried.stdout);
-    assert_eq!(fake.seen("/orders/o-1").len(), 1, "fetch-order came from the journal");
-    assert_eq!(fake.seen("/customers/c-9").len(), 2, "once per failed run, not again");
+    assert_eq!(
+        fake.seen("/orders/o-1").len(),
+        1,
+        "fetch-order came from the journal"
+    );
+    assert_eq!(
+        fake.seen("/customers/c-9").len(),
+        2,
+        "once per failed run, not again"
+    );
     let sent: Value = serde_json::from_slice(&fake.seen("/invoices").last().unwrap().body).unwrap();
     assert_eq!(sent, json!({"order": "o-1", "email": "ada@example.com"}));
     let all = fmhost(&state, &["dlq", "show", &id, "--json"]).await.json();
     assert_eq!(all["status"], "resolved", "{all}");
     let retry_run = all["resolved_by"].as_str().unwrap().to_string();
-    let original = fmhost(&state, &["runs", "show", &run1, "--json"]).await.json();
+    let original = fmhost(&state, &["runs", "show", &run1, "--json"])
+        .await
+        .json();
     assert_eq!(original["replayed_by"], json!([retry_run]));
 
     // Replay from the middle: upstream of fetch-customer comes from the journal.
     let before = fake.seen("/orders/o-1").len();
-    let replayed = fmhost(&state, &["replay", &retry_run, "--from", "fetch-customer", "--secrets", secrets]).await;
+    let replayed = fmhost(
+        &state,
+        &[
+            "replay",
+            &retry_run,
+            "--from",
+            "fetch-customer",
+            "--secrets",
+            secrets,
+        ],
+    )
+    .await;
     assert_eq!(replayed.code, 0, "{}", replayed.stderr);
     assert_eq!(replayed.json()["body"]["invoice"], "in_1");
-    assert_eq!(fake.seen("/orders/o-1").len(), before, "no second request upstream of --from");
+    assert_eq!(
+        fake.seen("/orders/o-1").len(),
+        before,
+        "no second request upstream of --from"
+    );
     assert_eq!(fake.seen("/customers/c-9").len(), 3);
-    let newest = fmhost(&state, &["runs", "list", "--limit", "1", "--json"]).await.json();
-    let replay_run = fmhost(&state, &["runs", "show", newest[0]["run_id"].as_str().unwrap(), "--json"]).await.json();
+    let newest = fmhost(&state, &["runs", "list", "--limit", "1", "--json"])
+        .await
+        .json();
+    let replay_run = fmhost(
+        &state,
+        &[
+            "runs",
+            "show",
+            newest[0]["run_id"].as_str().unwrap(),
+            "--json",
+        ],
+    )
+    .await
+    .json();
     assert_eq!(replay_run["replay_of"], retry_run.as_str());
     assert_eq!(replay_run["replay_from"], "fetch-customer");
     let reused = stage(&replay_run, "fetch-order");
@@ -159,9 +280,27 @@ async fn a_failed_run_is_dead_lettered_retried_once_fixed_and_replayed_from_a_mi
     assert_eq!(reused["calls"], json!([]));
 
     // Many at once: the failed runs since an hour ago that nothing has replayed yet (run2).
-    let many = fmhost(&state, &["replay", "--pipeline", "orders-sync", "--since", "1h", "--status", "failed", "--secrets", secrets]).await;
+    let many = fmhost(
+        &state,
+        &[
+            "replay",
+            "--pipeline",
+            "orders-sync",
+            "--since",
+            "1h",
+            "--status",
+            "failed",
+            "--secrets",
+            secrets,
+        ],
+    )
+    .await;
     assert_eq!(many.code, 0, "{}\n{}", many.stdout, many.stderr);
-    assert!(many.stdout.contains(&run2) && !many.stdout.contains(&run1), "{}", many.stdout);
+    assert!(
+        many.stdout.contains(&run2) && !many.stdout.contains(&run1),
+        "{}",
+        many.stdout
+    );
     let open = fmhost(&state, &["dlq", "list", "--json"]).await.json();
     assert_eq!(open, json!([]), "both entries resolved");
     assert!(!contains(&journal_bytes(&state), TOKEN));
@@ -170,8 +309,14 @@ async fn a_failed_run_is_dead_lettered_retried_once_fixed_and_replayed_from_a_mi
 #[tokio::test]
 async fn a_corrupt_or_locked_journal_is_refused_with_a_clear_error() {
     let fake = Fake::start().await;
-    fake.route("/orders/o-1", vec![Reply::json(200, json!({"customer": "c-1"}))]);
-    fake.route("/customers/c-1", vec![Reply::json(200, json!({"email": "x@example.com"}))]);
+    fake.route(
+        "/orders/o-1",
+        vec![Reply::json(200, json!({"customer": "c-1"}))],
+    );
+    fake.route(
+        "/customers/c-1",
+        vec![Reply::json(200, json!({"email": "x@example.com"}))],
+    );
     fake.route("/invoices", vec![Reply::json(200, json!({}))]);
     let dir = support::scratch("journal-errors");
     let pipeline = orders_pipeline(&dir);
@@ -181,7 +326,11 @@ async fn a_corrupt_or_locked_journal_is_refused_with_a_clear_error() {
     // Corrupt: named, with what to do, and nothing runs.
     let corrupt = dir.join("corrupt");
     std::fs::create_dir_all(&corrupt).unwrap();
-    std::fs::write(corrupt.join("journal.db"), "this is not a database ".repeat(200)).unwrap();
+    std::fs::write(
+        corrupt.join("journal.db"),
+        "this is not a database ".repeat(200),
+    )
+    .unwrap();
     for args in [
         vec!["run", p, "--input-json", &input],
         vec!["runs", "list"],
@@ -189,12 +338,28 @@ async fn a_corrupt_or_locked_journal_is_refused_with_a_clear_error() {
     ] {
         let ran = fmhost(&corrupt, &args).await;
         assert_eq!(ran.code, 1, "{args:?}: {}", ran.stderr);
-        assert!(ran.stderr.contains(&corrupt.join("journal.db").display().to_string()), "{}", ran.stderr);
-        assert!(ran.stderr.contains("not a usable fmhost journal"), "{}", ran.stderr);
+        assert!(
+            ran.stderr
+                .contains(&corrupt.join("journal.db").display().to_string()),
+            "{}",
+            ran.stderr
+        );
+        assert!(
+            ran.stderr.contains("not a usable fmhost journal"),
+            "{}",
+            ran.stderr
+        );
         assert!(!ran.stderr.contains("panicked"), "{}", ran.stderr);
     }
-    assert!(fake.seen("/orders/o-1").is_empty(), "a run that cannot be journaled does not start");
-    let opted_out = fmhost(&corrupt, &["run", p, "--input-json", &input, "--no-journal"]).await;
+    assert!(
+        fake.seen("/orders/o-1").is_empty(),
+        "a run that cannot be journaled does not start"
+    );
+    let opted_out = fmhost(
+        &corrupt,
+        &["run", p, "--input-json", &input, "--no-journal"],
+    )
+    .await;
     assert_eq!(opted_out.code, 0, "{}", opted_out.stderr);
 
     // Locked by another process: runs refuse after the busy timeout; reading still works.
@@ -202,14 +367,22 @@ async fn a_corrupt_or_locked_journal_is_refused_with_a_clear_error() {
     let ok = fmhost(&locked, &["run", p, "--input-json", &input]).await;
     assert_eq!(ok.code, 0, "{}", ok.stderr);
     let holder = rusqlite::Connection::open(locked.join("journal.db")).unwrap();
-    holder.execute_batch("BEGIN IMMEDIATE; INSERT INTO schema_migrations VALUES (99, 'held', 0);").unwrap();
+    holder
+        .execute_batch("BEGIN IMMEDIATE; INSERT INTO schema_migrations VALUES (99, 'held', 0);")
+        .unwrap();
     let mut cmd = support::fmhost();
-    cmd.arg("--state").arg(&locked).args(["run", p, "--input-json", &input]);
+    cmd.arg("--state")
+        .arg(&locked)
+        .args(["run", p, "--input-json", &input]);
     cmd.env("FMHOST_JOURNAL_BUSY_TIMEOUT", "300ms")
         .env("FMHOST_SECRET_ORDERS_TOKEN", TOKEN);
     let refused = Ran::from(support::output(cmd).await);
     assert_eq!(refused.code, 1, "{}", refused.stderr);
-    assert!(refused.stderr.contains("is locked by another process"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("is locked by another process"),
+        "{}",
+        refused.stderr
+    );
     let listed = fmhost(&locked, &["runs", "list", "--json"]).await;
     assert_eq!(listed.code, 0, "{}", listed.stderr);
     assert_eq!(listed.json().as_array().unwrap().len(), 1);

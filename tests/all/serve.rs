@@ -625,7 +625,10 @@ async fn webhooks_verify_signatures_persist_and_run_once() {
         .await
         .unwrap();
     assert_eq!(run["trigger"], "webhook", "{run}");
-    assert_eq!(run["input"]["id"], "evt_1NqW", "the delivery is journaled: {run}");
+    assert_eq!(
+        run["input"]["id"], "evt_1NqW",
+        "the delivery is journaled: {run}"
+    );
 }
 
 #[tokio::test]
@@ -747,34 +750,35 @@ async fn sigkill_mid_stream_loses_no_acknowledged_delivery_and_runs_each_once() 
     let send = {
         let (client, acked) = (client.clone(), acked.clone());
         move |url: String, n: u64| {
-        let (client, acked) = (client.clone(), acked.clone());
-        async move {
-            let body = json!({"n": n}).to_string();
-            let sig = fmhost::serve::webhooks::github_signature(SECRET, body.as_bytes());
-            let resp = client
-                .post(format!("{url}/hooks/charges"))
-                .header("X-Hub-Signature-256", sig)
-                .header("X-GitHub-Delivery", format!("evt-{n}"))
-                .body(body)
-                .send()
-                .await
-                .ok()?;
-            let status = resp.status().as_u16();
-            let answer: Value = resp.json().await.ok()?;
-            match status {
-                202 => acked
-                    .lock()
-                    .unwrap()
-                    .insert(n, Some(answer["run_id"].as_str()?.to_string())),
-                200 if answer["duplicate"] == true => {
-                    acked.lock().unwrap().entry(n).or_insert(None);
-                    None
-                }
-                _ => None,
-            };
-            Some(())
+            let (client, acked) = (client.clone(), acked.clone());
+            async move {
+                let body = json!({"n": n}).to_string();
+                let sig = fmhost::serve::webhooks::github_signature(SECRET, body.as_bytes());
+                let resp = client
+                    .post(format!("{url}/hooks/charges"))
+                    .header("X-Hub-Signature-256", sig)
+                    .header("X-GitHub-Delivery", format!("evt-{n}"))
+                    .body(body)
+                    .send()
+                    .await
+                    .ok()?;
+                let status = resp.status().as_u16();
+                let answer: Value = resp.json().await.ok()?;
+                match status {
+                    202 => acked
+                        .lock()
+                        .unwrap()
+                        .insert(n, Some(answer["run_id"].as_str()?.to_string())),
+                    200 if answer["duplicate"] == true => {
+                        acked.lock().unwrap().entry(n).or_insert(None);
+                        None
+                    }
+                    _ => None,
+                };
+                Some(())
+            }
         }
-    }};
+    };
 
     // A stream (one every 40 ms, up to three in flight); SIGKILL once charges are in flight.
     let url = server.url.clone();
@@ -794,7 +798,11 @@ async fn sigkill_mid_stream_loses_no_acknowledged_delivery_and_runs_each_once() 
     });
     let deadline = Instant::now() + Duration::from_secs(20);
     while fake.seen("/charge").len() < 2 {
-        assert!(Instant::now() < deadline, "stream stalled:\n{}", server.log());
+        assert!(
+            Instant::now() < deadline,
+            "stream stalled:\n{}",
+            server.log()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     server.child.kill().unwrap();
@@ -813,7 +821,11 @@ async fn sigkill_mid_stream_loses_no_acknowledged_delivery_and_runs_each_once() 
         if missing.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "not acknowledged: {missing:?}\n{}", server.log());
+        assert!(
+            Instant::now() < deadline,
+            "not acknowledged: {missing:?}\n{}",
+            server.log()
+        );
         for n in missing {
             send(server.url.clone(), n).await;
         }
@@ -858,7 +870,11 @@ async fn sigkill_mid_stream_loses_no_acknowledged_delivery_and_runs_each_once() 
                 resumed += usize::from(run["resumed"].as_u64().unwrap_or(0) > 0);
                 break;
             }
-            assert!(Instant::now() < deadline, "run {run_id} did not finish: {run}\n{}", server.log());
+            assert!(
+                Instant::now() < deadline,
+                "run {run_id} did not finish: {run}\n{}",
+                server.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -890,7 +906,10 @@ async fn get_json(client: &reqwest::Client, url: String) -> Value {
 #[tokio::test]
 async fn failed_webhook_runs_are_dead_lettered_and_retried_over_the_api() {
     let fake = Fake::start().await;
-    fake.route("/sink/flaky", vec![Reply::json(500, json!({"error": "boom"}))]);
+    fake.route(
+        "/sink/flaky",
+        vec![Reply::json(500, json!({"error": "boom"}))],
+    );
     fake.route(
         "/slow",
         vec![Reply::json(200, json!({})).delay(Duration::from_secs(5))],
@@ -961,7 +980,11 @@ async fn failed_webhook_runs_are_dead_lettered_and_retried_over_the_api() {
     assert_eq!(retried["run"]["status"], "succeeded", "{retried}");
     assert_eq!(retried["dead_letter"]["status"], "resolved", "{retried}");
     let forwarded: Value = serde_json::from_slice(&fake.seen("/sink/flaky")[1].body).unwrap();
-    assert_eq!(forwarded, json!({"order": 7}), "the retry carries the delivery's payload");
+    assert_eq!(
+        forwarded,
+        json!({"order": 7}),
+        "the retry carries the delivery's payload"
+    );
     let runs = get_json(&client, format!("{}/v1/runs?pipeline=flaky", server.url)).await;
     assert_eq!(runs.as_array().unwrap().len(), 2, "{runs}");
     assert_eq!(

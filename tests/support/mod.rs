@@ -34,7 +34,10 @@ pub fn fmhost() -> Command {
             cmd.env_remove(k);
         }
     }
-    cmd.env("FMHOST_STATE", root().join("target/test-scratch/shared-state"));
+    cmd.env(
+        "FMHOST_STATE",
+        root().join("target/test-scratch/shared-state"),
+    );
     cmd.current_dir(root());
     cmd
 }

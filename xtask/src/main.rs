@@ -174,9 +174,17 @@ fn run_demo(root: &Path, bin: &Path, pipeline: &str, url: &str, dir: &Path) -> R
         .arg("--secrets")
         .arg(dir.join("secrets.json"))
         .arg("--report")
-        .arg(&report);
+        .arg(&report)
+        .arg("--state")
+        .arg(dir.join("state"));
     run(&mut cmd)?;
-    timeline(&serde_json::from_slice(&std::fs::read(&report)?)?);
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    timeline(&report);
+    eprintln!(
+        "\njournaled: target/debug/fmhost runs show {} --state {}",
+        report["run_id"].as_str().unwrap_or_default(),
+        dir.join("state").display()
+    );
     Ok(())
 }
 
@@ -476,6 +484,34 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
         "≥ 50%",
         check(ratio.map(|r| r >= 50.0)),
     );
+    let j = &e2e["journal_seq"];
+    let per_stage = num(&j["per_stage_us"]);
+    row(
+        "journal cost per stage: customer-360 zero latency, sequential, journaled vs not (p50, incl. the run's durable commit)",
+        format!(
+            "{} µs ({} ms vs {} ms per run of {} stages)",
+            f(per_stage, 1),
+            f(num(&j["with"]["p50_ms"]), 2),
+            f(num(&j["without"]["p50_ms"]), 2),
+            j["stages"]
+        ),
+        "≤ 1 ms",
+        check(per_stage.map(|v| v <= 1000.0)),
+    );
+    let jl = &e2e["journal_load"];
+    let jrps = num(&jl["runs_per_s"]);
+    row(
+        "customer-360 in-process, zero latency, 16 concurrent, journaled",
+        format!(
+            "{} runs/s ({}% of unjournaled; p50 {} ms, p99 {} ms)",
+            f(jrps, 0),
+            f(jrps.zip(rps).map(|(a, b)| a / b * 100.0), 0),
+            f(num(&jl["p50_ms"]), 2),
+            f(num(&jl["p99_ms"]), 2)
+        ),
+        "-",
+        "",
+    );
     let cp = num(&e2e["critical_path_ms"]).unwrap_or(500.0);
     let inproc = num(&e2e["c360_inproc_seed"]["p50_ms"]);
     let tokio_seed = num(&e2e["baseline_tokio_seed"]["p50_ms"]);
@@ -545,7 +581,7 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
     );
     let h = &e2e["serve_webhook"];
     row(
-        "`fmhost serve`: signed webhook → fsync → 202, 32 concurrent (reqwest)",
+        "`fmhost serve`: signed webhook → journal commit (fsync) → 202, 32 concurrent (reqwest)",
         format!(
             "{} req/s (p50 {} ms, p99 {} ms)",
             f(num(&h["runs_per_s"]), 0),

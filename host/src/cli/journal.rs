@@ -132,7 +132,10 @@ fn one_line(v: &Value, max: usize) -> String {
     if text.len() <= max {
         return text;
     }
-    let cut = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    let cut = (0..=max)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
     format!(
         "{}... ({} bytes; --json shows all)",
         &text[..cut],
@@ -557,7 +560,10 @@ pub async fn dlq(state: &Path, cmd: DlqCommand) -> u8 {
                         println!("event:          {ev}");
                     }
                     println!("retries:        {}", e.retries);
-                    println!("created:        {}  updated: {}", e.created_at, e.updated_at);
+                    println!(
+                        "created:        {}  updated: {}",
+                        e.created_at, e.updated_at
+                    );
                     if let Some(by) = &e.resolved_by {
                         println!("resolved by:    {by}");
                     }

@@ -224,9 +224,11 @@ impl Engine {
                 }
                 let stage = &plan.stages[i];
                 reports[i].started_ms = Some(started.elapsed().as_millis() as u64);
-                if let Some((from, output)) = opts.reuse.as_ref().and_then(|r| {
-                    r.outputs.get(&*stage.id).map(|o| (&r.from_run, o))
-                }) {
+                if let Some((from, output)) = opts
+                    .reuse
+                    .as_ref()
+                    .and_then(|r| r.outputs.get(&*stage.id).map(|o| (&r.from_run, o)))
+                {
                     // Taken from the journal: the stage does not run again.
                     let report = &mut reports[i];
                     report.status = StageStatus::Succeeded;

@@ -562,7 +562,12 @@ impl RunJournal {
 impl RunJournal {
     /// Records a run that could not start (no pipeline, input not valid) as failed with
     /// `reason`, dead-lettered. `started` also records it as started first.
-    pub async fn reject(&self, reason: &str, kind: &str, started: bool) -> Result<(), JournalError> {
+    pub async fn reject(
+        &self,
+        reason: &str,
+        kind: &str,
+        started: bool,
+    ) -> Result<(), JournalError> {
         if started {
             self.journal.record(Record::RunStarted(self.start.clone()));
         }
@@ -576,7 +581,12 @@ impl RunJournal {
             finished_at: unix_ms(SystemTime::now()),
             replay_of: self.start.replay_of.clone(),
             dead_letter: Some(NewDeadLetter {
-                kind: if self.start.trigger == "webhook" { "webhook" } else { "run" }.into(),
+                kind: if self.start.trigger == "webhook" {
+                    "webhook"
+                } else {
+                    "run"
+                }
+                .into(),
                 pipeline: self.start.pipeline.clone(),
                 event_id: None,
                 reason: reason.to_string(),

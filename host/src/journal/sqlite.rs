@@ -433,7 +433,8 @@ fn dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
     })
 }
 
-const DEAD_LETTER_SELECT: &str = "SELECT d.id, d.kind, d.status, d.pipeline, d.run_id, d.first_run_id, d.event_id,
+const DEAD_LETTER_SELECT: &str =
+    "SELECT d.id, d.kind, d.status, d.pipeline, d.run_id, d.first_run_id, d.event_id,
     d.reason, d.error_kind, d.retries, d.created_at, d.updated_at, d.resolved_by, r.input
     FROM dead_letters d LEFT JOIN runs r ON r.id = d.run_id";
 
@@ -598,7 +599,9 @@ impl Backend for SqliteBackend {
             add("owner =", Box::new(o.clone()));
         }
         if f.not_replayed {
-            sql.push_str(" AND NOT EXISTS (SELECT 1 FROM runs later WHERE later.replay_of = runs.id)");
+            sql.push_str(
+                " AND NOT EXISTS (SELECT 1 FROM runs later WHERE later.replay_of = runs.id)",
+            );
         }
         sql.push_str(&format!(
             " ORDER BY started_at DESC, rowid DESC LIMIT {}",
@@ -665,5 +668,35 @@ impl Backend for SqliteBackend {
             )
             .optional()
             .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_refuses_a_newer_schema() {
+        let dir = std::env::temp_dir().join(format!("fmhost-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("journal.db");
+        let b = SqliteBackend::open_writer(&path).unwrap();
+        let applied: i64 = b
+            .conn
+            .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(applied, MIGRATIONS.len() as i64);
+        drop(b);
+        // Opening again applies nothing new.
+        let b = SqliteBackend::open(&path).unwrap();
+        b.conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(b);
+        match SqliteBackend::open(&path) {
+            Err(JournalError::TooNew { found: 99, .. }) => {}
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a newer schema was accepted"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

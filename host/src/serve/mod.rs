@@ -340,14 +340,30 @@ async fn start_run(
     let run_id = new_run_id();
     let start = app.run_start(&plan, run_id.clone(), "api", &input);
     match q.get("mode").map(String::as_str) {
-        None | Some("sync") => match execute(&app, plan, input, start, None).await {
-            Ok(report) => (run_status_code(&report), Json(report)).into_response(),
-            Err(e) => problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid input", e),
-        },
+        None | Some("sync") => {
+            // The run is its own task: a client that hangs up does not cut it short.
+            let app2 = app.clone();
+            let run = app
+                .tracker
+                .spawn(async move { execute(&app2, plan, input, start, None).await });
+            match run.await {
+                Ok(Ok(report)) => (run_status_code(&report), Json(report)).into_response(),
+                Ok(Err(e)) => problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid input", e),
+                Err(e) => problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "run failed",
+                    e.to_string(),
+                ),
+            }
+        }
         Some("async") => {
             // In the journal before the answer, so the run can be looked up at once.
-            RunJournal::new(app.journal.clone(), start.clone(), app.engine.secrets.clone())
-                .announce();
+            RunJournal::new(
+                app.journal.clone(),
+                start.clone(),
+                app.engine.secrets.clone(),
+            )
+            .announce();
             let app2 = app.clone();
             app.tracker.spawn(async move {
                 let _ = execute(&app2, plan, input, start, None).await;
@@ -455,7 +471,7 @@ async fn replay(
         OWNER_SERVE,
         &app.engine.secrets,
     )
-        .map_err(|e| problem(StatusCode::UNPROCESSABLE_ENTITY, "cannot replay", e))?;
+    .map_err(|e| problem(StatusCode::UNPROCESSABLE_ENTITY, "cannot replay", e))?;
     let mut start = prepared.start;
     start.pipeline_file = app.files.get(&*plan.name).cloned();
     execute(app, plan, prepared.input, start, Some(prepared.reuse))
@@ -484,7 +500,15 @@ async fn replay_run(
             }
         }
     };
-    match replay(&app, &id, q.get("from").map(String::as_str), input, "replay").await {
+    match replay(
+        &app,
+        &id,
+        q.get("from").map(String::as_str),
+        input,
+        "replay",
+    )
+    .await
+    {
         Ok(report) => (run_status_code(&report), Json(report)).into_response(),
         Err(resp) => resp,
     }
@@ -725,7 +749,9 @@ async fn process_delivery(app: Arc<App>, d: Delivery) {
     let plan = app.pipelines.get(&d.pipeline).cloned();
     let problem = match &plan {
         None => Some(format!("pipeline \"{}\" is not served here", d.pipeline)),
-        Some(plan) => Engine::check_input(plan, &d.payload).err().map(|e| e.to_string()),
+        Some(plan) => Engine::check_input(plan, &d.payload)
+            .err()
+            .map(|e| e.to_string()),
     };
     let start = RunStart {
         run_id: d.run_id.clone(),
@@ -746,7 +772,11 @@ async fn process_delivery(app: Arc<App>, d: Delivery) {
             let why = why.unwrap_or_default();
             tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "delivery {} for {} cannot run, dead-lettered: {why}", d.event_id, d.pipeline);
             let watcher = RunJournal::new(app.journal.clone(), start, app.engine.secrets.clone());
-            let kind = if why.contains("input schema") { "validation" } else { "config" };
+            let kind = if why.contains("input schema") {
+                "validation"
+            } else {
+                "config"
+            };
             if let Err(e) = watcher.reject(&why, kind, true).await {
                 tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "journal: {e}");
             }
