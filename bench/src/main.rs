@@ -185,7 +185,7 @@ async fn main() {
             let start = fmhost::journal::RunStart {
                 run_id: fmhost::engine::new_run_id(),
                 pipeline: p.name.to_string(),
-                pipeline_file: None,
+                rerun: Default::default(),
                 trigger: "bench".into(),
                 owner: "bench".into(),
                 input: i.clone(),

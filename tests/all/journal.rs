@@ -35,7 +35,6 @@ fn orders_pipeline(dir: &Path) -> PathBuf {
 async fn fmhost(state: &Path, args: &[&str]) -> Ran {
     let mut cmd = support::fmhost();
     cmd.arg("--state").arg(state).args(args);
-    cmd.env("FMHOST_SECRET_ORDERS_TOKEN", TOKEN);
     support::output(cmd).await.into()
 }
 
@@ -214,7 +213,8 @@ async fn a_failed_run_is_dead_lettered_retried_once_fixed_and_replayed_from_a_mi
         "/invoices",
         vec![Reply::json(201, json!({"invoice": "in_1"}))],
     );
-    let retried = fmhost(&state, &["dlq", "retry", &id, "--secrets", secrets]).await;
+    // One command: the secrets file and plugin directories the run used are in the journal.
+    let retried = fmhost(&state, &["dlq", "retry", &id]).await;
     assert_eq!(retried.code, 0, "{}\n{}", retried.stdout, retried.stderr);
     assert!(retried.stdout.contains("resolved"), "{}", retried.stdout);
     assert_eq!(
@@ -323,6 +323,9 @@ async fn a_corrupt_or_locked_journal_is_refused_with_a_clear_error() {
     let p = pipeline.to_str().unwrap();
     let input = json!({"api": fake.url(""), "order_id": "o-1"}).to_string();
 
+    let secrets = support::write_json(&dir, "secrets.json", &json!({"ORDERS_TOKEN": TOKEN}));
+    let secrets = secrets.to_str().unwrap();
+
     // Corrupt: named, with what to do, and nothing runs.
     let corrupt = dir.join("corrupt");
     std::fs::create_dir_all(&corrupt).unwrap();
@@ -332,7 +335,7 @@ async fn a_corrupt_or_locked_journal_is_refused_with_a_clear_error() {
     )
     .unwrap();
     for args in [
-        vec!["run", p, "--input-json", &input],
+        vec!["run", p, "--input-json", &input, "--secrets", secrets],
         vec!["runs", "list"],
         vec!["dlq", "list"],
     ] {
@@ -357,14 +360,26 @@ async fn a_corrupt_or_locked_journal_is_refused_with_a_clear_error() {
     );
     let opted_out = fmhost(
         &corrupt,
-        &["run", p, "--input-json", &input, "--no-journal"],
+        &[
+            "run",
+            p,
+            "--input-json",
+            &input,
+            "--secrets",
+            secrets,
+            "--no-journal",
+        ],
     )
     .await;
     assert_eq!(opted_out.code, 0, "{}", opted_out.stderr);
 
     // Locked by another process: runs refuse after the busy timeout; reading still works.
     let locked = dir.join("locked");
-    let ok = fmhost(&locked, &["run", p, "--input-json", &input]).await;
+    let ok = fmhost(
+        &locked,
+        &["run", p, "--input-json", &input, "--secrets", secrets],
+    )
+    .await;
     assert_eq!(ok.code, 0, "{}", ok.stderr);
     let holder = rusqlite::Connection::open(locked.join("journal.db")).unwrap();
     holder
@@ -373,7 +388,7 @@ async fn a_corrupt_or_locked_journal_is_refused_with_a_clear_error() {
     let mut cmd = support::fmhost();
     cmd.arg("--state")
         .arg(&locked)
-        .args(["run", p, "--input-json", &input]);
+        .args(["run", p, "--input-json", &input, "--secrets", secrets]);
     cmd.env("FMHOST_JOURNAL_BUSY_TIMEOUT", "300ms")
         .env("FMHOST_SECRET_ORDERS_TOKEN", TOKEN);
     let refused = Ran::from(support::output(cmd).await);

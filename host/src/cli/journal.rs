@@ -68,7 +68,8 @@ pub struct ReplayArgs {
     /// Which runs to replay with --pipeline.
     #[arg(long, value_parser = STATUSES, default_value = "failed")]
     status: String,
-    /// Secrets as a JSON object or dotenv file; FMHOST_SECRET_<NAME> variables also work.
+    /// Secrets file (default: the one the run used); FMHOST_SECRET_<NAME> variables also work.
+    /// Plugins come from the directories the run used unless --plugins is given.
     #[arg(long, value_name = "FILE")]
     secrets: Option<PathBuf>,
     /// Deadline for each run.
@@ -99,6 +100,7 @@ pub enum DlqCommand {
     Retry {
         #[arg(required = true)]
         ids: Vec<i64>,
+        /// Secrets file (default: the one the run used).
         #[arg(long, value_name = "FILE")]
         secrets: Option<PathBuf>,
         #[command(flatten)]
@@ -339,19 +341,40 @@ async fn replay_one(
     plugins: &PluginArgs,
     timeout: Option<Duration>,
 ) -> Result<RunReport, u8> {
-    let registry = registry(plugins).await.map_err(|e| {
+    // Unless told otherwise, the plugin directories and secrets file the run used.
+    let recorded = &original.rerun;
+    let plugins = if plugins.plugins.is_empty() {
+        PluginArgs {
+            plugins: recorded.plugin_dirs.iter().map(PathBuf::from).collect(),
+        }
+    } else {
+        PluginArgs {
+            plugins: plugins.plugins.clone(),
+        }
+    };
+    let secrets = secrets
+        .map(Path::to_path_buf)
+        .or_else(|| recorded.secrets_file.as_ref().map(PathBuf::from));
+    let registry = registry(&plugins).await.map_err(|e| {
         eprintln!("error: {e}");
         EXIT_INVALID
     })?;
-    let Some(file) = original.pipeline_file.as_deref() else {
+    let Some(file) = recorded.pipeline_file.as_deref() else {
         eprintln!(
             "error: run {} has no pipeline file in the journal",
             original.summary.run_id
         );
         return Err(EXIT_INVALID);
     };
+    if !Path::new(file).exists() {
+        eprintln!(
+            "error: run {}'s pipeline file {file} is gone; restore it to replay the run",
+            original.summary.run_id
+        );
+        return Err(EXIT_INVALID);
+    }
     let plan = Arc::new(load_plan(Path::new(file), &registry)?);
-    let engine = engine(secrets)?;
+    let engine = engine(secrets.as_deref())?;
     let prepared = replay::prepare(
         &plan,
         original,

@@ -592,11 +592,10 @@ async fn run(args: RunArgs, state: &Path) -> u8 {
                 let start = crate::journal::RunStart {
                     run_id: crate::engine::new_run_id(),
                     pipeline: plan.name.to_string(),
-                    pipeline_file: Some(
-                        std::fs::canonicalize(&args.pipeline)
-                            .unwrap_or_else(|_| args.pipeline.clone())
-                            .display()
-                            .to_string(),
+                    rerun: crate::journal::Rerun::new(
+                        Some(&args.pipeline),
+                        &args.plugins.plugins,
+                        args.secrets.as_deref(),
                     ),
                     trigger: "cli".into(),
                     owner: crate::journal::OWNER_CLI.into(),

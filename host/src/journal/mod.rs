@@ -84,13 +84,44 @@ pub enum JournalError {
 pub const OWNER_SERVE: &str = "serve";
 pub const OWNER_CLI: &str = "cli";
 
+/// Where a run's pipeline, plugins and secrets came from (paths, never values), so a
+/// replay is one command.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Rerun {
+    /// The pipeline file, absolute.
+    pub pipeline_file: Option<String>,
+    /// The `--plugins` directories, absolute.
+    pub plugin_dirs: Vec<String>,
+    /// The `--secrets` file, absolute.
+    pub secrets_file: Option<String>,
+}
+
+impl Rerun {
+    pub fn new(
+        pipeline_file: Option<&Path>,
+        plugin_dirs: &[PathBuf],
+        secrets_file: Option<&Path>,
+    ) -> Rerun {
+        let absolute = |p: &Path| {
+            std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.to_path_buf())
+                .display()
+                .to_string()
+        };
+        Rerun {
+            pipeline_file: pipeline_file.map(absolute),
+            plugin_dirs: plugin_dirs.iter().map(|p| absolute(p)).collect(),
+            secrets_file: secrets_file.map(absolute),
+        }
+    }
+}
+
 /// What the journal knows about a run before it starts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunStart {
     pub run_id: String,
     pub pipeline: String,
-    /// The pipeline file, absolute, so a replay can load it again.
-    pub pipeline_file: Option<String>,
+    pub rerun: Rerun,
     /// `cli`, `api`, `webhook`, `replay`, `resume`, `dlq-retry`.
     pub trigger: String,
     pub owner: String,
@@ -205,7 +236,8 @@ pub struct RunDetail {
     #[serde(flatten)]
     pub summary: RunSummary,
     pub owner: String,
-    pub pipeline_file: Option<String>,
+    #[serde(flatten)]
+    pub rerun: Rerun,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replay_from: Option<String>,
     /// Later runs that replay this one.

@@ -103,7 +103,7 @@ pub fn prepare(
         start: super::RunStart {
             run_id: crate::engine::new_run_id(),
             pipeline: plan.name.to_string(),
-            pipeline_file: original.pipeline_file.clone(),
+            rerun: original.rerun.clone(),
             trigger: trigger.to_string(),
             owner: owner.to_string(),
             input: input.clone(),

@@ -31,6 +31,8 @@ CREATE TABLE runs (
     id            TEXT PRIMARY KEY,
     pipeline      TEXT NOT NULL,
     pipeline_file TEXT,
+    plugin_dirs   TEXT NOT NULL,
+    secrets_file  TEXT,
     status        TEXT NOT NULL,
     trigger       TEXT NOT NULL,
     owner         TEXT NOT NULL,
@@ -242,21 +244,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
     let changed = match record {
         Record::RunStarted(s) => tx
             .prepare_cached(
-                "INSERT INTO runs (id, pipeline, pipeline_file, status, trigger, owner, input, started_at, replay_of, replay_from)
-                 VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9)
+                "INSERT INTO runs (id, pipeline, pipeline_file, plugin_dirs, secrets_file, status, trigger, owner,
+                     input, started_at, replay_of, replay_from)
+                 VALUES (?1, ?2, ?3, ?10, ?11, 'running', ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (id) DO UPDATE SET status = 'running', resumed = runs.resumed + 1,
                      error = NULL, error_kind = NULL, finished_at = NULL",
             )?
             .execute(params![
                 s.run_id,
                 s.pipeline,
-                s.pipeline_file,
+                s.rerun.pipeline_file,
                 s.trigger,
                 s.owner,
                 json_text(&s.input),
                 s.started_at,
                 s.replay_of,
-                s.replay_from
+                s.replay_from,
+                json_text(&serde_json::json!(s.rerun.plugin_dirs)),
+                s.rerun.secrets_file,
             ])?,
         Record::Stage {
             run_id,
@@ -441,10 +446,22 @@ const DEAD_LETTER_SELECT: &str =
 impl SqliteBackend {
     fn read_run(&mut self, id: &str) -> rusqlite::Result<Option<RunDetail>> {
         let conn = &self.conn;
-        let Some((summary, owner, file, replay_from, resumed, finished, input, output)) = conn
+        let Some((
+            summary,
+            owner,
+            file,
+            replay_from,
+            resumed,
+            finished,
+            input,
+            output,
+            plugin_dirs,
+            secrets_file,
+        )) = conn
             .query_row(
                 &format!(
-                    "SELECT {SUMMARY_COLUMNS}, owner, pipeline_file, replay_from, resumed, finished_at, input, output
+                    "SELECT {SUMMARY_COLUMNS}, owner, pipeline_file, replay_from, resumed, finished_at, input, output,
+                         plugin_dirs, secrets_file
                      FROM runs WHERE id = ?1"
                 ),
                 params![id],
@@ -458,6 +475,8 @@ impl SqliteBackend {
                         r.get::<_, Option<i64>>(13)?,
                         r.get::<_, String>(14)?,
                         r.get::<_, Option<String>>(15)?,
+                        r.get::<_, String>(16)?,
+                        r.get::<_, Option<String>>(17)?,
                     ))
                 },
             )
@@ -537,7 +556,11 @@ impl SqliteBackend {
         Ok(Some(RunDetail {
             summary,
             owner,
-            pipeline_file: file,
+            rerun: super::Rerun {
+                pipeline_file: file,
+                plugin_dirs: serde_json::from_str(&plugin_dirs).unwrap_or_default(),
+                secrets_file,
+            },
             replay_from,
             replayed_by,
             resumed,

@@ -67,8 +67,8 @@ pub fn default_state_dir() -> PathBuf {
 struct App {
     engine: Engine,
     pipelines: HashMap<String, Arc<Plan>>,
-    /// Each pipeline's file, recorded with its runs.
-    files: HashMap<String, String>,
+    /// Each pipeline's file, with the plugin directories and secrets file, recorded with its runs.
+    reruns: HashMap<String, crate::journal::Rerun>,
     hooks: HashMap<String, (String, Trigger)>,
     plugins: Arc<PluginRegistry>,
     journal: Journal,
@@ -113,7 +113,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let components = registry.registry();
 
     let mut pipelines = HashMap::new();
-    let mut pipeline_files = HashMap::new();
+    let mut reruns = HashMap::new();
     let mut hooks = HashMap::new();
     let mut problems = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&opts.pipelines)
@@ -137,8 +137,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                         ));
                     }
                 }
-                let absolute = std::fs::canonicalize(&file).unwrap_or(file.clone());
-                pipeline_files.insert(name.clone(), absolute.display().to_string());
+                reruns.insert(
+                    name.clone(),
+                    crate::journal::Rerun::new(Some(&file), &opts.plugins, opts.secrets.as_deref()),
+                );
                 if pipelines.insert(name.clone(), Arc::new(plan)).is_some() {
                     problems.push(format!(
                         "{}: a second pipeline is named \"{name}\"",
@@ -158,7 +160,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let app = Arc::new(App {
         engine,
         pipelines,
-        files: pipeline_files,
+        reruns,
         hooks,
         plugins: registry.clone(),
         journal,
@@ -260,7 +262,7 @@ impl App {
         RunStart {
             run_id,
             pipeline: plan.name.to_string(),
-            pipeline_file: self.files.get(&*plan.name).cloned(),
+            rerun: self.reruns.get(&*plan.name).cloned().unwrap_or_default(),
             trigger: trigger.into(),
             owner: OWNER_SERVE.into(),
             input: input.clone(),
@@ -473,7 +475,7 @@ async fn replay(
     )
     .map_err(|e| problem(StatusCode::UNPROCESSABLE_ENTITY, "cannot replay", e))?;
     let mut start = prepared.start;
-    start.pipeline_file = app.files.get(&*plan.name).cloned();
+    start.rerun = app.reruns.get(&*plan.name).cloned().unwrap_or_default();
     execute(app, plan, prepared.input, start, Some(prepared.reuse))
         .await
         .map_err(|e| problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid input", e))
@@ -718,8 +720,10 @@ async fn fallback(
         payload,
         run_id: new_run_id(),
     };
-    // Acknowledged only once it is in the journal, synced to disk.
-    match app.journal.accept_delivery(delivery.clone()).await {
+    // Acknowledged only once it is in the journal, synced to disk (secret values as references).
+    let mut stored = delivery.clone();
+    app.engine.secrets.to_references(&mut stored.payload);
+    match app.journal.accept_delivery(stored).await {
         Ok(false) => Json(json!({"event_id": event_id, "duplicate": true})).into_response(),
         Ok(true) => {
             let run_id = delivery.run_id.clone();
@@ -756,7 +760,7 @@ async fn process_delivery(app: Arc<App>, d: Delivery) {
     let start = RunStart {
         run_id: d.run_id.clone(),
         pipeline: d.pipeline.clone(),
-        pipeline_file: app.files.get(&d.pipeline).cloned(),
+        rerun: app.reruns.get(&d.pipeline).cloned().unwrap_or_default(),
         trigger: "webhook".into(),
         owner: OWNER_SERVE.into(),
         input: d.payload.clone(),

@@ -25,7 +25,7 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
         let start = RunStart {
             run_id: run.summary.run_id.clone(),
             pipeline: run.summary.pipeline.clone(),
-            pipeline_file: run.pipeline_file.clone(),
+            rerun: run.rerun.clone(),
             trigger: run.summary.trigger.clone(),
             owner: OWNER_SERVE.into(),
             input: run.input.clone(),
@@ -64,10 +64,11 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
         }
     }
     // Accepted, but the server stopped before their run was journaled as started.
-    for d in app.journal.pending_deliveries().await? {
+    for mut d in app.journal.pending_deliveries().await? {
         if handled.contains(&d.run_id) || app.journal.run(&d.run_id).await?.is_some() {
             continue;
         }
+        app.engine.secrets.restore_value(&mut d.payload);
         tracing::info!(target: "fmhost::serve", event_id = %d.event_id, pipeline = %d.pipeline, "processing accepted delivery {} for {}", d.event_id, d.pipeline);
         let app2 = app.clone();
         app.tracker
