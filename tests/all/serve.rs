@@ -986,6 +986,7 @@ async fn failed_webhook_runs_are_dead_lettered_and_retried_over_the_api() {
         "the retry carries the delivery's payload"
     );
     let runs = get_json(&client, format!("{}/v1/runs?pipeline=flaky", server.url)).await;
+    assert_eq!(run["resumed"], 0, "{run}");
     assert_eq!(runs.as_array().unwrap().len(), 2, "{runs}");
     assert_eq!(
         client
@@ -1008,6 +1009,9 @@ async fn failed_webhook_runs_are_dead_lettered_and_retried_over_the_api() {
         .await
         .unwrap();
     let slow_run = started["run_id"].as_str().unwrap().to_string();
+    let live = get_json(&client, format!("{}/v1/runs/{slow_run}", server.url)).await;
+    assert_eq!(live["status"], "running", "{live}");
+    assert_eq!(live["resumed"], 0, "{live}");
     while fake.seen("/slow").is_empty() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -1023,6 +1027,8 @@ async fn failed_webhook_runs_are_dead_lettered_and_retried_over_the_api() {
     let run = get_json(&client, format!("{}/v1/runs/{slow_run}", server.url)).await;
     assert_eq!(run["status"], "failed", "{run}");
     assert_eq!(run["error_kind"], "interrupted", "{run}");
+    assert_eq!(run["stages"][0]["status"], "failed", "{run}");
+    assert_eq!(run["stages"][0]["error"]["kind"], "cancelled", "{run}");
     let dlq = get_json(&client, format!("{}/v1/dlq", server.url)).await;
     assert_eq!(dlq.as_array().unwrap().len(), 1, "{dlq}");
     assert_eq!(dlq[0]["run_id"], slow_run.as_str());

@@ -187,6 +187,10 @@ pub enum Record {
         attempt: Attempt,
     },
     RunFinished(RunEnd),
+    /// A restarted server picked the run up again.
+    RunResumed {
+        run_id: String,
+    },
     /// Stored unless `(pipeline, event_id)` is known; [`Backend::write`] says which.
     Delivery(Delivery),
     DropDeadLetter {

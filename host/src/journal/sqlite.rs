@@ -247,8 +247,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 "INSERT INTO runs (id, pipeline, pipeline_file, plugin_dirs, secrets_file, status, trigger, owner,
                      input, started_at, replay_of, replay_from)
                  VALUES (?1, ?2, ?3, ?10, ?11, 'running', ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (id) DO UPDATE SET status = 'running', resumed = runs.resumed + 1,
-                     error = NULL, error_kind = NULL, finished_at = NULL",
+                 ON CONFLICT (id) DO UPDATE SET status = 'running', error = NULL, error_kind = NULL,
+                     finished_at = NULL",
             )?
             .execute(params![
                 s.run_id,
@@ -339,6 +339,21 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 ])?;
             tx.prepare_cached("UPDATE deliveries SET status = 'done' WHERE run_id = ?1")?
                 .execute(params![end.run_id])?;
+            // A run finished without its stages (dead-lettered after an interruption):
+            // none of them is left looking as if it were still running.
+            let stopped = crate::error::StageError::new(
+                crate::error::ErrorKind::Cancelled,
+                "interrupted: the host stopped while this stage ran",
+            );
+            tx.prepare_cached(
+                "UPDATE stages SET
+                     status = CASE status WHEN 'running' THEN 'failed' ELSE 'skipped' END,
+                     error_kind = CASE status WHEN 'running' THEN 'cancelled' ELSE error_kind END,
+                     error = CASE status WHEN 'running' THEN ?2 ELSE error END,
+                     skipped_because = CASE status WHEN 'pending' THEN 'the run was interrupted' ELSE skipped_because END
+                 WHERE run_id = ?1 AND status IN ('running', 'pending')",
+            )?
+            .execute(params![end.run_id, serde_json::to_string(&stopped).unwrap_or_default()])?;
             if end.dead_letter.is_none() && end.status == crate::engine::RunStatus::Succeeded {
                 if let Some(original) = &end.replay_of {
                     tx.prepare_cached(
@@ -392,6 +407,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 json_text(&d.payload),
                 d.run_id
             ])?,
+        Record::RunResumed { run_id } => tx
+            .prepare_cached("UPDATE runs SET resumed = resumed + 1 WHERE id = ?1")?
+            .execute(params![run_id])?,
         Record::DropDeadLetter { id } => tx
             .prepare_cached(
                 "UPDATE dead_letters SET status = 'dropped', updated_at = ?2 WHERE id = ?1 AND status = 'open'",

@@ -39,6 +39,9 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
                 let reuse = replay::reuse(&plan, &run, None, &app.engine.secrets)
                     .map_err(anyhow::Error::msg)?;
                 tracing::info!(target: "fmhost::serve", run_id = %start.run_id, reused = reuse.outputs.len(), "resuming interrupted run {} of {} ({} completed stage(s) kept)", start.run_id, plan.name, reuse.outputs.len());
+                app.journal.record(crate::journal::Record::RunResumed {
+                    run_id: start.run_id.clone(),
+                });
                 let app2 = app.clone();
                 let mut input = run.input.clone();
                 app.engine.secrets.restore_value(&mut input);
