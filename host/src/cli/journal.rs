@@ -61,8 +61,10 @@ pub struct ReplayArgs {
     /// Replay every matching run of this pipeline (with --since).
     #[arg(long, value_name = "NAME", requires = "since")]
     pipeline: Option<String>,
+    /// With --pipeline: runs started at or after TIME (RFC 3339, a date, or an age such as `3d`).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     since: Option<i64>,
+    /// With --pipeline: runs started before TIME.
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     until: Option<i64>,
     /// Which runs to replay with --pipeline.
