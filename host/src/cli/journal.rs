@@ -49,7 +49,10 @@ pub enum RunsCommand {
 #[derive(Args)]
 pub struct ReplayArgs {
     /// The run to replay (`fmhost runs list`).
-    #[arg(required_unless_present = "pipeline", conflicts_with = "pipeline")]
+    #[arg(
+        required_unless_present_any = ["pipeline", "since"],
+        conflicts_with_all = ["pipeline", "since", "until"]
+    )]
     run: Option<String>,
     /// Run this stage and everything downstream of it again; the other stages' outputs
     /// come from the journal. Without it, stages that succeeded are reused and the rest run.
@@ -58,13 +61,13 @@ pub struct ReplayArgs {
     /// New input (a JSON file, or `-` for stdin); reruns every stage unless --from says otherwise.
     #[arg(long, value_name = "FILE", requires = "run")]
     input: Option<String>,
-    /// Replay every matching run of this pipeline (with --since).
+    /// Replay every matching run of this pipeline (with --since; without it, of every pipeline).
     #[arg(long, value_name = "NAME", requires = "since")]
     pipeline: Option<String>,
-    /// With --pipeline: runs started at or after TIME (RFC 3339, a date, or an age such as `3d`).
+    /// Replay every matching run started at or after TIME (RFC 3339, a date, or an age such as `3d`).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     since: Option<i64>,
-    /// With --pipeline: runs started before TIME.
+    /// ... and before TIME.
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     until: Option<i64>,
     /// Which runs to replay with --pipeline.
@@ -483,7 +486,7 @@ pub async fn replay_cmd(state: &Path, args: ReplayArgs) -> u8 {
         "replaying {} {} run(s) of {}",
         runs.len(),
         args.status,
-        args.pipeline.as_deref().unwrap_or_default()
+        args.pipeline.as_deref().unwrap_or("every pipeline")
     );
     println!("{:<30} {:<30} {:<10} ERROR", "RUN", "REPLAY", "STATUS");
     let mut all_ok = true;
