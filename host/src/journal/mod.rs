@@ -315,7 +315,13 @@ pub trait Backend: Send + 'static {
 }
 
 enum Msg {
-    Write(Record, Option<oneshot::Sender<Result<bool, JournalError>>>),
+    /// A record; `durable` makes its batch synced to stable storage; the reply comes
+    /// once the batch is committed.
+    Write {
+        record: Record,
+        durable: bool,
+        reply: Option<oneshot::Sender<Result<bool, JournalError>>>,
+    },
     Commit {
         durable: bool,
         reply: oneshot::Sender<Result<(), JournalError>>,
@@ -328,9 +334,13 @@ pub struct Journal {
     inner: Arc<Inner>,
 }
 
+type OpenReader = Box<dyn Fn() -> Result<Box<dyn Backend>, JournalError> + Send + Sync>;
+
 struct Inner {
     tx: mpsc::Sender<Msg>,
-    reader: Mutex<Box<dyn Backend>>,
+    /// Opened on the first read: `fmhost run` never reads.
+    reader: Mutex<Option<Box<dyn Backend>>>,
+    open_reader: OpenReader,
     path: PathBuf,
 }
 
@@ -357,19 +367,19 @@ impl Journal {
         } else {
             sqlite::SqliteBackend::open(&path)?
         };
-        let reader = sqlite::SqliteBackend::open(&path)?;
-        Ok(Journal::with_backends(
-            path,
-            Box::new(writer),
-            Box::new(reader),
-        ))
+        let reader_path = path.clone();
+        let open_reader: OpenReader = Box::new(move || {
+            Ok(Box::new(sqlite::SqliteBackend::open(&reader_path)?) as Box<dyn Backend>)
+        });
+        Ok(Journal::with_backends(path, Box::new(writer), open_reader))
     }
 
-    /// A journal over any backend: `writer` moves to the writer thread.
+    /// A journal over any backend: `writer` moves to the writer thread; `open_reader`
+    /// opens the instance reads go to, when the first read comes.
     pub fn with_backends(
         path: PathBuf,
         mut writer: Box<dyn Backend>,
-        reader: Box<dyn Backend>,
+        open_reader: OpenReader,
     ) -> Journal {
         let (tx, rx) = mpsc::channel::<Msg>();
         std::thread::Builder::new()
@@ -379,7 +389,8 @@ impl Journal {
         Journal {
             inner: Arc::new(Inner {
                 tx,
-                reader: Mutex::new(reader),
+                reader: Mutex::new(None),
+                open_reader,
                 path,
             }),
         }
@@ -392,7 +403,26 @@ impl Journal {
     /// Queues a record; it is committed with the next batch.
     pub fn record(&self, record: Record) {
         // A stopped writer has already reported why; commit() says so to whoever waits.
-        let _ = self.inner.tx.send(Msg::Write(record, None));
+        let _ = self.inner.tx.send(Msg::Write {
+            record,
+            durable: false,
+            reply: None,
+        });
+    }
+
+    /// Writes a record and waits until it, and everything queued before it, is committed
+    /// and synced to stable storage. `false` if it changed nothing.
+    pub async fn record_durably(&self, record: Record) -> Result<bool, JournalError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Msg::Write {
+                record,
+                durable: true,
+                reply: Some(reply),
+            })
+            .map_err(|_| JournalError::Closed)?;
+        rx.await.map_err(|_| JournalError::Closed)?
     }
 
     /// Waits until everything queued so far is committed; `durable` also syncs it to
@@ -408,14 +438,7 @@ impl Journal {
 
     /// Stores an accepted webhook delivery durably; `false` if it was already known.
     pub async fn accept_delivery(&self, d: Delivery) -> Result<bool, JournalError> {
-        let (reply, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .send(Msg::Write(Record::Delivery(d), Some(reply)))
-            .map_err(|_| JournalError::Closed)?;
-        let new = rx.await.map_err(|_| JournalError::Closed)??;
-        self.commit(true).await?;
-        Ok(new)
+        self.record_durably(Record::Delivery(d)).await
     }
 
     async fn read<T: Send + 'static>(
@@ -425,7 +448,10 @@ impl Journal {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let mut reader = inner.reader.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut **reader)
+            if reader.is_none() {
+                *reader = Some((inner.open_reader)()?);
+            }
+            f(&mut **reader.as_mut().expect("opened above"))
         })
         .await
         .map_err(|_| JournalError::Closed)?
@@ -454,14 +480,7 @@ impl Journal {
 
     /// Drops an open dead-letter entry; `false` if there is no open entry with that id.
     pub async fn drop_dead_letter(&self, id: i64) -> Result<bool, JournalError> {
-        let (reply, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .send(Msg::Write(Record::DropDeadLetter { id }, Some(reply)))
-            .map_err(|_| JournalError::Closed)?;
-        let changed = rx.await.map_err(|_| JournalError::Closed)??;
-        self.commit(true).await?;
-        Ok(changed)
+        self.record_durably(Record::DropDeadLetter { id }).await
     }
 }
 
@@ -478,19 +497,26 @@ fn writer_loop(backend: &mut dyn Backend, rx: mpsc::Receiver<Msg>) {
                 Err(_) => break,
             }
         }
-        let durable = msgs
-            .iter()
-            .any(|m| matches!(m, Msg::Commit { durable: true, .. }));
+        let durable = msgs.iter().any(|m| {
+            matches!(
+                m,
+                Msg::Commit { durable: true, .. } | Msg::Write { durable: true, .. }
+            )
+        });
         let mut records = Vec::new();
         let mut replies = Vec::new();
         let mut commits = Vec::new();
         for m in msgs {
             match m {
-                Msg::Write(r, reply) => {
+                Msg::Write {
+                    record,
+                    reply,
+                    durable,
+                } => {
                     if let Some(reply) = reply {
-                        replies.push((records.len(), reply));
+                        replies.push((records.len(), durable, reply));
                     }
-                    records.push(r);
+                    records.push(record);
                 }
                 Msg::Commit { reply, .. } => commits.push(reply),
             }
@@ -500,25 +526,28 @@ fn writer_loop(backend: &mut dyn Backend, rx: mpsc::Receiver<Msg>) {
         } else {
             backend.write(&records, durable)
         };
-        match result {
-            Ok(changed) => {
-                for (i, reply) in replies {
-                    let _ = reply.send(Ok(changed.get(i).copied().unwrap_or(false)));
-                }
-            }
+        let changed = match result {
+            Ok(changed) => changed,
             Err(e) => {
                 tracing::error!(target: "fmhost::journal", records = records.len(), "journal write failed: {e}");
-                for (_, reply) in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
                 lost = Some(e);
+                Vec::new()
             }
+        };
+        // Whoever waits for a commit or a durable write learns of any batch lost since
+        // the last such answer; a plain write's reply speaks only of its own batch.
+        let waited = !commits.is_empty() || replies.iter().any(|(_, durable, _)| *durable);
+        for (i, durable, reply) in replies {
+            let _ = reply.send(match &lost {
+                Some(e) if durable || i >= changed.len() => Err(e.clone()),
+                _ => Ok(changed.get(i).copied().unwrap_or(false)),
+            });
         }
         for reply in commits {
-            let _ = reply.send(match lost.take() {
-                Some(e) => Err(e),
-                None => Ok(()),
-            });
+            let _ = reply.send(lost.clone().map_or(Ok(()), Err));
+        }
+        if waited {
+            lost = None;
         }
     }
 }
@@ -580,18 +609,20 @@ impl RunJournal {
         if let Some(v) = output.as_mut() {
             self.secrets.to_references(v);
         }
-        self.journal.record(Record::RunFinished(RunEnd {
-            run_id: report.run_id.clone(),
-            status: report.status,
-            error: report.error.clone(),
-            error_kind,
-            output,
-            duration_ms: report.duration_ms,
-            finished_at: unix_ms(SystemTime::now()),
-            replay_of: self.start.replay_of.clone(),
-            dead_letter,
-        }));
-        self.journal.commit(true).await
+        self.journal
+            .record_durably(Record::RunFinished(RunEnd {
+                run_id: report.run_id.clone(),
+                status: report.status,
+                error: report.error.clone(),
+                error_kind,
+                output,
+                duration_ms: report.duration_ms,
+                finished_at: unix_ms(SystemTime::now()),
+                replay_of: self.start.replay_of.clone(),
+                dead_letter,
+            }))
+            .await
+            .map(drop)
     }
 }
 
@@ -607,7 +638,7 @@ impl RunJournal {
         if started {
             self.journal.record(Record::RunStarted(self.start.clone()));
         }
-        self.journal.record(Record::RunFinished(RunEnd {
+        let end = Record::RunFinished(RunEnd {
             run_id: self.start.run_id.clone(),
             status: RunStatus::Failed,
             error: Some(reason.to_string()),
@@ -628,8 +659,8 @@ impl RunJournal {
                 reason: reason.to_string(),
                 error_kind: Some(kind.to_string()),
             }),
-        }));
-        self.journal.commit(true).await
+        });
+        self.journal.record_durably(end).await.map(drop)
     }
 }
 

@@ -595,6 +595,16 @@ impl Backend for SqliteBackend {
     fn write(&mut self, batch: &[Record], durable: bool) -> Result<Vec<bool>, JournalError> {
         let (path, busy) = (self.path.clone(), self.busy);
         let e = |e| error(&path, busy, e);
+        if batch.is_empty() {
+            // Nothing to commit; a durable request still syncs what earlier batches wrote
+            // (a checkpoint syncs the WAL first).
+            if durable {
+                self.conn
+                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    .map_err(e)?;
+            }
+            return Ok(Vec::new());
+        }
         if durable {
             self.conn
                 .pragma_update(None, "synchronous", "FULL")

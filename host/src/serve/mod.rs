@@ -727,6 +727,13 @@ async fn fallback(
         Ok(false) => Json(json!({"event_id": event_id, "duplicate": true})).into_response(),
         Ok(true) => {
             let run_id = delivery.run_id.clone();
+            // Its run can be looked up as soon as the sender has the run id.
+            RunJournal::new(
+                app.journal.clone(),
+                delivery_start(&app, &delivery),
+                app.engine.secrets.clone(),
+            )
+            .announce();
             let app2 = app.clone();
             app.tracker
                 .spawn(async move { process_delivery(app2, delivery).await });
@@ -747,6 +754,21 @@ async fn fallback(
     }
 }
 
+/// The journal entry of the run that processes a delivery.
+fn delivery_start(app: &App, d: &Delivery) -> RunStart {
+    RunStart {
+        run_id: d.run_id.clone(),
+        pipeline: d.pipeline.clone(),
+        rerun: app.reruns.get(&d.pipeline).cloned().unwrap_or_default(),
+        trigger: "webhook".into(),
+        owner: OWNER_SERVE.into(),
+        input: d.payload.clone(),
+        replay_of: None,
+        replay_from: None,
+        started_at: unix_ms(SystemTime::now()),
+    }
+}
+
 /// Runs an accepted delivery; one that cannot run (its pipeline is gone, its payload
 /// does not match the input schema) is dead-lettered with the reason.
 async fn process_delivery(app: Arc<App>, d: Delivery) {
@@ -757,17 +779,7 @@ async fn process_delivery(app: Arc<App>, d: Delivery) {
             .err()
             .map(|e| e.to_string()),
     };
-    let start = RunStart {
-        run_id: d.run_id.clone(),
-        pipeline: d.pipeline.clone(),
-        rerun: app.reruns.get(&d.pipeline).cloned().unwrap_or_default(),
-        trigger: "webhook".into(),
-        owner: OWNER_SERVE.into(),
-        input: d.payload.clone(),
-        replay_of: None,
-        replay_from: None,
-        started_at: unix_ms(SystemTime::now()),
-    };
+    let start = delivery_start(&app, &d);
     match (plan, problem) {
         (Some(plan), None) => {
             let _ = execute(&app, plan, d.payload, start, None).await;
