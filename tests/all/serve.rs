@@ -192,6 +192,7 @@ async fn a_broken_connector_is_hot_swapped_under_load_with_no_failed_runs() {
         "{error}"
     );
     assert_eq!(intercom_stage(&run)["error"]["kind"], "validation");
+    let broken_run = run["run_id"].as_str().unwrap().to_string();
 
     // 3. Swap in v2 while a steady load of runs is in flight.
     let results: Arc<Mutex<Vec<(Instant, Instant, u16, Value)>>> = Arc::default();
@@ -275,7 +276,43 @@ async fn a_broken_connector_is_hot_swapped_under_load_with_no_failed_runs() {
         (swap_done - swap_started).as_millis()
     );
 
-    // 4. Later runs succeed on v2; rollback returns to v1.
+    // 4. The run that failed on v1 is in the dead-letter queue; retried after the swap, it
+    // runs fetch-intercom and what follows on v2, and takes the other fetches from the journal.
+    let dlq = get_json(&client, format!("{}/v1/dlq?pipeline={name}", server.url)).await;
+    let entry = dlq
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["run_id"] == broken_run.as_str())
+        .unwrap_or_else(|| panic!("{broken_run} is not dead-lettered: {dlq}"));
+    assert_eq!(entry["error_kind"], "validation", "{entry}");
+    let (salesforce, intercom_hits) = (sandbox.hits("salesforce"), sandbox.hits("intercom"));
+    let retried: Value = client
+        .post(format!("{}/v1/dlq/{}/retry", server.url, entry["id"]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(retried["dead_letter"]["status"], "resolved", "{retried}");
+    let rerun = &retried["run"];
+    assert_eq!(intercom_stage(rerun)["version"], "2.0.0", "{rerun}");
+    assert_eq!(
+        rerun["output"]["customer"]["engagement"]["support_tickets"],
+        2
+    );
+    let fetch_salesforce = rerun["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "fetch-salesforce")
+        .unwrap();
+    assert_eq!(fetch_salesforce["reused_from"], broken_run.as_str());
+    assert_eq!(sandbox.hits("salesforce"), salesforce, "not fetched again");
+    assert_eq!(sandbox.hits("intercom"), intercom_hits + 1);
+
+    // 5. Later runs succeed on v2; rollback returns to v1.
     let plugins: Value = client
         .get(format!("{}/v1/plugins", server.url))
         .send()
