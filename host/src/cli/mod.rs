@@ -622,21 +622,29 @@ async fn run(args: RunArgs, state: &Path) -> u8 {
         ..RunOptions::default()
     };
     cancel_on_ctrl_c(&opts);
-    let report = match crate::journal::run_journaled(&engine, plan, input, opts, watcher).await {
-        Ok((report, committed)) => {
-            if let Err(e) = committed {
-                eprintln!("error: the run finished but is not fully journaled: {e}");
+    let (report, committed) =
+        match crate::journal::run_journaled(&engine, plan, input, opts, watcher).await {
+            Ok(done) => done,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_INVALID;
             }
-            report
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_INVALID;
-        }
-    };
-    report_outcome(
+        };
+    let code = report_outcome(
         report,
         args.report.as_deref(),
         args.metrics.then_some(&engine),
-    )
+    );
+    match committed {
+        // The run happened (its output is printed) but it cannot be found or replayed.
+        Err(e) if code == 0 => {
+            eprintln!("error: the run finished but is not fully journaled: {e}");
+            EXIT_FAILED
+        }
+        Err(e) => {
+            eprintln!("error: the run is not fully journaled: {e}");
+            code
+        }
+        Ok(()) => code,
+    }
 }
