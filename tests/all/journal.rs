@@ -403,3 +403,49 @@ async fn a_corrupt_or_locked_journal_is_refused_with_a_clear_error() {
     assert_eq!(listed.json().as_array().unwrap().len(), 1);
     holder.execute_batch("ROLLBACK").unwrap();
 }
+
+#[tokio::test]
+async fn a_cli_run_killed_midway_is_dead_lettered_not_left_running() {
+    let fake = Fake::start().await;
+    fake.route(
+        "/orders/o-1",
+        vec![
+            Reply::json(200, json!({"customer": "c-1"})).delay(std::time::Duration::from_secs(30)),
+        ],
+    );
+    let dir = support::scratch("journal-killed-cli");
+    let state = dir.join("state");
+    let pipeline = orders_pipeline(&dir);
+    let secrets = support::write_json(&dir, "secrets.json", &json!({"ORDERS_TOKEN": TOKEN}));
+    let mut cmd = support::fmhost();
+    cmd.arg("--state")
+        .arg(&state)
+        .arg("run")
+        .arg(&pipeline)
+        .arg("--secrets")
+        .arg(&secrets)
+        .arg("--input-json")
+        .arg(json!({"api": fake.url(""), "order_id": "o-1"}).to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    while fake.seen("/orders/o-1").is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    // The next command that opens the journal finds the run's process gone.
+    let runs = fmhost(&state, &["runs", "list", "--json"]).await.json();
+    assert_eq!(runs[0]["status"], "failed", "{runs}");
+    assert_eq!(runs[0]["error_kind"], "interrupted", "{runs}");
+    let run_id = runs[0]["run_id"].as_str().unwrap();
+    let shown = fmhost(&state, &["runs", "show", run_id, "--json"])
+        .await
+        .json();
+    assert_eq!(shown["stages"][0]["status"], "failed", "{shown}");
+    assert_eq!(shown["stages"][1]["status"], "skipped", "{shown}");
+    let dlq = fmhost(&state, &["dlq", "list", "--json"]).await.json();
+    assert_eq!(dlq[0]["run_id"], run_id, "{dlq}");
+    assert_eq!(dlq[0]["kind"], "run");
+}

@@ -33,7 +33,8 @@ pub enum RunsCommand {
         /// Started before.
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         until: Option<i64>,
-        #[arg(long, default_value = "50")]
+        /// At most this many (newest first); 0 for all.
+        #[arg(long, default_value = "1000")]
         limit: usize,
         #[arg(long)]
         json: bool,
@@ -118,16 +119,18 @@ pub enum DlqCommand {
     },
 }
 
-fn open(state: &Path, write: bool) -> Result<Journal, u8> {
+async fn open(state: &Path, write: bool) -> Result<Journal, u8> {
     let journal = if write {
         Journal::open(state)
     } else {
         Journal::open_for_reading(state)
     };
-    journal.map_err(|e| {
+    let journal = journal.map_err(|e| {
         eprintln!("error: {e}");
         EXIT_FAILED
-    })
+    })?;
+    super::sweep(&journal).await;
+    Ok(journal)
 }
 
 fn print_json(v: &impl serde::Serialize) {
@@ -151,7 +154,7 @@ fn one_line(v: &Value, max: usize) -> String {
 }
 
 pub async fn runs(state: &Path, cmd: RunsCommand) -> u8 {
-    let journal = match open(state, false) {
+    let journal = match open(state, false).await {
         Ok(j) => j,
         Err(code) => return code,
     };
@@ -433,7 +436,7 @@ async fn load_run(journal: &Journal, id: &str) -> Result<RunDetail, u8> {
 }
 
 pub async fn replay_cmd(state: &Path, args: ReplayArgs) -> u8 {
-    let journal = match open(state, true) {
+    let journal = match open(state, true).await {
         Ok(j) => j,
         Err(code) => return code,
     };
@@ -528,7 +531,7 @@ pub async fn replay_cmd(state: &Path, args: ReplayArgs) -> u8 {
 
 pub async fn dlq(state: &Path, cmd: DlqCommand) -> u8 {
     let write = matches!(cmd, DlqCommand::Retry { .. } | DlqCommand::Drop { .. });
-    let journal = match open(state, write) {
+    let journal = match open(state, write).await {
         Ok(j) => j,
         Err(code) => return code,
     };

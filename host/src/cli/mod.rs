@@ -507,6 +507,13 @@ fn engine(secrets: Option<&Path>) -> Result<Engine, u8> {
     Ok(engine)
 }
 
+/// Fails and dead-letters runs whose `fmhost run` process died; best effort, never fatal.
+async fn sweep(journal: &crate::journal::Journal) {
+    if let Err(e) = journal.sweep_abandoned(crate::journal::OWNER_CLI).await {
+        tracing::warn!(target: "fmhost::journal", "could not check for interrupted runs: {e}");
+    }
+}
+
 /// Ctrl-C cancels the run: running stages stop, the rest are skipped, exit 130.
 fn cancel_on_ctrl_c(opts: &RunOptions) {
     let cancel = opts.cancel.clone();
@@ -589,6 +596,7 @@ async fn run(args: RunArgs, state: &Path) -> u8 {
     } else {
         match crate::journal::Journal::open(state) {
             Ok(journal) => {
+                sweep(&journal).await;
                 let start = crate::journal::RunStart {
                     run_id: crate::engine::new_run_id(),
                     pipeline: plan.name.to_string(),

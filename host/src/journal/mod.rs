@@ -26,6 +26,29 @@ use crate::engine::{RunObserver, RunReport, RunStatus, StageReport, StageStatus}
 use crate::http::Attempt;
 use crate::secrets::Secrets;
 
+/// This machine's name, recorded with each run so a process's liveness is only judged here.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
+
+/// Whether process `pid` on this machine is still running.
+pub fn alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 only checks that the process exists and may be signalled.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
 /// Unix milliseconds.
 pub fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -205,6 +228,8 @@ pub struct RunFilter {
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
     pub owner: Option<String>,
+    /// Only runs recorded by processes on this machine that are no longer alive.
+    pub abandoned: bool,
     /// Only runs no later run replays (the ends of replay chains).
     pub not_replayed: bool,
     pub limit: usize,
@@ -260,6 +285,21 @@ pub struct RunDetail {
 impl RunDetail {
     pub fn stage(&self, id: &str) -> Option<&StageDetail> {
         self.stages.iter().find(|s| s.report.id == id)
+    }
+
+    /// The journal entry to run it again under the same id (resume, or fail it for good).
+    pub fn restart(&self, owner: &str) -> RunStart {
+        RunStart {
+            run_id: self.summary.run_id.clone(),
+            pipeline: self.summary.pipeline.clone(),
+            rerun: self.rerun.clone(),
+            trigger: self.summary.trigger.clone(),
+            owner: owner.into(),
+            input: self.input.clone(),
+            replay_of: self.summary.replay_of.clone(),
+            replay_from: self.replay_from.clone(),
+            started_at: unix_ms(SystemTime::now()),
+        }
     }
 }
 
@@ -476,6 +516,40 @@ impl Journal {
 
     pub async fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, JournalError> {
         self.read(move |b| b.dead_letter(id)).await
+    }
+
+    /// Fails and dead-letters the `running` runs of `owner` whose process on this machine
+    /// has died (a `kill -9` of `fmhost run`), so none stays `running` for ever.
+    pub async fn sweep_abandoned(&self, owner: &str) -> Result<Vec<String>, JournalError> {
+        let abandoned = self
+            .runs(RunFilter {
+                status: Some("running".into()),
+                owner: Some(owner.into()),
+                abandoned: true,
+                ..RunFilter::default()
+            })
+            .await?;
+        let mut swept = Vec::new();
+        for s in abandoned {
+            let Some(run) = self.run(&s.run_id).await? else {
+                continue;
+            };
+            let watcher = RunJournal::new(
+                self.clone(),
+                run.restart(owner),
+                Arc::new(Secrets::from_pairs(Vec::<(String, String)>::new())),
+            );
+            watcher
+                .reject(
+                    "interrupted: the process running it exited before it finished",
+                    "interrupted",
+                    false,
+                )
+                .await?;
+            tracing::warn!(target: "fmhost::journal", run_id = %s.run_id, "run {} was interrupted (its process is gone): failed and dead-lettered", s.run_id);
+            swept.push(s.run_id);
+        }
+        Ok(swept)
     }
 
     /// Drops an open dead-letter entry; `false` if there is no open entry with that id.

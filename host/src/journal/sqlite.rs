@@ -36,6 +36,8 @@ CREATE TABLE runs (
     status        TEXT NOT NULL,
     trigger       TEXT NOT NULL,
     owner         TEXT NOT NULL,
+    host          TEXT NOT NULL,
+    pid           INTEGER NOT NULL,
     input         TEXT NOT NULL,
     output        TEXT,
     error         TEXT,
@@ -245,10 +247,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
         Record::RunStarted(s) => tx
             .prepare_cached(
                 "INSERT INTO runs (id, pipeline, pipeline_file, plugin_dirs, secrets_file, status, trigger, owner,
-                     input, started_at, replay_of, replay_from)
-                 VALUES (?1, ?2, ?3, ?10, ?11, 'running', ?4, ?5, ?6, ?7, ?8, ?9)
+                     host, pid, input, started_at, replay_of, replay_from)
+                 VALUES (?1, ?2, ?3, ?10, ?11, 'running', ?4, ?5, ?12, ?13, ?6, ?7, ?8, ?9)
                  ON CONFLICT (id) DO UPDATE SET status = 'running', error = NULL, error_kind = NULL,
-                     finished_at = NULL",
+                     finished_at = NULL, host = excluded.host, pid = excluded.pid",
             )?
             .execute(params![
                 s.run_id,
@@ -262,6 +264,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 s.replay_from,
                 json_text(&serde_json::json!(s.rerun.plugin_dirs)),
                 s.rerun.secrets_file,
+                super::hostname(),
+                std::process::id(),
             ])?,
         Record::Stage {
             run_id,
@@ -649,6 +653,10 @@ impl Backend for SqliteBackend {
         if let Some(o) = &f.owner {
             add("owner =", Box::new(o.clone()));
         }
+        if f.abandoned {
+            let host = super::hostname();
+            add("host =", Box::new(host));
+        }
         if f.not_replayed {
             sql.push_str(
                 " AND NOT EXISTS (SELECT 1 FROM runs later WHERE later.replay_of = runs.id)",
@@ -658,10 +666,25 @@ impl Backend for SqliteBackend {
             " ORDER BY started_at DESC, rowid DESC LIMIT {}",
             if f.limit == 0 { -1 } else { f.limit as i64 }
         ));
+        if f.abandoned {
+            sql = sql.replacen(SUMMARY_COLUMNS, &format!("{SUMMARY_COLUMNS}, pid"), 1);
+        }
+        let abandoned = f.abandoned;
         let run = || -> rusqlite::Result<Vec<RunSummary>> {
             let mut stmt = self.conn.prepare(&sql)?;
             let params: Vec<&dyn rusqlite::ToSql> = args.iter().map(|b| &**b).collect();
-            stmt.query_map(params.as_slice(), summary)?.collect()
+            let rows = stmt.query_map(params.as_slice(), |r| {
+                let pid: Option<u32> = if abandoned { r.get(9)? } else { None };
+                Ok((summary(r)?, pid))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (s, pid) = row?;
+                if pid.is_none_or(|p| !super::alive(p)) {
+                    out.push(s);
+                }
+            }
+            Ok(out)
         };
         run().map_err(|e| self.err(e))
     }

@@ -426,7 +426,7 @@ async fn list_runs(
         status: q.get("status").cloned(),
         since_ms,
         until_ms,
-        limit: q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(100),
+        limit: q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(1000),
         ..RunFilter::default()
     };
     match app.journal.runs(filter).await {

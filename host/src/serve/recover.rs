@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{App, Interrupted, execute, process_delivery};
-use crate::journal::{OWNER_SERVE, RunFilter, RunJournal, RunStart, replay};
+use crate::journal::{OWNER_SERVE, RunFilter, RunJournal, replay};
 
 pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Result<()> {
     let interrupted = app
@@ -22,17 +22,7 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
             continue;
         };
         handled.insert(run.summary.run_id.clone());
-        let start = RunStart {
-            run_id: run.summary.run_id.clone(),
-            pipeline: run.summary.pipeline.clone(),
-            rerun: run.rerun.clone(),
-            trigger: run.summary.trigger.clone(),
-            owner: OWNER_SERVE.into(),
-            input: run.input.clone(),
-            replay_of: run.summary.replay_of.clone(),
-            replay_from: run.replay_from.clone(),
-            started_at: crate::journal::unix_ms(std::time::SystemTime::now()),
-        };
+        let start = run.restart(OWNER_SERVE);
         let plan = app.pipelines.get(&run.summary.pipeline).cloned();
         match (policy, plan) {
             (Interrupted::Resume, Some(plan)) => {
