@@ -338,6 +338,13 @@ fn show_run(d: &RunDetail) {
     }
 }
 
+/// What a replay runs with, when it should not be what the original run used.
+struct Using<'a> {
+    secrets: Option<&'a Path>,
+    plugins: &'a PluginArgs,
+    timeout: Option<Duration>,
+}
+
 /// Replays `original` and returns its report; errors are printed.
 async fn replay_one(
     journal: &Journal,
@@ -345,10 +352,13 @@ async fn replay_one(
     from: Option<&str>,
     input: Option<Value>,
     trigger: &str,
-    secrets: Option<&Path>,
-    plugins: &PluginArgs,
-    timeout: Option<Duration>,
+    using: &Using<'_>,
 ) -> Result<RunReport, u8> {
+    let Using {
+        secrets,
+        plugins,
+        timeout,
+    } = *using;
     // Unless told otherwise, the plugin directories and secrets file the run used.
     let recorded = &original.rerun;
     let plugins = if plugins.plugins.is_empty() {
@@ -458,9 +468,11 @@ pub async fn replay_cmd(state: &Path, args: ReplayArgs) -> u8 {
             args.from.as_deref(),
             input,
             "replay",
-            args.secrets.as_deref(),
-            &args.plugins,
-            args.timeout,
+            &Using {
+                secrets: args.secrets.as_deref(),
+                plugins: &args.plugins,
+                timeout: args.timeout,
+            },
         )
         .await
         {
@@ -504,9 +516,11 @@ pub async fn replay_cmd(state: &Path, args: ReplayArgs) -> u8 {
             args.from.as_deref(),
             None,
             "replay",
-            args.secrets.as_deref(),
-            &args.plugins,
-            args.timeout,
+            &Using {
+                secrets: args.secrets.as_deref(),
+                plugins: &args.plugins,
+                timeout: args.timeout,
+            },
         )
         .await
         {
@@ -645,9 +659,11 @@ pub async fn dlq(state: &Path, cmd: DlqCommand) -> u8 {
                     None,
                     None,
                     "dlq-retry",
-                    secrets.as_deref(),
-                    &plugins,
-                    None,
+                    &Using {
+                        secrets: secrets.as_deref(),
+                        plugins: &plugins,
+                        timeout: None,
+                    },
                 )
                 .await
                 {

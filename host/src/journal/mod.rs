@@ -358,7 +358,7 @@ enum Msg {
     /// A record; `durable` makes its batch synced to stable storage; the reply comes
     /// once the batch is committed.
     Write {
-        record: Record,
+        record: Box<Record>,
         durable: bool,
         reply: Option<oneshot::Sender<Result<bool, JournalError>>>,
     },
@@ -444,7 +444,7 @@ impl Journal {
     pub fn record(&self, record: Record) {
         // A stopped writer has already reported why; commit() says so to whoever waits.
         let _ = self.inner.tx.send(Msg::Write {
-            record,
+            record: Box::new(record),
             durable: false,
             reply: None,
         });
@@ -457,7 +457,7 @@ impl Journal {
         self.inner
             .tx
             .send(Msg::Write {
-                record,
+                record: Box::new(record),
                 durable: true,
                 reply: Some(reply),
             })
@@ -590,7 +590,7 @@ fn writer_loop(backend: &mut dyn Backend, rx: mpsc::Receiver<Msg>) {
                     if let Some(reply) = reply {
                         replies.push((records.len(), durable, reply));
                     }
-                    records.push(record);
+                    records.push(*record);
                 }
                 Msg::Commit { reply, .. } => commits.push(reply),
             }

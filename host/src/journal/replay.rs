@@ -53,12 +53,15 @@ pub fn reuse(
             continue;
         };
         // An optional stage that failed has a null output; it gets another chance.
-        if s.report.status == StageStatus::Succeeded && s.report.error.is_none() {
-            if let Some(out) = &s.report.output {
-                let mut out = (**out).clone();
-                secrets.restore_value(&mut out);
-                outputs.insert(stage.id.to_string(), Arc::new(out));
-            }
+        if let Some(out) = s
+            .report
+            .output
+            .as_ref()
+            .filter(|_| s.report.status == StageStatus::Succeeded && s.report.error.is_none())
+        {
+            let mut out = (**out).clone();
+            secrets.restore_value(&mut out);
+            outputs.insert(stage.id.to_string(), Arc::new(out));
         }
     }
     Ok(Reuse {

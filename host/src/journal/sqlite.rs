@@ -358,14 +358,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                  WHERE run_id = ?1 AND status IN ('running', 'pending')",
             )?
             .execute(params![end.run_id, serde_json::to_string(&stopped).unwrap_or_default()])?;
-            if end.dead_letter.is_none() && end.status == crate::engine::RunStatus::Succeeded {
-                if let Some(original) = &end.replay_of {
-                    tx.prepare_cached(
-                        "UPDATE dead_letters SET status = 'resolved', resolved_by = ?2, updated_at = ?3
-                         WHERE run_id = ?1 AND status = 'open'",
-                    )?
-                    .execute(params![original, end.run_id, now])?;
-                }
+            if let Some(original) = end
+                .replay_of
+                .as_ref()
+                .filter(|_| end.status == crate::engine::RunStatus::Succeeded)
+            {
+                tx.prepare_cached(
+                    "UPDATE dead_letters SET status = 'resolved', resolved_by = ?2, updated_at = ?3
+                     WHERE run_id = ?1 AND status = 'open'",
+                )?
+                .execute(params![original, end.run_id, now])?;
             }
             if let Some(dl) = &end.dead_letter {
                 let moved = match &end.replay_of {
