@@ -147,12 +147,14 @@ impl SqliteBackend {
             busy,
         };
         b.conn.busy_timeout(busy).map_err(|e| b.err(e))?;
-        b.conn
-            .execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-            )
-            .map_err(|e| b.err(e))?;
-        b.migrate()?;
+        retry_busy(busy, || {
+            b.conn
+                .execute_batch(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                )
+                .map_err(|e| b.err(e))
+        })?;
+        retry_busy(busy, || b.migrate())?;
         Ok(b)
     }
 
@@ -160,9 +162,11 @@ impl SqliteBackend {
     /// holds the write lock past the busy timeout, rather than after a run.
     pub fn open_writer(path: &Path) -> Result<SqliteBackend, JournalError> {
         let b = Self::open(path)?;
-        b.conn
-            .execute_batch("BEGIN IMMEDIATE; COMMIT;")
-            .map_err(|e| b.err(e))?;
+        retry_busy(b.busy, || {
+            b.conn
+                .execute_batch("BEGIN IMMEDIATE; COMMIT;")
+                .map_err(|e| b.err(e))
+        })?;
         Ok(b)
     }
 
@@ -206,6 +210,26 @@ impl SqliteBackend {
                 .map_err(|e| error(&path, busy, e))?;
         }
         tx.commit().map_err(|e| error(&path, busy, e))
+    }
+}
+
+/// Runs `f` again while it fails because another connection holds a lock, until `busy`
+/// has passed. SQLite's own busy handler covers most waits, but not all: a connection
+/// switching a new database to WAL, or recovering a WAL, gets SQLITE_BUSY at once.
+fn retry_busy<T>(
+    busy: Duration,
+    mut f: impl FnMut() -> Result<T, JournalError>,
+) -> Result<T, JournalError> {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match f() {
+            Err(JournalError::Locked { .. }) if started.elapsed() < busy => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -616,21 +640,23 @@ impl Backend for SqliteBackend {
                 .pragma_update(None, "synchronous", "FULL")
                 .map_err(e)?;
         }
-        let result = (|| {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let changed = batch
-                .iter()
-                .map(|r| apply(&tx, r))
-                .collect::<rusqlite::Result<Vec<bool>>>()?;
-            tx.commit()?;
-            Ok(changed)
-        })();
+        let conn = &mut self.conn;
+        let result = retry_busy(busy, || {
+            let mut attempt = || -> rusqlite::Result<Vec<bool>> {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let changed = batch
+                    .iter()
+                    .map(|r| apply(&tx, r))
+                    .collect::<rusqlite::Result<Vec<bool>>>()?;
+                tx.commit()?;
+                Ok(changed)
+            };
+            attempt().map_err(e)
+        });
         if durable {
             let _ = self.conn.pragma_update(None, "synchronous", "NORMAL");
         }
-        result.map_err(e)
+        result
     }
 
     fn runs(&mut self, f: &RunFilter) -> Result<Vec<RunSummary>, JournalError> {
