@@ -449,3 +449,33 @@ async fn a_cli_run_killed_midway_is_dead_lettered_not_left_running() {
     assert_eq!(dlq[0]["run_id"], run_id, "{dlq}");
     assert_eq!(dlq[0]["kind"], "run");
 }
+
+#[tokio::test]
+async fn processes_starting_together_share_a_new_journal() {
+    let dir = support::scratch("journal-concurrent");
+    let state = dir.join("state");
+    let pipeline = support::write_json(
+        &dir,
+        "p.json",
+        &json!({"name": "tiny", "stages": [{"id": "log", "component": "logger", "config": {"message": "hi"}}]}),
+    );
+    // SQLite answers some of these races with SQLITE_BUSY at once, without calling its
+    // busy handler: the journal must wait and retry, not fail the run.
+    // Staggered, so some open it while others are closing it (the last connection to
+    // close checkpoints and removes the WAL) as well as all at once.
+    let mut runs = Vec::new();
+    for i in 0..32u64 {
+        let mut cmd = support::fmhost();
+        cmd.arg("--state").arg(&state).arg("run").arg(&pipeline);
+        runs.push(tokio::spawn(support::output(cmd)));
+        if i % 4 == 3 {
+            tokio::time::sleep(std::time::Duration::from_millis(7)).await;
+        }
+    }
+    for r in runs {
+        let ran = Ran::from(r.await.unwrap());
+        assert_eq!(ran.code, 0, "{}", ran.stderr);
+    }
+    let listed = fmhost(&state, &["runs", "list", "--json"]).await.json();
+    assert_eq!(listed.as_array().unwrap().len(), 32, "{listed}");
+}

@@ -483,7 +483,7 @@ impl Journal {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut dyn Backend) -> Result<T, JournalError> + Send + 'static,
+        f: impl Fn(&mut dyn Backend) -> Result<T, JournalError> + Send + 'static,
     ) -> Result<T, JournalError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -491,7 +491,8 @@ impl Journal {
             if reader.is_none() {
                 *reader = Some((inner.open_reader)()?);
             }
-            f(&mut **reader.as_mut().expect("opened above"))
+            let reader = reader.as_mut().expect("opened above");
+            sqlite::retry_busy(sqlite::busy_timeout(), || f(&mut **reader))
         })
         .await
         .map_err(|_| JournalError::Closed)?

@@ -125,7 +125,7 @@ pub struct SqliteBackend {
 
 /// How long to wait for another process's lock: `FMHOST_JOURNAL_BUSY_TIMEOUT`
 /// (`500ms`, `10s`), default 5 s.
-fn busy_timeout() -> Duration {
+pub(super) fn busy_timeout() -> Duration {
     std::env::var("FMHOST_JOURNAL_BUSY_TIMEOUT")
         .ok()
         .and_then(|v| {
@@ -216,7 +216,7 @@ impl SqliteBackend {
 /// Runs `f` again while it fails because another connection holds a lock, until `busy`
 /// has passed. SQLite's own busy handler covers most waits, but not all: a connection
 /// switching a new database to WAL, or recovering a WAL, gets SQLITE_BUSY at once.
-fn retry_busy<T>(
+pub(super) fn retry_busy<T>(
     busy: Duration,
     mut f: impl FnMut() -> Result<T, JournalError>,
 ) -> Result<T, JournalError> {
