@@ -182,17 +182,14 @@ async fn main() {
                          j: fmhost::journal::Journal,
                          p: Arc<fmhost::pipeline::Plan>,
                          i: Value| async move {
-            let start = fmhost::journal::RunStart {
-                run_id: fmhost::engine::new_run_id(),
-                pipeline: p.name.to_string(),
-                rerun: Default::default(),
-                trigger: "bench".into(),
-                owner: "bench".into(),
-                input: i.clone(),
-                replay_of: None,
-                replay_from: None,
-                started_at: 0,
-            };
+            let start = fmhost::journal::RunStart::new(
+                fmhost::engine::new_run_id(),
+                &p.name,
+                Default::default(),
+                "bench",
+                "bench",
+                &i,
+            );
             let watcher = fmhost::journal::RunJournal::new(j, start, e.secrets.clone());
             let (r, committed) =
                 fmhost::journal::run_journaled(&e, p, i, RunOptions::default(), Some(watcher))

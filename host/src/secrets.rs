@@ -98,6 +98,31 @@ impl Secrets {
         }
     }
 
+    /// [`Self::to_references`] on a shared value: the same `Arc` when no secret value
+    /// occurs in it (the usual case), so journaling an output does not copy it.
+    pub fn with_references(&self, value: &std::sync::Arc<Value>) -> std::sync::Arc<Value> {
+        if !self.occurs_in(value) {
+            return value.clone();
+        }
+        let mut v = (**value).clone();
+        self.to_references(&mut v);
+        std::sync::Arc::new(v)
+    }
+
+    fn occurs_in(&self, value: &Value) -> bool {
+        let hit = |s: &str| {
+            self.redact
+                .iter()
+                .any(|(secret, _)| s.contains(secret.as_str()))
+        };
+        match value {
+            Value::String(s) => hit(s),
+            Value::Array(items) => items.iter().any(|v| self.occurs_in(v)),
+            Value::Object(map) => map.iter().any(|(k, v)| hit(k) || self.occurs_in(v)),
+            _ => false,
+        }
+    }
+
     /// Puts the current secret values back where [`Self::to_references`] left references.
     pub fn restore_value(&self, value: &mut Value) {
         map_strings(value, &|s| {

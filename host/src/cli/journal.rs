@@ -282,10 +282,7 @@ fn show_run(d: &RunDetail) {
     );
     for st in &d.stages {
         let r = &st.report;
-        let status = serde_json::to_value(r.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let status = r.status.as_str();
         println!(
             "{:<24} {:<10} {:>8} {:>8} {:>9}  {}{}",
             r.id,
@@ -530,7 +527,7 @@ pub async fn replay_cmd(state: &Path, args: ReplayArgs) -> u8 {
                     "{:<30} {:<30} {:<10} {}",
                     r.run_id,
                     report.run_id,
-                    super::status_name(report.status),
+                    report.status.as_str(),
                     report.error.unwrap_or_default()
                 );
                 if report.status == RunStatus::Cancelled {
@@ -672,7 +669,7 @@ pub async fn dlq(state: &Path, cmd: DlqCommand) -> u8 {
                         println!(
                             "dead letter {id}: run {} {}{}",
                             report.run_id,
-                            super::status_name(report.status),
+                            report.status.as_str(),
                             if ok {
                                 " (resolved)".to_string()
                             } else {

@@ -525,13 +525,6 @@ fn cancel_on_ctrl_c(opts: &RunOptions) {
     });
 }
 
-fn status_name(status: RunStatus) -> String {
-    serde_json::to_value(status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 /// Prints a finished run's output (stdout) and writes its report; the exit code.
 fn report_outcome(
     report: crate::engine::RunReport,
@@ -597,21 +590,18 @@ async fn run(args: RunArgs, state: &Path) -> u8 {
         match crate::journal::Journal::open(state) {
             Ok(journal) => {
                 sweep(&journal).await;
-                let start = crate::journal::RunStart {
-                    run_id: crate::engine::new_run_id(),
-                    pipeline: plan.name.to_string(),
-                    rerun: crate::journal::Rerun::new(
+                let start = crate::journal::RunStart::new(
+                    crate::engine::new_run_id(),
+                    &plan.name,
+                    crate::journal::Rerun::new(
                         Some(&args.pipeline),
                         &args.plugins.plugins,
                         args.secrets.as_deref(),
                     ),
-                    trigger: "cli".into(),
-                    owner: crate::journal::OWNER_CLI.into(),
-                    input: input.clone(),
-                    replay_of: None,
-                    replay_from: None,
-                    started_at: crate::journal::unix_ms(std::time::SystemTime::now()),
-                };
+                    "cli",
+                    crate::journal::OWNER_CLI,
+                    &input,
+                );
                 Some(crate::journal::RunJournal::new(
                     journal,
                     start,

@@ -155,6 +155,30 @@ pub struct RunStart {
     pub started_at: i64,
 }
 
+impl RunStart {
+    /// A run starting now; not a replay.
+    pub fn new(
+        run_id: String,
+        pipeline: &str,
+        rerun: Rerun,
+        trigger: &str,
+        owner: &str,
+        input: &Value,
+    ) -> RunStart {
+        RunStart {
+            run_id,
+            pipeline: pipeline.to_string(),
+            rerun,
+            trigger: trigger.to_string(),
+            owner: owner.to_string(),
+            input: input.clone(),
+            replay_of: None,
+            replay_from: None,
+            started_at: unix_ms(SystemTime::now()),
+        }
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone)]
 pub struct RunEnd {
@@ -177,7 +201,6 @@ pub struct NewDeadLetter {
     /// `run` or `webhook`.
     pub kind: String,
     pub pipeline: String,
-    pub event_id: Option<String>,
     pub reason: String,
     pub error_kind: Option<String>,
 }
@@ -290,15 +313,16 @@ impl RunDetail {
     /// The journal entry to run it again under the same id (resume, or fail it for good).
     pub fn restart(&self, owner: &str) -> RunStart {
         RunStart {
-            run_id: self.summary.run_id.clone(),
-            pipeline: self.summary.pipeline.clone(),
-            rerun: self.rerun.clone(),
-            trigger: self.summary.trigger.clone(),
-            owner: owner.into(),
-            input: self.input.clone(),
             replay_of: self.summary.replay_of.clone(),
             replay_from: self.replay_from.clone(),
-            started_at: unix_ms(SystemTime::now()),
+            ..RunStart::new(
+                self.summary.run_id.clone(),
+                &self.summary.pipeline,
+                self.rerun.clone(),
+                &self.summary.trigger,
+                owner,
+                &self.input,
+            )
         }
     }
 }
@@ -656,9 +680,7 @@ impl RunJournal {
     fn stage(&self, run_id: &str, position: u32, stage: &StageReport) {
         let mut stage = stage.clone();
         if let Some(out) = &stage.output {
-            let mut v = (**out).clone();
-            self.secrets.to_references(&mut v);
-            stage.output = Some(Arc::new(v));
+            stage.output = Some(self.secrets.with_references(out));
         }
         self.journal.record(Record::Stage {
             run_id: run_id.to_string(),
@@ -670,38 +692,20 @@ impl RunJournal {
     /// Records how the run ended (dead-lettering a failure) and waits until the whole
     /// run is committed to stable storage.
     pub async fn finish(&self, report: &RunReport) -> Result<(), JournalError> {
-        let error_kind = run_error_kind(report);
-        let failed = matches!(report.status, RunStatus::Failed | RunStatus::TimedOut);
-        let webhook = self.start.trigger == "webhook";
-        let dead_letter = failed.then(|| NewDeadLetter {
-            kind: if webhook { "webhook" } else { "run" }.into(),
-            pipeline: report.pipeline.clone(),
-            event_id: None,
-            reason: report.error.clone().unwrap_or_default(),
-            error_kind: error_kind.clone(),
-        });
         let mut output = report.output.clone();
         if let Some(v) = output.as_mut() {
             self.secrets.to_references(v);
         }
-        self.journal
-            .record_durably(Record::RunFinished(RunEnd {
-                run_id: report.run_id.clone(),
-                status: report.status,
-                error: report.error.clone(),
-                error_kind,
-                output,
-                duration_ms: report.duration_ms,
-                finished_at: unix_ms(SystemTime::now()),
-                replay_of: self.start.replay_of.clone(),
-                dead_letter,
-            }))
-            .await
-            .map(drop)
+        self.end(
+            report.status,
+            report.error.clone(),
+            run_error_kind(report),
+            output,
+            report.duration_ms,
+        )
+        .await
     }
-}
 
-impl RunJournal {
     /// Records a run that could not start (no pipeline, input not valid) as failed with
     /// `reason`, dead-lettered. `started` also records it as started first.
     pub async fn reject(
@@ -711,31 +715,53 @@ impl RunJournal {
         started: bool,
     ) -> Result<(), JournalError> {
         if started {
-            self.journal.record(Record::RunStarted(self.start.clone()));
+            self.announce();
         }
-        let end = Record::RunFinished(RunEnd {
-            run_id: self.start.run_id.clone(),
-            status: RunStatus::Failed,
-            error: Some(reason.to_string()),
-            error_kind: Some(kind.to_string()),
-            output: None,
-            duration_ms: 0,
-            finished_at: unix_ms(SystemTime::now()),
-            replay_of: self.start.replay_of.clone(),
-            dead_letter: Some(NewDeadLetter {
-                kind: if self.start.trigger == "webhook" {
-                    "webhook"
-                } else {
-                    "run"
-                }
-                .into(),
-                pipeline: self.start.pipeline.clone(),
-                event_id: None,
-                reason: reason.to_string(),
-                error_kind: Some(kind.to_string()),
-            }),
+        self.end(
+            RunStatus::Failed,
+            Some(reason.to_string()),
+            Some(kind.to_string()),
+            None,
+            0,
+        )
+        .await
+    }
+
+    /// The run's last record, synced; a failure or a timeout goes to the dead-letter queue.
+    async fn end(
+        &self,
+        status: RunStatus,
+        error: Option<String>,
+        error_kind: Option<String>,
+        output: Option<Value>,
+        duration_ms: u64,
+    ) -> Result<(), JournalError> {
+        let failed = matches!(status, RunStatus::Failed | RunStatus::TimedOut);
+        let dead_letter = failed.then(|| NewDeadLetter {
+            kind: if self.start.trigger == "webhook" {
+                "webhook"
+            } else {
+                "run"
+            }
+            .into(),
+            pipeline: self.start.pipeline.clone(),
+            reason: error.clone().unwrap_or_default(),
+            error_kind: error_kind.clone(),
         });
-        self.journal.record_durably(end).await.map(drop)
+        self.journal
+            .record_durably(Record::RunFinished(RunEnd {
+                run_id: self.start.run_id.clone(),
+                status,
+                error,
+                error_kind,
+                output,
+                duration_ms,
+                finished_at: unix_ms(SystemTime::now()),
+                replay_of: self.start.replay_of.clone(),
+                dead_letter,
+            }))
+            .await
+            .map(drop)
     }
 }
 

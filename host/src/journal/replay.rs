@@ -104,15 +104,16 @@ pub fn prepare(
     crate::engine::Engine::check_input(plan, &input).map_err(|e| e.to_string())?;
     Ok(Replay {
         start: super::RunStart {
-            run_id: crate::engine::new_run_id(),
-            pipeline: plan.name.to_string(),
-            rerun: original.rerun.clone(),
-            trigger: trigger.to_string(),
-            owner: owner.to_string(),
-            input: input.clone(),
             replay_of: Some(original.summary.run_id.clone()),
             replay_from: from.map(str::to_string),
-            started_at: super::unix_ms(std::time::SystemTime::now()),
+            ..super::RunStart::new(
+                crate::engine::new_run_id(),
+                &plan.name,
+                original.rerun.clone(),
+                trigger,
+                owner,
+                &input,
+            )
         },
         input,
         reuse,

@@ -258,13 +258,6 @@ fn parse_json(text: Option<String>) -> Option<Value> {
     text.and_then(|t| serde_json::from_str(&t).ok())
 }
 
-fn status_str<T: serde::Serialize>(s: &T) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bool> {
     let now = unix_ms(SystemTime::now());
     let changed = match record {
@@ -314,7 +307,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 position,
                 s.component,
                 s.version,
-                status_str(&s.status),
+                s.status.as_str(),
                 s.optional,
                 s.started_ms,
                 s.duration_ms,
@@ -358,7 +351,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 )?
                 .execute(params![
                     end.run_id,
-                    status_str(&end.status),
+                    end.status.as_str(),
                     end.error,
                     end.error_kind,
                     end.output.as_ref().map(json_text),
@@ -408,14 +401,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                     tx.prepare_cached(
                         "INSERT INTO dead_letters (kind, status, pipeline, run_id, first_run_id, event_id, reason,
                              error_kind, created_at, updated_at)
-                         VALUES (?1, 'open', ?2, ?3, ?3,
-                             COALESCE(?4, (SELECT event_id FROM deliveries WHERE run_id = ?3)), ?5, ?6, ?7, ?7)",
+                         VALUES (?1, 'open', ?2, ?3, ?3, (SELECT event_id FROM deliveries WHERE run_id = ?3),
+                             ?4, ?5, ?6, ?6)",
                     )?
                     .execute(params![
                         dl.kind,
                         dl.pipeline,
                         end.run_id,
-                        dl.event_id,
                         dl.reason,
                         dl.error_kind,
                         now

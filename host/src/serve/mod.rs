@@ -259,17 +259,19 @@ fn run_status_code(report: &RunReport) -> StatusCode {
 impl App {
     /// A journal entry for a new run of `plan` by this server.
     fn run_start(&self, plan: &Plan, run_id: String, trigger: &str, input: &Value) -> RunStart {
-        RunStart {
+        RunStart::new(
             run_id,
-            pipeline: plan.name.to_string(),
-            rerun: self.reruns.get(&*plan.name).cloned().unwrap_or_default(),
-            trigger: trigger.into(),
-            owner: OWNER_SERVE.into(),
-            input: input.clone(),
-            replay_of: None,
-            replay_from: None,
-            started_at: unix_ms(SystemTime::now()),
-        }
+            &plan.name,
+            self.rerun(&plan.name),
+            trigger,
+            OWNER_SERVE,
+            input,
+        )
+    }
+
+    /// Where a pipeline's runs can be loaded again from.
+    fn rerun(&self, pipeline: &str) -> crate::journal::Rerun {
+        self.reruns.get(pipeline).cloned().unwrap_or_default()
     }
 }
 
@@ -475,7 +477,7 @@ async fn replay(
     )
     .map_err(|e| problem(StatusCode::UNPROCESSABLE_ENTITY, "cannot replay", e))?;
     let mut start = prepared.start;
-    start.rerun = app.reruns.get(&*plan.name).cloned().unwrap_or_default();
+    start.rerun = app.rerun(&plan.name);
     execute(app, plan, prepared.input, start, Some(prepared.reuse))
         .await
         .map_err(|e| problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid input", e))
@@ -756,17 +758,14 @@ async fn fallback(
 
 /// The journal entry of the run that processes a delivery.
 fn delivery_start(app: &App, d: &Delivery) -> RunStart {
-    RunStart {
-        run_id: d.run_id.clone(),
-        pipeline: d.pipeline.clone(),
-        rerun: app.reruns.get(&d.pipeline).cloned().unwrap_or_default(),
-        trigger: "webhook".into(),
-        owner: OWNER_SERVE.into(),
-        input: d.payload.clone(),
-        replay_of: None,
-        replay_from: None,
-        started_at: unix_ms(SystemTime::now()),
-    }
+    RunStart::new(
+        d.run_id.clone(),
+        &d.pipeline,
+        app.rerun(&d.pipeline),
+        "webhook",
+        OWNER_SERVE,
+        &d.payload,
+    )
 }
 
 /// Runs an accepted delivery; one that cannot run (its pipeline is gone, its payload
