@@ -11,15 +11,21 @@ use serde_json::Value;
 
 const ENV_PREFIX: &str = "FMHOST_SECRET_";
 const MASK: &str = "***";
-/// Values shorter than this are not redacted: masking every "1" or "ok" would destroy
-/// logs without protecting anything worth the name.
-const MIN_REDACT_LEN: usize = 4;
+/// Values shorter than this are masked only where they stand alone (between characters
+/// that are not letters or digits), so a secret "42" does not blank every number in a log.
+const SHORT: usize = 4;
+/// What [`Secrets::to_references`] puts before `secrets.` in text that already held a
+/// literal `{{secrets.`, so a stored value never turns data into a reference on restore.
+const ESCAPE: char = '!';
 
 #[derive(Debug, Default, Clone)]
 pub struct Secrets {
     values: HashMap<String, Value>,
     /// `(value, name)`, longest value first, so a secret that contains another is masked whole.
-    redact: Vec<(String, String)>,
+    exact: Vec<(String, String)>,
+    /// What redaction masks: every value and its common encodings (URL-encoded, base64,
+    /// JSON-escaped), longest first.
+    masks: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +53,21 @@ impl Secrets {
             .into_iter()
             .map(|(k, v)| (k.into(), Value::String(v.into())))
             .collect();
-        let mut redact: Vec<(String, String)> = values
+        let mut exact: Vec<(String, String)> = values
             .iter()
             .filter_map(|(k, v)| Some((v.as_str()?.to_string(), k.clone())))
-            .filter(|(v, _)| v.len() >= MIN_REDACT_LEN)
+            .filter(|(v, _)| !v.is_empty())
             .collect();
-        redact.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.cmp(b)));
-        redact.dedup_by(|a, b| a.0 == b.0);
-        Secrets { values, redact }
+        exact.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.cmp(b)));
+        exact.dedup_by(|a, b| a.0 == b.0);
+        let mut masks: Vec<String> = exact.iter().flat_map(|(v, _)| encodings(v)).collect();
+        masks.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        masks.dedup();
+        Secrets {
+            values,
+            exact,
+            masks,
+        }
     }
 
     /// The secret as a JSON string, for templates.
@@ -66,42 +79,69 @@ impl Secrets {
         self.values.get(name).and_then(Value::as_str)
     }
 
-    /// Masks every secret value that occurs in `text`.
+    /// Masks every secret value, and its URL, base64 and JSON encodings, that occurs in `text`.
     pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        self.replace_values(text, |_| MASK.to_string())
-    }
-
-    fn replace_values<'a>(&self, text: &'a str, with: impl Fn(&str) -> String) -> Cow<'a, str> {
         let mut out = Cow::Borrowed(text);
-        for (secret, name) in &self.redact {
-            if out.contains(secret.as_str()) {
-                out = Cow::Owned(out.replace(secret.as_str(), &with(name)));
+        for m in &self.masks {
+            if let Some(replaced) = replace_standalone(&out, m, MASK) {
+                out = Cow::Owned(replaced);
             }
         }
         out
     }
 
+    /// [`Self::redact`] on bytes that may not be text (a response body handed to a plugin).
+    pub fn redact_bytes(&self, bytes: &mut Vec<u8>) {
+        for m in &self.masks {
+            if m.len() < SHORT || memchr::memmem::find(bytes, m.as_bytes()).is_none() {
+                continue;
+            }
+            let mut out = Vec::with_capacity(bytes.len());
+            let mut rest = &bytes[..];
+            while let Some(i) = memchr::memmem::find(rest, m.as_bytes()) {
+                out.extend_from_slice(&rest[..i]);
+                out.extend_from_slice(MASK.as_bytes());
+                rest = &rest[i + m.len()..];
+            }
+            out.extend_from_slice(rest);
+            *bytes = out;
+        }
+    }
+
+    /// Whether any secret value (or an encoding of one) occurs in `text`.
+    pub fn occurs(&self, text: &str) -> bool {
+        matches!(self.redact(text), Cow::Owned(_))
+    }
+
     /// Masks secret values anywhere inside a JSON value (strings and keys).
     pub fn redact_value(&self, value: &mut Value) {
-        if !self.redact.is_empty() {
+        if !self.masks.is_empty() {
             map_strings(value, &|s| self.redact(s));
         }
     }
 
     /// Replaces secret values inside a JSON value by `{{secrets.NAME}}`, so what is
     /// stored (the run journal) holds no secret yet can be restored by [`Self::restore_value`].
+    /// Text that already held a literal `{{secrets.` is escaped first, so restoring it
+    /// gives the same text back and never a secret: data does not become a reference.
     pub fn to_references(&self, value: &mut Value) {
-        if !self.redact.is_empty() {
-            map_strings(value, &|s| {
-                self.replace_values(s, |name| format!("{{{{secrets.{name}}}}}"))
-            });
-        }
+        map_strings(value, &|s| self.referenced(s));
     }
 
-    /// [`Self::to_references`] on a shared value: the same `Arc` when no secret value
-    /// occurs in it (the usual case), so journaling an output does not copy it.
+    fn referenced<'a>(&self, s: &'a str) -> Cow<'a, str> {
+        let mut out = escape_literal_refs(s);
+        for (secret, name) in &self.exact {
+            if let Some(replaced) = replace_standalone(&out, secret, &format!("{{{{secrets.{name}}}}}")) {
+                out = Cow::Owned(replaced);
+            }
+        }
+        out
+    }
+
+    /// [`Self::to_references`] on a shared value: the same `Arc` when nothing in it needs
+    /// rewriting (the usual case), so journaling an output does not copy it.
     pub fn with_references(&self, value: &std::sync::Arc<Value>) -> std::sync::Arc<Value> {
-        if !self.occurs_in(value) {
+        if !self.needs_rewrite(value) {
             return value.clone();
         }
         let mut v = (**value).clone();
@@ -109,35 +149,137 @@ impl Secrets {
         std::sync::Arc::new(v)
     }
 
-    fn occurs_in(&self, value: &Value) -> bool {
-        let hit = |s: &str| {
-            self.redact
-                .iter()
-                .any(|(secret, _)| s.contains(secret.as_str()))
-        };
+    fn needs_rewrite(&self, value: &Value) -> bool {
+        let hit = |s: &str| matches!(self.referenced(s), Cow::Owned(_));
         match value {
             Value::String(s) => hit(s),
-            Value::Array(items) => items.iter().any(|v| self.occurs_in(v)),
-            Value::Object(map) => map.iter().any(|(k, v)| hit(k) || self.occurs_in(v)),
+            Value::Array(items) => items.iter().any(|v| self.needs_rewrite(v)),
+            Value::Object(map) => map.iter().any(|(k, v)| hit(k) || self.needs_rewrite(v)),
             _ => false,
         }
     }
 
-    /// Puts the current secret values back where [`Self::to_references`] left references.
+    /// Puts the current secret values back where [`Self::to_references`] left references,
+    /// and unescapes what it escaped.
     pub fn restore_value(&self, value: &mut Value) {
         map_strings(value, &|s| {
-            if !s.contains("{{secrets.") {
+            if !s.contains("{{") {
                 return Cow::Borrowed(s);
             }
-            let mut out = s.to_string();
-            for (name, v) in &self.values {
-                if let Some(v) = v.as_str() {
-                    out = out.replace(&format!("{{{{secrets.{name}}}}}"), v);
-                }
-            }
-            Cow::Owned(out)
+            Cow::Owned(restore_text(s, &|name| self.get(name)))
         });
     }
+}
+
+/// The forms a secret may take on the wire or in a log: itself, URL-encoded, base64
+/// (standard and URL-safe, padded or not) and JSON-escaped.
+fn encodings(v: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let mut out = vec![v.to_string()];
+    let url = percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string();
+    out.push(url);
+    out.push(v.replace(' ', "+"));
+    if v.len() >= SHORT {
+        for engine in [
+            &base64::engine::general_purpose::STANDARD,
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ] {
+            let b = engine.encode(v);
+            out.push(b.trim_end_matches('=').to_string());
+            out.push(b);
+        }
+    }
+    let json = Value::String(v.to_string()).to_string();
+    out.push(json[1..json.len() - 1].to_string());
+    out.retain(|e| !e.is_empty());
+    out
+}
+
+/// Replaces `needle` in `text`; a short needle only where it stands alone.
+/// `None` when nothing was replaced.
+fn replace_standalone(text: &str, needle: &str, with: &str) -> Option<String> {
+    if !text.contains(needle) {
+        return None;
+    }
+    if needle.len() >= SHORT {
+        return Some(text.replace(needle, with));
+    }
+    let word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0;
+    let mut changed = false;
+    for (i, _) in text.match_indices(needle) {
+        if i < last {
+            continue;
+        }
+        let before = text[..i].chars().next_back();
+        let after = text[i + needle.len()..].chars().next();
+        if word(before) || word(after) {
+            continue;
+        }
+        out.push_str(&text[last..i]);
+        out.push_str(with);
+        last = i + needle.len();
+        changed = true;
+    }
+    out.push_str(&text[last..]);
+    changed.then_some(out)
+}
+
+/// `{{` followed by zero or more `!` and `secrets.` gets one more `!`.
+fn escape_literal_refs(s: &str) -> Cow<'_, str> {
+    if !s.contains("{{") {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 4);
+    let mut rest = s;
+    let mut changed = false;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i + 2]);
+        rest = &rest[i + 2..];
+        let bangs = rest.len() - rest.trim_start_matches(ESCAPE).len();
+        if rest[bangs..].starts_with("secrets.") {
+            out.push(ESCAPE);
+            changed = true;
+        }
+    }
+    out.push_str(rest);
+    if changed { Cow::Owned(out) } else { Cow::Borrowed(s) }
+}
+
+/// The inverse of [`Secrets::referenced`]: `{{secrets.NAME}}` becomes the value
+/// (left as written when the secret is gone), `{{!...secrets.` loses one `!`.
+fn restore_text<'v>(s: &str, value: &dyn Fn(&str) -> Option<&'v str>) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        if let Some(unbanged) = after.strip_prefix(ESCAPE) {
+            let bangs = unbanged.len() - unbanged.trim_start_matches(ESCAPE).len();
+            if unbanged[bangs..].starts_with("secrets.") {
+                out.push_str("{{");
+                rest = unbanged;
+                continue;
+            }
+        }
+        if let Some(body) = after.strip_prefix("secrets.") {
+            let name_len = body
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+                .unwrap_or(body.len());
+            if body[name_len..].starts_with("}}") {
+                if let Some(v) = value(&body[..name_len]) {
+                    out.push_str(v);
+                    rest = &body[name_len + 2..];
+                    continue;
+                }
+            }
+        }
+        out.push_str("{{");
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Applies `f` to every string and object key in `value`.
@@ -211,7 +353,9 @@ mod tests {
     #[test]
     fn redacts_longest_first_everywhere() {
         let s = Secrets::from_pairs([("A", "token-123"), ("B", "token-123456"), ("C", "ok")]);
-        assert_eq!(s.redact("x token-123456 y token-123 ok"), "x *** y *** ok");
+        assert_eq!(s.redact("x token-123456 y token-123 ok"), "x *** y *** ***");
+        // A short secret is masked where it stands alone, not inside words.
+        assert_eq!(s.redact("book ok, ok-1"), "book ***, ***-1");
         let mut v = json!({"k": ["Bearer token-123"], "token-123": 1});
         s.redact_value(&mut v);
         assert_eq!(v, json!({"k": ["Bearer ***"], "***": 1}));
@@ -229,6 +373,28 @@ mod tests {
         );
         s.restore_value(&mut stored);
         assert_eq!(stored, original);
+    }
+
+    #[test]
+    fn encodings_are_masked_and_literal_references_stay_data() {
+        use base64::Engine as _;
+        let s = Secrets::from_pairs([("KEY", "sk live/9+x")]);
+        let b64 = base64::engine::general_purpose::STANDARD.encode("sk live/9+x");
+        let text = format!("q=sk%20live%2F9%2Bx b={b64} j=\"sk live/9+x\"");
+        assert!(!s.redact(&text).contains("sk"), "{}", s.redact(&text));
+        // Data that looks like a reference comes back as the same text, never a secret.
+        let original = json!({"id": "{{secrets.KEY}}", "x": "{{!secrets.KEY}} and sk live/9+x"});
+        let mut stored = original.clone();
+        s.to_references(&mut stored);
+        assert_eq!(
+            stored,
+            json!({"id": "{{!secrets.KEY}}", "x": "{{!!secrets.KEY}} and {{secrets.KEY}}"})
+        );
+        s.restore_value(&mut stored);
+        assert_eq!(stored, original);
+        let mut bytes = b"echo sk live/9+x".to_vec();
+        s.redact_bytes(&mut bytes);
+        assert_eq!(bytes, b"echo ***");
     }
 
     #[test]

@@ -361,10 +361,12 @@ async fn replay_one(
     let plugins = if plugins.plugins.is_empty() {
         PluginArgs {
             plugins: recorded.plugin_dirs.iter().map(PathBuf::from).collect(),
+            policy: plugins.policy.clone(),
         }
     } else {
         PluginArgs {
             plugins: plugins.plugins.clone(),
+            policy: plugins.policy.clone(),
         }
     };
     let secrets = secrets

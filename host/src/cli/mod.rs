@@ -83,6 +83,9 @@ struct ServeArgs {
     /// from their last completed stages, or put them in the dead-letter queue.
     #[arg(long, value_enum, default_value = "resume")]
     on_interrupted: crate::serve::Interrupted,
+    /// The operator's grants to plugins: hosts and secrets per plugin (docs/security.md).
+    #[arg(long, value_name = "FILE", env = "FMHOST_POLICY")]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -102,6 +105,9 @@ enum PluginsCommand {
         /// The server, e.g. http://127.0.0.1:8080
         #[arg(long, value_name = "URL")]
         server: String,
+        /// Approve hosts or a world the new version asks for beyond the current one's.
+        #[arg(long)]
+        approve: bool,
     },
     /// Make a running `fmhost serve` go back to a plugin's previous version.
     Rollback {
@@ -125,6 +131,9 @@ struct PluginArgs {
     /// then ./target/plugins.
     #[arg(long = "plugins", value_name = "DIR")]
     plugins: Vec<PathBuf>,
+    /// The operator's grants to plugins: hosts and secrets per plugin (docs/security.md).
+    #[arg(long, value_name = "FILE", env = "FMHOST_POLICY")]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -236,6 +245,9 @@ async fn registry(args: &PluginArgs) -> Result<Registry, String> {
 async fn discover(args: &PluginArgs) -> Result<Vec<Arc<Plugin>>, String> {
     let runtime =
         PluginRuntime::new().map_err(|e| format!("cannot start the plugin runtime: {e}"))?;
+    if let Some(path) = &args.policy {
+        runtime.set_policy(crate::plugin::Policy::load(path)?);
+    }
     runtime.discover(&args.plugins).await.map_err(|errors| {
         errors
             .iter()
@@ -267,6 +279,7 @@ async fn serve(args: ServeArgs, state: PathBuf) -> u8 {
         state,
         drain_timeout: args.drain_timeout,
         on_interrupted: args.on_interrupted,
+        policy: args.policy,
     };
     match crate::serve::serve(opts).await {
         Ok(()) => 0,
@@ -310,11 +323,20 @@ async fn remote(method: reqwest::Method, url: String, body: Option<Vec<u8>>) -> 
 
 async fn plugins(cmd: PluginsCommand) -> u8 {
     match cmd {
-        PluginsCommand::Swap { name, file, server } => match std::fs::read(&file) {
+        PluginsCommand::Swap {
+            name,
+            file,
+            server,
+            approve,
+        } => match std::fs::read(&file) {
             Ok(bytes) => {
                 remote(
                     reqwest::Method::PUT,
-                    format!("{}/v1/plugins/{name}", server.trim_end_matches('/')),
+                    format!(
+                        "{}/v1/plugins/{name}{}",
+                        server.trim_end_matches('/'),
+                        if approve { "?approve=true" } else { "" }
+                    ),
                     Some(bytes),
                 )
                 .await

@@ -7,6 +7,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use std::sync::Arc;
+
 use super::{Checker, Component, ConfigProblem, StageContext};
 use crate::error::StageError;
 use crate::http::{self, http_failure_of};
@@ -141,6 +143,8 @@ impl Component for HttpRequest {
             timeout: config.timeout.map(std::time::Duration::from_millis),
             idempotency_key,
             service: config.service,
+            hop_guard: redirect_guard(url.as_str(), &ctx.allowed_hosts),
+            credential_headers: Vec::new(),
         };
         let response = ctx
             .outbound
@@ -160,6 +164,27 @@ impl Component for HttpRequest {
         }
         response.to_output()
     }
+}
+
+/// With `allowed_hosts` on the stage, a redirect may only go to them or stay on the
+/// request's own origin; without, any hop is followed (credentials never leave the origin).
+fn redirect_guard(url: &str, allowed: &Arc<[String]>) -> Option<http::HopGuard> {
+    if allowed.is_empty() {
+        return None;
+    }
+    let origin = reqwest::Url::parse(url).ok()?.origin();
+    let patterns: Vec<crate::plugin::HostPattern> = allowed
+        .iter()
+        .filter_map(|h| crate::plugin::HostPattern::parse(h))
+        .collect();
+    Some(http::HopGuard(Arc::new(move |next: &reqwest::Url| {
+        let (host, port) = (next.host_str().unwrap_or_default(), next.port_or_known_default());
+        if next.origin() == origin || patterns.iter().any(|p| p.matches(host, port)) {
+            Ok(())
+        } else {
+            Err(format!("host {host} is not in the stage's allowed_hosts"))
+        }
+    })))
 }
 
 /// Stable across retries and resumptions of the same stage in the same run.

@@ -32,8 +32,12 @@ pub struct StageContext {
     pub secrets: Arc<Secrets>,
     /// The stage's retry policy for outbound calls (the seed's `retry` block), if it has one.
     pub retry: Option<RetryPolicy>,
-    /// Extra hosts the pipeline author lets this stage's plugin reach.
+    /// Hosts the pipeline author lets this stage's plugin reach.
     pub allowed_hosts: Arc<[String]>,
+    /// Secrets the pipeline author grants this stage's plugin.
+    pub secret_grants: Arc<[String]>,
+    /// Whether the config's `base_url` was written by the pipeline author (its host is granted).
+    pub trusted_base_url: bool,
     /// When the stage's own timeout expires.
     pub deadline: Option<Instant>,
     /// Retries made so far, across all outbound calls of this stage.
@@ -53,6 +57,8 @@ impl StageContext {
             secrets,
             retry: None,
             allowed_hosts: Arc::from(Vec::new()),
+            secret_grants: Arc::from(Vec::new()),
+            trusted_base_url: false,
             deadline: None,
             retries: AtomicU32::new(0),
             observer: None,

@@ -298,6 +298,8 @@ impl Engine {
                     secrets: self.secrets.clone(),
                     retry,
                     allowed_hosts: stage.allowed_hosts.clone(),
+                    secret_grants: stage.secret_grants.clone(),
+                    trusted_base_url: stage.trusted_base_url,
                     deadline: stage.timeout.map(|t| Instant::now() + t),
                     retries: AtomicU32::new(0),
                     observer: observer.clone(),

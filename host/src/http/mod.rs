@@ -24,6 +24,18 @@ pub use service::{ServicePolicy, Services};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Responses larger than this are refused rather than buffered.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Redirects followed for one attempt, as reqwest's default policy.
+pub const MAX_REDIRECTS: usize = 10;
+
+/// Decides whether a redirect may be followed to a URL: the caller's egress grant.
+#[derive(Clone)]
+pub struct HopGuard(pub Arc<dyn Fn(&reqwest::Url) -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for HopGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HopGuard")
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct HttpRequest {
@@ -37,6 +49,18 @@ pub struct HttpRequest {
     pub idempotency_key: Option<String>,
     /// The service whose policies apply; the URL's `host:port` when absent.
     pub service: Option<String>,
+    /// Checks every redirect hop; `None` lets any hop through.
+    pub hop_guard: Option<HopGuard>,
+    /// Lowercase names of headers that carry a credential. They are dropped when a
+    /// redirect leaves the request's origin, as are `Authorization`, `Cookie`,
+    /// `Proxy-Authorization` and any header holding a secret value.
+    pub credential_headers: Vec<String>,
+}
+
+/// Why an exchange stopped without a response to return.
+enum Stop {
+    TooLarge(usize),
+    Redirect(ErrorKind, String),
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +205,8 @@ impl Outbound {
     pub fn new() -> Self {
         let client = reqwest::Client::builder()
             .user_agent(concat!("fmhost/", env!("CARGO_PKG_VERSION")))
+            // Redirects are followed in `attempt`, where every hop is an egress decision.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .expect("the TLS backend initialises");
@@ -386,36 +412,89 @@ impl Outbound {
         attempt: u32,
     ) -> Result<HttpResponse, Failure> {
         let shown = || ctx.secrets.redact(&req.url).into_owned();
-        let mut builder = self.client.request(req.method.clone(), &req.url);
+        let invalid = |message: String| Failure {
+            error: StageError::validation(message),
+            retry_after: None,
+            transient: false,
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
         for (name, value) in &req.headers {
-            let name =
-                reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| Failure {
-                    error: StageError::validation(format!("invalid header name {name:?}")),
-                    retry_after: None,
-                    transient: false,
-                })?;
-            let value = reqwest::header::HeaderValue::from_str(value).map_err(|_| Failure {
-                error: StageError::validation(format!(
-                    "header {name}: value is not valid in an HTTP header"
-                )),
-                retry_after: None,
-                transient: false,
-            })?;
-            builder = builder.header(name, value);
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(format!("invalid header name {name:?}")))?;
+            let value = reqwest::header::HeaderValue::from_str(value)
+                .map_err(|_| invalid(format!("header {name}: value is not valid in an HTTP header")))?;
+            headers.append(name, value);
         }
-        builder = builder.header("x-correlation-id", ctx.run_id);
+        headers.insert(
+            "x-correlation-id",
+            reqwest::header::HeaderValue::from_str(ctx.run_id)
+                .map_err(|_| invalid("run id is not a valid header value".into()))?,
+        );
         if let Some(key) = &req.idempotency_key {
-            builder = builder.header("idempotency-key", key.as_str());
+            headers.insert(
+                "idempotency-key",
+                reqwest::header::HeaderValue::from_str(key)
+                    .map_err(|_| invalid("idempotency key is not a valid header value".into()))?,
+            );
         }
-        if let Some(body) = &req.body {
-            builder = builder.body(body.clone());
-        }
+        let start = reqwest::Url::parse(&req.url)
+            .map_err(|e| invalid(format!("url {}: {e}", shown())))?;
         let mut timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
         if let Some(deadline) = ctx.deadline {
             timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
         }
         let exchange = async {
-            let mut resp = builder.send().await?;
+            let origin = start.origin();
+            let (mut url, mut method, mut body) = (start.clone(), req.method.clone(), req.body.clone());
+            let mut hops = 0;
+            let mut resp = loop {
+                let mut builder = self.client.request(method.clone(), url.clone()).headers(headers.clone());
+                if let Some(body) = &body {
+                    builder = builder.body(body.clone());
+                }
+                let resp = builder.send().await?;
+                let status = resp.status().as_u16();
+                let location = resp.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
+                let Some(location) = location.filter(|_| matches!(status, 301 | 302 | 303 | 307 | 308)) else {
+                    break resp;
+                };
+                if hops == MAX_REDIRECTS {
+                    return Ok(Err(Stop::Redirect(ErrorKind::Connect, format!("more than {MAX_REDIRECTS} redirects"))));
+                }
+                hops += 1;
+                let next = match url.join(location) {
+                    Ok(n) if matches!(n.scheme(), "http" | "https") => n,
+                    _ => return Ok(Err(Stop::Redirect(ErrorKind::Parse, format!("redirect to an invalid location {:?}", ctx.secrets.redact(location))))),
+                };
+                if let Some(guard) = &req.hop_guard {
+                    if let Err(why) = (guard.0)(&next) {
+                        return Ok(Err(Stop::Redirect(ErrorKind::Sandbox, format!("redirect to {} refused: {why}", ctx.secrets.redact(next.as_str())))));
+                    }
+                }
+                if next.origin() != origin {
+                    let credential: Vec<reqwest::header::HeaderName> = headers
+                        .iter()
+                        .filter(|(k, v)| {
+                            matches!(k.as_str(), "authorization" | "proxy-authorization" | "cookie")
+                                || req.credential_headers.iter().any(|c| c == k.as_str())
+                                || v.to_str().is_ok_and(|v| ctx.secrets.occurs(v))
+                        })
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in credential {
+                        headers.remove(k);
+                    }
+                }
+                if status == 303 && method != reqwest::Method::HEAD
+                    || matches!(status, 301 | 302) && method == reqwest::Method::POST
+                {
+                    method = reqwest::Method::GET;
+                    body = None;
+                    headers.remove(reqwest::header::CONTENT_TYPE);
+                    headers.remove(reqwest::header::CONTENT_LENGTH);
+                }
+                url = next;
+            };
             let status = resp.status().as_u16();
             let headers = resp
                 .headers()
@@ -431,7 +510,7 @@ impl Outbound {
             while let Some(chunk) = resp.chunk().await? {
                 body.extend_from_slice(&chunk);
                 if body.len() > MAX_BODY_BYTES {
-                    return Ok(Err(body.len()));
+                    return Ok(Err(Stop::TooLarge(body.len())));
                 }
             }
             Ok::<_, reqwest::Error>(Ok(HttpResponse {
@@ -455,7 +534,12 @@ impl Outbound {
                 transient: true,
             }),
             Ok(Ok(Ok(resp))) => Ok(resp),
-            Ok(Ok(Err(len))) => Err(Failure {
+            Ok(Ok(Err(Stop::Redirect(kind, message)))) => Err(Failure {
+                error: StageError::new(kind, format!("{} {}: {message}", req.method, shown())),
+                retry_after: None,
+                transient: false,
+            }),
+            Ok(Ok(Err(Stop::TooLarge(len)))) => Err(Failure {
                 error: StageError::new(
                     ErrorKind::Parse,
                     format!(

@@ -185,8 +185,13 @@ pub struct PlannedStage {
     pub retry: Option<RetryPlan>,
     pub timeout: Option<Duration>,
     pub optional: bool,
-    /// Hosts this stage's plugin may reach beyond those it declares.
+    /// Hosts the pipeline grants this stage's plugin.
     pub allowed_hosts: Arc<[String]>,
+    /// Secrets the pipeline grants this stage's plugin: those its config references
+    /// and those its `secrets` list names.
+    pub secret_grants: Arc<[String]>,
+    /// Whether the config's `base_url` comes from the pipeline file, not from data.
+    pub trusted_base_url: bool,
 }
 
 impl Plan {

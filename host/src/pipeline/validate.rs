@@ -62,6 +62,10 @@ struct StageDoc {
     /// Hosts (`host`, `*.domain`, `host:port`) a plugin in this stage may reach beyond its own list.
     #[serde(default)]
     allowed_hosts: Vec<String>,
+    /// Secrets a plugin in this stage may have the host substitute, beyond those its
+    /// config references as `{{secrets.NAME}}`; bound to the stage's granted hosts.
+    #[serde(default)]
+    secrets: Vec<String>,
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
@@ -258,10 +262,22 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
                     }
                 }
             };
+        let plugin_stage = component.is_some_and(|c| !c.sees_secrets());
+        let mut secret_grants: Vec<String> = p.doc.secrets.clone();
         let config = match ValueTemplate::compile(&p.config) {
             Ok(t) => {
                 for (path, template) in t.templates() {
                     check_refs(&format!("config{path}"), template, false, &mut diags);
+                    if plugin_stage {
+                        if let Err(message) = template.plugin_secret_forms() {
+                            diags.push(Diagnostic::new(format!("{}: config{path}", p.loc), message));
+                        }
+                    }
+                    for name in template.secret_names() {
+                        if !secret_grants.iter().any(|n| n == name) {
+                            secret_grants.push(name.to_string());
+                        }
+                    }
                 }
                 t
             }
@@ -348,6 +364,8 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
                 timeout,
                 optional: p.doc.optional,
                 allowed_hosts: p.doc.allowed_hosts.clone().into(),
+                secret_grants: secret_grants.into(),
+                trusted_base_url: trusted_base_url(&p.config),
             });
         }
     }
@@ -430,6 +448,14 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
         }
         retry = Some((r.clone(), "retry"));
     }
+    for (j, name) in doc.secrets.iter().enumerate() {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            diags.push(Diagnostic::new(
+                format!("{loc}: secrets[{j}]"),
+                format!("{name:?} is not a secret name (letters, digits, '_' and '-')"),
+            ));
+        }
+    }
     for (j, h) in doc.allowed_hosts.iter().enumerate() {
         if crate::plugin::HostPattern::parse(h).is_none() {
             diags.push(Diagnostic::new(
@@ -449,6 +475,20 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
         config,
         retry,
     })
+}
+
+/// Whether the config's `base_url` was chosen by the pipeline file itself (literal text,
+/// or secrets with literal defaults), so its host may be granted; a base URL built from
+/// input or upstream data grants nothing.
+fn trusted_base_url(config: &Value) -> bool {
+    match config.get("base_url") {
+        Some(Value::String(s)) => match Template::parse(s) {
+            Ok(None) => true,
+            Ok(Some(t)) => t.paths().iter().all(|p| p.root == "secrets"),
+            Err(_) => false,
+        },
+        _ => false,
+    }
 }
 
 /// Checks that a template path reads something that will exist when it is rendered.

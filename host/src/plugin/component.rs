@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::bindings::PluginErrorKind;
 use super::state::{HttpGrant, PluginState};
-use super::{DEFAULT_DEADLINE, Egress, Plugin, World, chain};
+use super::{DEFAULT_DEADLINE, Grant, Plugin, StageGrants, World, chain};
 use crate::component::check::contains_template;
 use crate::component::{Component, ConfigProblem, StageContext};
 use crate::error::{ErrorKind, StageError};
@@ -23,6 +23,24 @@ pub struct WasmComponent {
 impl WasmComponent {
     pub fn new(plugin: Arc<Plugin>) -> Self {
         WasmComponent { plugin }
+    }
+}
+
+impl Plugin {
+    /// Checks a stage's config against the plugin's schema before any run.
+    pub fn check_config(&self, config: &Value) -> Vec<ConfigProblem> {
+        // Templates may stand for anything, so only a config without any is checked now;
+        // every config is checked again, rendered, before each invocation.
+        match (&self.validator, contains_template(config)) {
+            (Some(v), false) => crate::schema::violations(v, config)
+                .into_iter()
+                .map(|m| ConfigProblem {
+                    path: String::new(),
+                    message: m,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -47,18 +65,7 @@ impl Component for WasmComponent {
     }
 
     fn check_config(&self, config: &Value) -> Vec<ConfigProblem> {
-        // Templates may stand for anything, so only a config without any is checked now;
-        // every config is checked again, rendered, before each invocation.
-        match (&self.plugin.validator, contains_template(config)) {
-            (Some(v), false) => crate::schema::violations(v, config)
-                .into_iter()
-                .map(|m| ConfigProblem {
-                    path: String::new(),
-                    message: m,
-                })
-                .collect(),
-            _ => Vec::new(),
-        }
+        self.plugin.check_config(config)
     }
 
     fn sees_secrets(&self) -> bool {
@@ -82,16 +89,34 @@ impl Component for WasmComponent {
                 )));
             }
         }
+        let runtime = &p.runtime;
         let grant = (p.kind == World::Connector).then(|| HttpGrant {
             outbound: ctx.outbound.clone(),
-            egress: Egress::new(&p.allowed_hosts, &ctx.allowed_hosts, &config, &ctx.secrets),
+            grant: Arc::new(Grant::new(
+                &p.name,
+                &p.allowed_hosts,
+                &StageGrants {
+                    allowed_hosts: &ctx.allowed_hosts,
+                    secrets: &ctx.secret_grants,
+                    base_url: config
+                        .get("base_url")
+                        .and_then(Value::as_str)
+                        .filter(|_| ctx.trusted_base_url),
+                },
+                &ctx.secrets,
+                &runtime.policy(),
+                &runtime.own_addrs(),
+            )),
             stage_retry: ctx.retry.clone(),
             deadline: ctx.deadline,
             observer: ctx.observer.clone(),
         });
         let config_text = config.to_string();
         let input_text = upstream.to_string();
-        let runtime = &p.runtime;
+        let deadline = ctx
+            .deadline
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or(DEFAULT_DEADLINE);
         let state = PluginState::new(
             Arc::from(p.name.as_str()),
             ctx.run_id.clone(),
@@ -99,12 +124,9 @@ impl Component for WasmComponent {
             ctx.secrets.clone(),
             runtime.memory_limit,
             grant,
+            std::time::Instant::now() + deadline,
         );
-        let deadline = ctx
-            .deadline
-            .map(|d| d.saturating_duration_since(std::time::Instant::now()))
-            .unwrap_or(DEFAULT_DEADLINE);
-        let mut store = runtime.store(state, deadline);
+        let mut store = runtime.store(state);
         let result = async {
             let instance = p.pre.instantiate_async(&mut store).await?;
             instance
@@ -116,6 +138,13 @@ impl Component for WasmComponent {
         let state = store.data();
         ctx.retries
             .fetch_add(state.retries.load(Ordering::Relaxed), Ordering::Relaxed);
+        if let Some(why) = &state.refusal {
+            // A plugin that tried what it was not granted fails, whatever it returns.
+            return Err(StageError::new(
+                ErrorKind::Sandbox,
+                format!("plugin {} in stage {}: refused: {why}", p.name, ctx.stage_id),
+            ));
+        }
         match result {
             Ok(Ok(out)) => serde_json::from_str(&out).map_err(|e| {
                 StageError::internal(format!("plugin {} returned invalid JSON: {e}", p.name))
@@ -149,9 +178,7 @@ fn sandbox_error(
     state: &PluginState,
     deadline: Duration,
 ) -> StageError {
-    let stderr = String::from_utf8_lossy(&state.stderr.contents())
-        .trim()
-        .to_string();
+    let stderr = state.secrets.redact(state.stderr.text().trim()).into_owned();
     let detail = if stderr.is_empty() {
         String::new()
     } else {

@@ -1,13 +1,27 @@
-//! Which hosts a plugin may reach, and host-side secret substitution.
+//! What a plugin's request may reach and which credentials it may carry there.
 //!
-//! Plugin code is untrusted; the pipeline author and the operator are trusted. A plugin
-//! may reach the hosts it declares, plus hosts the trusted parties name for its stage:
-//! the stage's `allowed_hosts`, a `base_url` in its config, or a base URL held in a secret.
+//! Plugin code is untrusted; the pipeline author and the operator are trusted. A
+//! plugin's own `describe().allowed_hosts` is a request, never a grant. A stage's
+//! [`Grant`] is built only from trusted sources:
+//!
+//! - hosts: the stage's `allowed_hosts`, the host of its config's `base_url` when the
+//!   pipeline file wrote it (a literal URL or `{{secrets.NAME}}`, not a value taken from
+//!   data), the host of a granted secret that holds a URL, and what the operator's
+//!   policy grants the plugin;
+//! - secrets: the `{{secrets.NAME}}` references in the stage's config and its `secrets`
+//!   list (bound to the stage's hosts), and the policy's secrets (bound to the
+//!   policy's hosts).
+//!
+//! A credential is named in a request only in a slot this module recognises with a
+//! fixed pattern, never the template parser: `{{secrets.NAME}}` opening the URL (its
+//! base), or a header value that is `{{secrets.NAME}}` or `SCHEME {{secrets.NAME}}`.
+//! Anywhere else `{{` is literal text, so an id taken from input never becomes a
+//! credential.
 
-use serde_json::Value;
+use std::net::SocketAddr;
 
+use super::policy::Policy;
 use crate::secrets::Secrets;
-use crate::template::{NoStages, Scope, Template};
 
 /// `host`, `*.domain` or `host:port` (no port means any port).
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +34,9 @@ impl HostPattern {
     pub fn parse(s: &str) -> Option<HostPattern> {
         let s = s.trim().to_ascii_lowercase();
         let s = s.split("://").last()?.trim_end_matches('/');
+        if s.contains('/') || s.contains('@') || s.contains(char::is_whitespace) {
+            return None;
+        }
         let (host, port) = match s.rsplit_once(':') {
             Some((h, p)) if !h.contains(']') || h.ends_with(']') => match p.parse() {
                 Ok(port) => (h.to_string(), Some(port)),
@@ -48,6 +65,15 @@ impl HostPattern {
         };
         host_ok && (self.port.is_none() || self.port == port)
     }
+
+    fn matches_url(&self, url: &reqwest::Url) -> bool {
+        self.matches(url.host_str().unwrap_or_default(), url.port_or_known_default())
+    }
+
+    /// Names exactly one host and port (not a wildcard, not any port).
+    fn is_exact(&self) -> bool {
+        self.port.is_some() && !self.host.starts_with("*.")
+    }
 }
 
 impl std::fmt::Display for HostPattern {
@@ -59,136 +85,348 @@ impl std::fmt::Display for HostPattern {
     }
 }
 
-/// Renders `{{secrets.NAME}}` (and its `| default(...)` form) in a plugin-supplied value.
-/// Anything other than secrets is refused: the plugin has no business reading the run.
-pub fn substitute(value: &str, secrets: &Secrets) -> Result<String, String> {
-    let Some(t) = Template::parse(value).map_err(|e| format!("malformed template: {e}"))? else {
-        return Ok(value.to_string());
-    };
-    if let Some(p) = t.paths().into_iter().find(|p| p.root != "secrets") {
-        return Err(format!(
-            "only {{{{secrets.NAME}}}} is substituted in requests, found `{p}`"
-        ));
+/// `{{secrets.NAME}}` (spaces allowed inside the braces) at the start of `s`:
+/// the name and the length of the token. A fixed pattern, not a template.
+pub fn secret_token(s: &str) -> Option<(&str, usize)> {
+    let body = s.strip_prefix("{{")?;
+    let trimmed = body.trim_start_matches(' ');
+    let lead = body.len() - trimmed.len();
+    let rest = trimmed.strip_prefix("secrets.")?;
+    let name_len = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .unwrap_or(rest.len());
+    if name_len == 0 {
+        return None;
     }
-    let run = Value::Null;
-    let scope = Scope {
-        input: &Value::Null,
-        stages: &NoStages,
-        secrets,
-        output: None,
-        run: &run,
-        now: None,
-        keep_secrets: false,
+    let after = &rest[name_len..];
+    let close = after.trim_start_matches(' ');
+    close.strip_prefix("}}")?;
+    let len = 2 + lead + "secrets.".len() + name_len + (after.len() - close.len()) + 2;
+    Some((&rest[..name_len], len))
+}
+
+/// The secret a header value names as a whole (`{{secrets.NAME}}` or
+/// `SCHEME {{secrets.NAME}}`): the scheme prefix (with its space) and the name.
+pub fn header_secret(value: &str) -> Option<(&str, &str)> {
+    let (prefix, token) = match value.find("{{") {
+        Some(0) => ("", value),
+        Some(i) => {
+            let scheme = value[..i].strip_suffix(' ')?;
+            let token_chars = |c: char| c.is_ascii_alphanumeric() || "-_.!#$%&'*+^`|~".contains(c);
+            if scheme.is_empty() || !scheme.chars().all(token_chars) {
+                return None;
+            }
+            (&value[..i], &value[i..])
+        }
+        None => return None,
     };
-    t.render(&scope)
-        .map(|v| crate::template::to_text(&v).into_owned())
+    let (name, len) = secret_token(token)?;
+    (len == token.len()).then_some((prefix, name))
 }
 
-/// The hosts a plugin's stage may reach.
+/// Why a request was refused, in words that name the secret (never its value) and the host.
+pub type Refusal = String;
+
+/// A secret a trusted party granted to a stage, and the hosts it may be sent to.
+#[derive(Debug, Clone)]
+struct Binding {
+    name: String,
+    hosts: Vec<HostPattern>,
+}
+
+/// What one stage of one plugin may reach, and which secrets it may carry where.
 #[derive(Debug, Clone, Default)]
-pub struct Egress {
-    pub allowed: Vec<HostPattern>,
+pub struct Grant {
+    /// Hosts granted by the pipeline or the operator.
+    hosts: Vec<HostPattern>,
+    bindings: Vec<Binding>,
+    /// Addresses of this process's own server, refused unless a grant names them exactly.
+    own: Vec<SocketAddr>,
+    /// What the plugin asked for in `describe()` and nobody granted, for the refusal text.
+    declared_only: Vec<String>,
 }
 
-impl Egress {
-    /// Builds the allow-list from the plugin's declaration and the trusted parties' additions.
+/// The trusted facts about a stage that a [`Grant`] is built from.
+pub struct StageGrants<'a> {
+    /// The stage's `allowed_hosts`.
+    pub allowed_hosts: &'a [String],
+    /// Secrets the stage's config references and its `secrets` list names.
+    pub secrets: &'a [String],
+    /// The config's `base_url` as the pipeline wrote it: a literal URL or a secret reference.
+    pub base_url: Option<&'a str>,
+}
+
+impl Grant {
     pub fn new(
+        plugin: &str,
         declared: &[String],
-        stage_allowed: &[String],
-        config: &Value,
+        stage: &StageGrants<'_>,
         secrets: &Secrets,
-    ) -> Egress {
-        let mut allowed: Vec<HostPattern> = declared
+        policy: &Policy,
+        own: &[SocketAddr],
+    ) -> Grant {
+        let mut stage_hosts: Vec<HostPattern> = stage
+            .allowed_hosts
             .iter()
-            .chain(stage_allowed)
             .filter_map(|h| HostPattern::parse(h))
             .collect();
-        if let Some(base) = config.get("base_url").and_then(Value::as_str) {
-            if let Some(p) = substitute(base, secrets)
-                .ok()
-                .and_then(|u| HostPattern::of_url(&u))
-            {
-                allowed.push(p);
+        if let Some(base) = stage.base_url {
+            let url = match secret_token(base) {
+                Some((name, len)) if len == base.len() => secrets.get(name).map(str::to_string),
+                Some(_) => None,
+                None => Some(base.to_string()),
+            };
+            stage_hosts.extend(url.as_deref().and_then(HostPattern::of_url));
+        }
+        // A granted secret that holds a URL is a base the operator chose: its exact host.
+        for name in stage.secrets {
+            if let Some(p) = secrets.get(name).and_then(HostPattern::of_url) {
+                stage_hosts.push(p);
             }
         }
-        Egress { allowed }
+        let mut bindings: Vec<Binding> = stage
+            .secrets
+            .iter()
+            .map(|name| Binding {
+                name: name.clone(),
+                hosts: stage_hosts.clone(),
+            })
+            .collect();
+        let mut hosts = stage_hosts;
+        if let Some(g) = policy.plugins.get(plugin) {
+            let policy_hosts: Vec<HostPattern> = g
+                .hosts
+                .iter()
+                .flat_map(|h| {
+                    if h == super::policy::DECLARED {
+                        declared.to_vec()
+                    } else {
+                        vec![h.clone()]
+                    }
+                })
+                .filter_map(|h| HostPattern::parse(&h))
+                .collect();
+            for name in &g.secrets {
+                bindings.push(Binding {
+                    name: name.clone(),
+                    hosts: policy_hosts.clone(),
+                });
+            }
+            hosts.extend(policy_hosts);
+        }
+        let declared_only = declared
+            .iter()
+            .filter(|d| {
+                HostPattern::parse(d).is_some_and(|d| !hosts.iter().any(|h| *h == d))
+            })
+            .cloned()
+            .collect();
+        Grant {
+            hosts,
+            bindings,
+            own: own.to_vec(),
+            declared_only,
+        }
     }
 
-    /// Whether `url` (after substitution) may be called; `raw` is what the plugin wrote.
-    pub fn check(&self, raw: &str, url: &reqwest::Url, secrets: &Secrets) -> Result<(), String> {
+    /// Whether a request may go to `url`: a granted host, and not this server's own
+    /// address unless a grant names it exactly. Checked for every redirect hop too.
+    pub fn may_reach(&self, url: &reqwest::Url) -> Result<(), Refusal> {
         let host = url.host_str().unwrap_or_default();
         let port = url.port_or_known_default();
-        if self.allowed.iter().any(|p| p.matches(host, port)) {
+        let granted = &self.hosts;
+        if self.is_own(url) && !granted.iter().any(|p| p.is_exact() && p.matches_url(url)) {
+            return Err(format!(
+                "host {host}:{} is this fmhost server's own address; no plugin may call it unless a grant names it exactly",
+                port.unwrap_or_default()
+            ));
+        }
+        if granted.iter().any(|p| p.matches(host, port)) {
             return Ok(());
         }
-        // A base URL that a secret supplies was chosen by the operator, so its host is trusted,
-        // but only that exact host: `{{secrets.BASE}}.evil.com` does not qualify.
-        if raw.trim_start().starts_with("{{secrets.") {
-            if let Some(end) = raw.find("}}") {
-                let from_secret = substitute(&raw[..end + 2], secrets)
-                    .ok()
-                    .and_then(|u| HostPattern::of_url(&u));
-                if from_secret.is_some_and(|p| p.matches(host, port)) {
-                    return Ok(());
-                }
-            }
-        }
-        let allowed: Vec<String> = self.allowed.iter().map(ToString::to_string).collect();
+        let shown: Vec<String> = self.hosts.iter().map(ToString::to_string).collect();
+        let asked = if self.declared_only.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; the plugin declares {} but declaring is not granting: the operator's policy or the stage's allowed_hosts must grant it",
+                self.declared_only.join(", ")
+            )
+        };
         Err(format!(
-            "host {host}{} is not allowed (allowed: {}); add it to the stage's allowed_hosts if it should be",
+            "host {host}{} is not granted (granted: {}){asked}; add it to the stage's allowed_hosts if it should be",
             port.map(|p| format!(":{p}")).unwrap_or_default(),
-            if allowed.is_empty() {
+            if shown.is_empty() {
                 "none".to_string()
             } else {
-                allowed.join(", ")
+                shown.join(", ")
             }
         ))
     }
+
+    fn is_own(&self, url: &reqwest::Url) -> bool {
+        let Some(port) = url.port_or_known_default() else {
+            return false;
+        };
+        let host = url.host_str().unwrap_or_default();
+        let ips: Vec<std::net::IpAddr> = match host.trim_matches(['[', ']']).parse() {
+            Ok(ip) => vec![ip],
+            Err(_) if host.eq_ignore_ascii_case("localhost") || host.ends_with(".localhost") => {
+                vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()]
+            }
+            Err(_) => return false,
+        };
+        self.own.iter().any(|a| {
+            a.port() == port
+                && ips.iter().any(|ip| {
+                    *ip == a.ip() || a.ip().is_unspecified() || (ip.is_loopback() && a.ip().is_loopback())
+                })
+        })
+    }
+
+    /// Whether `secret` may be sent to `url`'s host.
+    fn may_carry(&self, secret: &str, url: &reqwest::Url) -> Result<(), Refusal> {
+        let host = url.host_str().unwrap_or_default();
+        let port = url.port_or_known_default();
+        let mut granted = false;
+        for b in self.bindings.iter().filter(|b| b.name == secret) {
+            granted = true;
+            if b.hosts.iter().any(|h| h.matches(host, port)) {
+                return Ok(());
+            }
+        }
+        let at = format!("{host}{}", port.map(|p| format!(":{p}")).unwrap_or_default());
+        if granted {
+            Err(format!("secret {secret} is not bound to host {at}"))
+        } else {
+            Err(format!(
+                "secret {secret} was not granted to this stage (name it in the stage's config as {{{{secrets.{secret}}}}} or in its \"secrets\" list)"
+            ))
+        }
+    }
+}
+
+/// A plugin's request with its credentials substituted, and which headers carry them.
+pub struct Prepared {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    /// Names of headers whose value came from a secret: dropped if a redirect leaves the host.
+    pub credential_headers: Vec<String>,
+}
+
+/// Substitutes the credential slots of a plugin's request, checking each against `grant`.
+pub fn prepare(
+    grant: &Grant,
+    url: &str,
+    headers: &[(String, String)],
+    secrets: &Secrets,
+) -> Result<Prepared, (bool, Refusal)> {
+    // The URL's base: only a token that opens it.
+    let full_url = match secret_token(url) {
+        Some((name, len)) => {
+            let value = secrets.get(name).ok_or_else(|| {
+                (true, format!("url: secret {name} is not set"))
+            })?;
+            grant
+                .bindings
+                .iter()
+                .any(|b| b.name == name)
+                .then_some(())
+                .ok_or_else(|| {
+                    (true, format!(
+                        "url: secret {name} was not granted to this stage (name it in the stage's config or its \"secrets\" list)"
+                    ))
+                })?;
+            format!("{value}{}", &url[len..])
+        }
+        None => url.to_string(),
+    };
+    let parsed = reqwest::Url::parse(&full_url).map_err(|e| {
+        (false, format!("url {}: {e}", secrets.redact(&full_url)))
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err((true, format!("url scheme {} is not http or https", parsed.scheme())));
+    }
+    grant.may_reach(&parsed).map_err(|e| (true, e))?;
+    let mut out = Vec::with_capacity(headers.len());
+    let mut credential_headers = Vec::new();
+    for (name, value) in headers {
+        match header_secret(value) {
+            Some((prefix, secret)) => {
+                grant
+                    .may_carry(secret, &parsed)
+                    .map_err(|e| (true, format!("header {name}: {e}")))?;
+                let v = secrets
+                    .get(secret)
+                    .ok_or_else(|| (true, format!("header {name}: secret {secret} is not set")))?;
+                out.push((name.clone(), format!("{prefix}{v}")));
+                credential_headers.push(name.to_ascii_lowercase());
+            }
+            None => out.push((name.clone(), value.clone())),
+        }
+    }
+    Ok(Prepared {
+        url: full_url,
+        headers: out,
+        credential_headers,
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
 
+    fn grant(secrets: &Secrets, stage_secrets: &[&str], hosts: &[&str], base: Option<&str>) -> Grant {
+        let secrets_list: Vec<String> = stage_secrets.iter().map(|s| s.to_string()).collect();
+        let allowed: Vec<String> = hosts.iter().map(|s| s.to_string()).collect();
+        Grant::new(
+            "p",
+            &["declared.example".into()],
+            &StageGrants {
+                allowed_hosts: &allowed,
+                secrets: &secrets_list,
+                base_url: base,
+            },
+            secrets,
+            &Policy::default(),
+            &["127.0.0.1:8080".parse().unwrap()],
+        )
+    }
+
     #[test]
-    fn patterns_and_trusted_additions() {
-        let secrets = Secrets::from_pairs([("BASE", "http://127.0.0.1:4010"), ("KEY", "k-123456")]);
-        let e = Egress::new(
-            &["api.stripe.com".into(), "*.salesforce.com".into()],
-            &["localhost:9000".into()],
-            &json!({"base_url": "http://10.0.0.1:8080/v1"}),
-            &secrets,
-        );
-        let ok = |raw: &str| {
-            let url = reqwest::Url::parse(&substitute(raw, &secrets).unwrap()).unwrap();
-            e.check(raw, &url, &secrets)
-        };
-        assert!(ok("https://api.stripe.com/v1/customers").is_ok());
-        assert!(ok("https://acme.my.salesforce.com/x").is_ok());
-        assert!(ok("https://salesforce.com/x").is_err());
-        assert!(ok("http://localhost:9000/").is_ok());
-        assert!(ok("http://localhost:9001/").is_err());
-        assert!(ok("http://10.0.0.1:8080/other").is_ok());
-        assert!(ok("{{secrets.BASE}}/v1/chat").is_ok());
-        assert!(
-            ok("http://evil.example/{{secrets.BASE}}")
-                .unwrap_err()
-                .contains("evil.example")
-        );
-        assert_eq!(
-            substitute("Bearer {{secrets.KEY}}", &secrets).unwrap(),
-            "Bearer k-123456"
-        );
-        assert_eq!(
-            substitute(
-                "{{secrets.NOPE | default('https://api.openai.com/v1')}}",
-                &secrets
-            )
-            .unwrap(),
-            "https://api.openai.com/v1"
-        );
-        assert!(substitute("{{input.x}}", &secrets).is_err());
+    fn tokens_are_a_fixed_pattern() {
+        assert_eq!(secret_token("{{secrets.A_B}}/x"), Some(("A_B", 15)));
+        assert_eq!(secret_token("{{ secrets.A }}"), Some(("A", 15)));
+        assert_eq!(secret_token("{{secrets.A | upper}}"), None);
+        assert_eq!(secret_token("{{secrets.}}"), None);
+        assert_eq!(header_secret("Bearer {{secrets.K}}"), Some(("Bearer ", "K")));
+        assert_eq!(header_secret("{{secrets.K}}"), Some(("", "K")));
+        assert_eq!(header_secret("x {{secrets.K}} y"), None);
+        assert_eq!(header_secret("a b {{secrets.K}}"), None);
+        assert_eq!(header_secret("{{secrets.K | default('x')}}"), None);
+    }
+
+    #[test]
+    fn credentials_go_only_where_they_are_bound() {
+        let s = Secrets::from_pairs([
+            ("BASE", "http://127.0.0.1:4010"),
+            ("KEY", "k-123456"),
+            ("OTHER", "o-999999"),
+        ]);
+        let g = grant(&s, &["BASE", "KEY"], &["api.example:443"], None);
+        let h = |v: &str| vec![("authorization".to_string(), v.to_string())];
+        let ok = prepare(&g, "{{secrets.BASE}}/v1", &h("Bearer {{secrets.KEY}}"), &s).unwrap();
+        assert_eq!(ok.url, "http://127.0.0.1:4010/v1");
+        assert_eq!(ok.headers[0].1, "Bearer k-123456");
+        assert!(prepare(&g, "https://api.example/x", &h("{{secrets.KEY}}"), &s).is_ok());
+        let err = |url: &str, v: &str| prepare(&g, url, &h(v), &s).err().unwrap().1;
+        assert!(err("https://api.example/x", "{{secrets.OTHER}}").contains("not granted"));
+        assert!(err("https://declared.example/", "x").contains("declaring is not granting"));
+        assert!(err("http://127.0.0.1:8080/v1/runs", "x").contains("own address"));
+        // `{{` outside a slot is literal text, never a secret.
+        let lit = prepare(&g, "https://api.example/c/{{secrets.KEY}}", &h("a b {{secrets.KEY}}"), &s).unwrap();
+        assert!(!lit.url.contains("k-123456") && lit.headers[0].1 == "a b {{secrets.KEY}}");
+        assert!(err("{{secrets.OTHER}}/x", "x").contains("not granted"));
+        assert!(prepare(&g, "{{secrets.UNSET | default('http://evil')}}/x", &h("x"), &s).is_err());
     }
 }

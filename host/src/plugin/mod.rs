@@ -11,11 +11,13 @@ mod bindings;
 mod cache;
 mod component;
 mod egress;
+pub mod policy;
 mod state;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 use wasmtime::component::{HasSelf, Linker};
@@ -23,13 +25,16 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 pub use cache::content_hash;
 pub use component::WasmComponent;
-pub use egress::{Egress, HostPattern, substitute as substitute_secrets};
+pub use egress::{Grant, HostPattern, StageGrants, header_secret, secret_token};
+pub use policy::Policy;
 use state::PluginState;
 
 /// How often the epoch advances; CPU deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// CPU deadline for a plugin whose stage has no timeout.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+/// How long `describe()` may take when a plugin is loaded.
+pub const DESCRIBE_DEADLINE: Duration = Duration::from_secs(5);
 /// Memory cap per plugin instance unless `FMHOST_PLUGIN_MEMORY_MB` says otherwise.
 pub const DEFAULT_MEMORY_LIMIT: usize = 64 << 20;
 
@@ -45,6 +50,8 @@ pub enum PluginError {
     },
     #[error("plugin directory {path}: {message}")]
     Dir { path: String, message: String },
+    #[error("plugins {first} and {second} have names that differ only in case or '-'/'_', which pipelines cannot tell apart")]
+    Clash { first: String, second: String },
 }
 
 /// Which world a component was built against, judged by its imports.
@@ -62,6 +69,10 @@ pub struct PluginRuntime {
     connector_linker: Linker<PluginState>,
     cache: cache::CompileCache,
     pub memory_limit: usize,
+    /// The operator's grants; a hot swap may add hosts it approves.
+    policy: RwLock<Arc<Policy>>,
+    /// This process's own server addresses, which no plugin may call ungranted.
+    own_addrs: RwLock<Vec<SocketAddr>>,
 }
 
 /// A loaded, validated plugin version.
@@ -154,7 +165,34 @@ impl PluginRuntime {
             connector_linker,
             cache,
             memory_limit,
+            policy: RwLock::default(),
+            own_addrs: RwLock::default(),
         }))
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// Adds hosts the operator approved in a hot-swap call to the plugin's grant.
+    pub fn approve_hosts(&self, plugin: &str, hosts: &[String]) {
+        let mut guard = self.policy.write().unwrap_or_else(|e| e.into_inner());
+        let mut p = (**guard).clone();
+        p.approve_hosts(plugin, hosts);
+        *guard = Arc::new(p);
+    }
+
+    /// Records the address this process serves on, so plugins cannot call it.
+    pub fn add_own_addr(&self, addr: SocketAddr) {
+        self.own_addrs.write().unwrap_or_else(|e| e.into_inner()).push(addr);
+    }
+
+    pub(crate) fn own_addrs(&self) -> Vec<SocketAddr> {
+        self.own_addrs.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn engine(&self) -> &Engine {
@@ -227,8 +265,8 @@ impl PluginRuntime {
                 Default::default(),
                 self.memory_limit,
                 None,
+                Instant::now() + DESCRIBE_DEADLINE,
             ),
-            Duration::from_secs(10),
         );
         let instance = pre
             .instantiate_async(&mut store)
@@ -253,6 +291,7 @@ impl PluginRuntime {
             ));
         }
         if d.name.is_empty()
+            || d.name.len() > 64
             || !d
                 .name
                 .chars()
@@ -262,6 +301,15 @@ impl PluginRuntime {
                 path,
                 format!(
                     "describe() gave an invalid name {:?}: use letters, digits, '-' and '_'",
+                    d.name
+                ),
+            ));
+        }
+        if crate::component::Registry::builtins().get(&d.name).is_some() {
+            return Err(load_err(
+                path,
+                format!(
+                    "\"{}\" is the name of a built-in component; a plugin cannot take it",
                     d.name
                 ),
             ));
@@ -306,12 +354,20 @@ impl PluginRuntime {
         })
     }
 
-    fn store(&self, state: PluginState, deadline: Duration) -> wasmtime::Store<PluginState> {
+    /// A store whose guest yields to the async runtime at every epoch tick, so a
+    /// spinning plugin holds a worker thread for at most one tick at a time and can be
+    /// cancelled by any timeout around it, and traps once its wall-clock deadline passes.
+    fn store(&self, state: PluginState) -> wasmtime::Store<PluginState> {
         let mut store = wasmtime::Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        let ticks = (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().cpu_deadline {
+                Ok(wasmtime::UpdateDeadline::Interrupt)
+            } else {
+                Ok(wasmtime::UpdateDeadline::Yield(1))
+            }
+        });
         store
     }
 
@@ -374,7 +430,16 @@ impl PluginRuntime {
                     Ok(p) => {
                         let mtime =
                             |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                        if let Some(i) = plugins
+                        let canonical = crate::component::canonical_name(&p.name);
+                        let clash = plugins.iter().find(|q| {
+                            q.name != p.name && crate::component::canonical_name(&q.name) == canonical
+                        });
+                        if let Some(other) = clash {
+                            errors.push(PluginError::Clash {
+                                first: format!("\"{}\" ({})", other.name, other.path.display()),
+                                second: format!("\"{}\" ({})", p.name, file.display()),
+                            });
+                        } else if let Some(i) = plugins
                             .iter()
                             .position(|q| q.name == p.name)
                             .filter(|_| newest_wins)
@@ -421,8 +486,9 @@ impl Plugin {
             Default::default(),
             self.runtime.memory_limit,
             None,
+            Instant::now() + Duration::from_secs(3600),
         );
-        let mut store = self.runtime.store(state, Duration::from_secs(3600));
+        let mut store = self.runtime.store(state);
         let bindings = self
             .pre
             .instantiate_async(&mut store)

@@ -1,16 +1,15 @@
 //! Per-invocation store state: a locked-down WASI context, resource limits, and the
 //! host side of the `http` and `log` imports.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{self, HttpError, HttpErrorKind, Level, Request, Response};
-use super::egress::{self, Egress};
+use super::egress::{self, Grant};
 use crate::error::ErrorKind;
 use crate::http::{HttpRequest, Outbound, RetryPolicy};
 use crate::secrets::Secrets;
@@ -18,7 +17,7 @@ use crate::secrets::Secrets;
 /// What a connector's stage grants it: whom it may call and with which policy.
 pub struct HttpGrant {
     pub outbound: Outbound,
-    pub egress: Egress,
+    pub grant: Arc<Grant>,
     /// The stage's `retry` block, which wins over what the plugin asks for.
     pub stage_retry: Option<RetryPolicy>,
     pub deadline: Option<Instant>,
@@ -30,7 +29,11 @@ pub struct PluginState {
     table: ResourceTable,
     pub limits: Limits,
     /// The plugin's stderr (panic messages), shown when it traps.
-    pub stderr: MemoryOutputPipe,
+    pub stderr: Capture,
+    /// Wall-clock deadline for the plugin's code; checked at every epoch tick.
+    pub cpu_deadline: Instant,
+    /// Bytes of log messages this invocation sent; beyond [`MAX_LOG_BYTES`] they are dropped.
+    log_bytes: usize,
     pub plugin: Arc<str>,
     pub run_id: Arc<str>,
     pub stage_id: Arc<str>,
@@ -40,6 +43,104 @@ pub struct PluginState {
     calls: u32,
     /// The kind of the last failed or non-2xx call, to classify an `upstream` plugin error.
     pub last_call_error: Option<ErrorKind>,
+    /// The last request the host refused, so the stage fails as `sandbox` saying why.
+    pub refusal: Option<String>,
+}
+
+/// What a plugin may write to stderr per invocation before the rest is dropped.
+pub const MAX_STDERR_BYTES: usize = 16 * 1024;
+/// What a plugin may send to the log import per invocation before the rest is dropped.
+pub const MAX_LOG_BYTES: usize = 256 * 1024;
+
+/// A plugin's stdout or stderr: keeps the first `limit` bytes, counts and drops the
+/// rest, and never fails a write (a full pipe must not become a trap).
+#[derive(Clone)]
+pub struct Capture {
+    limit: usize,
+    inner: Arc<Mutex<(Vec<u8>, usize)>>,
+}
+
+impl Capture {
+    pub fn new(limit: usize) -> Capture {
+        Capture {
+            limit,
+            inner: Arc::default(),
+        }
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let room = self.limit.saturating_sub(g.0.len());
+        let kept = room.min(bytes.len());
+        g.0.extend_from_slice(&bytes[..kept]);
+        g.1 += bytes.len() - kept;
+    }
+
+    /// What was kept, with a note of what was dropped.
+    pub fn text(&self) -> String {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::from_utf8_lossy(&g.0).into_owned();
+        if g.1 > 0 {
+            out.push_str(&format!(" [{} more bytes dropped]", g.1));
+        }
+        out
+    }
+}
+
+impl wasmtime_wasi::p2::OutputStream for Capture {
+    fn write(&mut self, bytes: bytes::Bytes) -> wasmtime_wasi::p2::StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> wasmtime_wasi::p2::StreamResult<()> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> wasmtime_wasi::p2::StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for Capture {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for Capture {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.push(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for Capture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for Capture {
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
 }
 
 impl PluginState {
@@ -50,13 +151,15 @@ impl PluginState {
         secrets: Arc<Secrets>,
         memory_limit: usize,
         http: Option<HttpGrant>,
+        cpu_deadline: Instant,
     ) -> Self {
-        let stderr = MemoryOutputPipe::new(8 * 1024);
+        let stderr = Capture::new(MAX_STDERR_BYTES);
         // Nothing beyond the world: no preopens, no environment, no arguments, no
         // network (sockets are linked for toolchains that import them, but every
         // address is refused). Clocks and randomness are harmless.
         let wasi = WasiCtx::builder()
             .stderr(stderr.clone())
+            .stdout(Capture::new(0))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -69,6 +172,8 @@ impl PluginState {
                 exceeded: None,
             },
             stderr,
+            cpu_deadline,
+            log_bytes: 0,
             plugin,
             run_id,
             stage_id,
@@ -77,6 +182,7 @@ impl PluginState {
             retries: AtomicU32::new(0),
             calls: 0,
             last_call_error: None,
+            refusal: None,
         }
     }
 }
@@ -125,6 +231,15 @@ impl bindings::fmhost::plugin::types::Host for PluginState {}
 
 impl bindings::fmhost::plugin::log::Host for PluginState {
     async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        let before = self.log_bytes;
+        self.log_bytes = self.log_bytes.saturating_add(message.len());
+        if self.log_bytes > MAX_LOG_BYTES {
+            if before <= MAX_LOG_BYTES {
+                tracing::warn!(target: "fmhost::plugin", plugin = &*self.plugin, run_id = &*self.run_id, stage = &*self.stage_id,
+                    "{}: logged more than {} KiB in one invocation; further log messages are dropped", self.plugin, MAX_LOG_BYTES >> 10);
+            }
+            return Ok(());
+        }
         let message = self.secrets.redact(&message);
         let (plugin, run_id, stage) = (&*self.plugin, &*self.run_id, &*self.stage_id);
         match level {
@@ -170,25 +285,23 @@ impl PluginState {
             ));
         };
         self.calls += 1;
-        let refused = |m: String| http_error(HttpErrorKind::Refused, m);
-        let url = egress::substitute(&req.url, &self.secrets)
-            .map_err(|e| refused(format!("url: {e}")))?;
-        let parsed = reqwest::Url::parse(&url).map_err(|e| {
-            http_error(
-                HttpErrorKind::InvalidRequest,
-                format!("url {}: {e}", self.secrets.redact(&url)),
-            )
-        })?;
-        if let Err(why) = grant.egress.check(&req.url, &parsed, &self.secrets) {
-            tracing::warn!(target: "fmhost::plugin", plugin = &*self.plugin, run_id = &*self.run_id, stage = &*self.stage_id, "{}: refused egress: {why}", self.plugin);
-            return Err(refused(why));
-        }
-        let mut headers = Vec::with_capacity(req.headers.len());
-        for (name, value) in &req.headers {
-            let value = egress::substitute(value, &self.secrets)
-                .map_err(|e| refused(format!("header {name}: {e}")))?;
-            headers.push((name.clone(), value));
-        }
+        let prepared = match egress::prepare(&grant.grant, &req.url, &req.headers, &self.secrets) {
+            Ok(p) => p,
+            Err((refused, why)) => {
+                // Whatever the plugin wrote may hold a substituted value; the message never does.
+                let why = self.secrets.redact(&why).into_owned();
+                if refused {
+                    tracing::warn!(target: "fmhost::plugin", plugin = &*self.plugin, run_id = &*self.run_id, stage = &*self.stage_id,
+                        "plugin {} in stage {}: refused: {why}", self.plugin, self.stage_id);
+                    self.refusal = Some(why.clone());
+                    return Err(http_error(HttpErrorKind::Refused, why));
+                }
+                return Err(http_error(HttpErrorKind::InvalidRequest, why));
+            }
+        };
+        let guard = grant.grant.clone();
+        let hop_guard = crate::http::HopGuard(Arc::new(move |next: &reqwest::Url| guard.may_reach(next)));
+        let (url, headers) = (prepared.url, prepared.headers);
         let method = reqwest::Method::from_bytes(req.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| {
                 http_error(
@@ -227,6 +340,8 @@ impl PluginState {
                 .map(|ms| std::time::Duration::from_millis(u64::from(ms))),
             idempotency_key,
             service: None,
+            hop_guard: Some(hop_guard),
+            credential_headers: prepared.credential_headers,
         };
         let ctx = crate::http::CallContext {
             run_id: &self.run_id,
@@ -239,22 +354,34 @@ impl PluginState {
         match grant.outbound.send(&ctx, &request, &policy).await {
             Ok(resp) => {
                 self.last_call_error = crate::http::http_failure_of(&resp).map(|e| e.kind);
+                // An upstream that echoes a credential must not hand it to the plugin.
+                let mut body = resp.body;
+                self.secrets.redact_bytes(&mut body);
+                let headers = resp
+                    .headers
+                    .into_iter()
+                    .map(|(k, v)| (k, self.secrets.redact(&v).into_owned()))
+                    .collect();
                 Ok(Response {
                     status: resp.status,
-                    headers: resp.headers,
-                    body: resp.body,
+                    headers,
+                    body,
                 })
             }
             Err(e) => {
                 self.last_call_error = Some(e.kind);
+                if e.kind == ErrorKind::Sandbox {
+                    self.refusal = Some(self.secrets.redact(&e.message).into_owned());
+                }
                 let kind = match e.kind {
                     ErrorKind::Timeout => HttpErrorKind::Timeout,
                     ErrorKind::CircuitOpen => HttpErrorKind::CircuitOpen,
                     ErrorKind::Parse => HttpErrorKind::Response,
                     ErrorKind::Validation => HttpErrorKind::InvalidRequest,
+                    ErrorKind::Sandbox => HttpErrorKind::Refused,
                     _ => HttpErrorKind::Connect,
                 };
-                Err(http_error(kind, e.message))
+                Err(http_error(kind, self.secrets.redact(&e.message).into_owned()))
             }
         }
     }

@@ -44,6 +44,8 @@ pub struct ServeOptions {
     /// How long in-flight runs may take to finish after SIGTERM.
     pub drain_timeout: Duration,
     pub on_interrupted: Interrupted,
+    /// The operator's grants to plugins (`--policy`).
+    pub policy: Option<PathBuf>,
 }
 
 /// What a server does at start with runs it was running when it stopped.
@@ -93,8 +95,17 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let journal = Journal::open(&opts.state)?;
     let runtime = PluginRuntime::new()?;
+    if let Some(path) = &opts.policy {
+        runtime.set_policy(crate::plugin::Policy::load(path).map_err(anyhow::Error::msg)?);
+    }
+    // Versions uploaded over the API are kept here; the newest file of a name serves.
+    let upload_dir = opts.state.join("plugins");
+    std::fs::create_dir_all(&upload_dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", upload_dir.display()))?;
+    let mut plugin_dirs = opts.plugins.clone();
+    plugin_dirs.push(upload_dir.clone());
     let found = runtime
-        .discover_newest(&opts.plugins)
+        .discover_newest(&plugin_dirs)
         .await
         .map_err(|errors| {
             anyhow::anyhow!(
@@ -108,7 +119,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let registry = Arc::new(PluginRegistry::new(
         runtime.clone(),
         found,
-        Some(opts.state.join("plugins")),
+        Some(upload_dir),
     ));
     let components = registry.registry();
 
@@ -154,6 +165,23 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if !problems.is_empty() {
         anyhow::bail!("{}", problems.join("\n"));
     }
+    registry.set_uses(
+        pipelines
+            .values()
+            .flat_map(|plan| {
+                plan.stages.iter().map(|st| plugins::StageUse {
+                    pipeline: plan.name.to_string(),
+                    stage: st.id.to_string(),
+                    component: crate::component::canonical_name(&st.component_name),
+                    config: plan.source["stages"]
+                        .as_array()
+                        .and_then(|all| all.iter().find(|s| s["id"] == *st.id))
+                        .map(|s| s["config"].clone())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect(),
+    );
 
     let mut engine = Engine::new(Secrets::load(opts.secrets.as_deref())?);
     engine.fixed_now = std::env::var("FMHOST_NOW").ok().map(Arc::from);
@@ -167,6 +195,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         tracker: TaskTracker::new(),
         draining: AtomicBool::new(false),
     });
+
+    // Bound before anything runs, so no plugin can reach this server's own address.
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    runtime.add_own_addr(addr);
 
     // Runs and deliveries a crash or a drain timeout left unfinished.
     recover::recover(&app, opts.on_interrupted).await?;
@@ -191,10 +226,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(256 << 20))
         .with_state(app.clone());
-    let listener = tokio::net::TcpListener::bind(&opts.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
-    let addr = listener.local_addr()?;
     println!("listening on http://{addr}");
     tracing::info!(target: "fmhost::serve", %addr, pipelines = app.pipelines.len(), "serving {} pipeline(s) on http://{addr}", app.pipelines.len());
 
@@ -605,9 +636,17 @@ async fn list_plugins(State(app): State<Arc<App>>) -> Response {
     Json(app.plugins.list()).into_response()
 }
 
+#[derive(serde::Deserialize)]
+struct SwapQuery {
+    /// The operator approves, in this call, hosts or a world the current version lacks.
+    #[serde(default)]
+    approve: bool,
+}
+
 async fn put_plugin(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
+    Query(q): Query<SwapQuery>,
     body: Bytes,
 ) -> Response {
     if body.is_empty() {
@@ -617,9 +656,10 @@ async fn put_plugin(
             "the request body must be a WebAssembly component",
         );
     }
-    match app.plugins.swap(&name, &body, &format!("upload:{name}")).await {
+    match app.plugins.swap(&name, &body, &format!("upload:{name}"), q.approve).await {
         Ok((old, new)) => Json(json!({"name": name, "previous_version": old, "version": new.version, "sha256": new.hash})).into_response(),
         Err(plugins::SwapError::Unknown(n)) => problem(StatusCode::NOT_FOUND, "unknown plugin", format!("no plugin named \"{n}\"; the current version keeps serving")),
+        Err(e @ plugins::SwapError::NeedsApproval(_)) => problem(StatusCode::CONFLICT, "approval needed", format!("{e}; the current version keeps serving")),
         Err(e) => problem(StatusCode::UNPROCESSABLE_ENTITY, "plugin refused", format!("{e}; the current version keeps serving")),
     }
 }
@@ -684,9 +724,17 @@ async fn fallback(
             "retry later",
         );
     }
-    let secret = match crate::plugin::substitute_secrets(&trigger.secret, &app.engine.secrets) {
-        Ok(s) if !s.is_empty() => s,
-        Ok(_) | Err(_) => {
+    let secret = match crate::plugin::secret_token(&trigger.secret) {
+        Some((name, len)) if len == trigger.secret.len() => {
+            app.engine.secrets.get(name).map(str::to_string)
+        }
+        Some(_) => None,
+        None if !trigger.secret.contains("{{") => Some(trigger.secret.clone()),
+        None => None,
+    };
+    let secret = match secret {
+        Some(s) if !s.is_empty() => s,
+        _ => {
             tracing::error!(target: "fmhost::serve", path = %trigger.path, "webhook secret for {} is not set; refusing deliveries", trigger.path);
             return problem(
                 StatusCode::INTERNAL_SERVER_ERROR,

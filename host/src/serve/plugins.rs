@@ -77,15 +77,28 @@ impl Component for SwappableComponent {
 pub enum SwapError {
     #[error("{0}")]
     Invalid(String),
+    /// The new version asks for more than the current one was granted.
+    #[error("{0}; approve it in the same call (PUT ...?approve=true, or fmhost plugins swap --approve) if it should have it")]
+    NeedsApproval(String),
     #[error("no plugin named \"{0}\"")]
     Unknown(String),
     #[error("plugin \"{0}\" has no previous version to roll back to")]
     NothingToRollBack(String),
 }
 
+/// A served pipeline's stage that uses a plugin, so a swap can check its config first.
+pub struct StageUse {
+    pub pipeline: String,
+    pub stage: String,
+    /// Canonical component name.
+    pub component: String,
+    pub config: Value,
+}
+
 pub struct PluginRegistry {
     runtime: Arc<PluginRuntime>,
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
+    uses: RwLock<Vec<StageUse>>,
     /// Where uploaded versions are kept, so a restart serves what was last swapped in.
     pub upload_dir: Option<PathBuf>,
 }
@@ -117,8 +130,14 @@ impl PluginRegistry {
         PluginRegistry {
             runtime,
             slots: RwLock::new(slots),
+            uses: RwLock::default(),
             upload_dir,
         }
+    }
+
+    /// Tells the registry which served stages use which plugin.
+    pub fn set_uses(&self, uses: Vec<StageUse>) {
+        *self.uses.write().expect("uses lock") = uses;
     }
 
     /// The built-ins plus a swappable component per plugin, for compiling pipelines.
@@ -153,11 +172,14 @@ impl PluginRegistry {
     }
 
     /// Compiles and validates `bytes`, then switches `name` to it. Returns (old, new) versions.
+    /// `approve` is the operator approving, in this call, hosts or a world the current
+    /// version was not granted.
     pub async fn swap(
         &self,
         name: &str,
         bytes: &[u8],
         origin: &str,
+        approve: bool,
     ) -> Result<(Option<String>, Arc<Plugin>), SwapError> {
         let started = Instant::now();
         let shown = PathBuf::from(origin);
@@ -166,6 +188,18 @@ impl PluginRegistry {
             .load_bytes(&shown, bytes)
             .await
             .map_err(|e| SwapError::Invalid(e.to_string()))?;
+        self.swap_loaded(name, bytes, plugin, origin, approve, started)
+    }
+
+    fn swap_loaded(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        plugin: Plugin,
+        origin: &str,
+        approve: bool,
+        started: Instant,
+    ) -> Result<(Option<String>, Arc<Plugin>), SwapError> {
         if plugin.name != name {
             return Err(SwapError::Invalid(format!(
                 "the component names itself \"{}\", not \"{name}\"",
@@ -177,24 +211,69 @@ impl PluginRegistry {
             return Err(SwapError::Unknown(name.to_string()));
         };
         let old = slot.current();
-        if old.plugin.kind != plugin.kind {
-            return Err(SwapError::Invalid(
-                format!(
-                    "\"{name}\" is a {:?} but the upload is a {:?}",
-                    old.plugin.kind, plugin.kind
-                )
-                .to_lowercase(),
-            ));
-        }
         if old.plugin.hash == plugin.hash {
             return Ok((Some(old.plugin.version.clone()), old.plugin.clone()));
         }
-        let plugin = Arc::new(plugin);
+        let mut asks = Vec::new();
+        if old.plugin.kind != plugin.kind {
+            asks.push(format!(
+                "it is a {} where the current version is a {}",
+                world_name(plugin.kind),
+                world_name(old.plugin.kind)
+            ));
+        }
+        let new_hosts: Vec<String> = plugin
+            .allowed_hosts
+            .iter()
+            .filter(|h| !old.plugin.allowed_hosts.contains(h))
+            .cloned()
+            .collect();
+        if !new_hosts.is_empty() {
+            asks.push(format!(
+                "it asks for host(s) {} that the current version was not granted",
+                new_hosts.join(", ")
+            ));
+        }
+        if !asks.is_empty() && !approve {
+            return Err(SwapError::NeedsApproval(format!(
+                "the new version of \"{name}\" asks for more: {}",
+                asks.join("; ")
+            )));
+        }
+        let problems: Vec<String> = self
+            .uses
+            .read()
+            .expect("uses lock")
+            .iter()
+            .filter(|u| u.component == crate::component::canonical_name(name))
+            .flat_map(|u| {
+                plugin.check_config(&u.config).into_iter().map(move |p| {
+                    format!(
+                        "pipeline {} stage \"{}\": config{}: {}",
+                        u.pipeline, u.stage, p.path, p.message
+                    )
+                })
+            })
+            .collect();
+        if !problems.is_empty() {
+            return Err(SwapError::Invalid(format!(
+                "the new version's config schema rejects served stages: {}",
+                problems.join("; ")
+            )));
+        }
+        if approve && !new_hosts.is_empty() {
+            self.runtime.approve_hosts(name, &new_hosts);
+        }
+        let mut plugin = plugin;
         if let Some(dir) = &self.upload_dir {
-            if let Err(e) = persist(dir, name, bytes) {
-                tracing::warn!(target: "fmhost::serve", plugin = name, "cannot keep the uploaded version on disk: {e}");
+            match persist(dir, name, bytes) {
+                Ok(path) => plugin.path = path,
+                Err(e) => {
+                    tracing::warn!(target: "fmhost::serve", plugin = name, "cannot keep the uploaded version on disk: {e}");
+                }
             }
         }
+        let plugin = Arc::new(plugin);
         let new = Arc::new(Version {
             plugin: plugin.clone(),
             runs_served: AtomicU64::new(0),
@@ -237,6 +316,12 @@ impl PluginRegistry {
             .ok_or_else(|| SwapError::NothingToRollBack(name.to_string()))?;
         let to = previous.plugin.version.clone();
         let from = slot.current.swap(previous);
+        // The version rolled back from must not come back at the next start.
+        if let Some(dir) = &self.upload_dir {
+            if from.plugin.path.parent() == Some(dir.as_path()) {
+                let _ = std::fs::remove_file(&from.plugin.path);
+            }
+        }
         tracing::info!(target: "fmhost::serve", plugin = name, old_version = %from.plugin.version, new_version = %to, "rolled back plugin {name}: {} -> {to}", from.plugin.version);
         Ok((from.plugin.version.clone(), to))
     }
@@ -250,26 +335,59 @@ impl PluginRegistry {
                 return;
             }
         };
-        let name = match self.runtime.load_bytes(path, &bytes).await {
-            Ok(p) => p.name.clone(),
+        let plugin = match self.runtime.load_bytes(path, &bytes).await {
+            Ok(p) => p,
             Err(e) => {
                 tracing::warn!(target: "fmhost::serve", file = %path.display(), "refused plugin file; the current version keeps serving: {e}");
                 return;
             }
         };
-        if let Err(e) = self.swap(&name, &bytes, &path.display().to_string()).await {
+        let name = plugin.name.clone();
+        let origin = path.display().to_string();
+        // A file dropped into a watched directory is never approved for more than the current version has.
+        if let Err(e) = self.swap_loaded(&name, &bytes, plugin, &origin, false, Instant::now()) {
             tracing::warn!(target: "fmhost::serve", file = %path.display(), "refused plugin file; the current version keeps serving: {e}");
         }
     }
 }
 
-fn persist(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+fn world_name(w: crate::plugin::World) -> &'static str {
+    match w {
+        crate::plugin::World::Transform => "transform",
+        crate::plugin::World::Connector => "connector",
+    }
+}
+
+/// Keeps an uploaded version in the state directory, where the next start finds it
+/// (the newest file of a name wins). Older uploads of the name beyond the last few go.
+fn persist(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let stamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis();
-    std::fs::write(dir.join(format!("{name}-{stamp}.wasm")), bytes)
+    let path = dir.join(format!("{name}-{stamp}.wasm"));
+    let tmp = dir.join(format!(".{name}-{stamp}.tmp"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    let mut older: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .and_then(|f| f.strip_prefix(name)?.strip_prefix('-')?.strip_suffix(".wasm"))
+                .is_some_and(|stamp| stamp.chars().all(|c| c.is_ascii_digit()))
+        })
+        .collect();
+    older.sort();
+    let keep = 5;
+    if older.len() > keep {
+        for p in &older[..older.len() - keep] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    Ok(path)
 }
 
 /// Watches plugin directories and swaps in complete `.wasm` files: an event starts a

@@ -7,6 +7,9 @@ use std::sync::Arc;
 use super::{App, Interrupted, execute, process_delivery};
 use crate::journal::{OWNER_SERVE, RunFilter, RunJournal, replay};
 
+/// How many times a run is resumed after the server stopped during it.
+const MAX_RESUMES: u32 = 1;
+
 pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Result<()> {
     let interrupted = app
         .journal
@@ -24,8 +27,11 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
         handled.insert(run.summary.run_id.clone());
         let start = run.restart(OWNER_SERVE);
         let plan = app.pipelines.get(&run.summary.pipeline).cloned();
+        // A run that was already resumed once and is found running again most likely
+        // took the process down with it; resuming it blindly could do so at every start.
+        let crash_loop = run.resumed >= MAX_RESUMES;
         match (policy, plan) {
-            (Interrupted::Resume, Some(plan)) => {
+            (Interrupted::Resume, Some(plan)) if !crash_loop => {
                 let reuse = replay::reuse(&plan, &run, None, &app.engine.secrets)
                     .map_err(anyhow::Error::msg)?;
                 tracing::info!(target: "fmhost::serve", run_id = %start.run_id, reused = reuse.outputs.len(), "resuming interrupted run {} of {} ({} completed stage(s) kept)", start.run_id, plan.name, reuse.outputs.len());
@@ -45,10 +51,14 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
                         "interrupted by a restart, and pipeline \"{}\" is no longer served",
                         start.pipeline
                     )
+                } else if crash_loop && policy == Interrupted::Resume {
+                    format!(
+                        "the server stopped while running it again after {} resume(s); not resumed, in case it is what stops the server (fmhost dlq retry runs it again)",
+                        run.resumed
+                    )
                 } else {
                     "interrupted by a restart (--on-interrupted dead-letter)".to_string()
                 };
-                debug_assert!(plan.is_none() || policy == Interrupted::DeadLetter);
                 tracing::warn!(target: "fmhost::serve", run_id = %start.run_id, "run {} dead-lettered: {why}", start.run_id);
                 RunJournal::new(app.journal.clone(), start, app.engine.secrets.clone())
                     .reject(&why, "interrupted", false)

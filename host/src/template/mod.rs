@@ -131,8 +131,9 @@ impl Template {
             },
         ] = self.parts.as_slice()
         {
+            let _ = source;
             if *reads_secrets && scope.keep_secrets {
-                return Ok(Value::String(source.clone()));
+                return kept_secret(expr, scope);
             }
             return eval::eval(expr, scope).map(Cow::into_owned);
         }
@@ -141,14 +142,84 @@ impl Template {
             match part {
                 Part::Text(t) => out.push_str(t),
                 Part::Expr {
-                    source,
+                    expr,
                     reads_secrets: true,
                     ..
-                } if scope.keep_secrets => out.push_str(source),
+                } if scope.keep_secrets => out.push_str(&to_text(&kept_secret(expr, scope)?)),
                 Part::Expr { expr, .. } => out.push_str(&to_text(&*eval::eval(expr, scope)?)),
             }
         }
         Ok(Value::String(out))
+    }
+
+    /// Checks that every secret this template reads is in a form a plugin's config may
+    /// hold: `{{secrets.NAME}}` or `{{secrets.NAME | default(...)}}` with a default that
+    /// reads no secret.
+    pub fn plugin_secret_forms(&self) -> Result<(), String> {
+        for part in &self.parts {
+            if let Part::Expr {
+                expr,
+                source,
+                reads_secrets: true,
+            } = part
+            {
+                if secret_form(expr).is_none() {
+                    return Err(format!("`{source}`: {PLUGIN_SECRET_FORMS}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The secret names this template reads.
+    pub fn secret_names(&self) -> Vec<&str> {
+        self.paths()
+            .into_iter()
+            .filter(|p| p.root == "secrets")
+            .filter_map(|p| match p.segments.first() {
+                Some(Segment::Field(name)) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+const PLUGIN_SECRET_FORMS: &str = "a plugin's config may use a secret only as {{secrets.NAME}} or {{secrets.NAME | default(...)}}: the host substitutes the value, the plugin never holds it";
+
+/// `secrets.NAME` alone, or with `| default(x)` where `x` reads no secret.
+fn secret_form(expr: &Expr) -> Option<(&str, Option<&Expr>)> {
+    fn name(e: &Expr) -> Option<&str> {
+        match e {
+            Expr::Path(p) if p.root == "secrets" => match p.segments.as_slice() {
+                [Segment::Field(n)] => Some(n.as_str()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+    match expr {
+        Expr::Filter { input, name: f, args } if f == "default" && args.len() == 1 => {
+            let mut paths = Vec::new();
+            args[0].paths(&mut paths);
+            if paths.iter().any(|p| p.root == "secrets") {
+                return None;
+            }
+            name(input).map(|n| (n, Some(&args[0])))
+        }
+        e => name(e).map(|n| (n, None)),
+    }
+}
+
+/// What a plugin's config holds where the pipeline wrote a secret: the reference in its
+/// one canonical form when the secret is set, else the (trusted) default's value.
+fn kept_secret(expr: &Expr, scope: &Scope<'_>) -> Result<Value, String> {
+    let Some((name, default)) = secret_form(expr) else {
+        return Err(PLUGIN_SECRET_FORMS.to_string());
+    };
+    match (scope.secrets.get(name), default) {
+        (Some(_), _) => Ok(Value::String(format!("{{{{secrets.{name}}}}}"))),
+        (None, Some(d)) => eval::eval(d, scope).map(Cow::into_owned),
+        (None, None) => eval::eval(expr, scope).map(Cow::into_owned),
     }
 }
 
@@ -486,9 +557,16 @@ mod tests {
             now: None,
             keep_secrets: true,
         };
-        let t = Template::parse("Bearer {{secrets.TOKEN}}")
+        let t = Template::parse("Bearer {{ secrets.TOKEN }}")
             .unwrap()
             .unwrap();
         assert_eq!(t.render(&scope).unwrap(), json!("Bearer {{secrets.TOKEN}}"));
+        let t = Template::parse("{{secrets.NOPE | default('https://api.example')}}")
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.render(&scope).unwrap(), json!("https://api.example"));
+        let t = Template::parse("{{secrets.TOKEN | upper}}").unwrap().unwrap();
+        assert!(t.plugin_secret_forms().is_err());
+        assert!(t.render(&scope).is_err());
     }
 }

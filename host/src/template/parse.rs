@@ -236,7 +236,14 @@ fn lex(src: &str) -> Result<Vec<Tok>, String> {
 struct Parser {
     toks: Vec<Tok>,
     pos: usize,
+    depth: usize,
 }
+
+/// Most tokens in one expression. Bounds the size of the tree, and so the depth of
+/// evaluating and dropping it, even for left-nested chains such as `a | f | f | ...`.
+pub const MAX_TOKENS: usize = 512;
+/// Most nesting of parentheses, calls and `not`, so no input can overflow the stack.
+pub const MAX_DEPTH: usize = 32;
 
 /// Parses the text between `{{` and `}}`.
 pub fn parse_expr(src: &str) -> Result<Expr, String> {
@@ -244,7 +251,17 @@ pub fn parse_expr(src: &str) -> Result<Expr, String> {
     if toks.is_empty() {
         return Err("empty template".into());
     }
-    let mut p = Parser { toks, pos: 0 };
+    if toks.len() > MAX_TOKENS {
+        return Err(format!(
+            "expression is too long ({} tokens; the limit is {MAX_TOKENS})",
+            toks.len()
+        ));
+    }
+    let mut p = Parser {
+        toks,
+        pos: 0,
+        depth: 0,
+    };
     let expr = p.or()?;
     match p.peek() {
         None => Ok(expr),
@@ -308,7 +325,20 @@ impl Parser {
         }
     }
 
+    fn nested<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, String>) -> Result<T, String> {
+        if self.depth >= MAX_DEPTH {
+            return Err(format!("expression is nested too deeply (the limit is {MAX_DEPTH})"));
+        }
+        self.depth += 1;
+        let out = f(self);
+        self.depth -= 1;
+        out
+    }
+
     fn or(&mut self) -> Result<Expr, String> {
+        self.nested(Self::or_inner)
+    }
+    fn or_inner(&mut self) -> Result<Expr, String> {
         let mut left = self.and()?;
         while self.eat_keyword("or") {
             left = Expr::Or(Box::new(left), Box::new(self.and()?));
@@ -324,7 +354,7 @@ impl Parser {
     }
     fn not(&mut self) -> Result<Expr, String> {
         if self.eat_keyword("not") {
-            return Ok(Expr::Not(Box::new(self.not()?)));
+            return Ok(Expr::Not(Box::new(self.nested(Self::not)?)));
         }
         self.cmp()
     }
