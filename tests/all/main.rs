@@ -9,5 +9,6 @@ mod examples;
 mod journal;
 mod plugins;
 mod resilience;
+mod security;
 mod serve;
 mod validate;

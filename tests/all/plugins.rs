@@ -210,26 +210,17 @@ async fn egress_outside_the_allowed_hosts_is_refused() {
         json!({"config": {"mode": "call", "request": {"url": fake.url("/steal")}}}),
     );
     let ran = run_chaos(&p, &[]).await;
-    assert_eq!(ran.code, 0, "{}", ran.stderr);
-    let out = ran.json();
+    assert_eq!(ran.code, 1, "a refused request fails the stage:\n{}", ran.stderr);
+    let message = stage_error(&ran);
     assert!(
-        out["error"]["kind"].as_str().unwrap().ends_with("Refused"),
-        "{out}"
-    );
-    let message = out["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains(&format!(
-            "host 127.0.0.1:{} is not allowed (allowed: declared.example)",
-            fake.addr.port()
-        )),
+        message.starts_with("sandbox: plugin chaos in stage chaos: refused: ")
+            && message.contains(&format!(
+                "host 127.0.0.1:{} is not granted (granted: none); the plugin declares declared.example but declaring is not granting",
+                fake.addr.port()
+            )),
         "{message}"
     );
     assert!(fake.seen("/steal").is_empty(), "nothing reached the server");
-    assert!(
-        ran.stderr.contains("refused egress"),
-        "the refusal is logged:\n{}",
-        ran.stderr
-    );
 }
 
 #[tokio::test]
@@ -256,7 +247,9 @@ async fn a_secret_reaches_the_upstream_while_the_plugin_sees_only_the_template()
         seen[0].header("authorization"),
         Some(format!("Bearer {secret}").as_str())
     );
-    assert_eq!(seen[0].query, format!("key={secret}"));
+    // Outside a credential slot `{{secrets.NAME}}` is literal text.
+    assert!(!seen[0].query.contains(secret), "{}", seen[0].query);
+    assert!(seen[0].query.contains("secrets.API_TOKEN"), "{}", seen[0].query);
     let out = ran.json();
     assert_eq!(out["status"], 200);
     // Everything the plugin held: its config and the request it built.

@@ -13,18 +13,18 @@ use serde_json::{Value, json};
 use crate::plugins::plugin_file;
 use crate::support::{self, Fake, Ran, Reply};
 
-struct Server {
-    child: Child,
-    url: String,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) url: String,
     stderr: PathBuf,
 }
 
 impl Server {
-    fn start(dir: &Path, pipelines: &Path, plugins: &Path, secrets: &Value) -> Server {
+    pub(crate) fn start(dir: &Path, pipelines: &Path, plugins: &Path, secrets: &Value) -> Server {
         Self::start_with(dir, pipelines, plugins, secrets, &[])
     }
 
-    fn start_with(
+    pub(crate) fn start_with(
         dir: &Path,
         pipelines: &Path,
         plugins: &Path,
@@ -77,11 +77,11 @@ impl Server {
         Server { child, url, stderr }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    fn terminate(&mut self) -> i32 {
+    pub(crate) fn terminate(&mut self) -> i32 {
         std::process::Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()

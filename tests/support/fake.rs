@@ -148,6 +148,11 @@ impl Fake {
             .collect()
     }
 
+    /// Every request, whatever its path.
+    pub fn all_seen(&self) -> Vec<Seen> {
+        self.inner.seen.lock().unwrap().clone()
+    }
+
     pub fn max_in_flight(&self) -> usize {
         self.inner.max_in_flight.load(Ordering::SeqCst)
     }

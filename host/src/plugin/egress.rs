@@ -124,6 +124,17 @@ pub fn header_secret(value: &str) -> Option<(&str, &str)> {
     (len == token.len()).then_some((prefix, name))
 }
 
+/// Whether a header's name says it carries a credential (`Authorization`, `X-Api-Key`,
+/// `X-Auth-Token`, ...). Only such headers are credential slots, so a value taken from
+/// data that happens to read `{{secrets.NAME}}` in, say, `X-Customer-Id` stays text.
+pub fn is_credential_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    matches!(n.as_str(), "authorization" | "proxy-authorization" | "cookie")
+        || ["key", "token", "secret", "auth", "signature", "password", "credential", "session"]
+            .iter()
+            .any(|w| n.contains(w))
+}
+
 /// Why a request was refused, in words that name the secret (never its value) and the host.
 pub type Refusal = String;
 
@@ -199,12 +210,14 @@ impl Grant {
                 .iter()
                 .flat_map(|h| {
                     if h == super::policy::DECLARED {
-                        declared.to_vec()
-                    } else {
-                        vec![h.clone()]
+                        return declared.iter().filter_map(|d| HostPattern::parse(d)).collect();
+                    }
+                    match secret_token(h) {
+                        // The host of the URL the operator keeps in that secret, if set.
+                        Some((name, _)) => secrets.get(name).and_then(HostPattern::of_url).into_iter().collect(),
+                        None => HostPattern::parse(h).into_iter().collect::<Vec<_>>(),
                     }
                 })
-                .filter_map(|h| HostPattern::parse(&h))
                 .collect();
             for name in &g.secrets {
                 bindings.push(Binding {
@@ -213,6 +226,9 @@ impl Grant {
                 });
             }
             hosts.extend(policy_hosts);
+        }
+        if let Some(approved) = policy.approved.get(plugin) {
+            hosts.extend(approved.iter().filter_map(|h| HostPattern::parse(h)));
         }
         let declared_only = declared
             .iter()
@@ -324,19 +340,14 @@ pub fn prepare(
     // The URL's base: only a token that opens it.
     let full_url = match secret_token(url) {
         Some((name, len)) => {
-            let value = secrets.get(name).ok_or_else(|| {
-                (true, format!("url: secret {name} is not set"))
-            })?;
-            grant
-                .bindings
-                .iter()
-                .any(|b| b.name == name)
-                .then_some(())
-                .ok_or_else(|| {
-                    (true, format!(
-                        "url: secret {name} was not granted to this stage (name it in the stage's config or its \"secrets\" list)"
-                    ))
-                })?;
+            if !grant.bindings.iter().any(|b| b.name == name) {
+                return Err((true, format!(
+                    "url: secret {name} was not granted to this stage (name it in the stage's config or its \"secrets\" list)"
+                )));
+            }
+            let value = secrets
+                .get(name)
+                .ok_or_else(|| (false, format!("url: secret {name} is not set")))?;
             format!("{value}{}", &url[len..])
         }
         None => url.to_string(),
@@ -351,14 +362,14 @@ pub fn prepare(
     let mut out = Vec::with_capacity(headers.len());
     let mut credential_headers = Vec::new();
     for (name, value) in headers {
-        match header_secret(value) {
+        match header_secret(value).filter(|_| is_credential_header(name)) {
             Some((prefix, secret)) => {
                 grant
                     .may_carry(secret, &parsed)
                     .map_err(|e| (true, format!("header {name}: {e}")))?;
                 let v = secrets
                     .get(secret)
-                    .ok_or_else(|| (true, format!("header {name}: secret {secret} is not set")))?;
+                    .ok_or_else(|| (false, format!("header {name}: secret {secret} is not set")))?;
                 out.push((name.clone(), format!("{prefix}{v}")));
                 credential_headers.push(name.to_ascii_lowercase());
             }
@@ -426,6 +437,8 @@ mod tests {
         // `{{` outside a slot is literal text, never a secret.
         let lit = prepare(&g, "https://api.example/c/{{secrets.KEY}}", &h("a b {{secrets.KEY}}"), &s).unwrap();
         assert!(!lit.url.contains("k-123456") && lit.headers[0].1 == "a b {{secrets.KEY}}");
+        let id = vec![("x-customer-id".to_string(), "{{secrets.KEY}}".to_string())];
+        assert_eq!(prepare(&g, "https://api.example/", &id, &s).unwrap().headers[0].1, "{{secrets.KEY}}");
         assert!(err("{{secrets.OTHER}}/x", "x").contains("not granted"));
         assert!(prepare(&g, "{{secrets.UNSET | default('http://evil')}}/x", &h("x"), &s).is_err());
     }

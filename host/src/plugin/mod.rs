@@ -165,7 +165,7 @@ impl PluginRuntime {
             connector_linker,
             cache,
             memory_limit,
-            policy: RwLock::default(),
+            policy: RwLock::new(Arc::new(Policy::builtin())),
             own_addrs: RwLock::default(),
         }))
     }

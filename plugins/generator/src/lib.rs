@@ -6,7 +6,7 @@
 //! when it is a JSON object (also inside a ```json fence), else `{"text": ...}`.
 
 use fmhost_plugin_sdk::{
-    Descriptor, Guest, PluginError, PluginKind, Request, RetryPolicy, export_connector,
+    Descriptor, Guest, HttpErrorKind, PluginError, PluginKind, Request, RetryPolicy, export_connector,
     invalid_config, json_body, parse_config,
 };
 use serde_json::{Value, json};
@@ -45,11 +45,11 @@ impl Guest for Generator {
             .get("prompt")
             .and_then(Value::as_str)
             .ok_or_else(|| invalid_config("config.prompt: required"))?;
-        let base = match config.get("base_url").and_then(Value::as_str) {
+        // The operator's secret OPENAI_BASE_URL, else the public endpoint; the host says
+        // which secrets are set (it substitutes them; the plugin never sees a value).
+        let mut base = match config.get("base_url").and_then(Value::as_str) {
             Some(b) => b.to_string(),
-            None => {
-                "{{secrets.OPENAI_BASE_URL | default('https://api.openai.com/v1')}}".to_string()
-            }
+            None => "{{secrets.OPENAI_BASE_URL}}".to_string(),
         };
         let mut messages = Vec::new();
         if let Some(system) = config.get("system_prompt").and_then(Value::as_str) {
@@ -65,26 +65,37 @@ impl Guest for Generator {
                 body[key] = v.clone();
             }
         }
-        let req = Request {
-            method: "POST".into(),
-            url: format!("{}/chat/completions", base.trim_end_matches('/')),
-            headers: vec![
-                ("content-type".into(), "application/json".into()),
-                (
-                    "authorization".into(),
-                    "Bearer {{secrets.OPENAI_API_KEY | default('')}}".into(),
-                ),
-            ],
-            body: Some(body.to_string().into_bytes()),
-            timeout_ms: Some(120_000),
-            idempotency_key: None,
-            retry: Some(RetryPolicy {
-                max_attempts: 3,
-                initial_delay_ms: 1000,
-                backoff_multiplier: 2.0,
-            }),
+        let mut auth = true;
+        let (req, resp) = loop {
+            let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+            if auth {
+                headers.push(("authorization".into(), "Bearer {{secrets.OPENAI_API_KEY}}".into()));
+            }
+            let req = Request {
+                method: "POST".into(),
+                url: format!("{}/chat/completions", base.trim_end_matches('/')),
+                headers,
+                body: Some(body.to_string().into_bytes()),
+                timeout_ms: Some(120_000),
+                idempotency_key: None,
+                retry: Some(RetryPolicy {
+                    max_attempts: 3,
+                    initial_delay_ms: 1000,
+                    backoff_multiplier: 2.0,
+                }),
+            };
+            match fmhost_plugin_sdk::http::send(&req) {
+                Ok(resp) => break (req, resp),
+                Err(e) if e.kind == HttpErrorKind::InvalidRequest && e.message.contains("OPENAI_BASE_URL is not set") => {
+                    base = "https://api.openai.com/v1".into();
+                }
+                // A local model server may need no key at all.
+                Err(e) if auth && e.kind == HttpErrorKind::InvalidRequest && e.message.contains("OPENAI_API_KEY is not set") => {
+                    auth = false;
+                }
+                Err(e) => return Err(fmhost_plugin_sdk::send_error(&req, e)),
+            }
         };
-        let resp = fmhost_plugin_sdk::send(&req)?;
         let answer = json_body(&req, &resp)?;
         let content = answer
             .pointer("/choices/0/message/content")

@@ -65,14 +65,17 @@ pub fn info(message: &str) {
 
 /// Sends a request through the host.
 pub fn send(req: &Request) -> Result<Response, PluginError> {
-    http::send(req).map_err(|e| {
-        let kind = match e.kind {
-            HttpErrorKind::Timeout => ErrorKind::Timeout,
-            HttpErrorKind::Refused | HttpErrorKind::InvalidRequest => ErrorKind::InvalidConfig,
-            _ => ErrorKind::Upstream,
-        };
-        error(kind, format!("{} {}: {}", req.method, req.url, e.message))
-    })
+    http::send(req).map_err(|e| send_error(req, e))
+}
+
+/// The plugin error for a failed [`http::send`], naming the call.
+pub fn send_error(req: &Request, e: HttpError) -> PluginError {
+    let kind = match e.kind {
+        HttpErrorKind::Timeout => ErrorKind::Timeout,
+        HttpErrorKind::Refused | HttpErrorKind::InvalidRequest => ErrorKind::InvalidConfig,
+        _ => ErrorKind::Upstream,
+    };
+    error(kind, format!("{} {}: {}", req.method, req.url, e.message))
 }
 
 /// GETs `url` and parses a 2xx JSON body; other statuses become errors of the right kind.

@@ -5,6 +5,8 @@
 //! - `call`: sends `config.request` through host http and returns what it sent and got.
 //! - `log`: calls the host's log import `config.n` times (for benchmarks).
 //! - `env`: reports what WASI lets it see (environment, files, arguments).
+//! - `flood`: writes `config.mib` MiB to stderr and stdout, then succeeds.
+//! - `recurse`: recurses until the stack runs out.
 
 use fmhost_plugin_sdk::{
     Descriptor, Guest, PluginError, PluginKind, Request, export_connector, invalid_config,
@@ -43,6 +45,16 @@ impl Guest for Chaos {
                 }
             }
             "panic" => panic!("chaos was asked to panic"),
+            "flood" => {
+                use std::io::Write;
+                let line = [b'x'; 1024];
+                for _ in 0..config["mib"].as_u64().unwrap_or(1) * 1024 {
+                    let _ = std::io::stderr().write_all(&line);
+                    let _ = std::io::stdout().write_all(&line);
+                }
+                Ok("\"flooded\"".into())
+            }
+            "recurse" => Ok(depth(std::hint::black_box(0)).to_string()),
             "log" => {
                 let n = config["n"].as_u64().unwrap_or(1);
                 for _ in 0..n {
@@ -90,6 +102,14 @@ impl Guest for Chaos {
             ))),
         }
     }
+}
+
+fn depth(n: u64) -> u64 {
+    let pad = std::hint::black_box([n; 64]);
+    if pad[0] == u64::MAX {
+        return 0;
+    }
+    depth(n + 1) + pad[1]
 }
 
 export_connector!(Chaos);

