@@ -209,6 +209,15 @@ async fn names_are_guarded_and_a_swap_that_asks_for_more_is_refused() {
     assert_eq!(ran.code, 2, "{}", ran.stderr);
     assert!(ran.stderr.contains("\"schema_validate\" is the name of a built-in component"), "{}", ran.stderr);
 
+    // A component that imports wasi:http is refused before it is compiled.
+    let http = dir.join("http.wasm");
+    std::fs::write(&http, wat::parse_str(r#"(component (import "wasi:http/outgoing-handler@0.2.0" (instance)))"#).unwrap()).unwrap();
+    let mut cmd = support::fmhost();
+    cmd.args(["plugins", "inspect"]).arg(&http);
+    let ran: support::Ran = support::output(cmd).await.into();
+    assert_ne!(ran.code, 0);
+    assert!(ran.stderr.contains("imports wasi:http/outgoing-handler@0.2.0, which fmhost does not grant"), "{}", ran.stderr);
+
     let plugins = fixtures(&dir, &[("target/plugins", "intercom")]);
     let pipelines = dir.join("pipelines");
     std::fs::create_dir_all(&pipelines).unwrap();

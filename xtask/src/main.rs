@@ -18,6 +18,7 @@ fn main() -> Result<()> {
         Some("test") => test(&root, &args[1..]),
         Some("plugins") => plugins(&root),
         Some("demo") => demo(&root, &args[1..]),
+        Some("fuzz") => fuzz(&root, &args[1..]),
         Some("bench") => bench(
             &root,
             args.iter().any(|a| a == "--quick"),
@@ -25,7 +26,7 @@ fn main() -> Result<()> {
         ),
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo [--connectors] | test [cargo test args] | plugins | bench [--quick] [--table-only]>"
+                "usage: cargo xtask <demo [--connectors] | test [cargo test args] | plugins | bench [--quick] [--table-only] | fuzz [--minutes N]>"
             );
             std::process::exit(2);
         }
@@ -68,6 +69,31 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .current_dir(root)
         .args(["test", "--workspace"])
         .args(extra))
+}
+
+/// Runs the generated-input tests (parser, validator, renderer) for `--minutes N`
+/// (default 5), round after round with fresh seeds, printing a line per round.
+fn fuzz(root: &Path, args: &[String]) -> Result<()> {
+    let minutes: u64 = match args {
+        [] => 5,
+        [flag, n] if flag == "--minutes" => n.parse().map_err(|_| anyhow::anyhow!("--minutes takes a whole number"))?,
+        _ => anyhow::bail!("usage: cargo xtask fuzz [--minutes N]"),
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(minutes * 60);
+    let cases = 2000;
+    let mut round = 0u64;
+    while std::time::Instant::now() < until {
+        round += 1;
+        let left = until.saturating_duration_since(std::time::Instant::now()).as_secs();
+        eprintln!("fuzz round {round}: {cases} cases per property ({left} s left)");
+        run(cargo()
+            .current_dir(root)
+            .env("PROPTEST_CASES", cases.to_string())
+            .env("PROPTEST_RNG_SEED", (round * 7919 + std::process::id() as u64).to_string())
+            .args(["test", "--quiet", "-p", "fmhost", "--lib", "template::proptests"]))?;
+    }
+    eprintln!("fuzz: {round} round(s), {} cases per property, no failure", round * cases);
+    Ok(())
 }
 
 /// Builds the nested wasm32-wasip2 workspaces: the plugins and the test fixtures.

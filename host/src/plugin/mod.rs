@@ -212,6 +212,20 @@ impl PluginRuntime {
         bytes: &[u8],
     ) -> Result<Plugin, PluginError> {
         let hash = content_hash(bytes);
+        // Refuse what fmhost never grants before paying for a compile (seconds for a
+        // large component, such as a JavaScript one that bundles an engine).
+        if let Some(http) = top_level_imports(bytes)
+            .map_err(|e| load_err(path, format!("not a valid WebAssembly component: {e}")))?
+            .iter()
+            .find(|i| i.starts_with("wasi:http/"))
+        {
+            return Err(load_err(
+                path,
+                format!(
+                    "imports {http}, which fmhost does not grant; make HTTP calls through fmhost:plugin/http (for componentize-js, build with --disable http)"
+                ),
+            ));
+        }
         let component = {
             let (rt, bytes, hash) = (self.clone(), bytes.to_vec(), hash.clone());
             // Compiling is CPU-bound and can take seconds for large components.
@@ -230,14 +244,6 @@ impl PluginRuntime {
             .imports(&self.engine)
             .map(|(name, _)| name.to_string())
             .collect();
-        if let Some(http) = imports.iter().find(|i| i.starts_with("wasi:http/")) {
-            return Err(load_err(
-                path,
-                format!(
-                    "imports {http}, which fmhost does not grant; make HTTP calls through fmhost:plugin/http"
-                ),
-            ));
-        }
         let world = if imports.iter().any(|i| i.starts_with("fmhost:plugin/http@")) {
             World::Connector
         } else {
@@ -512,6 +518,25 @@ impl WarmInstance {
             Err(trap) => Err(chain(&trap)),
         }
     }
+}
+
+/// The names a component imports at its top level, read without compiling it.
+fn top_level_imports(bytes: &[u8]) -> Result<Vec<String>, String> {
+    let mut depth = 0usize;
+    let mut names = Vec::new();
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload.map_err(|e| e.to_string())? {
+            wasmparser::Payload::Version { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            wasmparser::Payload::ComponentImportSection(reader) if depth == 1 => {
+                for import in reader {
+                    names.push(import.map_err(|e| e.to_string())?.name.name.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(names)
 }
 
 fn load_err(path: &Path, message: String) -> PluginError {

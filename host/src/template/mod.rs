@@ -7,6 +7,8 @@
 
 mod eval;
 mod parse;
+#[cfg(test)]
+mod proptests;
 
 use std::borrow::Cow;
 
