@@ -176,8 +176,19 @@ async fn spinning_flooding_and_recursing_plugins_do_not_take_the_host_down() {
     std::fs::create_dir_all(&pipelines).unwrap();
     support::write_json(&pipelines, "spin.json", &json!({"name": "spin", "stages": [
         {"id": "chaos", "component": "chaos", "timeout": "20s", "config": {"mode": "spin"}}]}));
+    support::write_json(&pipelines, "selfcall.json", &json!({"name": "selfcall", "stages": [
+        {"id": "chaos", "component": "chaos", "allowed_hosts": ["127.0.0.1", "localhost"],
+         "config": {"mode": "call", "request": "{{input.request}}"}}]}));
     let server = Server::start(&dir, &pipelines, &plugins, &json!({}));
     let client = reqwest::Client::new();
+    // A plugin granted "127.0.0.1" on any port still cannot call this server's own API.
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    for url in [format!("{}/v1/plugins", server.url), format!("http://localhost:{port}/v1/runs")] {
+        let resp = client.post(format!("{}/v1/pipelines/selfcall/runs", server.url))
+            .json(&json!({"request": {"url": url}})).send().await.unwrap();
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("is this fmhost server's own address"), "{text}");
+    }
     for _ in 0..2 {
         let resp = client.post(format!("{}/v1/pipelines/spin/runs?mode=async", server.url)).json(&json!({})).send().await.unwrap();
         assert_eq!(resp.status(), 202, "{}", server.log());
@@ -252,4 +263,36 @@ async fn names_are_guarded_and_a_swap_that_asks_for_more_is_refused() {
     let server = Server::start(&dir, &pipelines, &plugins, &json!({"INTERCOM_TOKEN": KEY}));
     let listed: Value = client.get(format!("{}/v1/plugins", server.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(intercom(&listed), "6.6.6", "the upload serves after a restart: {listed}");
+}
+
+/// Run input that reads `{{secrets.KEY}}` is text on the first run and stays text when
+/// the journal hands it back to a replay: data never becomes a reference.
+#[tokio::test]
+async fn data_that_looks_like_a_reference_stays_text_through_a_replay() {
+    let fake = Fake::start().await;
+    let dir = support::scratch("security-replay");
+    let state = dir.join("state");
+    let pipeline = support::write_json(&dir, "lookup.json", &json!({"name": "lookup", "stages": [
+        {"id": "fetch", "component": "http-request", "config": {
+            "url": format!("{}/c", fake.url("")), "query_params": {"id": "{{input.id}}"},
+            "headers": {"Authorization": "Bearer {{secrets.KEY}}"}}}]}));
+    let fmhost = |args: Vec<String>| {
+        let mut cmd = support::fmhost();
+        cmd.arg("--state").arg(&state).args(args).env("FMHOST_SECRET_KEY", KEY);
+        support::output(cmd)
+    };
+    let first: support::Ran = fmhost(vec!["run".into(), pipeline.display().to_string(), "--input-json".into(),
+        json!({"id": "{{secrets.KEY}}"}).to_string()]).await.into();
+    // The fake answers 404 (no route): the run fails, which is what a replay is for.
+    assert_eq!(first.code, 1, "{}", first.stderr);
+    let runs: support::Ran = fmhost(vec!["runs".into(), "list".into(), "--json".into()]).await.into();
+    let run_id = runs.json()[0]["run_id"].as_str().unwrap().to_string();
+    let again: support::Ran = fmhost(vec!["replay".into(), run_id]).await.into();
+    assert_eq!(again.code, 1, "{}", again.stderr);
+    let seen = fake.seen("/c");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for s in &seen {
+        assert_eq!(s.query, "id=%7B%7Bsecrets.KEY%7D%7D", "the id went out as the text it was");
+        assert!(!s.query.contains(KEY));
+    }
 }
