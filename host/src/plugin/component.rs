@@ -124,17 +124,29 @@ impl Component for WasmComponent {
             ctx.secrets.clone(),
             runtime.memory_limit,
             grant,
-            std::time::Instant::now() + deadline,
+            // One epoch tick early, so guest code still running at the stage's deadline
+            // is stopped by the sandbox, and the error names the plugin.
+            std::time::Instant::now() + deadline.saturating_sub(super::EPOCH_TICK).max(super::EPOCH_TICK),
         );
         let mut store = runtime.store(state);
-        let result = async {
-            let instance = p.pre.instantiate_async(&mut store).await?;
-            instance
-                .fmhost_plugin_plugin()
-                .call_invoke(&mut store, &config_text, &input_text)
-                .await
-        }
-        .await;
+        let pre = p.pre.clone();
+        // Guest code runs on the plugin threads, never on the threads that serve
+        // requests; dropping this future (a stage or run deadline) aborts it at the
+        // guest's next epoch yield.
+        let task = super::executor().spawn(async move {
+            let result = async {
+                let instance = pre.instantiate_async(&mut store).await?;
+                instance
+                    .fmhost_plugin_plugin()
+                    .call_invoke(&mut store, &config_text, &input_text)
+                    .await
+            }
+            .await;
+            (store, result)
+        });
+        let (store, result) = tokio_util::task::AbortOnDropHandle::new(task)
+            .await
+            .map_err(|e| StageError::internal(format!("plugin {}: its task ended: {e}", p.name)))?;
         let state = store.data();
         ctx.retries
             .fetch_add(state.retries.load(Ordering::Relaxed), Ordering::Relaxed);

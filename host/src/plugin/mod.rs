@@ -274,15 +274,22 @@ impl PluginRuntime {
                 Instant::now() + DESCRIBE_DEADLINE,
             ),
         );
-        let instance = pre
-            .instantiate_async(&mut store)
+        let describe_pre = pre.clone();
+        let task = executor().spawn(async move {
+            let instance = describe_pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| format!("cannot be instantiated: {}", chain(&e)))?;
+            instance
+                .fmhost_plugin_plugin()
+                .call_describe(&mut store)
+                .await
+                .map_err(|e| format!("describe() failed: {}", chain(&e)))
+        });
+        let d = tokio_util::task::AbortOnDropHandle::new(task)
             .await
-            .map_err(|e| load_err(path, format!("cannot be instantiated: {}", chain(&e))))?;
-        let d = instance
-            .fmhost_plugin_plugin()
-            .call_describe(&mut store)
-            .await
-            .map_err(|e| load_err(path, format!("describe() failed: {}", chain(&e))))?;
+            .map_err(|e| load_err(path, format!("describe() did not finish: {e}")))?
+            .map_err(|e| load_err(path, e))?;
         let kind = match d.kind {
             bindings::PluginKind::Transform => World::Transform,
             bindings::PluginKind::Connector => World::Connector,
@@ -537,6 +544,23 @@ fn top_level_imports(bytes: &[u8]) -> Result<Vec<String>, String> {
         }
     }
     Ok(names)
+}
+
+/// The threads plugin code runs on: as many as there are cores, apart from the runtime
+/// that accepts connections and schedules stages, so guests that spin (each yields
+/// every epoch tick) compete with `/healthz` for the CPU through the OS scheduler, not
+/// for a place in the same task queue. Built once; lives as long as the process.
+pub(crate) fn executor() -> &'static tokio::runtime::Handle {
+    static EXEC: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    EXEC.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name("fmhost-plugin")
+            .enable_all()
+            .build()
+            .expect("the plugin threads start")
+    })
+    .handle()
 }
 
 fn load_err(path: &Path, message: String) -> PluginError {
