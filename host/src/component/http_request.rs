@@ -178,7 +178,10 @@ fn redirect_guard(url: &str, allowed: &Arc<[String]>) -> Option<http::HopGuard> 
         .filter_map(|h| crate::plugin::HostPattern::parse(h))
         .collect();
     Some(http::HopGuard(Arc::new(move |next: &reqwest::Url| {
-        let (host, port) = (next.host_str().unwrap_or_default(), next.port_or_known_default());
+        let (host, port) = (
+            next.host_str().unwrap_or_default(),
+            next.port_or_known_default(),
+        );
         if next.origin() == origin || patterns.iter().any(|p| p.matches(host, port)) {
             Ok(())
         } else {

@@ -421,8 +421,11 @@ impl Outbound {
         for (name, value) in &req.headers {
             let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| invalid(format!("invalid header name {name:?}")))?;
-            let value = reqwest::header::HeaderValue::from_str(value)
-                .map_err(|_| invalid(format!("header {name}: value is not valid in an HTTP header")))?;
+            let value = reqwest::header::HeaderValue::from_str(value).map_err(|_| {
+                invalid(format!(
+                    "header {name}: value is not valid in an HTTP header"
+                ))
+            })?;
             headers.append(name, value);
         }
         headers.insert(
@@ -437,46 +440,74 @@ impl Outbound {
                     .map_err(|_| invalid("idempotency key is not a valid header value".into()))?,
             );
         }
-        let start = reqwest::Url::parse(&req.url)
-            .map_err(|e| invalid(format!("url {}: {e}", shown())))?;
+        let start =
+            reqwest::Url::parse(&req.url).map_err(|e| invalid(format!("url {}: {e}", shown())))?;
         let mut timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT);
         if let Some(deadline) = ctx.deadline {
             timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
         }
         let exchange = async {
             let origin = start.origin();
-            let (mut url, mut method, mut body) = (start.clone(), req.method.clone(), req.body.clone());
+            let (mut url, mut method, mut body) =
+                (start.clone(), req.method.clone(), req.body.clone());
             let mut hops = 0;
             let mut resp = loop {
-                let mut builder = self.client.request(method.clone(), url.clone()).headers(headers.clone());
+                let mut builder = self
+                    .client
+                    .request(method.clone(), url.clone())
+                    .headers(headers.clone());
                 if let Some(body) = &body {
                     builder = builder.body(body.clone());
                 }
                 let resp = builder.send().await?;
                 let status = resp.status().as_u16();
-                let location = resp.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
-                let Some(location) = location.filter(|_| matches!(status, 301 | 302 | 303 | 307 | 308)) else {
+                let location = resp
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|l| l.to_str().ok());
+                let Some(location) =
+                    location.filter(|_| matches!(status, 301 | 302 | 303 | 307 | 308))
+                else {
                     break resp;
                 };
                 if hops == MAX_REDIRECTS {
-                    return Ok(Err(Stop::Redirect(ErrorKind::Connect, format!("more than {MAX_REDIRECTS} redirects"))));
+                    return Ok(Err(Stop::Redirect(
+                        ErrorKind::Connect,
+                        format!("more than {MAX_REDIRECTS} redirects"),
+                    )));
                 }
                 hops += 1;
                 let next = match url.join(location) {
                     Ok(n) if matches!(n.scheme(), "http" | "https") => n,
-                    _ => return Ok(Err(Stop::Redirect(ErrorKind::Parse, format!("redirect to an invalid location {:?}", ctx.secrets.redact(location))))),
+                    _ => {
+                        return Ok(Err(Stop::Redirect(
+                            ErrorKind::Parse,
+                            format!(
+                                "redirect to an invalid location {:?}",
+                                ctx.secrets.redact(location)
+                            ),
+                        )));
+                    }
                 };
                 if let Some(guard) = &req.hop_guard {
                     if let Err(why) = (guard.0)(&next) {
-                        return Ok(Err(Stop::Redirect(ErrorKind::Sandbox, format!("redirect to {} refused: {why}", ctx.secrets.redact(next.as_str())))));
+                        return Ok(Err(Stop::Redirect(
+                            ErrorKind::Sandbox,
+                            format!(
+                                "redirect to {} refused: {why}",
+                                ctx.secrets.redact(next.as_str())
+                            ),
+                        )));
                     }
                 }
                 if next.origin() != origin {
                     let credential: Vec<reqwest::header::HeaderName> = headers
                         .iter()
                         .filter(|(k, v)| {
-                            matches!(k.as_str(), "authorization" | "proxy-authorization" | "cookie")
-                                || req.credential_headers.iter().any(|c| c == k.as_str())
+                            matches!(
+                                k.as_str(),
+                                "authorization" | "proxy-authorization" | "cookie"
+                            ) || req.credential_headers.iter().any(|c| c == k.as_str())
                                 || v.to_str().is_ok_and(|v| ctx.secrets.occurs(v))
                         })
                         .map(|(k, _)| k.clone())

@@ -270,7 +270,8 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
                     check_refs(&format!("config{path}"), template, false, &mut diags);
                     if plugin_stage {
                         if let Err(message) = template.plugin_secret_forms() {
-                            diags.push(Diagnostic::new(format!("{}: config{path}", p.loc), message));
+                            diags
+                                .push(Diagnostic::new(format!("{}: config{path}", p.loc), message));
                         }
                     }
                     for name in template.secret_names() {
@@ -449,7 +450,11 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
         retry = Some((r.clone(), "retry"));
     }
     for (j, name) in doc.secrets.iter().enumerate() {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
             diags.push(Diagnostic::new(
                 format!("{loc}: secrets[{j}]"),
                 format!("{name:?} is not a secret name (letters, digits, '_' and '-')"),

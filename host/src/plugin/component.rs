@@ -126,7 +126,10 @@ impl Component for WasmComponent {
             grant,
             // One epoch tick early, so guest code still running at the stage's deadline
             // is stopped by the sandbox, and the error names the plugin.
-            std::time::Instant::now() + deadline.saturating_sub(super::EPOCH_TICK).max(super::EPOCH_TICK),
+            std::time::Instant::now()
+                + deadline
+                    .saturating_sub(super::EPOCH_TICK)
+                    .max(super::EPOCH_TICK),
         );
         let mut store = runtime.store(state);
         let pre = p.pre.clone();
@@ -154,7 +157,10 @@ impl Component for WasmComponent {
             // A plugin that tried what it was not granted fails, whatever it returns.
             return Err(StageError::new(
                 ErrorKind::Sandbox,
-                format!("plugin {} in stage {}: refused: {why}", p.name, ctx.stage_id),
+                format!(
+                    "plugin {} in stage {}: refused: {why}",
+                    p.name, ctx.stage_id
+                ),
             ));
         }
         match result {
@@ -190,7 +196,10 @@ fn sandbox_error(
     state: &PluginState,
     deadline: Duration,
 ) -> StageError {
-    let stderr = state.secrets.redact(state.stderr.text().trim()).into_owned();
+    let stderr = state
+        .secrets
+        .redact(state.stderr.text().trim())
+        .into_owned();
     let detail = if stderr.is_empty() {
         String::new()
     } else {

@@ -67,7 +67,10 @@ impl HostPattern {
     }
 
     fn matches_url(&self, url: &reqwest::Url) -> bool {
-        self.matches(url.host_str().unwrap_or_default(), url.port_or_known_default())
+        self.matches(
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default(),
+        )
     }
 
     /// Names exactly one host and port (not a wildcard, not any port).
@@ -129,10 +132,21 @@ pub fn header_secret(value: &str) -> Option<(&str, &str)> {
 /// data that happens to read `{{secrets.NAME}}` in, say, `X-Customer-Id` stays text.
 pub fn is_credential_header(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    matches!(n.as_str(), "authorization" | "proxy-authorization" | "cookie")
-        || ["key", "token", "secret", "auth", "signature", "password", "credential", "session"]
-            .iter()
-            .any(|w| n.contains(w))
+    matches!(
+        n.as_str(),
+        "authorization" | "proxy-authorization" | "cookie"
+    ) || [
+        "key",
+        "token",
+        "secret",
+        "auth",
+        "signature",
+        "password",
+        "credential",
+        "session",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
 }
 
 /// Why a request was refused, in words that name the secret (never its value) and the host.
@@ -210,11 +224,18 @@ impl Grant {
                 .iter()
                 .flat_map(|h| {
                     if h == super::policy::DECLARED {
-                        return declared.iter().filter_map(|d| HostPattern::parse(d)).collect();
+                        return declared
+                            .iter()
+                            .filter_map(|d| HostPattern::parse(d))
+                            .collect();
                     }
                     match secret_token(h) {
                         // The host of the URL the operator keeps in that secret, if set.
-                        Some((name, _)) => secrets.get(name).and_then(HostPattern::of_url).into_iter().collect(),
+                        Some((name, _)) => secrets
+                            .get(name)
+                            .and_then(HostPattern::of_url)
+                            .into_iter()
+                            .collect(),
                         None => HostPattern::parse(h).into_iter().collect::<Vec<_>>(),
                     }
                 })
@@ -232,9 +253,7 @@ impl Grant {
         }
         let declared_only = declared
             .iter()
-            .filter(|d| {
-                HostPattern::parse(d).is_some_and(|d| !hosts.iter().any(|h| *h == d))
-            })
+            .filter(|d| HostPattern::parse(d).is_some_and(|d| !hosts.iter().any(|h| *h == d)))
             .cloned()
             .collect();
         Grant {
@@ -295,7 +314,9 @@ impl Grant {
         self.own.iter().any(|a| {
             a.port() == port
                 && ips.iter().any(|ip| {
-                    *ip == a.ip() || a.ip().is_unspecified() || (ip.is_loopback() && a.ip().is_loopback())
+                    *ip == a.ip()
+                        || a.ip().is_unspecified()
+                        || (ip.is_loopback() && a.ip().is_loopback())
                 })
         })
     }
@@ -311,7 +332,10 @@ impl Grant {
                 return Ok(());
             }
         }
-        let at = format!("{host}{}", port.map(|p| format!(":{p}")).unwrap_or_default());
+        let at = format!(
+            "{host}{}",
+            port.map(|p| format!(":{p}")).unwrap_or_default()
+        );
         if granted {
             Err(format!("secret {secret} is not bound to host {at}"))
         } else {
@@ -341,9 +365,12 @@ pub fn prepare(
     let full_url = match secret_token(url) {
         Some((name, len)) => {
             if !grant.bindings.iter().any(|b| b.name == name) {
-                return Err((true, format!(
-                    "url: secret {name} was not granted to this stage (name it in the stage's config or its \"secrets\" list)"
-                )));
+                return Err((
+                    true,
+                    format!(
+                        "url: secret {name} was not granted to this stage (name it in the stage's config or its \"secrets\" list)"
+                    ),
+                ));
             }
             let value = secrets
                 .get(name)
@@ -352,11 +379,13 @@ pub fn prepare(
         }
         None => url.to_string(),
     };
-    let parsed = reqwest::Url::parse(&full_url).map_err(|e| {
-        (false, format!("url {}: {e}", secrets.redact(&full_url)))
-    })?;
+    let parsed = reqwest::Url::parse(&full_url)
+        .map_err(|e| (false, format!("url {}: {e}", secrets.redact(&full_url))))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err((true, format!("url scheme {} is not http or https", parsed.scheme())));
+        return Err((
+            true,
+            format!("url scheme {} is not http or https", parsed.scheme()),
+        ));
     }
     grant.may_reach(&parsed).map_err(|e| (true, e))?;
     let mut out = Vec::with_capacity(headers.len());
@@ -387,7 +416,12 @@ pub fn prepare(
 mod tests {
     use super::*;
 
-    fn grant(secrets: &Secrets, stage_secrets: &[&str], hosts: &[&str], base: Option<&str>) -> Grant {
+    fn grant(
+        secrets: &Secrets,
+        stage_secrets: &[&str],
+        hosts: &[&str],
+        base: Option<&str>,
+    ) -> Grant {
         let secrets_list: Vec<String> = stage_secrets.iter().map(|s| s.to_string()).collect();
         let allowed: Vec<String> = hosts.iter().map(|s| s.to_string()).collect();
         Grant::new(
@@ -410,7 +444,10 @@ mod tests {
         assert_eq!(secret_token("{{ secrets.A }}"), Some(("A", 15)));
         assert_eq!(secret_token("{{secrets.A | upper}}"), None);
         assert_eq!(secret_token("{{secrets.}}"), None);
-        assert_eq!(header_secret("Bearer {{secrets.K}}"), Some(("Bearer ", "K")));
+        assert_eq!(
+            header_secret("Bearer {{secrets.K}}"),
+            Some(("Bearer ", "K"))
+        );
         assert_eq!(header_secret("{{secrets.K}}"), Some(("", "K")));
         assert_eq!(header_secret("x {{secrets.K}} y"), None);
         assert_eq!(header_secret("a b {{secrets.K}}"), None);
@@ -435,11 +472,31 @@ mod tests {
         assert!(err("https://declared.example/", "x").contains("declaring is not granting"));
         assert!(err("http://127.0.0.1:8080/v1/runs", "x").contains("own address"));
         // `{{` outside a slot is literal text, never a secret.
-        let lit = prepare(&g, "https://api.example/c/{{secrets.KEY}}", &h("a b {{secrets.KEY}}"), &s).unwrap();
+        let lit = prepare(
+            &g,
+            "https://api.example/c/{{secrets.KEY}}",
+            &h("a b {{secrets.KEY}}"),
+            &s,
+        )
+        .unwrap();
         assert!(!lit.url.contains("k-123456") && lit.headers[0].1 == "a b {{secrets.KEY}}");
         let id = vec![("x-customer-id".to_string(), "{{secrets.KEY}}".to_string())];
-        assert_eq!(prepare(&g, "https://api.example/", &id, &s).unwrap().headers[0].1, "{{secrets.KEY}}");
+        assert_eq!(
+            prepare(&g, "https://api.example/", &id, &s)
+                .unwrap()
+                .headers[0]
+                .1,
+            "{{secrets.KEY}}"
+        );
         assert!(err("{{secrets.OTHER}}/x", "x").contains("not granted"));
-        assert!(prepare(&g, "{{secrets.UNSET | default('http://evil')}}/x", &h("x"), &s).is_err());
+        assert!(
+            prepare(
+                &g,
+                "{{secrets.UNSET | default('http://evil')}}/x",
+                &h("x"),
+                &s
+            )
+            .is_err()
+        );
     }
 }

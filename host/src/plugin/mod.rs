@@ -50,7 +50,9 @@ pub enum PluginError {
     },
     #[error("plugin directory {path}: {message}")]
     Dir { path: String, message: String },
-    #[error("plugins {first} and {second} have names that differ only in case or '-'/'_', which pipelines cannot tell apart")]
+    #[error(
+        "plugins {first} and {second} have names that differ only in case or '-'/'_', which pipelines cannot tell apart"
+    )]
     Clash { first: String, second: String },
 }
 
@@ -171,7 +173,10 @@ impl PluginRuntime {
     }
 
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn set_policy(&self, policy: Policy) {
@@ -188,11 +193,17 @@ impl PluginRuntime {
 
     /// Records the address this process serves on, so plugins cannot call it.
     pub fn add_own_addr(&self, addr: SocketAddr) {
-        self.own_addrs.write().unwrap_or_else(|e| e.into_inner()).push(addr);
+        self.own_addrs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(addr);
     }
 
     pub(crate) fn own_addrs(&self) -> Vec<SocketAddr> {
-        self.own_addrs.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.own_addrs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn engine(&self) -> &Engine {
@@ -263,17 +274,15 @@ impl PluginRuntime {
             )
         })?;
 
-        let mut store = self.store(
-            PluginState::new(
-                Arc::from("?"),
-                Arc::from("describe"),
-                Arc::from("describe"),
-                Default::default(),
-                self.memory_limit,
-                None,
-                Instant::now() + DESCRIBE_DEADLINE,
-            ),
-        );
+        let mut store = self.store(PluginState::new(
+            Arc::from("?"),
+            Arc::from("describe"),
+            Arc::from("describe"),
+            Default::default(),
+            self.memory_limit,
+            None,
+            Instant::now() + DESCRIBE_DEADLINE,
+        ));
         let describe_pre = pre.clone();
         let task = executor().spawn(async move {
             let instance = describe_pre
@@ -318,7 +327,10 @@ impl PluginRuntime {
                 ),
             ));
         }
-        if crate::component::Registry::builtins().get(&d.name).is_some() {
+        if crate::component::Registry::builtins()
+            .get(&d.name)
+            .is_some()
+        {
             return Err(load_err(
                 path,
                 format!(
@@ -445,7 +457,8 @@ impl PluginRuntime {
                             |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
                         let canonical = crate::component::canonical_name(&p.name);
                         let clash = plugins.iter().find(|q| {
-                            q.name != p.name && crate::component::canonical_name(&q.name) == canonical
+                            q.name != p.name
+                                && crate::component::canonical_name(&q.name) == canonical
                         });
                         if let Some(other) = clash {
                             errors.push(PluginError::Clash {

@@ -74,7 +74,10 @@ impl Policy {
         policy.plugins.extend(file.plugins);
         for (name, g) in &policy.plugins {
             for (i, h) in g.hosts.iter().enumerate() {
-                if h != DECLARED && super::secret_token(h).is_none() && super::HostPattern::parse(h).is_none() {
+                if h != DECLARED
+                    && super::secret_token(h).is_none()
+                    && super::HostPattern::parse(h).is_none()
+                {
                     return Err(format!(
                         "policy file {}: plugins.{name}.hosts[{i}]: {h:?} is not a host, *.domain, host:port or \"declared\"",
                         path.display()

@@ -300,7 +300,8 @@ impl PluginState {
             }
         };
         let guard = grant.grant.clone();
-        let hop_guard = crate::http::HopGuard(Arc::new(move |next: &reqwest::Url| guard.may_reach(next)));
+        let hop_guard =
+            crate::http::HopGuard(Arc::new(move |next: &reqwest::Url| guard.may_reach(next)));
         let (url, headers) = (prepared.url, prepared.headers);
         let method = reqwest::Method::from_bytes(req.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| {
@@ -381,7 +382,10 @@ impl PluginState {
                     ErrorKind::Sandbox => HttpErrorKind::Refused,
                     _ => HttpErrorKind::Connect,
                 };
-                Err(http_error(kind, self.secrets.redact(&e.message).into_owned()))
+                Err(http_error(
+                    kind,
+                    self.secrets.redact(&e.message).into_owned(),
+                ))
             }
         }
     }

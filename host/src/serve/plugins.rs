@@ -78,7 +78,9 @@ pub enum SwapError {
     #[error("{0}")]
     Invalid(String),
     /// The new version asks for more than the current one was granted.
-    #[error("{0}; approve it in the same call (PUT ...?approve=true, or fmhost plugins swap --approve) if it should have it")]
+    #[error(
+        "{0}; approve it in the same call (PUT ...?approve=true, or fmhost plugins swap --approve) if it should have it"
+    )]
     NeedsApproval(String),
     #[error("no plugin named \"{0}\"")]
     Unknown(String),
@@ -376,7 +378,11 @@ fn persist(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
         .filter(|p| {
             p.file_name()
                 .and_then(|f| f.to_str())
-                .and_then(|f| f.strip_prefix(name)?.strip_prefix('-')?.strip_suffix(".wasm"))
+                .and_then(|f| {
+                    f.strip_prefix(name)?
+                        .strip_prefix('-')?
+                        .strip_suffix(".wasm")
+                })
                 .is_some_and(|stamp| stamp.chars().all(|c| c.is_ascii_digit()))
         })
         .collect();

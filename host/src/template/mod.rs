@@ -200,7 +200,11 @@ fn secret_form(expr: &Expr) -> Option<(&str, Option<&Expr>)> {
         }
     }
     match expr {
-        Expr::Filter { input, name: f, args } if f == "default" && args.len() == 1 => {
+        Expr::Filter {
+            input,
+            name: f,
+            args,
+        } if f == "default" && args.len() == 1 => {
             let mut paths = Vec::new();
             args[0].paths(&mut paths);
             if paths.iter().any(|p| p.root == "secrets") {
@@ -567,7 +571,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(t.render(&scope).unwrap(), json!("https://api.example"));
-        let t = Template::parse("{{secrets.TOKEN | upper}}").unwrap().unwrap();
+        let t = Template::parse("{{secrets.TOKEN | upper}}")
+            .unwrap()
+            .unwrap();
         assert!(t.plugin_secret_forms().is_err());
         assert!(t.render(&scope).is_err());
     }

@@ -327,7 +327,9 @@ impl Parser {
 
     fn nested<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, String>) -> Result<T, String> {
         if self.depth >= MAX_DEPTH {
-            return Err(format!("expression is nested too deeply (the limit is {MAX_DEPTH})"));
+            return Err(format!(
+                "expression is nested too deeply (the limit is {MAX_DEPTH})"
+            ));
         }
         self.depth += 1;
         let out = f(self);

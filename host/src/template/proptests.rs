@@ -108,6 +108,8 @@ proptest! {
 fn json_nested_past_the_parser_limit_is_an_error() {
     let registry = crate::component::Registry::builtins();
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    let doc = format!(r#"{{"name": "p", "stages": [{{"id": "a", "component": "logger", "config": {{"message": {deep}}}}}]}}"#);
+    let doc = format!(
+        r#"{{"name": "p", "stages": [{{"id": "a", "component": "logger", "config": {{"message": {deep}}}}}]}}"#
+    );
     assert!(crate::pipeline::compile(&doc, &registry).is_err());
 }

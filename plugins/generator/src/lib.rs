@@ -6,8 +6,8 @@
 //! when it is a JSON object (also inside a ```json fence), else `{"text": ...}`.
 
 use fmhost_plugin_sdk::{
-    Descriptor, Guest, HttpErrorKind, PluginError, PluginKind, Request, RetryPolicy, export_connector,
-    invalid_config, json_body, parse_config,
+    Descriptor, Guest, HttpErrorKind, PluginError, PluginKind, Request, RetryPolicy,
+    export_connector, invalid_config, json_body, parse_config,
 };
 use serde_json::{Value, json};
 
@@ -69,7 +69,10 @@ impl Guest for Generator {
         let (req, resp) = loop {
             let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
             if auth {
-                headers.push(("authorization".into(), "Bearer {{secrets.OPENAI_API_KEY}}".into()));
+                headers.push((
+                    "authorization".into(),
+                    "Bearer {{secrets.OPENAI_API_KEY}}".into(),
+                ));
             }
             let req = Request {
                 method: "POST".into(),
@@ -86,11 +89,18 @@ impl Guest for Generator {
             };
             match fmhost_plugin_sdk::http::send(&req) {
                 Ok(resp) => break (req, resp),
-                Err(e) if e.kind == HttpErrorKind::InvalidRequest && e.message.contains("OPENAI_BASE_URL is not set") => {
+                Err(e)
+                    if e.kind == HttpErrorKind::InvalidRequest
+                        && e.message.contains("OPENAI_BASE_URL is not set") =>
+                {
                     base = "https://api.openai.com/v1".into();
                 }
                 // A local model server may need no key at all.
-                Err(e) if auth && e.kind == HttpErrorKind::InvalidRequest && e.message.contains("OPENAI_API_KEY is not set") => {
+                Err(e)
+                    if auth
+                        && e.kind == HttpErrorKind::InvalidRequest
+                        && e.message.contains("OPENAI_API_KEY is not set") =>
+                {
                     auth = false;
                 }
                 Err(e) => return Err(fmhost_plugin_sdk::send_error(&req, e)),

