@@ -122,6 +122,9 @@ enum PluginsCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// The operator's policy, to show what this plugin would be granted.
+        #[arg(long, value_name = "FILE", env = "FMHOST_POLICY")]
+        policy: Option<PathBuf>,
     },
 }
 
@@ -403,7 +406,15 @@ async fn plugins(cmd: PluginsCommand) -> u8 {
             }
             0
         }
-        PluginsCommand::Inspect { file, json } => {
+        PluginsCommand::Inspect { file, json, policy } => {
+            let policy = match policy.as_deref().map(crate::plugin::Policy::load) {
+                None => crate::plugin::Policy::builtin(),
+                Some(Ok(p)) => p,
+                Some(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return EXIT_INVALID;
+                }
+            };
             let runtime = match PluginRuntime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -413,25 +424,35 @@ async fn plugins(cmd: PluginsCommand) -> u8 {
             };
             match runtime.load_file(&file).await {
                 Ok(p) => {
-                    let v = plugin_json(&p);
+                    let grant = policy.plugins.get(&p.name).cloned().unwrap_or_default();
+                    let mut v = plugin_json(&p);
+                    v["operator_grant"] = serde_json::json!(grant);
                     if json {
                         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     } else {
-                        println!("name:          {}", p.name);
-                        println!("version:       {}", p.version);
-                        println!("world:         {}", format!("{:?}", p.kind).to_lowercase());
-                        println!("description:   {}", p.description);
-                        println!(
-                            "allowed hosts: {}",
-                            if p.allowed_hosts.is_empty() {
-                                "none".into()
+                        println!("name:           {}", p.name);
+                        println!("version:        {}", p.version);
+                        println!("world:          {}", format!("{:?}", p.kind).to_lowercase());
+                        println!("description:    {}", p.description);
+                        let list = |l: &[String]| {
+                            if l.is_empty() {
+                                "none".to_string()
                             } else {
-                                p.allowed_hosts.join(", ")
+                                l.join(", ")
                             }
-                        );
-                        println!("sha256:        {}", p.hash);
+                        };
                         println!(
-                            "config schema: {}",
+                            "asks for hosts: {} (a request: a stage's allowed_hosts or the operator's policy grants them)",
+                            list(&p.allowed_hosts)
+                        );
+                        println!(
+                            "policy grants:  hosts {}; secrets {}",
+                            list(&grant.hosts),
+                            list(&grant.secrets)
+                        );
+                        println!("sha256:         {}", p.hash);
+                        println!(
+                            "config schema:  {}",
                             p.config_schema
                                 .as_ref()
                                 .map(|s| serde_json::to_string_pretty(s).unwrap_or_default())
