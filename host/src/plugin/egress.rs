@@ -388,9 +388,18 @@ pub fn prepare(
         ));
     }
     grant.may_reach(&parsed).map_err(|e| (true, e))?;
+    // The base's own secret must be bound to where the request ends up, too.
+    if let Some((name, _)) = secret_token(url) {
+        grant
+            .may_carry(name, &parsed)
+            .map_err(|e| (true, format!("url: {e}")))?;
+    }
     let mut out = Vec::with_capacity(headers.len());
     let mut credential_headers = Vec::new();
     for (name, value) in headers {
+        if name.eq_ignore_ascii_case("host") {
+            return Err((true, "header Host: a plugin may not choose the Host header; the URL decides where a request goes".into()));
+        }
         match header_secret(value).filter(|_| is_credential_header(name)) {
             Some((prefix, secret)) => {
                 grant
@@ -470,6 +479,14 @@ mod tests {
         let err = |url: &str, v: &str| prepare(&g, url, &h(v), &s).err().unwrap().1;
         assert!(err("https://api.example/x", "{{secrets.OTHER}}").contains("not granted"));
         assert!(err("https://declared.example/", "x").contains("declaring is not granting"));
+        let host = vec![("Host".to_string(), "evil.example".to_string())];
+        assert!(
+            prepare(&g, "https://api.example/", &host, &s)
+                .err()
+                .unwrap()
+                .1
+                .contains("Host header")
+        );
         assert!(err("http://127.0.0.1:8080/v1/runs", "x").contains("own address"));
         // `{{` outside a slot is literal text, never a secret.
         let lit = prepare(
