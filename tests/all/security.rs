@@ -321,7 +321,7 @@ async fn spinning_flooding_and_recursing_plugins_do_not_take_the_host_down() {
          "config": {"mode": "call", "request": "{{input.request}}"}}]}),
     );
     let server = Server::start(&dir, &pipelines, &plugins, &json!({}));
-    let client = reqwest::Client::new();
+    let client = support::api_client();
     // A plugin granted "127.0.0.1" on any port still cannot call this server's own API.
     let port = server.url.rsplit(':').next().unwrap().to_string();
     for url in [
@@ -424,7 +424,7 @@ async fn names_are_guarded_and_a_swap_that_asks_for_more_is_refused() {
         {"id": "fetch", "component": "intercom", "config": {"contact_id": "c1"}}]}),
     );
     let mut server = Server::start(&dir, &pipelines, &plugins, &json!({"INTERCOM_TOKEN": KEY}));
-    let client = reqwest::Client::new();
+    let client = support::api_client();
     let greedy = std::fs::read(plugin_file("target/test-plugins", "greedy")).unwrap();
     let put = |approve: bool| {
         client
@@ -572,7 +572,7 @@ async fn a_run_that_keeps_stopping_the_server_is_dead_lettered_not_resumed_forev
         {"id": "wait", "component": "http-request", "config": {"url": fake.url("/slow")}}]}),
     );
     let plugins = dir.join("no-plugins");
-    let client = reqwest::Client::new();
+    let client = support::api_client();
     let mut server = Server::start(&dir, &pipelines, &plugins, &json!({}));
     let accepted: Value = client
         .post(format!("{}/v1/pipelines/slow/runs?mode=async", server.url))
@@ -639,4 +639,246 @@ async fn a_run_that_keeps_stopping_the_server_is_dead_lettered_not_resumed_forev
         "{entry}"
     );
     assert_eq!(fake.seen("/slow").len(), 2, "not called a third time");
+}
+
+const ADMIN: &str = "admin-token-aaaaaaaaaaaaaaaa";
+const READ: &str = "read-token-rrrrrrrrrrrrrrrrr";
+const RUN: &str = "run-token-uuuuuuuuuuuuuuuuuu";
+
+/// The exposed server: every `/v1/` route needs a bearer token of the right scope, only
+/// requests addressed to this server by a name it answers to and not sent by a foreign
+/// page get through, names from paths are checked, and bodies past their limit are 413
+/// without the server buffering them.
+#[tokio::test]
+async fn the_api_needs_the_right_token_from_this_server_only() {
+    let dir = support::scratch("security-api");
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    support::write_json(
+        &pipelines,
+        "p.json",
+        &json!({"name": "p", "stages": [
+        {"id": "log", "component": "logger", "config": {"message": "hi"}}],
+        "triggers": [{"type": "webhook", "path": "/hooks/x", "secret": "{{secrets.HOOK}}", "signature": "github"}]}),
+    );
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, format!("admin {ADMIN}\nread {READ}\nrun {RUN}\n")).unwrap();
+    let plugins = dir.join("no-plugins");
+    let server = Server::start_with(
+        &dir,
+        &pipelines,
+        &plugins,
+        &json!({"HOOK": "hook-secret-123456"}),
+        &["--api-token-file", tokens.to_str().unwrap()],
+    );
+    let plain = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", server.url);
+    let status =
+        |req: reqwest::RequestBuilder| async move { req.send().await.unwrap().status().as_u16() };
+    let routes = [
+        ("GET", "/v1/runs"),
+        ("GET", "/v1/runs/run_x"),
+        ("POST", "/v1/runs/run_x/replay"),
+        ("GET", "/v1/dlq"),
+        ("GET", "/v1/dlq/1"),
+        ("DELETE", "/v1/dlq/1"),
+        ("POST", "/v1/dlq/1/retry"),
+        ("GET", "/v1/plugins"),
+        ("PUT", "/v1/plugins/x"),
+        ("POST", "/v1/plugins/x/rollback"),
+        ("POST", "/v1/pipelines/p/runs"),
+        ("GET", "/metrics"),
+    ];
+    for (m, p) in routes {
+        let req = plain.request(m.parse().unwrap(), url(p));
+        assert_eq!(status(req).await, 401, "{m} {p} without a token");
+        let req = plain
+            .request(m.parse().unwrap(), url(p))
+            .bearer_auth("not-a-token-at-all-000000");
+        assert_eq!(status(req).await, 401, "{m} {p} with a wrong token");
+    }
+    for p in ["/healthz", "/readyz"] {
+        assert_eq!(status(plain.get(url(p))).await, 200, "{p} stays open");
+    }
+    let with = |t: &'static str, m: &str, p: &str| {
+        plain.request(m.parse().unwrap(), url(p)).bearer_auth(t)
+    };
+    assert_eq!(status(with(READ, "GET", "/v1/runs")).await, 200);
+    assert_eq!(status(with(READ, "GET", "/metrics")).await, 200);
+    for (m, p) in [
+        ("PUT", "/v1/plugins/x"),
+        ("POST", "/v1/pipelines/p/runs"),
+        ("POST", "/v1/runs/run_x/replay"),
+        ("DELETE", "/v1/dlq/1"),
+        ("POST", "/v1/plugins/x/rollback"),
+    ] {
+        assert_eq!(
+            status(with(READ, m, p)).await,
+            403,
+            "{m} {p} with a read token"
+        );
+    }
+    assert_eq!(status(with(RUN, "POST", "/v1/pipelines/p/runs")).await, 200);
+    assert_eq!(status(with(RUN, "PUT", "/v1/plugins/x")).await, 403);
+    assert_eq!(
+        status(with(ADMIN, "PUT", "/v1/plugins/..%2F..%2Fetc").body("x")).await,
+        400
+    );
+    assert_eq!(
+        status(with(ADMIN, "GET", "/v1/runs/..%2Fjournal.db")).await,
+        400
+    );
+
+    // A foreign Host (DNS rebinding) and a page on another origin are refused.
+    assert_eq!(
+        status(plain.get(url("/healthz")).header("host", "evil.example")).await,
+        421
+    );
+    let port = server.url.rsplit(':').next().unwrap();
+    assert_eq!(
+        status(plain.get(format!("http://localhost:{port}/healthz"))).await,
+        200
+    );
+    let cross = with(ADMIN, "POST", "/v1/pipelines/p/runs")
+        .header("origin", "http://evil.example")
+        .header("content-type", "text/plain")
+        .body("{}");
+    assert_eq!(status(cross).await, 403);
+
+    // Bodies past their limit: 413, and the server does not buffer them.
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let auth = format!("Authorization: Bearer {RUN}\r\n");
+    let answer = raw_post(&addr, "/v1/pipelines/p/runs", &auth, Some(5 << 20), 5 << 20).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "5 MiB run input: {answer}"
+    );
+    let answer = raw_post(&addr, "/hooks/x", "", Some(2 << 20), 2 << 20).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "2 MiB webhook: {answer}"
+    );
+    let answer = raw_post(&addr, "/hooks/x", "", None, 512 << 20).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 413"),
+        "512 MiB chunked: {answer}"
+    );
+    let status_file =
+        std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let hwm_kib: u64 = status_file
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!(
+        "server peak RSS after a 512 MiB chunked webhook: {} MiB",
+        hwm_kib >> 10
+    );
+    assert!(hwm_kib < 200 << 10, "peak RSS {hwm_kib} KiB");
+}
+
+/// Streams a POST of `total` bytes (with `Content-Length`, or chunked when `None`) until
+/// the server stops reading; returns what it answered (empty if it just closed).
+async fn raw_post(
+    addr: &str,
+    path: &str,
+    extra: &str,
+    length: Option<usize>,
+    total: usize,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let framing = match length {
+        Some(n) => format!("Content-Length: {n}"),
+        None => "Transfer-Encoding: chunked".to_string(),
+    };
+    let head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}{framing}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'x'; 64 << 10];
+    let frame = match length {
+        Some(_) => chunk,
+        None => [
+            format!("{:x}\r\n", chunk.len()).into_bytes(),
+            chunk,
+            b"\r\n".to_vec(),
+        ]
+        .concat(),
+    };
+    let mut sent = 0;
+    while sent < total {
+        match tokio::time::timeout(Duration::from_secs(2), s.write_all(&frame)).await {
+            Ok(Ok(())) => sent += frame.len(),
+            _ => break,
+        }
+    }
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// With no token configured, the first start writes one (0600) into the state directory
+/// and says where; the CLI's `--server` commands read it from there.
+#[tokio::test]
+async fn a_first_start_writes_its_tokens_and_the_cli_reads_them() {
+    use std::io::{BufRead, BufReader};
+    let dir = support::scratch("security-token-file");
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    support::write_json(
+        &pipelines,
+        "p.json",
+        &json!({"name": "p", "stages": [
+        {"id": "log", "component": "logger", "config": {"message": "hi"}}]}),
+    );
+    let state = dir.join("state");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fmhost"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .arg("--state")
+        .arg(&state)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--pipelines")
+        .arg(&pipelines)
+        .arg("--plugins")
+        .arg(dir.join("none"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    std::fs::create_dir_all(dir.join("none")).unwrap();
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .trim_start_matches("listening on ")
+        .to_string();
+    let note = lines.next().unwrap().unwrap();
+    let file = state.join("api-tokens");
+    assert!(
+        note.contains(&file.display().to_string()) && note.contains("created now"),
+        "{note}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_fmhost"));
+    cli.env_clear()
+        .arg("--state")
+        .arg(&state)
+        .args(["plugins", "rollback", "nope", "--server", &url]);
+    let ran: support::Ran = support::output(cli).await.into();
+    // Authenticated: the server answers about the plugin, not about the token.
+    assert!(
+        ran.stderr.contains("no plugin named \"nope\""),
+        "{}",
+        ran.stderr
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

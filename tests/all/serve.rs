@@ -57,6 +57,7 @@ impl Server {
             "FMHOST_CACHE_DIR",
             support::root().join("target/test-scratch/serve-cache"),
         )
+        .env("FMHOST_API_TOKEN", support::API_TOKEN)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr).unwrap());
         let mut child = cmd.spawn().expect("start fmhost serve");
@@ -169,7 +170,7 @@ async fn a_broken_connector_is_hot_swapped_under_load_with_no_failed_runs() {
         &plugins_dir(&dir),
         &sandbox.secrets(),
     );
-    let client = reqwest::Client::new();
+    let client = support::api_client();
     let input = sandbox.input();
     let name = "customer-360-connectors";
 
@@ -222,7 +223,8 @@ async fn a_broken_connector_is_hot_swapped_under_load_with_no_failed_runs() {
     let mut cmd = support::fmhost();
     cmd.args(["plugins", "swap", "intercom"])
         .arg(plugin_file("target/test-plugins", "intercom-v2"))
-        .args(["--server", &server.url]);
+        .args(["--server", &server.url])
+        .env("FMHOST_API_TOKEN", support::API_TOKEN);
     let swapped: support::Ran = support::output(cmd).await.into();
     let swap_done = Instant::now();
     assert_eq!(swapped.code, 0, "{}", swapped.stderr);
@@ -398,7 +400,7 @@ async fn broken_uploads_are_refused_and_file_drops_are_swapped_in() {
         &plugins,
         &sandbox.secrets(),
     );
-    let client = reqwest::Client::new();
+    let client = support::api_client();
     let put = |body: Vec<u8>| {
         client
             .put(format!("{}/v1/plugins/intercom", server.url))
@@ -542,7 +544,7 @@ async fn webhooks_verify_signatures_persist_and_run_once() {
     );
     let secrets = json!({"STRIPE_WEBHOOK_SECRET": "whsec_test_123456", "GITHUB_WEBHOOK_SECRET": "gh-secret-98765"});
     let server = Server::start(&dir, &pipelines, &dir.join("no-plugins"), &secrets);
-    let client = reqwest::Client::new();
+    let client = support::api_client();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -689,7 +691,7 @@ async fn sigterm_drains_in_flight_runs_and_loses_nothing() {
         &dir.join("no-plugins"),
         &json!({"HOOK_SECRET": "drain-secret-1"}),
     );
-    let client = reqwest::Client::new();
+    let client = support::api_client();
     let body = json!({"n": 1}).to_string();
     let sig = fmhost::serve::webhooks::github_signature("drain-secret-1", body.as_bytes());
     let accepted = client
@@ -781,7 +783,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_delivery_and_runs_each_once() 
     let secrets = json!({"HOOK_SECRET": SECRET});
     let plugins = dir.join("no-plugins");
     let mut server = Server::start(&dir, &pipelines, &plugins, &secrets);
-    let client = reqwest::Client::new();
+    let client = support::api_client();
     // n -> the run id from the 202 (None when acknowledged as a duplicate).
     let acked: Arc<Mutex<std::collections::HashMap<u64, Option<String>>>> = Arc::default();
     let send = {
@@ -968,7 +970,7 @@ async fn failed_webhook_runs_are_dead_lettered_and_retried_over_the_api() {
     let secrets = json!({"HOOK_SECRET": "dlq-secret-424242"});
     let plugins = dir.join("no-plugins");
     let mut server = Server::start(&dir, &pipelines, &plugins, &secrets);
-    let client = reqwest::Client::new();
+    let client = support::api_client();
     let body = json!({"order": 7}).to_string();
     let accepted: Value = client
         .post(format!("{}/hooks/flaky", server.url))

@@ -42,6 +42,22 @@ pub fn fmhost() -> Command {
     cmd
 }
 
+/// The admin token test servers are started with (`FMHOST_API_TOKEN`).
+pub const API_TOKEN: &str = "test-admin-token-0123456789";
+
+/// A client that sends [`API_TOKEN`] with every request.
+pub fn api_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {API_TOKEN}")).unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 /// Runs a command to completion off the async runtime (the fakes live on it).
 pub async fn output(mut cmd: Command) -> Output {
     tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output().expect("spawn fmhost"))

@@ -86,6 +86,25 @@ struct ServeArgs {
     /// The operator's grants to plugins: hosts and secrets per plugin (docs/security.md).
     #[arg(long, value_name = "FILE", env = "FMHOST_POLICY")]
     policy: Option<PathBuf>,
+    /// The API's bearer tokens, one `SCOPE TOKEN` per line (read, run, admin); else
+    /// FMHOST_API_TOKEN (admin), else STATE/api-tokens, written at first start.
+    #[arg(long, value_name = "FILE")]
+    api_token_file: Option<PathBuf>,
+    /// A name clients may use in `Host` besides the listen address (repeatable).
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
+    /// Serve /metrics without a token.
+    #[arg(long)]
+    open_metrics: bool,
+    /// Largest run input (and other API body) in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    max_input_bytes: usize,
+    /// Largest webhook delivery in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
+    max_webhook_bytes: usize,
+    /// Largest plugin upload in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    max_upload_bytes: usize,
 }
 
 #[derive(Subcommand)]
@@ -108,12 +127,18 @@ enum PluginsCommand {
         /// Approve hosts or a world the new version asks for beyond the current one's.
         #[arg(long)]
         approve: bool,
+        /// The server's token file (default: FMHOST_API_TOKEN, else STATE/api-tokens).
+        #[arg(long, value_name = "FILE")]
+        api_token_file: Option<PathBuf>,
     },
     /// Make a running `fmhost serve` go back to a plugin's previous version.
     Rollback {
         name: String,
         #[arg(long, value_name = "URL")]
         server: String,
+        /// The server's token file (default: FMHOST_API_TOKEN, else STATE/api-tokens).
+        #[arg(long, value_name = "FILE")]
+        api_token_file: Option<PathBuf>,
     },
     /// Load one component file and show what it declares.
     Inspect {
@@ -219,7 +244,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args, &state).await,
             Command::Validate(args) => validate(args).await,
-            Command::Plugins(cmd) => plugins(cmd).await,
+            Command::Plugins(cmd) => plugins(cmd, &state).await,
             Command::Serve(args) => serve(args, state).await,
             Command::Runs(cmd) => journal::runs(&state, cmd).await,
             Command::Replay(args) => journal::replay_cmd(&state, args).await,
@@ -283,6 +308,14 @@ async fn serve(args: ServeArgs, state: PathBuf) -> u8 {
         drain_timeout: args.drain_timeout,
         on_interrupted: args.on_interrupted,
         policy: args.policy,
+        api_token_file: args.api_token_file,
+        allowed_hosts: args.allowed_hosts,
+        open_metrics: args.open_metrics,
+        limits: crate::serve::BodyLimits {
+            input: args.max_input_bytes,
+            webhook: args.max_webhook_bytes,
+            upload: args.max_upload_bytes,
+        },
     };
     match crate::serve::serve(opts).await {
         Ok(()) => 0,
@@ -296,8 +329,28 @@ async fn serve(args: ServeArgs, state: PathBuf) -> u8 {
 }
 
 /// Sends a request to a running server and prints its JSON answer.
-async fn remote(method: reqwest::Method, url: String, body: Option<Vec<u8>>) -> u8 {
+/// The admin token for `--server` commands: `FMHOST_API_TOKEN`, else the admin line of
+/// `--api-token-file`, else of the state directory's `api-tokens` (what `serve` wrote).
+fn api_token(file: Option<&Path>, state: &Path) -> Option<String> {
+    std::env::var("FMHOST_API_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .or_else(|| {
+            let default = crate::serve::default_token_file(state);
+            crate::serve::admin_token_from_file(file.unwrap_or(&default))
+        })
+}
+
+async fn remote(
+    method: reqwest::Method,
+    url: String,
+    body: Option<Vec<u8>>,
+    token: Option<String>,
+) -> u8 {
     let mut req = reqwest::Client::new().request(method, &url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t.trim());
+    }
     if let Some(b) = body {
         req = req.header("content-type", "application/wasm").body(b);
     }
@@ -324,13 +377,14 @@ async fn remote(method: reqwest::Method, url: String, body: Option<Vec<u8>>) -> 
     }
 }
 
-async fn plugins(cmd: PluginsCommand) -> u8 {
+async fn plugins(cmd: PluginsCommand, state: &Path) -> u8 {
     match cmd {
         PluginsCommand::Swap {
             name,
             file,
             server,
             approve,
+            api_token_file,
         } => match std::fs::read(&file) {
             Ok(bytes) => {
                 remote(
@@ -341,6 +395,7 @@ async fn plugins(cmd: PluginsCommand) -> u8 {
                         if approve { "?approve=true" } else { "" }
                     ),
                     Some(bytes),
+                    api_token(api_token_file.as_deref(), state),
                 )
                 .await
             }
@@ -349,7 +404,11 @@ async fn plugins(cmd: PluginsCommand) -> u8 {
                 EXIT_INVALID
             }
         },
-        PluginsCommand::Rollback { name, server } => {
+        PluginsCommand::Rollback {
+            name,
+            server,
+            api_token_file,
+        } => {
             remote(
                 reqwest::Method::POST,
                 format!(
@@ -357,6 +416,7 @@ async fn plugins(cmd: PluginsCommand) -> u8 {
                     server.trim_end_matches('/')
                 ),
                 None,
+                api_token(api_token_file.as_deref(), state),
             )
             .await
         }

@@ -6,7 +6,9 @@
 //! ([`webhooks`], deliveries stored in the journal), recovery at start ([`recover`])
 //! and shutdown.
 
+mod auth;
 pub mod plugins;
+pub use auth::{admin_token_from_file, default_token_file};
 mod recover;
 pub mod webhooks;
 
@@ -46,6 +48,36 @@ pub struct ServeOptions {
     pub on_interrupted: Interrupted,
     /// The operator's grants to plugins (`--policy`).
     pub policy: Option<PathBuf>,
+    /// The API's tokens (`--api-token-file`); else `FMHOST_API_TOKEN`, else the state
+    /// directory's `api-tokens`, written at first start.
+    pub api_token_file: Option<PathBuf>,
+    /// Names besides the listen address that requests may carry in `Host`.
+    pub allowed_hosts: Vec<String>,
+    /// Serve `/metrics` without a token.
+    pub open_metrics: bool,
+    /// Largest request bodies, per kind of route.
+    pub limits: BodyLimits,
+}
+
+/// Request bodies larger than these are answered 413 without being buffered whole.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// A run's input (`POST /v1/pipelines/{name}/runs`) and other API bodies.
+    pub input: usize,
+    /// A webhook delivery.
+    pub webhook: usize,
+    /// A plugin upload (`PUT /v1/plugins/{name}`).
+    pub upload: usize,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        BodyLimits {
+            input: 4 << 20,
+            webhook: 1 << 20,
+            upload: 64 << 20,
+        }
+    }
 }
 
 /// What a server does at start with runs it was running when it stopped.
@@ -209,8 +241,37 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let _watcher = plugins::watch(registry, opts.plugins.clone())
         .map_err(|e| anyhow::anyhow!("cannot watch the plugin directories: {e}"))?;
 
+    let (tokens, created) = auth::Tokens::load(
+        opts.api_token_file.as_deref(),
+        std::env::var("FMHOST_API_TOKEN").ok(),
+        &opts.state,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let guard = Arc::new(auth::Guard {
+        tokens,
+        listen: addr,
+        names: opts
+            .allowed_hosts
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .collect(),
+        metrics_need_token: !opts.open_metrics,
+    });
+    let token_note = format!(
+        "API tokens: {}{}",
+        guard.tokens.source,
+        if created {
+            " (created now; keep it private)"
+        } else {
+            ""
+        }
+    );
+    let limits = opts.limits;
     let router = Router::new()
-        .route("/v1/pipelines/{name}/runs", post(start_run))
+        .route(
+            "/v1/pipelines/{name}/runs",
+            post(start_run).layer(DefaultBodyLimit::max(limits.input)),
+        )
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/replay", post(replay_run))
@@ -218,16 +279,26 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .route("/v1/dlq/{id}", get(get_dlq).delete(drop_dlq))
         .route("/v1/dlq/{id}/retry", post(retry_dlq))
         .route("/v1/plugins", get(list_plugins))
-        .route("/v1/plugins/{name}", axum::routing::put(put_plugin))
+        .route(
+            "/v1/plugins/{name}",
+            axum::routing::put(put_plugin).layer(DefaultBodyLimit::max(limits.upload)),
+        )
         .route("/v1/plugins/{name}/rollback", post(rollback_plugin))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .fallback(fallback)
-        .layer(DefaultBodyLimit::max(256 << 20))
-        .with_state(app.clone());
-    println!("listening on http://{addr}");
-    tracing::info!(target: "fmhost::serve", %addr, pipelines = app.pipelines.len(), "serving {} pipeline(s) on http://{addr}", app.pipelines.len());
+        .layer(DefaultBodyLimit::max(limits.webhook))
+        .with_state(app.clone())
+        .layer(axum::middleware::from_fn_with_state(guard, auth::guard));
+    {
+        // One write, errors ignored: whoever reads the address may close stdout after it.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(format!("listening on http://{addr}\n{token_note}\n").as_bytes());
+        let _ = out.flush();
+    }
+    tracing::info!(target: "fmhost::serve", %addr, pipelines = app.pipelines.len(), "serving {} pipeline(s) on http://{addr}; {token_note}", app.pipelines.len());
 
     let app_for_signal = app.clone();
     axum::serve(listener, router)
@@ -307,6 +378,7 @@ impl App {
 }
 
 /// Runs `plan`, journaled; returns once the run is committed.
+/// Runs and journals a run; `Err` only when it could not start (its input).
 async fn execute(
     app: &App,
     plan: Arc<Plan>,
@@ -314,20 +386,68 @@ async fn execute(
     start: RunStart,
     reuse: Option<crate::engine::Reuse>,
 ) -> Result<RunReport, String> {
+    match execute_kept(app, plan, input, start, reuse).await {
+        Ok((report, Err(e))) => {
+            tracing::error!(target: "fmhost::serve", run_id = %report.run_id, "run finished but is not fully journaled: {e}");
+            Ok(report)
+        }
+        Ok((report, Ok(()))) => Ok(report),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`execute`], also saying whether the run's records were committed.
+async fn execute_kept(
+    app: &App,
+    plan: Arc<Plan>,
+    input: Value,
+    start: RunStart,
+    reuse: Option<crate::engine::Reuse>,
+) -> Result<(RunReport, Result<(), crate::journal::JournalError>), String> {
     let watcher = RunJournal::new(app.journal.clone(), start, app.engine.secrets.clone());
     let opts = RunOptions {
         reuse: reuse.map(Arc::new),
         ..RunOptions::default()
     };
-    match run_journaled(&app.engine, plan, input, opts, Some(watcher)).await {
-        Ok((report, committed)) => {
-            if let Err(e) = committed {
-                tracing::error!(target: "fmhost::serve", run_id = %report.run_id, "run finished but is not fully journaled: {e}");
-            }
-            Ok(report)
-        }
-        Err(e) => Err(e.to_string()),
+    run_journaled(&app.engine, plan, input, opts, Some(watcher))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The answer for a run the client waited for: its report, or 503 when the journal
+/// could not keep it (a 200 must mean the run is on record).
+fn kept_answer(
+    result: Result<(RunReport, Result<(), crate::journal::JournalError>), String>,
+) -> Response {
+    match result {
+        Ok((report, Ok(()))) => (run_status_code(&report), Json(report)).into_response(),
+        Ok((report, Err(e))) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "journal unavailable",
+            format!(
+                "run {} ended {} but could not be recorded ({e}); it is not kept",
+                report.run_id,
+                report.status.as_str()
+            ),
+        ),
+        Err(e) => problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid input", e),
     }
+}
+
+/// Records a run's start durably before anything is answered or run: when the journal
+/// cannot write, the client gets 503 and nothing was accepted.
+async fn announce_durably(app: &App, start: &RunStart) -> Result<(), Response> {
+    app.journal
+        .record_durably(crate::journal::Record::RunStarted(start.clone()))
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "journal unavailable",
+                format!("the run was not started: {e}"),
+            )
+        })
 }
 
 async fn start_run(
@@ -374,16 +494,27 @@ async fn start_run(
     }
     let run_id = new_run_id();
     let start = app.run_start(&plan, run_id.clone(), "api", &input);
-    match q.get("mode").map(String::as_str) {
+    let mode = q.get("mode").map(String::as_str);
+    if let Some(other) = mode.filter(|m| !matches!(*m, "sync" | "async")) {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "invalid mode",
+            format!("mode must be sync or async, not {other:?}"),
+        );
+    }
+    // On record (synced) before it runs or is answered, so it can be looked up at once.
+    if let Err(refused) = announce_durably(&app, &start).await {
+        return refused;
+    }
+    match mode {
         None | Some("sync") => {
             // The run is its own task: a client that hangs up does not cut it short.
             let app2 = app.clone();
             let run = app
                 .tracker
-                .spawn(async move { execute(&app2, plan, input, start, None).await });
+                .spawn(async move { execute_kept(&app2, plan, input, start, None).await });
             match run.await {
-                Ok(Ok(report)) => (run_status_code(&report), Json(report)).into_response(),
-                Ok(Err(e)) => problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid input", e),
+                Ok(result) => kept_answer(result),
                 Err(e) => problem(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "run failed",
@@ -391,25 +522,32 @@ async fn start_run(
                 ),
             }
         }
-        Some("async") => {
-            // In the journal before the answer, so the run can be looked up at once.
-            RunJournal::new(
-                app.journal.clone(),
-                start.clone(),
-                app.engine.secrets.clone(),
-            )
-            .announce();
+        Some(_) => {
             let app2 = app.clone();
             app.tracker.spawn(async move {
                 let _ = execute(&app2, plan, input, start, None).await;
             });
             (StatusCode::ACCEPTED, Json(json!({"run_id": run_id, "status": "running", "href": format!("/v1/runs/{run_id}")}))).into_response()
         }
-        Some(other) => problem(
+    }
+}
+
+/// Names taken from a request path (plugin names, run ids) are checked against a strict
+/// pattern before they are used anywhere, the filesystem included.
+fn checked_name(what: &str, name: &str) -> Result<(), Response> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(problem(
             StatusCode::BAD_REQUEST,
-            "invalid mode",
-            format!("mode must be sync or async, not {other:?}"),
-        ),
+            "invalid name",
+            format!("{what} {name:?} is not 1 to 128 letters, digits, '-' or '_'"),
+        ))
     }
 }
 
@@ -422,6 +560,9 @@ fn journal_problem(e: crate::journal::JournalError) -> Response {
 }
 
 async fn get_run(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    if let Err(r) = checked_name("run id", &id) {
+        return r;
+    }
     // Whatever this server has queued for the run is visible once committed.
     let read = async {
         app.journal.commit(false).await?;
@@ -509,9 +650,11 @@ async fn replay(
     .map_err(|e| problem(StatusCode::UNPROCESSABLE_ENTITY, "cannot replay", e))?;
     let mut start = prepared.start;
     start.rerun = app.rerun(&plan.name);
-    execute(app, plan, prepared.input, start, Some(prepared.reuse))
-        .await
-        .map_err(|e| problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid input", e))
+    announce_durably(app, &start).await?;
+    match execute_kept(app, plan, prepared.input, start, Some(prepared.reuse)).await {
+        Ok((report, Ok(()))) => Ok(report),
+        other => Err(kept_answer(other)),
+    }
 }
 
 /// `POST /v1/runs/{id}/replay?from=STAGE`, with an optional new input as the body.
@@ -521,6 +664,9 @@ async fn replay_run(
     Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
+    if let Err(r) = checked_name("run id", &id) {
+        return r;
+    }
     let input = if body.is_empty() {
         None
     } else {
@@ -649,6 +795,9 @@ async fn put_plugin(
     Query(q): Query<SwapQuery>,
     body: Bytes,
 ) -> Response {
+    if let Err(r) = checked_name("plugin name", &name) {
+        return r;
+    }
     if body.is_empty() {
         return problem(
             StatusCode::BAD_REQUEST,
@@ -665,6 +814,9 @@ async fn put_plugin(
 }
 
 async fn rollback_plugin(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
+    if let Err(r) = checked_name("plugin name", &name) {
+        return r;
+    }
     match app.plugins.rollback(&name) {
         Ok((from, to)) => {
             Json(json!({"name": name, "previous_version": from, "version": to})).into_response()
