@@ -882,3 +882,88 @@ async fn a_first_start_writes_its_tokens_and_the_cli_reads_them() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Unmounts a tmpfs the test mounted, whatever happens.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// With the journal's disk full, runs are answered 503 and nothing is half-accepted;
+/// once space returns, runs are accepted again, and every run that was answered
+/// 200 or 202 is in the journal.
+#[tokio::test]
+async fn a_full_disk_turns_runs_into_503_and_loses_nothing_acknowledged() {
+    let dir = support::scratch("security-disk-full");
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    support::write_json(&pipelines, "p.json", &json!({"name": "p", "stages": [
+        {"id": "log", "component": "logger", "config": {"message": "{{input.n}}"}}]}));
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"]).arg(&state).status().unwrap();
+    assert!(mounted.success(), "this test mounts a small tmpfs under the journal (it needs root, as CI has)");
+    let _mount = Mount(state.clone());
+    let plugins = dir.join("no-plugins");
+    // The server's state directory is `dir/state`: the tmpfs.
+    let mut server = Server::start(&dir, &pipelines, &plugins, &json!({}));
+    let client = support::api_client();
+    let run = |n: u32, mode: &'static str| {
+        let client = client.clone();
+        let url = format!("{}/v1/pipelines/p/runs?mode={mode}", server.url);
+        async move {
+            let r = client.post(url).json(&json!({"n": n})).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or_default())
+        }
+    };
+    let mut kept = Vec::new();
+    for n in 0..5 {
+        let (s, body) = run(n, "sync").await;
+        assert_eq!(s, 200, "{body}");
+        kept.push(body["run_id"].as_str().unwrap().to_string());
+    }
+    // Fill the disk.
+    let filler = state.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut refused = 0;
+    for n in 10..20 {
+        for mode in ["sync", "async"] {
+            let (s, body) = run(n, mode).await;
+            match s {
+                200 | 202 => kept.push(body["run_id"].as_str().unwrap().to_string()),
+                503 => {
+                    refused += 1;
+                    assert_eq!(body["title"], "journal unavailable", "{body}");
+                }
+                other => panic!("{other}: {body}"),
+            }
+        }
+    }
+    assert!(refused > 0, "a full disk refused nothing");
+    std::fs::remove_file(&filler).unwrap();
+    for n in 30..35 {
+        for mode in ["sync", "async"] {
+            let (s, body) = run(n, mode).await;
+            assert!(s == 200 || s == 202, "{s} once space returned: {body}");
+            kept.push(body["run_id"].as_str().unwrap().to_string());
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in &kept {
+        let r = client.get(format!("{}/v1/runs/{id}", server.url)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "acknowledged run {id} is missing");
+    }
+    eprintln!("disk full: {refused} of 20 runs refused with 503; {} acknowledged runs all kept", kept.len());
+    server.terminate();
+}
