@@ -967,3 +967,36 @@ async fn a_full_disk_turns_runs_into_503_and_loses_nothing_acknowledged() {
     eprintln!("disk full: {refused} of 20 runs refused with 503; {} acknowledged runs all kept", kept.len());
     server.terminate();
 }
+
+/// A stage output nested deeper than the JSON parser's default limit (a 127-level body
+/// inside http-request's `{status_code, headers, body}`) comes back from the journal
+/// unchanged, not as `null`.
+#[tokio::test]
+async fn a_deeply_nested_output_round_trips_through_the_journal() {
+    let fake = Fake::start().await;
+    let deep: Value = serde_json::from_str(&format!("{}1{}", "[".repeat(127), "]".repeat(127))).unwrap();
+    fake.route("/deep", vec![Reply::json(200, deep.clone())]);
+    let dir = support::scratch("security-deep");
+    let state = dir.join("state");
+    let p = support::write_json(&dir, "deep.json", &json!({"name": "deep", "stages": [
+        {"id": "fetch", "component": "http-request", "config": {"url": fake.url("/deep")}}]}));
+    let mut cmd = support::fmhost();
+    cmd.arg("--state").arg(&state).arg("run").arg(&p);
+    let ran: support::Ran = support::output(cmd).await.into();
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let mut list = support::fmhost();
+    list.arg("--state").arg(&state).args(["runs", "list", "--json"]);
+    let runs: support::Ran = support::output(list).await.into();
+    let id = runs.json()[0]["run_id"].as_str().unwrap().to_string();
+    let mut show = support::fmhost();
+    show.arg("--state").arg(&state).args(["runs", "show", &id, "--json"]);
+    let shown: support::Ran = support::output(show).await.into();
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    // Printed 129+ levels deep: read it back without the parser's limit.
+    let mut de = serde_json::Deserializer::from_str(&shown.stdout);
+    de.disable_recursion_limit();
+    let v: Value = serde::Deserialize::deserialize(serde_stacker::Deserializer::new(&mut de)).unwrap();
+    let stage = v["stages"].as_array().unwrap().iter().find(|s| s["id"] == "fetch").unwrap();
+    assert_eq!(stage["output"]["body"], deep);
+    assert_eq!(v["output"]["body"], deep);
+}

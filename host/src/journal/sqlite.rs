@@ -255,7 +255,20 @@ fn json_text(v: &Value) -> String {
 }
 
 fn parse_json(text: Option<String>) -> Option<Value> {
-    text.and_then(|t| serde_json::from_str(&t).ok())
+    text.and_then(|t| parse_value(&t))
+}
+
+/// Reads back a value this journal wrote, at whatever depth it was written: a stage may
+/// nest a parsed body (serde_json's 128 levels) inside its own output, so reading with
+/// the parser's default limit would turn such an output into `null`. The stack grows on
+/// demand instead of overflowing.
+fn parse_value(text: &str) -> Option<Value> {
+    use serde::Deserialize;
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let value = Value::deserialize(serde_stacker::Deserializer::new(&mut de)).ok()?;
+    de.end().ok()?;
+    Some(value)
 }
 
 fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bool> {
@@ -605,7 +618,7 @@ impl SqliteBackend {
             replayed_by,
             resumed,
             finished_at: finished.map(super::rfc3339),
-            input: serde_json::from_str(&input).unwrap_or(Value::Null),
+            input: parse_value(&input).unwrap_or(Value::Null),
             output: parse_json(output),
             dead_letter,
             stages,
@@ -725,7 +738,7 @@ impl Backend for SqliteBackend {
                     event_id: r.get(1)?,
                     path: r.get(2)?,
                     received_at: r.get(3)?,
-                    payload: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or(Value::Null),
+                    payload: parse_value(&r.get::<_, String>(4)?).unwrap_or(Value::Null),
                     run_id: r.get(5)?,
                 })
             })?
