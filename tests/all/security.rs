@@ -888,7 +888,10 @@ struct Mount(PathBuf);
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -900,13 +903,23 @@ async fn a_full_disk_turns_runs_into_503_and_loses_nothing_acknowledged() {
     let dir = support::scratch("security-disk-full");
     let pipelines = dir.join("pipelines");
     std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(&pipelines, "p.json", &json!({"name": "p", "stages": [
-        {"id": "log", "component": "logger", "config": {"message": "{{input.n}}"}}]}));
+    support::write_json(
+        &pipelines,
+        "p.json",
+        &json!({"name": "p", "stages": [
+        {"id": "log", "component": "logger", "config": {"message": "{{input.n}}"}}]}),
+    );
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"]).arg(&state).status().unwrap();
-    assert!(mounted.success(), "this test mounts a small tmpfs under the journal (it needs root, as CI has)");
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "this test mounts a small tmpfs under the journal (it needs root, as CI has)"
+    );
     let _mount = Mount(state.clone());
     let plugins = dir.join("no-plugins");
     // The server's state directory is `dir/state`: the tmpfs.
@@ -916,7 +929,12 @@ async fn a_full_disk_turns_runs_into_503_and_loses_nothing_acknowledged() {
         let client = client.clone();
         let url = format!("{}/v1/pipelines/p/runs?mode={mode}", server.url);
         async move {
-            let r = client.post(url).json(&json!({"n": n})).send().await.unwrap();
+            let r = client
+                .post(url)
+                .json(&json!({"n": n}))
+                .send()
+                .await
+                .unwrap();
             let status = r.status().as_u16();
             (status, r.json::<Value>().await.unwrap_or_default())
         }
@@ -961,10 +979,17 @@ async fn a_full_disk_turns_runs_into_503_and_loses_nothing_acknowledged() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     for id in &kept {
-        let r = client.get(format!("{}/v1/runs/{id}", server.url)).send().await.unwrap();
+        let r = client
+            .get(format!("{}/v1/runs/{id}", server.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "acknowledged run {id} is missing");
     }
-    eprintln!("disk full: {refused} of 20 runs refused with 503; {} acknowledged runs all kept", kept.len());
+    eprintln!(
+        "disk full: {refused} of 20 runs refused with 503; {} acknowledged runs all kept",
+        kept.len()
+    );
     server.terminate();
 }
 
@@ -974,29 +999,111 @@ async fn a_full_disk_turns_runs_into_503_and_loses_nothing_acknowledged() {
 #[tokio::test]
 async fn a_deeply_nested_output_round_trips_through_the_journal() {
     let fake = Fake::start().await;
-    let deep: Value = serde_json::from_str(&format!("{}1{}", "[".repeat(127), "]".repeat(127))).unwrap();
+    let deep: Value =
+        serde_json::from_str(&format!("{}1{}", "[".repeat(127), "]".repeat(127))).unwrap();
     fake.route("/deep", vec![Reply::json(200, deep.clone())]);
     let dir = support::scratch("security-deep");
     let state = dir.join("state");
-    let p = support::write_json(&dir, "deep.json", &json!({"name": "deep", "stages": [
-        {"id": "fetch", "component": "http-request", "config": {"url": fake.url("/deep")}}]}));
+    let p = support::write_json(
+        &dir,
+        "deep.json",
+        &json!({"name": "deep", "stages": [
+        {"id": "fetch", "component": "http-request", "config": {"url": fake.url("/deep")}}]}),
+    );
     let mut cmd = support::fmhost();
     cmd.arg("--state").arg(&state).arg("run").arg(&p);
     let ran: support::Ran = support::output(cmd).await.into();
     assert_eq!(ran.code, 0, "{}", ran.stderr);
     let mut list = support::fmhost();
-    list.arg("--state").arg(&state).args(["runs", "list", "--json"]);
+    list.arg("--state")
+        .arg(&state)
+        .args(["runs", "list", "--json"]);
     let runs: support::Ran = support::output(list).await.into();
     let id = runs.json()[0]["run_id"].as_str().unwrap().to_string();
     let mut show = support::fmhost();
-    show.arg("--state").arg(&state).args(["runs", "show", &id, "--json"]);
+    show.arg("--state")
+        .arg(&state)
+        .args(["runs", "show", &id, "--json"]);
     let shown: support::Ran = support::output(show).await.into();
     assert_eq!(shown.code, 0, "{}", shown.stderr);
     // Printed 129+ levels deep: read it back without the parser's limit.
     let mut de = serde_json::Deserializer::from_str(&shown.stdout);
     de.disable_recursion_limit();
-    let v: Value = serde::Deserialize::deserialize(serde_stacker::Deserializer::new(&mut de)).unwrap();
-    let stage = v["stages"].as_array().unwrap().iter().find(|s| s["id"] == "fetch").unwrap();
+    let v: Value =
+        serde::Deserialize::deserialize(serde_stacker::Deserializer::new(&mut de)).unwrap();
+    let stage = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "fetch")
+        .unwrap();
     assert_eq!(stage["output"]["body"], deep);
     assert_eq!(v["output"]["body"], deep);
+}
+
+/// Runs beyond what the plugin instance pool holds wait for an instance; none fails
+/// with the pool's "concurrent limit" (here a pool of 16 and 120 runs at once, each
+/// holding its instance through a slow upstream call).
+#[tokio::test]
+async fn runs_beyond_the_instance_pool_wait_instead_of_failing() {
+    let fake = Fake::start().await;
+    fake.route(
+        "/slow",
+        vec![Reply::json(200, json!({})).delay(Duration::from_millis(200))],
+    );
+    let dir = support::scratch("security-pool");
+    let plugins = fixtures(&dir, &[("target/test-plugins", "chaos")]);
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    support::write_json(
+        &pipelines,
+        "c.json",
+        &json!({"name": "c", "stages": [
+        {"id": "chaos", "component": "chaos", "allowed_hosts": [format!("127.0.0.1:{}", fake.addr.port())],
+         "config": {"mode": "call", "request": {"url": fake.url("/slow")}}}]}),
+    );
+    let server = Server::start_env(
+        &dir,
+        &pipelines,
+        &plugins,
+        &json!({}),
+        &[],
+        &[("FMHOST_PLUGIN_INSTANCES", "16")],
+    );
+    let client = support::api_client();
+    let mut ids = Vec::new();
+    for _ in 0..120 {
+        let r: Value = client
+            .post(format!("{}/v1/pipelines/c/runs?mode=async", server.url))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(r["run_id"].as_str().unwrap().to_string());
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in ids {
+        loop {
+            let run: Value = client
+                .get(format!("{}/v1/runs/{id}", server.url))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            match run["status"].as_str() {
+                Some("running") | Some("pending") => {
+                    assert!(Instant::now() < deadline, "{run}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Some("succeeded") => break,
+                _ => panic!("{run}"),
+            }
+        }
+    }
+    assert_eq!(fake.seen("/slow").len(), 120);
 }

@@ -31,6 +31,17 @@ impl Server {
         secrets: &Value,
         extra: &[&str],
     ) -> Server {
+        Self::start_env(dir, pipelines, plugins, secrets, extra, &[])
+    }
+
+    pub(crate) fn start_env(
+        dir: &Path,
+        pipelines: &Path,
+        plugins: &Path,
+        secrets: &Value,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Server {
         let secrets = support::write_json(dir, "secrets.json", secrets);
         std::fs::create_dir_all(plugins).unwrap();
         let stderr = dir.join("server.log");
@@ -58,6 +69,7 @@ impl Server {
             support::root().join("target/test-scratch/serve-cache"),
         )
         .env("FMHOST_API_TOKEN", support::API_TOKEN)
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr).unwrap());
         let mut child = cmd.spawn().expect("start fmhost serve");

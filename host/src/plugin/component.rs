@@ -131,26 +131,30 @@ impl Component for WasmComponent {
                     .saturating_sub(super::EPOCH_TICK)
                     .max(super::EPOCH_TICK),
         );
-        let mut store = runtime.store(state);
+        let mut held = super::Held {
+            _slot: runtime.instance_slot().await,
+            store: runtime.store(state),
+        };
         let pre = p.pre.clone();
         // Guest code runs on the plugin threads, never on the threads that serve
         // requests; dropping this future (a stage or run deadline) aborts it at the
         // guest's next epoch yield.
         let task = super::executor().spawn(async move {
+            let store = &mut held.store;
             let result = async {
-                let instance = pre.instantiate_async(&mut store).await?;
+                let instance = pre.instantiate_async(&mut *store).await?;
                 instance
                     .fmhost_plugin_plugin()
-                    .call_invoke(&mut store, &config_text, &input_text)
+                    .call_invoke(&mut *store, &config_text, &input_text)
                     .await
             }
             .await;
-            (store, result)
+            (held, result)
         });
-        let (store, result) = tokio_util::task::AbortOnDropHandle::new(task)
+        let (held, result) = tokio_util::task::AbortOnDropHandle::new(task)
             .await
             .map_err(|e| StageError::internal(format!("plugin {}: its task ended: {e}", p.name)))?;
-        let state = store.data();
+        let state = held.store.data();
         ctx.retries
             .fetch_add(state.retries.load(Ordering::Relaxed), Ordering::Relaxed);
         if let Some(why) = &state.refusal {

@@ -75,6 +75,9 @@ pub struct PluginRuntime {
     policy: RwLock<Arc<Policy>>,
     /// This process's own server addresses, which no plugin may call ungranted.
     own_addrs: RwLock<Vec<SocketAddr>>,
+    /// One permit per instance the pool can hold: an invocation beyond them waits for
+    /// one to be freed instead of failing with the pool's "concurrent limit".
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// A loaded, validated plugin version.
@@ -169,6 +172,7 @@ impl PluginRuntime {
             memory_limit,
             policy: RwLock::new(Arc::new(Policy::builtin())),
             own_addrs: RwLock::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(instances as usize)),
         }))
     }
 
@@ -197,6 +201,15 @@ impl PluginRuntime {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(addr);
+    }
+
+    /// Waits for room in the instance pool; the permit is held until the instance is gone.
+    pub(crate) async fn instance_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the instance semaphore is never closed")
     }
 
     pub(crate) fn own_addrs(&self) -> Vec<SocketAddr> {
@@ -274,7 +287,7 @@ impl PluginRuntime {
             )
         })?;
 
-        let mut store = self.store(PluginState::new(
+        let store = self.store(PluginState::new(
             Arc::from("?"),
             Arc::from("describe"),
             Arc::from("describe"),
@@ -284,14 +297,19 @@ impl PluginRuntime {
             Instant::now() + DESCRIBE_DEADLINE,
         ));
         let describe_pre = pre.clone();
+        let mut held = Held {
+            _slot: self.instance_slot().await,
+            store,
+        };
         let task = executor().spawn(async move {
+            let store = &mut held.store;
             let instance = describe_pre
-                .instantiate_async(&mut store)
+                .instantiate_async(&mut *store)
                 .await
                 .map_err(|e| format!("cannot be instantiated: {}", chain(&e)))?;
             instance
                 .fmhost_plugin_plugin()
-                .call_describe(&mut store)
+                .call_describe(&mut *store)
                 .await
                 .map_err(|e| format!("describe() failed: {}", chain(&e)))
         });
@@ -557,6 +575,13 @@ fn top_level_imports(bytes: &[u8]) -> Result<Vec<String>, String> {
         }
     }
     Ok(names)
+}
+
+/// A store and the pool place it occupies. Fields drop in order: the instance goes
+/// back to the pool before the place is offered to the next invocation.
+pub(crate) struct Held {
+    pub store: wasmtime::Store<PluginState>,
+    pub _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The threads plugin code runs on: as many as there are cores, apart from the runtime
