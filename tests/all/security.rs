@@ -1107,3 +1107,99 @@ async fn runs_beyond_the_instance_pool_wait_instead_of_failing() {
     }
     assert_eq!(fake.seen("/slow").len(), 120);
 }
+
+/// 1,100 clients that trickle their header lines, against a server whose descriptor
+/// limit is 1,024, do not stop `/healthz` from answering: the server holds fewer
+/// connections than it has descriptors, and at the limit it closes the oldest
+/// connection that has not sent a whole request.
+#[tokio::test]
+async fn clients_trickling_headers_do_not_take_every_connection() {
+    use std::os::unix::process::CommandExt;
+    use tokio::io::AsyncWriteExt;
+    // This test holds 1,100 sockets itself.
+    // SAFETY: only reads and raises this process's own descriptor limit.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max.max(4096).min(lim.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let dir = support::scratch("security-slowloris");
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    support::write_json(
+        &pipelines,
+        "p.json",
+        &json!({"name": "p", "stages": [
+        {"id": "log", "component": "logger", "config": {"message": "hi"}}]}),
+    );
+    let state = dir.join("state");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fmhost"));
+    cmd.env_clear()
+        .env("FMHOST_API_TOKEN", support::API_TOKEN)
+        .arg("--state")
+        .arg(&state)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--pipelines")
+        .arg(&pipelines)
+        .arg("--plugins")
+        .arg(&pipelines)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1024,
+                rlim_max: 1024,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let url = line.trim().trim_start_matches("listening on ").to_string();
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut tricklers = Vec::new();
+    for _ in 0..1100 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await {
+            let _ = s
+                .write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n").as_bytes())
+                .await;
+            tricklers.push(s);
+        }
+    }
+    // Keep trickling a header line each while /healthz is asked.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut worst = Duration::ZERO;
+    for round in 0..5 {
+        for s in tricklers.iter_mut() {
+            let _ = s
+                .write_all(format!("X-Trickle-{round}: 1\r\n").as_bytes())
+                .await;
+        }
+        let t = Instant::now();
+        let resp = client.get(format!("{url}/healthz")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        worst = worst.max(t.elapsed());
+    }
+    eprintln!(
+        "healthz, worst of 5 with {} trickling clients and 1,024 descriptors: {worst:?}",
+        tricklers.len()
+    );
+    assert!(worst < Duration::from_secs(1), "{worst:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -105,6 +105,13 @@ struct ServeArgs {
     /// Largest plugin upload in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
     max_upload_bytes: usize,
+    /// Most connections held at once (kept below the file-descriptor limit); at the
+    /// limit, the oldest connection that has not sent a whole request is closed.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_connections: usize,
+    /// How long a client may take to send a request's headers.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    header_timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -315,6 +322,10 @@ async fn serve(args: ServeArgs, state: PathBuf) -> u8 {
             input: args.max_input_bytes,
             webhook: args.max_webhook_bytes,
             upload: args.max_upload_bytes,
+        },
+        connections: crate::serve::ConnLimits {
+            max: args.max_connections,
+            header_timeout: args.header_timeout,
         },
     };
     match crate::serve::serve(opts).await {

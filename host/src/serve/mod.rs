@@ -7,8 +7,10 @@
 //! and shutdown.
 
 mod auth;
+mod conn;
 pub mod plugins;
 pub use auth::{admin_token_from_file, default_token_file};
+pub use conn::ConnLimits;
 mod recover;
 pub mod webhooks;
 
@@ -57,6 +59,8 @@ pub struct ServeOptions {
     pub open_metrics: bool,
     /// Largest request bodies, per kind of route.
     pub limits: BodyLimits,
+    /// Connections held at once and how long a client may take over its headers.
+    pub connections: ConnLimits,
 }
 
 /// Request bodies larger than these are answered 413 without being buffered whole.
@@ -301,13 +305,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     tracing::info!(target: "fmhost::serve", %addr, pipelines = app.pipelines.len(), "serving {} pipeline(s) on http://{addr}; {token_note}", app.pipelines.len());
 
     let app_for_signal = app.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            app_for_signal.draining.store(true, Ordering::SeqCst);
-            tracing::info!(target: "fmhost::serve", "shutting down: no new requests; waiting for in-flight runs");
-        })
-        .await?;
+    conn::serve(listener, router, opts.connections, async move {
+        shutdown_signal().await;
+        app_for_signal.draining.store(true, Ordering::SeqCst);
+        tracing::info!(target: "fmhost::serve", "shutting down: no new requests; waiting for in-flight runs");
+    })
+    .await;
     app.tracker.close();
     if tokio::time::timeout(opts.drain_timeout, app.tracker.wait())
         .await
