@@ -43,3 +43,10 @@ async fn a_valid_pipeline_passes() {
     let ran: support::Ran = support::output(cmd).await.into();
     assert_eq!(ran.code, 0, "{}", ran.stderr);
 }
+
+/// A stage with bad fields still has its other fields and its config checked, and the
+/// stages that depend on it do not get a false "unknown stage".
+#[tokio::test]
+async fn a_broken_stage_is_checked_whole_and_its_dependents_still_find_it() {
+    check_golden("broken-stage").await;
+}

@@ -74,6 +74,8 @@ struct StageDoc {
 
 struct Parsed {
     doc: StageDoc,
+    /// Its `component` was missing or not a string (already reported).
+    component_missing: bool,
     loc: String,
     config: Value,
     retry: Option<(Value, &'static str)>,
@@ -232,7 +234,7 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
     for (i, p) in parsed.iter().enumerate() {
         let Some(p) = p else { continue };
         let component = registry.get(&p.doc.component);
-        if component.is_none() {
+        if component.is_none() && !p.component_missing {
             let known: Vec<&str> = registry.names().collect();
             diags.push(Diagnostic::new(
                 format!("{}: component", p.loc),
@@ -421,12 +423,38 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
     {
         retry = Some((r, "config.retry"));
     }
-    let doc: StageDoc = match serde_path_to_error::deserialize(&raw) {
-        Ok(d) => d,
-        Err(e) => {
-            let at = error_at(e.path(), ": ");
-            diags.push(Diagnostic::new(format!("{loc}{at}"), e.inner().to_string()));
-            return None;
+    // A bad field is reported and left out, and the rest is read again, so one mistake
+    // neither hides the stage's other problems nor makes its dependents' references to
+    // it look unknown.
+    let mut component_missing = false;
+    let doc: StageDoc = loop {
+        match serde_path_to_error::deserialize(&raw) {
+            Ok(d) => break d,
+            Err(e) => {
+                let at = error_at(e.path(), ": ");
+                diags.push(Diagnostic::new(format!("{loc}{at}"), e.inner().to_string()));
+                let message = e.inner().to_string();
+                let field = match e.path().iter().next() {
+                    Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
+                    _ => message
+                        .strip_prefix("unknown field `")
+                        .and_then(|r| r.split('`').next())
+                        .map(str::to_string),
+                };
+                let obj = raw.as_object_mut()?;
+                match field.as_deref() {
+                    Some("id") | None if !message.starts_with("missing field `component`") => {
+                        return None;
+                    }
+                    Some("component") | None => {
+                        obj.insert("component".into(), Value::String(String::new()));
+                        component_missing = true;
+                    }
+                    Some(f) => {
+                        obj.remove(f)?;
+                    }
+                }
+            }
         }
     };
     if doc.id.is_empty()
@@ -476,6 +504,7 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
     let _ = (&doc.name, &doc.description);
     Some(Parsed {
         doc,
+        component_missing,
         loc,
         config,
         retry,

@@ -33,6 +33,8 @@ use state::PluginState;
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// CPU deadline for a plugin whose stage has no timeout.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+/// How long compiling a component may take when it is loaded.
+pub const COMPILE_DEADLINE: Duration = Duration::from_secs(120);
 /// How long `describe()` may take when a plugin is loaded.
 pub const DESCRIBE_DEADLINE: Duration = Duration::from_secs(5);
 /// Memory cap per plugin instance unless `FMHOST_PLUGIN_MEMORY_MB` says otherwise.
@@ -78,6 +80,8 @@ pub struct PluginRuntime {
     /// One permit per instance the pool can hold: an invocation beyond them waits for
     /// one to be freed instead of failing with the pool's "concurrent limit".
     slots: Arc<tokio::sync::Semaphore>,
+    /// Compiles run one at a time, so a flood of uploads cannot take every core.
+    compiling: Arc<tokio::sync::Semaphore>,
 }
 
 /// A loaded, validated plugin version.
@@ -173,6 +177,7 @@ impl PluginRuntime {
             policy: RwLock::new(Arc::new(Policy::builtin())),
             own_addrs: RwLock::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(instances as usize)),
+            compiling: Arc::new(tokio::sync::Semaphore::new(1)),
         }))
     }
 
@@ -252,9 +257,22 @@ impl PluginRuntime {
         }
         let component = {
             let (rt, bytes, hash) = (self.clone(), bytes.to_vec(), hash.clone());
-            // Compiling is CPU-bound and can take seconds for large components.
-            tokio::task::spawn_blocking(move || rt.cache.load(&rt.engine, &bytes, &hash))
+            // Compiling is CPU-bound and can take seconds for large components: on a
+            // blocking thread, one at a time, and waited for only so long.
+            let _one = self.compiling.clone().acquire_owned().await;
+            let compile =
+                tokio::task::spawn_blocking(move || rt.cache.load(&rt.engine, &bytes, &hash));
+            tokio::time::timeout(COMPILE_DEADLINE, compile)
                 .await
+                .map_err(|_| {
+                    load_err(
+                        path,
+                        format!(
+                            "compiling took longer than {} s; refused",
+                            COMPILE_DEADLINE.as_secs()
+                        ),
+                    )
+                })?
                 .map_err(|e| load_err(path, e.to_string()))?
                 .map_err(|e| {
                     load_err(
