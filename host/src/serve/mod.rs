@@ -112,6 +112,9 @@ struct App {
     journal: Journal,
     tracker: TaskTracker,
     draining: AtomicBool,
+    /// Digests of signed deliveries accepted recently, per path: a signed body re-sent
+    /// under a new delivery id within the signature's tolerance is the same delivery.
+    recent: std::sync::Mutex<HashMap<(String, String), (std::time::Instant, String)>>,
 }
 
 /// Starts the server and serves until SIGTERM or Ctrl-C, then drains.
@@ -230,6 +233,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         journal,
         tracker: TaskTracker::new(),
         draining: AtomicBool::new(false),
+        recent: std::sync::Mutex::default(),
     });
 
     // Bound before anything runs, so no plugin can reach this server's own address.
@@ -917,6 +921,20 @@ async fn fallback(
         }
     };
     let event_id = webhooks::event_id(&trigger, &headers, &payload, &body);
+    let digest = crate::plugin::content_hash(&body);
+    let window = Duration::from_secs(trigger.tolerance_seconds);
+    let key = (trigger.path.clone(), digest);
+    if let Some((at, first)) = app
+        .recent
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+    {
+        if at.elapsed() < window && *first != event_id {
+            tracing::info!(target: "fmhost::serve", path = %trigger.path, "delivery {event_id} repeats the signed body of {first}; not run again");
+            return Json(json!({"event_id": first, "duplicate": true})).into_response();
+        }
+    }
     let delivery = Delivery {
         pipeline: pipeline.clone(),
         event_id: event_id.clone(),
@@ -931,6 +949,13 @@ async fn fallback(
     match app.journal.accept_delivery(stored).await {
         Ok(false) => Json(json!({"event_id": event_id, "duplicate": true})).into_response(),
         Ok(true) => {
+            {
+                let mut recent = app.recent.lock().unwrap_or_else(|e| e.into_inner());
+                recent.retain(|_, (at, _)| at.elapsed() < window);
+                if recent.len() < 100_000 {
+                    recent.insert(key, (std::time::Instant::now(), event_id.clone()));
+                }
+            }
             let run_id = delivery.run_id.clone();
             // Its run can be looked up as soon as the sender has the run id.
             RunJournal::new(
