@@ -1106,6 +1106,64 @@ async fn runs_beyond_the_instance_pool_wait_instead_of_failing() {
         }
     }
     assert_eq!(fake.seen("/slow").len(), 120);
+    drop(server);
+
+    // Past the admission limit a run is refused at once with 429, never failed later.
+    fake.route(
+        "/slow",
+        vec![Reply::json(200, json!({})).delay(Duration::from_secs(1))],
+    );
+    let server = Server::start_env(
+        &dir,
+        &pipelines,
+        &plugins,
+        &json!({}),
+        &["--max-runs", "50"],
+        &[("FMHOST_PLUGIN_INSTANCES", "16")],
+    );
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    for _ in 0..80 {
+        let r = client
+            .post(format!("{}/v1/pipelines/c/runs?mode=async", server.url))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            202 => accepted.push(
+                r.json::<Value>().await.unwrap()["run_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            ),
+            429 => refused += 1,
+            other => panic!("{other}"),
+        }
+    }
+    assert!(
+        refused > 0 && accepted.len() >= 50,
+        "{} accepted, {refused} refused",
+        accepted.len()
+    );
+    for id in accepted {
+        loop {
+            let run: Value = client
+                .get(format!("{}/v1/runs/{id}", server.url))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            match run["status"].as_str() {
+                Some("running") | Some("pending") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Some("succeeded") => break,
+                _ => panic!("an accepted run failed: {run}"),
+            }
+        }
+    }
 }
 
 /// 1,100 clients that trickle their header lines, against a server whose descriptor

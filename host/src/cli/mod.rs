@@ -112,6 +112,10 @@ struct ServeArgs {
     /// How long a client may take to send a request's headers.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
     header_timeout: Duration,
+    /// Most API runs in flight, running or waiting for a plugin instance; beyond it,
+    /// new runs are answered 429.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_runs: usize,
 }
 
 #[derive(Subcommand)]
@@ -327,6 +331,7 @@ async fn serve(args: ServeArgs, state: PathBuf) -> u8 {
             max: args.max_connections,
             header_timeout: args.header_timeout,
         },
+        max_runs: args.max_runs,
     };
     match crate::serve::serve(opts).await {
         Ok(()) => 0,

@@ -61,6 +61,8 @@ pub struct ServeOptions {
     pub limits: BodyLimits,
     /// Connections held at once and how long a client may take over its headers.
     pub connections: ConnLimits,
+    /// Most API runs in flight (running or waiting for a plugin instance); more get 429.
+    pub max_runs: usize,
 }
 
 /// Request bodies larger than these are answered 413 without being buffered whole.
@@ -115,6 +117,41 @@ struct App {
     /// Digests of signed deliveries accepted recently, per path: a signed body re-sent
     /// under a new delivery id within the signature's tolerance is the same delivery.
     recent: std::sync::Mutex<HashMap<(String, String), (std::time::Instant, String)>>,
+    /// Runs started over the API and not finished; beyond `max_runs`, new ones get 429.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    max_runs: usize,
+}
+
+/// A place among the runs in flight, given back when the run ends.
+struct RunPlace(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for RunPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl App {
+    /// Admission: a place for one more run, or 429 when the queue is full.
+    fn admit(&self) -> Result<RunPlace, Response> {
+        let n = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let place = RunPlace(self.in_flight.clone());
+        if n >= self.max_runs {
+            drop(place);
+            let mut r = problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many runs",
+                format!(
+                    "{} runs are in flight, the most this server queues (--max-runs); retry later",
+                    self.max_runs
+                ),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return Err(r);
+        }
+        Ok(place)
+    }
 }
 
 /// Starts the server and serves until SIGTERM or Ctrl-C, then drains.
@@ -234,6 +271,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         tracker: TaskTracker::new(),
         draining: AtomicBool::new(false),
         recent: std::sync::Mutex::default(),
+        in_flight: Arc::default(),
+        max_runs: opts.max_runs,
     });
 
     // Bound before anything runs, so no plugin can reach this server's own address.
@@ -509,6 +548,10 @@ async fn start_run(
             format!("mode must be sync or async, not {other:?}"),
         );
     }
+    let place = match app.admit() {
+        Ok(p) => p,
+        Err(full) => return full,
+    };
     // On record (synced) before it runs or is answered, so it can be looked up at once.
     if let Err(refused) = announce_durably(&app, &start).await {
         return refused;
@@ -517,9 +560,10 @@ async fn start_run(
         None | Some("sync") => {
             // The run is its own task: a client that hangs up does not cut it short.
             let app2 = app.clone();
-            let run = app
-                .tracker
-                .spawn(async move { execute_kept(&app2, plan, input, start, None).await });
+            let run = app.tracker.spawn(async move {
+                let _place = place;
+                execute_kept(&app2, plan, input, start, None).await
+            });
             match run.await {
                 Ok(result) => kept_answer(result),
                 Err(e) => problem(
@@ -532,6 +576,7 @@ async fn start_run(
         Some(_) => {
             let app2 = app.clone();
             app.tracker.spawn(async move {
+                let _place = place;
                 let _ = execute(&app2, plan, input, start, None).await;
             });
             (StatusCode::ACCEPTED, Json(json!({"run_id": run_id, "status": "running", "href": format!("/v1/runs/{run_id}")}))).into_response()
