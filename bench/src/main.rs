@@ -30,6 +30,9 @@ fn bin(name: &str) -> std::path::PathBuf {
 }
 
 /// Starts a process that prints `listening on URL` first.
+/// The API token the benchmarked server is started with.
+const BENCH_TOKEN: &str = "bench-admin-token-0123456789";
+
 fn start(cmd: &mut Command) -> Proc {
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -370,9 +373,10 @@ async fn main() {
                     "--state",
                     "state",
                 ])
-                .env("FMHOST_LOG", "warn"),
+                .env("FMHOST_LOG", "warn")
+                .env("FMHOST_API_TOKEN", BENCH_TOKEN),
         );
-        std::fs::write(dir.join("post.lua"), "wrk.method = \"POST\"\nwrk.body = '{\"n\": 1}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n").unwrap();
+        std::fs::write(dir.join("post.lua"), format!("wrk.method = \"POST\"\nwrk.body = '{{\"n\": 1}}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer {BENCH_TOKEN}\"\n")).unwrap();
         let wrk = Command::new("wrk")
             .args(["-t2", "-c32", &format!("-d{}s", secs), "--latency", "-s"])
             .arg(dir.join("post.lua"))
