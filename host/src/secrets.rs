@@ -274,12 +274,14 @@ fn restore_text<'v>(s: &str, value: &dyn Fn(&str) -> Option<&'v str>) -> String 
             let name_len = body
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
                 .unwrap_or(body.len());
-            if body[name_len..].starts_with("}}") {
-                if let Some(v) = value(&body[..name_len]) {
-                    out.push_str(v);
-                    rest = &body[name_len + 2..];
-                    continue;
-                }
+            if let Some(v) = body[name_len..]
+                .starts_with("}}")
+                .then(|| value(&body[..name_len]))
+                .flatten()
+            {
+                out.push_str(v);
+                rest = &body[name_len + 2..];
+                continue;
             }
         }
         out.push_str("{{");

@@ -253,7 +253,7 @@ impl Grant {
         }
         let declared_only = declared
             .iter()
-            .filter(|d| HostPattern::parse(d).is_some_and(|d| !hosts.iter().any(|h| *h == d)))
+            .filter(|d| HostPattern::parse(d).is_some_and(|d| !hosts.contains(&d)))
             .cloned()
             .collect();
         Grant {
