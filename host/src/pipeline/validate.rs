@@ -12,6 +12,11 @@ use super::{Diagnostic, Plan, PlannedStage, RetryPlan, RetrySpec, graph};
 use crate::component::Registry;
 use crate::template::{Path, Segment, Template, ValueTemplate};
 
+/// Most stages in one pipeline.
+pub const MAX_STAGES: usize = 10_000;
+/// Most `depends_on` entries in one pipeline.
+pub const MAX_EDGES: usize = 100_000;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PipelineDoc {
@@ -98,6 +103,22 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         )]
     })?;
     let mut diags = Vec::new();
+    let edges: usize = doc
+        .stages
+        .iter()
+        .filter_map(|s| s.get("depends_on").and_then(Value::as_array))
+        .map(Vec::len)
+        .sum();
+    if doc.stages.len() > MAX_STAGES || edges > MAX_EDGES {
+        // Checked first and alone: the rest of validation is not worth its cost here.
+        return Err(vec![Diagnostic::new(
+            "stages",
+            format!(
+                "{} stages and {edges} dependencies; fmhost runs at most {MAX_STAGES} stages and {MAX_EDGES} dependencies per pipeline",
+                doc.stages.len()
+            ),
+        )]);
+    }
     if doc.stages.is_empty() {
         diags.push(Diagnostic::new(
             "stages",

@@ -113,3 +113,23 @@ fn json_nested_past_the_parser_limit_is_an_error() {
     );
     assert!(crate::pipeline::compile(&doc, &registry).is_err());
 }
+
+#[test]
+fn pipelines_past_the_size_bounds_are_one_clear_error() {
+    let registry = crate::component::Registry::builtins();
+    let stages: Vec<Value> = (0..10_001)
+        .map(|i| json!({"id": format!("s{i}"), "component": "logger", "config": {"message": "x"}}))
+        .collect();
+    let errors = crate::pipeline::compile(
+        &json!({"name": "p", "stages": stages}).to_string(),
+        &registry,
+    )
+    .err()
+    .unwrap();
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].message.contains("at most 10000 stages"),
+        "{}",
+        errors[0].message
+    );
+}
