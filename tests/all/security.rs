@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::plugins::plugin_file;
-use super::serve::Server;
+use super::serve::{Server, pipelines_dir};
 use crate::support::{self, Fake, Reply};
 
 const KEY: &str = "sk_granted_5f4e3d2c1b";
@@ -305,13 +305,13 @@ async fn spinning_flooding_and_recursing_plugins_do_not_take_the_host_down() {
         );
     }
 
-    let pipelines = dir.join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(
-        &pipelines,
-        "spin.json",
-        &json!({"name": "spin", "stages": [
+    let pipelines = pipelines_dir(
+        &dir,
+        &[(
+            "spin.json",
+            json!({"name": "spin", "stages": [
         {"id": "chaos", "component": "chaos", "timeout": "20s", "config": {"mode": "spin"}}]}),
+        )],
     );
     support::write_json(
         &pipelines,
@@ -415,13 +415,13 @@ async fn names_are_guarded_and_a_swap_that_asks_for_more_is_refused() {
     );
 
     let plugins = fixtures(&dir, &[("target/plugins", "intercom")]);
-    let pipelines = dir.join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(
-        &pipelines,
-        "ic.json",
-        &json!({"name": "ic", "stages": [
+    let pipelines = pipelines_dir(
+        &dir,
+        &[(
+            "ic.json",
+            json!({"name": "ic", "stages": [
         {"id": "fetch", "component": "intercom", "config": {"contact_id": "c1"}}]}),
+        )],
     );
     let mut server = Server::start(&dir, &pipelines, &plugins, &json!({"INTERCOM_TOKEN": KEY}));
     let client = support::api_client();
@@ -563,13 +563,13 @@ async fn a_run_that_keeps_stopping_the_server_is_dead_lettered_not_resumed_forev
         vec![Reply::json(200, json!({})).delay(Duration::from_secs(60))],
     );
     let dir = support::scratch("security-crash-loop");
-    let pipelines = dir.join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(
-        &pipelines,
-        "slow.json",
-        &json!({"name": "slow", "stages": [
+    let pipelines = pipelines_dir(
+        &dir,
+        &[(
+            "slow.json",
+            json!({"name": "slow", "stages": [
         {"id": "wait", "component": "http-request", "config": {"url": fake.url("/slow")}}]}),
+        )],
     );
     let plugins = dir.join("no-plugins");
     let client = support::api_client();
@@ -652,14 +652,14 @@ const RUN: &str = "run-token-uuuuuuuuuuuuuuuuuu";
 #[tokio::test]
 async fn the_api_needs_the_right_token_from_this_server_only() {
     let dir = support::scratch("security-api");
-    let pipelines = dir.join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(
-        &pipelines,
-        "p.json",
-        &json!({"name": "p", "stages": [
+    let pipelines = pipelines_dir(
+        &dir,
+        &[(
+            "p.json",
+            json!({"name": "p", "stages": [
         {"id": "log", "component": "logger", "config": {"message": "hi"}}],
         "triggers": [{"type": "webhook", "path": "/hooks/x", "secret": "{{secrets.HOOK}}", "signature": "github"}]}),
+        )],
     );
     let tokens = dir.join("tokens");
     std::fs::write(&tokens, format!("admin {ADMIN}\nread {READ}\nrun {RUN}\n")).unwrap();
@@ -826,13 +826,13 @@ async fn raw_post(
 async fn a_first_start_writes_its_tokens_and_the_cli_reads_them() {
     use std::io::{BufRead, BufReader};
     let dir = support::scratch("security-token-file");
-    let pipelines = dir.join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(
-        &pipelines,
-        "p.json",
-        &json!({"name": "p", "stages": [
+    let pipelines = pipelines_dir(
+        &dir,
+        &[(
+            "p.json",
+            json!({"name": "p", "stages": [
         {"id": "log", "component": "logger", "config": {"message": "hi"}}]}),
+        )],
     );
     let state = dir.join("state");
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fmhost"));
@@ -901,13 +901,13 @@ impl Drop for Mount {
 #[tokio::test]
 async fn a_full_disk_turns_runs_into_503_and_loses_nothing_acknowledged() {
     let dir = support::scratch("security-disk-full");
-    let pipelines = dir.join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(
-        &pipelines,
-        "p.json",
-        &json!({"name": "p", "stages": [
+    let pipelines = pipelines_dir(
+        &dir,
+        &[(
+            "p.json",
+            json!({"name": "p", "stages": [
         {"id": "log", "component": "logger", "config": {"message": "{{input.n}}"}}]}),
+        )],
     );
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
@@ -1053,14 +1053,14 @@ async fn runs_beyond_the_instance_pool_wait_instead_of_failing() {
     );
     let dir = support::scratch("security-pool");
     let plugins = fixtures(&dir, &[("target/test-plugins", "chaos")]);
-    let pipelines = dir.join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(
-        &pipelines,
-        "c.json",
-        &json!({"name": "c", "stages": [
+    let pipelines = pipelines_dir(
+        &dir,
+        &[(
+            "c.json",
+            json!({"name": "c", "stages": [
         {"id": "chaos", "component": "chaos", "allowed_hosts": [format!("127.0.0.1:{}", fake.addr.port())],
          "config": {"mode": "call", "request": {"url": fake.url("/slow")}}}]}),
+        )],
     );
     let server = Server::start_env(
         &dir,
@@ -1186,13 +1186,13 @@ async fn clients_trickling_headers_do_not_take_every_connection() {
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
     }
     let dir = support::scratch("security-slowloris");
-    let pipelines = dir.join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(
-        &pipelines,
-        "p.json",
-        &json!({"name": "p", "stages": [
+    let pipelines = pipelines_dir(
+        &dir,
+        &[(
+            "p.json",
+            json!({"name": "p", "stages": [
         {"id": "log", "component": "logger", "config": {"message": "hi"}}]}),
+        )],
     );
     let state = dir.join("state");
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fmhost"));

@@ -129,7 +129,7 @@ fn plugins_dir(dir: &Path) -> PathBuf {
     p
 }
 
-fn pipelines_dir(dir: &Path, files: &[(&str, Value)]) -> PathBuf {
+pub(crate) fn pipelines_dir(dir: &Path, files: &[(&str, Value)]) -> PathBuf {
     let p = dir.join("pipelines");
     std::fs::create_dir_all(&p).unwrap();
     for (name, doc) in files {
