@@ -5,8 +5,11 @@
 //! plus one line in [`Registry::builtins`].
 
 pub mod check;
+pub mod control;
+pub mod flow;
 mod http_request;
 mod logger;
+mod operators;
 mod schema_validate;
 
 use std::collections::BTreeMap;
@@ -17,6 +20,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 pub use check::{Checker, ConfigProblem};
+pub use flow::{BlockDecl, BlockRef, Flow, FrameError, FrameOutcome, FrameSpec, Governs, RunBlock};
 pub use http_request::default_idempotency_key;
 
 use crate::error::StageError;
@@ -112,6 +116,19 @@ pub trait Component: Send + Sync {
         true
     }
 
+    /// For a control-flow component: the stages it governs and the variables it sets,
+    /// read from its config as written, so the pipeline is checked before any run; with
+    /// problems found in the fields that name stages (relative to `config`).
+    fn governs(&self, _config: &Value) -> (Governs, Vec<ConfigProblem>) {
+        (Governs::default(), Vec::new())
+    }
+
+    /// Config fields that hold an expression the component evaluates itself, per item
+    /// or value (a filter's `condition` over `item`): kept as written, not rendered.
+    fn raw_fields(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Runs once per stage execution. `upstream` is the output of the single
     /// dependency, an object keyed by dependency id when there are several, or the
     /// pipeline input when there are none.
@@ -121,6 +138,17 @@ pub trait Component: Send + Sync {
         config: Value,
         upstream: Arc<Value>,
     ) -> Result<Value, StageError>;
+
+    /// What the scheduler calls: the output, and for a control-flow component what to
+    /// schedule next. Ordinary components (every plugin) just [`invoke`](Self::invoke).
+    async fn run(
+        &self,
+        ctx: &StageContext,
+        config: Value,
+        upstream: Arc<Value>,
+    ) -> Result<Flow, StageError> {
+        self.invoke(ctx, config, upstream).await.map(Flow::Output)
+    }
 }
 
 /// Components by canonical name. `json_transform` and `json-transform` are one name.
@@ -141,6 +169,15 @@ impl Registry {
         r.register(Arc::new(http_request::HttpRequest));
         r.register(Arc::new(schema_validate::SchemaValidate));
         r.register(Arc::new(logger::Logger));
+        r.register(Arc::new(control::Conditional));
+        r.register(Arc::new(control::Router));
+        r.register(Arc::new(control::Foreach));
+        r.register(Arc::new(control::TryCatch));
+        r.register(Arc::new(control::Subpipeline));
+        r.register(Arc::new(control::Return));
+        r.register(Arc::new(operators::Filter));
+        r.register(Arc::new(operators::VariableSet));
+        r.register(Arc::new(operators::Loop));
         r
     }
 

@@ -9,27 +9,24 @@
 //! (measured: ~30 µs per stage spawned, ~2 µs polled). Parallelism across cores comes
 //! from concurrent runs; within a run, stages overlap on IO.
 
+mod frame;
 mod report;
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub use report::{RunReport, RunStatus, StageReport, StageStatus};
 
-use crate::component::StageContext;
+use crate::component::Component;
 use crate::error::{ErrorKind, StageError};
 use crate::http::{Outbound, RetryPolicy};
-use crate::pipeline::{Plan, RetryPlan};
+use crate::pipeline::{Plan, PlannedStage, RetryPlan};
 use crate::secrets::Secrets;
-use crate::template::{Scope, StageLookup};
+use crate::template::Scope;
 
 /// Shared by every run in a process: the outbound machinery and the secrets.
 #[derive(Clone)]
@@ -77,42 +74,6 @@ pub enum RunError {
     InvalidInput(Vec<String>),
 }
 
-struct Outcome {
-    index: usize,
-    result: Result<Value, StageError>,
-    duration: Duration,
-    attempts: u32,
-}
-
-/// Stage results so far, as templates see them.
-struct Results<'a> {
-    index: &'a HashMap<Arc<str>, usize>,
-    outputs: &'a [Option<Arc<Value>>],
-    errors: &'a [Option<Value>],
-}
-
-impl StageLookup for Results<'_> {
-    fn stage_field(&self, id: &str, field: &str) -> Option<&Value> {
-        let &i = self.index.get(id)?;
-        match field {
-            "output" => self.outputs[i].as_deref(),
-            "error" => self.errors[i]
-                .as_ref()
-                .or(self.outputs[i].as_ref().map(|_| &Value::Null)),
-            _ => None,
-        }
-    }
-    fn has_stage(&self, id: &str) -> bool {
-        self.index.contains_key(id)
-    }
-}
-
-/// A snapshot of results for retry conditions evaluated inside a running stage.
-struct Snapshot {
-    index: Arc<HashMap<Arc<str>, usize>>,
-    outputs: Vec<Option<Arc<Value>>>,
-    errors: Vec<Option<Value>>,
-}
 
 pub fn new_run_id() -> String {
     let millis = SystemTime::now()
@@ -120,6 +81,212 @@ pub fn new_run_id() -> String {
         .unwrap_or_default()
         .as_millis();
     format!("run_{millis:012x}{:08x}", rand::random::<u32>())
+}
+
+/// Everything the frames of one run share: the run's identity, its observer and reuse,
+/// the pinned components, and the report being built.
+pub(crate) struct RunCtx {
+    engine: Engine,
+    run_id: Arc<str>,
+    run_value: Value,
+    observer: Option<Arc<dyn RunObserver>>,
+    reuse: Option<Arc<Reuse>>,
+    started: Instant,
+    pinned: Mutex<HashMap<usize, Arc<dyn Component>>>,
+    reports: Mutex<Reports>,
+}
+
+#[derive(Default)]
+struct Reports {
+    list: Vec<StageReport>,
+    at: HashMap<String, usize>,
+}
+
+impl RunCtx {
+    /// The component a stage runs, resolved once per run (hot swaps leave a run alone).
+    fn component(&self, c: &Arc<dyn Component>) -> Arc<dyn Component> {
+        let key = Arc::as_ptr(c) as *const () as usize;
+        self.pinned
+            .lock()
+            .expect("pinned")
+            .entry(key)
+            .or_insert_with(|| c.pin().unwrap_or_else(|| c.clone()))
+            .clone()
+    }
+
+    fn reused(&self, id: &str) -> Option<(String, Arc<Value>)> {
+        let r = self.reuse.as_ref()?;
+        r.outputs.get(id).map(|o| (r.from_run.clone(), o.clone()))
+    }
+
+    /// Changes stage `id`'s report (creating it: an iteration or a sub-pipeline's stage)
+    /// and tells the observer.
+    fn update(&self, id: &str, stage: &PlannedStage, f: impl FnOnce(&mut StageReport)) {
+        let mut reports = self.reports.lock().expect("reports");
+        let k = match reports.at.get(id) {
+            Some(&k) => k,
+            None => {
+                let k = reports.list.len();
+                reports.list.push(StageReport::pending(id, stage));
+                reports.at.insert(id.to_string(), k);
+                k
+            }
+        };
+        let report = &mut reports.list[k];
+        f(report);
+        if let Some(o) = &self.observer {
+            o.stage_updated(&self.run_id, report);
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn start(&self, id: &str, stage: &PlannedStage, version: Option<String>) {
+        let at = self.elapsed_ms();
+        tracing::info!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "started", "{id}: started");
+        self.update(id, stage, |r| {
+            r.status = StageStatus::Running;
+            r.started_ms = Some(at);
+            r.version = version;
+        });
+    }
+
+    fn skip(&self, id: &str, stage: &PlannedStage, why: &str) {
+        tracing::info!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "skipped", "{id}: skipped ({why})");
+        self.update(id, stage, |r| {
+            r.status = StageStatus::Skipped;
+            r.skipped_because = Some(why.to_string());
+        });
+    }
+
+    fn reuse_stage(&self, id: &str, stage: &PlannedStage, from: &str, output: &Arc<Value>) {
+        let at = self.elapsed_ms();
+        tracing::info!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "reused", from_run = %from, "{id}: output reused from run {from}");
+        self.update(id, stage, |r| {
+            r.status = StageStatus::Succeeded;
+            r.started_ms = Some(at);
+            r.duration_ms = Some(0);
+            r.reused_from = Some(from.to_string());
+            r.output = Some(output.clone());
+        });
+    }
+
+    /// A stage ended: its report, its progress line and its metrics.
+    fn finish(
+        &self,
+        id: &str,
+        stage: &PlannedStage,
+        result: Result<&Value, &StageError>,
+        attempts: u32,
+        took: Duration,
+        plan: &Plan,
+    ) {
+        let ms = took.as_millis() as u64;
+        let plural = if attempts == 1 { "" } else { "s" };
+        let status = match result {
+            Ok(_) => StageStatus::Succeeded,
+            Err(_) => StageStatus::Failed,
+        };
+        match result {
+            Ok(_) => {
+                tracing::info!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "succeeded", duration_ms = ms, attempts, "{id}: done in {ms} ms ({attempts} attempt{plural})")
+            }
+            Err(error) if stage.optional => {
+                tracing::warn!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "failed", optional = true, duration_ms = ms, attempts, error_kind = error.kind.as_str(), error = %error.message, "{id}: failed after {ms} ms ({attempts} attempt{plural}), optional so its output is null: {error}")
+            }
+            Err(error) => {
+                tracing::error!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "failed", duration_ms = ms, attempts, error_kind = error.kind.as_str(), error = %error.message, "{id}: failed after {ms} ms ({attempts} attempt{plural}): {error}")
+            }
+        }
+        self.update(id, stage, |r| {
+            r.status = status;
+            r.duration_ms = Some(ms);
+            r.attempts = attempts;
+            match result {
+                Ok(v) => r.output = Some(Arc::new(v.clone())),
+                Err(e) => {
+                    r.error = Some(e.clone());
+                    if stage.optional {
+                        r.output = Some(Arc::new(Value::Null));
+                    }
+                }
+            }
+        });
+        // By the stage's own id: iterations share one series.
+        self.engine
+            .outbound
+            .metrics
+            .record_stage(&plan.name, &stage.id, status, took);
+    }
+
+    /// Marks stages still running under `prefix`...`suffix` as failed with `why`
+    /// (their futures were dropped).
+    fn stop_running(&self, prefix: &str, suffix: &str, why: &str) {
+        let now = self.elapsed_ms();
+        let kind = if why.contains("time") { ErrorKind::Timeout } else { ErrorKind::Cancelled };
+        let mut reports = self.reports.lock().expect("reports");
+        for r in reports.list.iter_mut().filter(|r| {
+            r.status == StageStatus::Running && r.id.starts_with(prefix) && r.id.contains(suffix)
+        }) {
+            r.status = StageStatus::Failed;
+            r.error = Some(StageError::new(kind, why));
+            r.duration_ms = r.started_ms.map(|s| now.saturating_sub(s));
+            if let Some(o) = &self.observer {
+                o.stage_updated(&self.run_id, r);
+            }
+        }
+    }
+
+    /// A finished frame of a whole pipeline: its output (the `output_stage`, the single
+    /// sink, or an object keyed by sink), checked against the output schema.
+    fn assemble(&self, view: &frame::View) -> Result<Value, StageError> {
+        let plan = &view.plan;
+        let out = |s: usize| view.output(s).cloned().unwrap_or(Value::Null);
+        let mut value = match plan.sinks.as_slice() {
+            [one] => out(*one),
+            many => Value::Object(
+                many.iter()
+                    .map(|&s| (plan.stages[s].id.to_string(), out(s)))
+                    .collect(),
+            ),
+        };
+        self.engine.secrets.redact_value(&mut value);
+        self.check_output(plan, value)
+    }
+
+    fn check_output(&self, plan: &Plan, value: Value) -> Result<Value, StageError> {
+        if let Some(schema) = &plan.output_schema {
+            let violations = crate::schema::violations(schema, &value);
+            if !violations.is_empty() {
+                return Err(StageError::validation(format!(
+                    "output does not match the pipeline's output schema: {}",
+                    violations.join("; ")
+                )));
+            }
+        }
+        Ok(value)
+    }
+}
+
+impl StageReport {
+    fn pending(id: &str, stage: &PlannedStage) -> StageReport {
+        StageReport {
+            id: id.to_string(),
+            component: stage.component_name.clone(),
+            version: None,
+            status: StageStatus::Pending,
+            optional: stage.optional,
+            started_ms: None,
+            duration_ms: None,
+            attempts: 0,
+            error: None,
+            skipped_because: None,
+            reused_from: None,
+            output: None,
+        }
+    }
 }
 
 impl Engine {
@@ -146,7 +313,7 @@ impl Engine {
         }
     }
 
-    /// Runs `plan` to completion (or failure, timeout, cancellation).
+    /// Runs `plan` to completion (or failure, return, timeout, cancellation).
     pub async fn run(
         &self,
         plan: Arc<Plan>,
@@ -158,377 +325,130 @@ impl Engine {
             self.outbound.services.configure(name, policy);
         }
         let run_id: Arc<str> = Arc::from(opts.run_id.clone().unwrap_or_else(new_run_id));
-        let started = Instant::now();
         let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        // Stages of loop bodies are reported per iteration (`ID[i]`), as they run.
+        let mut reports = Reports::default();
+        for s in plan.stages.iter().filter(|s| !in_loop(&plan, s.block)) {
+            reports.at.insert(s.id.to_string(), reports.list.len());
+            reports.list.push(StageReport::pending(&s.id, s));
+        }
         let n = plan.stages.len();
-        let index: Arc<HashMap<Arc<str>, usize>> = Arc::new(
-            plan.stages
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (s.id.clone(), i))
-                .collect(),
-        );
-        let input = Arc::new(input);
-        let run_value = json!({"id": &*run_id, "pipeline": &*plan.name});
-        let mut outputs: Vec<Option<Arc<Value>>> = vec![None; n];
-        let mut errors: Vec<Option<Value>> = vec![None; n];
-        let mut waiting: Vec<usize> = plan.stages.iter().map(|s| s.deps.len()).collect();
-        // Resolve every component once for the whole run (hot-swapped plugins stay put).
-        let mut pinned: HashMap<usize, Arc<dyn crate::component::Component>> = HashMap::new();
-        let components: Vec<Arc<dyn crate::component::Component>> = plan
-            .stages
-            .iter()
-            .map(|s| {
-                let key = Arc::as_ptr(&s.component) as *const () as usize;
-                pinned
-                    .entry(key)
-                    .or_insert_with(|| s.component.pin().unwrap_or_else(|| s.component.clone()))
-                    .clone()
-            })
-            .collect();
-        let mut reports: Vec<StageReport> = plan
-            .stages
-            .iter()
-            .zip(&components)
-            .map(|(s, c)| StageReport {
-                id: s.id.to_string(),
-                component: s.component_name.clone(),
-                version: c.version(),
-                status: StageStatus::Pending,
-                optional: s.optional,
-                started_ms: None,
-                duration_ms: None,
-                attempts: 0,
-                error: None,
-                skipped_because: None,
-                reused_from: None,
-                output: None,
-            })
-            .collect();
         tracing::info!(target: "fmhost::progress", run_id = &*run_id, pipeline = &*plan.name, stages = n, "run {run_id} of {} started ({n} stages)", plan.name);
-        let observer = opts.observer.clone();
-        if let Some(o) = &observer {
-            o.run_started(&run_id, &plan.name, &reports);
+        if let Some(o) = &opts.observer {
+            o.run_started(&run_id, &plan.name, &reports.list);
         }
-
-        let mut tasks: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
-        let mut ready: Vec<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
-        let mut failure: Option<(RunStatus, String)> = None;
+        let run = Arc::new(RunCtx {
+            engine: self.clone(),
+            run_value: json!({"id": &*run_id, "pipeline": &*plan.name}),
+            run_id: run_id.clone(),
+            observer: opts.observer.clone(),
+            reuse: opts.reuse.clone(),
+            started: Instant::now(),
+            pinned: Mutex::new(HashMap::new()),
+            reports: Mutex::new(reports),
+        });
+        let view = frame::View {
+            plan: plan.clone(),
+            slots: HashMap::new(),
+            controller_output: None,
+            vars: Arc::new(frame::base_vars(&run, &plan)),
+            parent: None,
+        };
+        let place = frame::Place {
+            block: 0,
+            prefix: Arc::from(""),
+            suffix: Arc::from(""),
+            input: Arc::new(input),
+            depth: 0,
+        };
+        let root = frame::run_frame(run.clone(), view, place);
         let run_deadline = opts.timeout.map(|t| tokio::time::Instant::now() + t);
-
-        loop {
-            // Start everything that is ready, unless the run is already failing.
-            while let Some(i) = ready.pop() {
-                if failure.is_some() {
-                    break;
-                }
-                let stage = &plan.stages[i];
-                reports[i].started_ms = Some(started.elapsed().as_millis() as u64);
-                if let Some((from, output)) = opts
-                    .reuse
-                    .as_ref()
-                    .and_then(|r| r.outputs.get(&*stage.id).map(|o| (&r.from_run, o)))
-                {
-                    // Taken from the journal: the stage does not run again.
-                    let report = &mut reports[i];
-                    report.status = StageStatus::Succeeded;
-                    report.duration_ms = Some(0);
-                    report.reused_from = Some(from.clone());
-                    report.output = Some(output.clone());
-                    outputs[i] = Some(output.clone());
-                    tracing::info!(target: "fmhost::progress", run_id = &*run_id, stage = &*stage.id, event = "reused", from_run = %from, "{}: output reused from run {from}", stage.id);
-                    if let Some(o) = &observer {
-                        o.stage_updated(&run_id, report);
-                    }
-                    for &d in &stage.dependents {
-                        waiting[d] -= 1;
-                        if waiting[d] == 0 {
-                            ready.push(d);
-                        }
-                    }
-                    continue;
-                }
-                reports[i].status = StageStatus::Running;
-                tracing::info!(target: "fmhost::progress", run_id = &*run_id, stage = &*stage.id, event = "started", "{}: started", stage.id);
-                if let Some(o) = &observer {
-                    o.stage_updated(&run_id, &reports[i]);
-                }
-                let results = Results {
-                    index: &index,
-                    outputs: &outputs,
-                    errors: &errors,
-                };
-                let scope = Scope {
-                    input: &input,
-                    stages: &results,
-                    secrets: &self.secrets,
-                    output: None,
-                    run: &run_value,
-                    now: self.fixed_now.as_deref(),
-                    keep_secrets: !components[i].sees_secrets(),
-                };
-                let rendered = stage.config.render(&scope);
-                let upstream = match stage.deps.as_slice() {
-                    [] => input.clone(),
-                    [d] => outputs[*d].clone().unwrap_or_default(),
-                    many => Arc::new(Value::Object(
-                        many.iter()
-                            .map(|&d| {
-                                (
-                                    plan.stages[d].id.to_string(),
-                                    outputs[d].as_deref().cloned().unwrap_or(Value::Null),
-                                )
-                            })
-                            .collect::<Map<_, _>>(),
-                    )),
-                };
-                let retry = stage.retry.as_ref().map(|r| {
-                    let snapshot = r.condition.as_ref().map(|_| Snapshot {
-                        index: index.clone(),
-                        outputs: outputs.clone(),
-                        errors: errors.clone(),
-                    });
-                    self.retry_policy(r, snapshot, input.clone(), &run_value)
-                });
-                let ctx = StageContext {
-                    run_id: run_id.clone(),
-                    pipeline: plan.name.clone(),
-                    stage_id: stage.id.clone(),
-                    outbound: self.outbound.clone(),
-                    secrets: self.secrets.clone(),
-                    retry,
-                    allowed_hosts: stage.allowed_hosts.clone(),
-                    secret_grants: stage.secret_grants.clone(),
-                    trusted_base_url: stage.trusted_base_url,
-                    deadline: stage.timeout.map(|t| Instant::now() + t),
-                    retries: AtomicU32::new(0),
-                    observer: observer.clone(),
-                };
-                let component = components[i].clone();
-                let timeout = stage.timeout;
-                let stage_future = async move {
-                    let t0 = Instant::now();
-                    let result = match rendered {
-                        Err(e) => Err(StageError::template(format!("config{e}"))),
-                        Ok(config) => {
-                            let call = component.invoke(&ctx, config, upstream);
-                            match timeout {
-                                Some(t) => {
-                                    tokio::time::timeout(t, call).await.unwrap_or_else(|_| {
-                                        Err(StageError::new(
-                                            ErrorKind::Timeout,
-                                            format!(
-                                                "stage timed out after {}",
-                                                humantime::format_duration(t)
-                                            ),
-                                        ))
-                                    })
-                                }
-                                None => call.await,
-                            }
-                        }
-                    };
-                    Outcome {
-                        index: i,
-                        result,
-                        duration: t0.elapsed(),
-                        attempts: 1 + ctx.retries.load(Ordering::Relaxed),
-                    }
-                };
-                // A panicking component is a host bug, but it fails its stage, not the process.
-                tasks.push(
-                    std::panic::AssertUnwindSafe(stage_future)
-                        .catch_unwind()
-                        .map(move |r| {
-                            r.unwrap_or_else(|panic| {
-                                let what = panic
-                                    .downcast_ref::<&str>()
-                                    .map(|s| s.to_string())
-                                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                                    .unwrap_or_default();
-                                Outcome {
-                                    index: i,
-                                    result: Err(StageError::internal(format!(
-                                        "component panicked: {what}"
-                                    ))),
-                                    duration: Duration::ZERO,
-                                    attempts: 1,
-                                }
-                            })
-                        })
-                        .boxed(),
-                );
+        let mut failure: Option<(RunStatus, String)> = None;
+        let end = tokio::select! {
+            end = root => Some(end),
+            _ = sleep_until(run_deadline) => {
+                let t = opts.timeout.unwrap_or_default();
+                failure = Some((RunStatus::TimedOut, format!("run timed out after {}", humantime::format_duration(t))));
+                None
             }
-            if tasks.is_empty() {
-                break;
+            _ = opts.cancel.cancelled() => {
+                failure = Some((RunStatus::Cancelled, "run cancelled".into()));
+                None
             }
-            let joined = tokio::select! {
-                joined = tasks.next() => joined,
-                _ = sleep_until(run_deadline) => {
-                    let t = opts.timeout.unwrap_or_default();
-                    failure.get_or_insert((RunStatus::TimedOut, format!("run timed out after {}", humantime::format_duration(t))));
-                    None
-                }
-                _ = opts.cancel.cancelled() => {
-                    failure.get_or_insert((RunStatus::Cancelled, "run cancelled".into()));
-                    None
-                }
-            };
-            let Some(outcome) = joined else {
-                // Stopped: everything still running is failed with the run's reason.
-                let (status, _) = failure.as_ref().expect("set when stopping");
-                let kind = if *status == RunStatus::TimedOut {
-                    ErrorKind::Timeout
-                } else {
-                    ErrorKind::Cancelled
-                };
-                for r in reports
-                    .iter_mut()
-                    .filter(|r| r.status == StageStatus::Running)
-                {
-                    r.status = StageStatus::Failed;
-                    r.error = Some(StageError::new(
-                        kind,
-                        if kind == ErrorKind::Timeout {
-                            "stopped: run timed out"
-                        } else {
-                            "stopped: run cancelled"
-                        },
-                    ));
-                    r.duration_ms = r
-                        .started_ms
-                        .map(|s| (started.elapsed().as_millis() as u64).saturating_sub(s));
-                }
-                // Dropping the futures cancels the stages (and their outbound calls).
-                drop(std::mem::take(&mut tasks));
-                break;
-            };
-            let i = outcome.index;
-            let stage = &plan.stages[i];
-            let report = &mut reports[i];
-            report.duration_ms = Some(outcome.duration.as_millis() as u64);
-            report.attempts = outcome.attempts;
-            let ms = outcome.duration.as_millis();
-            let attempts = outcome.attempts;
-            let plural = if attempts == 1 { "" } else { "s" };
-            match outcome.result {
-                Ok(value) => {
-                    report.status = StageStatus::Succeeded;
-                    let value = Arc::new(value);
-                    report.output = Some(value.clone());
-                    outputs[i] = Some(value);
-                    tracing::info!(target: "fmhost::progress", run_id = &*run_id, stage = &*stage.id, event = "succeeded", duration_ms = ms as u64, attempts, "{}: done in {ms} ms ({attempts} attempt{plural})", stage.id);
-                }
-                Err(mut error) => {
-                    error.message = self.secrets.redact(&error.message).into_owned();
-                    report.status = StageStatus::Failed;
-                    let kind = error.kind.as_str();
-                    if stage.optional {
-                        tracing::warn!(target: "fmhost::progress", run_id = &*run_id, stage = &*stage.id, event = "failed", optional = true, duration_ms = ms as u64, attempts, error_kind = kind, error = %error.message, "{}: failed after {ms} ms ({attempts} attempt{plural}), optional so its output is null: {error}", stage.id);
-                        errors[i] = Some(serde_json::to_value(&error).unwrap_or_default());
-                        outputs[i] = Some(Arc::new(Value::Null));
-                        report.output = outputs[i].clone();
-                        report.error = Some(error);
-                    } else {
-                        tracing::error!(target: "fmhost::progress", run_id = &*run_id, stage = &*stage.id, event = "failed", duration_ms = ms as u64, attempts, error_kind = kind, error = %error.message, "{}: failed after {ms} ms ({attempts} attempt{plural}): {error}", stage.id);
-                        failure.get_or_insert((
-                            RunStatus::Failed,
-                            format!(
-                                "stage \"{}\" failed after {attempts} attempt{plural}: {error}",
-                                stage.id
-                            ),
-                        ));
-                        errors[i] = Some(serde_json::to_value(&error).unwrap_or_default());
-                        report.error = Some(error);
-                    }
-                }
-            }
-            self.outbound.metrics.record_stage(
-                &plan.name,
-                &stage.id,
-                report.status,
-                outcome.duration,
-            );
-            if let Some(o) = &observer {
-                o.stage_updated(&run_id, report);
-            }
-            if report.status == StageStatus::Failed && !stage.optional {
-                continue;
-            }
-            for &d in &stage.dependents {
-                waiting[d] -= 1;
-                if waiting[d] == 0 {
-                    ready.push(d);
-                }
-            }
-        }
-
-        // Whatever never started was skipped; say why.
-        let first_failed = reports
-            .iter()
-            .find(|r| r.status == StageStatus::Failed && !r.optional)
-            .map(|r| r.id.clone());
-        for (i, r) in reports.iter_mut().enumerate() {
-            if r.status == StageStatus::Pending {
-                r.status = StageStatus::Skipped;
-                let blocked_by = plan.stages[i]
-                    .deps
-                    .iter()
-                    .find(|&&d| outputs[d].is_none())
-                    .map(|&d| plan.stages[d].id.to_string());
-                r.skipped_because = Some(match (&blocked_by, &first_failed, &failure) {
-                    (_, Some(f), _) => format!("run failed at stage \"{f}\""),
-                    (_, None, Some((_, why))) => why.clone(),
-                    (Some(b), None, None) => format!("upstream stage \"{b}\" did not succeed"),
-                    (None, None, None) => "not reached".into(),
-                });
-                tracing::info!(target: "fmhost::progress", run_id = &*run_id, stage = r.id.as_str(), event = "skipped", "{}: skipped ({})", r.id, r.skipped_because.as_deref().unwrap_or_default());
-            }
-        }
-
+        };
         let mut output = None;
-        if failure.is_none() {
-            let mut value = match plan.sinks.as_slice() {
-                [one] => outputs[*one].as_deref().cloned().unwrap_or(Value::Null),
-                many => Value::Object(
-                    many.iter()
-                        .map(|&s| {
-                            (
-                                plan.stages[s].id.to_string(),
-                                outputs[s].as_deref().cloned().unwrap_or(Value::Null),
-                            )
-                        })
-                        .collect(),
-                ),
-            };
-            self.secrets.redact_value(&mut value);
-            if let Some(schema) = &plan.output_schema {
-                let violations = crate::schema::violations(schema, &value);
-                if !violations.is_empty() {
+        match end {
+            None => {
+                // Stopped: the dropped futures cancelled every stage still running.
+                let why = if matches!(failure, Some((RunStatus::TimedOut, _))) {
+                    "stopped: run timed out"
+                } else {
+                    "stopped: run cancelled"
+                };
+                run.stop_running("", "", why);
+            }
+            Some(end) => match (end.result, end.returned) {
+                (Err(e), _) => {
+                    let attempts = run
+                        .reports
+                        .lock()
+                        .expect("reports")
+                        .at
+                        .get(&e.stage)
+                        .map(|&k| run.reports.lock().expect("reports").list[k].attempts)
+                        .unwrap_or(1)
+                        .max(1);
+                    let plural = if attempts == 1 { "" } else { "s" };
                     failure = Some((
                         RunStatus::Failed,
-                        format!(
-                            "output does not match the pipeline's output schema: {}",
-                            violations.join("; ")
-                        ),
+                        format!("stage \"{}\" failed after {attempts} attempt{plural}: {}", e.stage, e.error),
                     ));
                 }
-            }
-            if failure.is_none() {
-                output = Some(value);
-            }
+                (Ok(()), Some(mut value)) => {
+                    self.secrets.redact_value(&mut value);
+                    match run.check_output(&plan, value) {
+                        Ok(v) => output = Some(v),
+                        Err(e) => failure = Some((RunStatus::Failed, e.message)),
+                    }
+                }
+                (Ok(()), None) => match run.assemble(&end.view) {
+                    Ok(v) => output = Some(v),
+                    Err(e) => failure = Some((RunStatus::Failed, e.message)),
+                },
+            },
         }
         let (status, error) = match failure {
             None => (RunStatus::Succeeded, None),
             Some((status, why)) => (status, Some(why)),
         };
-        let duration_ms = started.elapsed().as_millis() as u64;
-        self.outbound.metrics.record_run(&plan.name, status);
-        if let Some(o) = &observer {
-            for r in reports.iter().filter(|r| r.status == StageStatus::Skipped) {
-                o.stage_updated(&run_id, r);
-            }
+        // Whatever never started was skipped; say why.
+        let first_failed = {
+            let reports = run.reports.lock().expect("reports");
+            reports
+                .list
+                .iter()
+                .find(|r| r.status == StageStatus::Failed && !r.optional)
+                .map(|r| r.id.clone())
+        };
+        let pending: Vec<(String, usize)> = {
+            let reports = run.reports.lock().expect("reports");
+            reports
+                .list
+                .iter()
+                .filter(|r| r.status == StageStatus::Pending)
+                .filter_map(|r| plan.stage_index(&r.id).map(|i| (r.id.clone(), i)))
+                .collect()
+        };
+        for (id, i) in pending {
+            let why = match (&first_failed, &error) {
+                (Some(f), _) => format!("run failed at stage \"{f}\""),
+                (None, Some(why)) => why.clone(),
+                (None, None) => "not reached".into(),
+            };
+            run.skip(&id, &plan.stages[i], &why);
         }
+        let duration_ms = run.elapsed_ms();
+        self.outbound.metrics.record_run(&plan.name, status);
         match &error {
             None => {
                 tracing::info!(target: "fmhost::progress", run_id = &*run_id, event = "run-finished", status = "succeeded", duration_ms, "run {run_id} succeeded in {duration_ms} ms")
@@ -537,6 +457,7 @@ impl Engine {
                 tracing::error!(target: "fmhost::progress", run_id = &*run_id, event = "run-finished", status = ?status, duration_ms, "run {run_id} {}: {why}", match status { RunStatus::Cancelled => "cancelled", RunStatus::TimedOut => "timed out", _ => "failed" })
             }
         }
+        let stages = std::mem::take(&mut run.reports.lock().expect("reports").list);
         Ok(RunReport {
             run_id: run_id.to_string(),
             pipeline: plan.name.to_string(),
@@ -545,14 +466,14 @@ impl Engine {
             duration_ms,
             output,
             error,
-            stages: reports,
+            stages,
         })
     }
 
     fn retry_policy(
         &self,
         r: &RetryPlan,
-        snapshot: Option<Snapshot>,
+        snapshot: Option<Arc<frame::View>>,
         input: Arc<Value>,
         run: &Value,
     ) -> RetryPolicy {
@@ -561,19 +482,15 @@ impl Engine {
             let run = run.clone();
             let now = self.fixed_now.clone();
             Arc::new(move |output: &Value| {
-                let results = Results {
-                    index: &snap.index,
-                    outputs: &snap.outputs,
-                    errors: &snap.errors,
-                };
                 let scope = Scope {
                     input: &input,
-                    stages: &results,
+                    stages: &*snap,
                     secrets: &secrets,
                     output: Some(output),
                     run: &run,
                     now: now.as_deref(),
                     keep_secrets: false,
+                    locals: None,
                 };
                 template.render(&scope).map(|v| crate::template::truthy(&v))
             }) as crate::http::retry::Condition
@@ -597,5 +514,19 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Whether block `b` is (inside) a loop body, whose stages run per item.
+fn in_loop(plan: &Plan, mut b: usize) -> bool {
+    loop {
+        let block = &plan.blocks[b];
+        if block.per_item {
+            return true;
+        }
+        match block.controller {
+            Some(c) => b = plan.stages[c].block,
+            None => return false,
+        }
     }
 }

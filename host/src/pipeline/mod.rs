@@ -4,10 +4,12 @@
 //! Checking reports every problem at once, each with where it is; nothing here runs
 //! anything or performs IO beyond reading the file it is given.
 
+pub mod control;
 mod graph;
 mod validate;
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +20,8 @@ use crate::component::{Component, Registry};
 use crate::schema::Validator;
 use crate::template::{Template, ValueTemplate};
 
-pub use validate::compile;
+pub use control::Block;
+pub use validate::{compile, compile_in};
 
 /// One problem in a pipeline, with where it is.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,15 +78,97 @@ impl LoadError {
 
 /// Reads and compiles a pipeline file.
 pub fn load(path: &Path, registry: &Registry) -> Result<Plan, LoadError> {
+    load_from(path, registry, &[])
+}
+
+/// Most sub-pipelines nested in one another.
+pub const MAX_SUBPIPELINE_DEPTH: usize = 8;
+
+fn load_from(path: &Path, registry: &Registry, stack: &[PathBuf]) -> Result<Plan, LoadError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| LoadError::Io {
         path: shown.clone(),
         message: e.to_string(),
     })?;
-    compile(&text, registry).map_err(|diagnostics| LoadError::Invalid {
+    let mut chain = stack.to_vec();
+    chain.push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+    let origin = Origin {
+        dir: path.parent().map(Path::to_path_buf),
+        stack: chain,
+    };
+    compile_in(&text, registry, &origin).map_err(|diagnostics| LoadError::Invalid {
         path: shown,
         diagnostics,
     })
+}
+
+/// Where a pipeline came from: its sub-pipelines are resolved beside it, and the chain
+/// of files that led to it catches recursion.
+#[derive(Debug, Default, Clone)]
+pub struct Origin {
+    /// The directory of the pipeline file (the current directory when `None`).
+    pub dir: Option<PathBuf>,
+    /// The files being loaded, outermost first.
+    pub stack: Vec<PathBuf>,
+}
+
+impl Origin {
+    /// Finds sub-pipeline `id`: a path (relative to this pipeline's directory), or a
+    /// name: `ID.pipeline.json`, `ID.json`, or the `.json` file whose `name` is `ID`.
+    pub fn find(&self, id: &str) -> Option<PathBuf> {
+        let dir = self.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        if id.ends_with(".json") || id.contains('/') {
+            let p = dir.join(id);
+            return p.is_file().then_some(p);
+        }
+        for name in [format!("{id}.pipeline.json"), format!("{id}.json")] {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        files.sort();
+        files.into_iter().find(|p| {
+            std::fs::read(p)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .is_some_and(|v| v.get("name").and_then(Value::as_str) == Some(id))
+        })
+    }
+
+    /// Loads sub-pipeline `id`, or says why it cannot be run.
+    pub fn resolve(&self, id: &str, registry: &Registry) -> Result<Arc<Plan>, String> {
+        let Some(path) = self.find(id) else {
+            let dir = self.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+            return Err(format!(
+                "sub-pipeline \"{id}\" not found (looked for {id}.pipeline.json, {id}.json and a pipeline named {id} in {})",
+                dir.display()
+            ));
+        };
+        let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        if let Some(at) = self.stack.iter().position(|p| *p == canonical) {
+            let names: Vec<String> = self.stack[at..]
+                .iter()
+                .chain(std::iter::once(&canonical))
+                .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+                .collect();
+            return Err(format!("sub-pipelines call each other in a cycle: {}", names.join(" -> ")));
+        }
+        if self.stack.len() >= MAX_SUBPIPELINE_DEPTH {
+            return Err(format!(
+                "sub-pipeline \"{id}\" is nested deeper than {MAX_SUBPIPELINE_DEPTH} levels"
+            ));
+        }
+        load_from(&path, registry, &self.stack)
+            .map(Arc::new)
+            .map_err(|e| format!("sub-pipeline \"{id}\" ({}): {}", path.display(), e.lines().join("; ")))
+    }
 }
 
 /// The seed's retry block, on a stage or (as in the seed) inside an `http-request` config.
@@ -164,8 +249,13 @@ pub struct Plan {
     pub output_schema: Option<Validator>,
     pub stages: Vec<PlannedStage>,
     /// The stages whose outputs make the run's output: `output_stage`, else every stage
-    /// nothing depends on.
+    /// of the pipeline's own DAG that nothing depends on.
     pub sinks: Vec<usize>,
+    /// Block 0 is the pipeline's own DAG; the others are run by their controllers
+    /// (a foreach body, a trycatch's try, catch and finally stages).
+    pub blocks: Vec<Block>,
+    /// Stage index by id.
+    pub index: HashMap<Arc<str>, usize>,
     /// Policies for the services this pipeline calls, applied when a run starts.
     pub services: Vec<(String, crate::http::ServicePolicy)>,
     /// Webhook triggers, served by `fmhost serve`.
@@ -179,8 +269,20 @@ pub struct PlannedStage {
     /// The name as written in the pipeline.
     pub component_name: String,
     pub component: Arc<dyn Component>,
+    /// Every stage it depends on (its `upstream` and what its templates may read).
     pub deps: Vec<usize>,
     pub dependents: Vec<usize>,
+    /// The block it runs in.
+    pub block: usize,
+    /// The dependencies the scheduler waits for: in its block, a controller standing for
+    /// the stages it governs.
+    pub wait_on: Vec<usize>,
+    /// The stages of its block that wait for it.
+    pub wakes: Vec<usize>,
+    /// The blocks it controls, by the config field that lists them.
+    pub blocks: Vec<(&'static str, usize)>,
+    /// The sub-pipeline it runs.
+    pub subplan: Option<Arc<Plan>>,
     pub config: ValueTemplate,
     pub retry: Option<RetryPlan>,
     pub timeout: Option<Duration>,
@@ -196,6 +298,6 @@ pub struct PlannedStage {
 
 impl Plan {
     pub fn stage_index(&self, id: &str) -> Option<usize> {
-        self.stages.iter().position(|s| &*s.id == id)
+        self.index.get(id).copied()
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::{Diagnostic, Plan, PlannedStage, RetryPlan, RetrySpec, graph};
+use super::{Diagnostic, Plan, PlannedStage, RetryPlan, RetrySpec, control, graph};
 use crate::component::Registry;
 use crate::template::{Path, Segment, Template, ValueTemplate};
 
@@ -22,19 +22,30 @@ pub const MAX_EDGES: usize = 100_000;
 struct PipelineDoc {
     /// Unique name, used by `serve` routes and the journal.
     name: String,
+    /// FlowMason's loader fields, accepted and not used.
+    #[serde(default, rename = "$schema")]
+    _schema: Option<Value>,
+    #[serde(default, rename = "id")]
+    _id: Option<Value>,
+    #[serde(default, rename = "category")]
+    _category: Option<Value>,
+    #[serde(default, rename = "tags")]
+    _tags: Option<Value>,
+    #[serde(default, rename = "sample_input")]
+    _sample_input: Option<Value>,
     #[serde(default)]
     version: Option<Value>,
     #[serde(default)]
     description: Option<String>,
-    /// JSON Schema of the run's input.
-    #[serde(default)]
+    /// JSON Schema of the run's input (FlowMason's loader: `input_schema`).
+    #[serde(default, alias = "input_schema")]
     input: Option<Value>,
-    /// JSON Schema of the run's output.
-    #[serde(default)]
+    /// JSON Schema of the run's output (`output_schema`).
+    #[serde(default, alias = "output_schema")]
     output: Option<Value>,
     /// The stage whose output is the run's output; by default the single sink, or an
-    /// object keyed by sink id when there are several.
-    #[serde(default)]
+    /// object keyed by sink id when there are several (`output_stage_id`).
+    #[serde(default, alias = "output_stage_id")]
     output_stage: Option<String>,
     /// Per-service policies (rate limit, bulkhead, circuit breaker), keyed by service name.
     #[serde(default)]
@@ -58,8 +69,8 @@ struct StageDoc {
     config: Option<Value>,
     #[serde(default)]
     retry: Option<Value>,
-    /// Milliseconds, or a duration such as `"5s"`.
-    #[serde(default)]
+    /// Milliseconds, or a duration such as `"5s"` (FlowMason: `timeout_ms`).
+    #[serde(default, alias = "timeout_ms")]
     timeout: Option<Value>,
     /// A failure yields `null` and lets dependents run.
     #[serde(default)]
@@ -75,6 +86,9 @@ struct StageDoc {
     name: Option<String>,
     #[serde(default)]
     description: Option<String>,
+    /// Studio's canvas position; not used.
+    #[serde(default)]
+    position: Option<Value>,
 }
 
 struct Parsed {
@@ -86,8 +100,18 @@ struct Parsed {
     retry: Option<(Value, &'static str)>,
 }
 
-/// Checks `text` as a pipeline and compiles it, or lists every problem.
+/// Checks `text` as a pipeline and compiles it, or lists every problem. Sub-pipelines
+/// are looked for in the current directory.
 pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>> {
+    compile_in(text, registry, &super::Origin::default())
+}
+
+/// Like [`compile`], for a pipeline read from `origin` (sub-pipelines resolve beside it).
+pub fn compile_in(
+    text: &str,
+    registry: &Registry,
+    origin: &super::Origin,
+) -> Result<Plan, Vec<Diagnostic>> {
     let source: Value = serde_json::from_str(text).map_err(|e| {
         vec![Diagnostic {
             location: String::new(),
@@ -250,7 +274,30 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         }
     }
 
-    // Pass 3: components, configs and templates.
+    // Pass 3: control flow: what each controller governs, blocks, crossing edges.
+    let all_ids: Vec<String> = (0..parsed.len()).map(id_of).collect();
+    let locs: Vec<String> = parsed
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            p.as_ref()
+                .map(|p| p.loc.clone())
+                .unwrap_or_else(|| format!("stages[{i}]"))
+        })
+        .collect();
+    let resolved: Vec<Option<Arc<dyn crate::component::Component>>> = parsed
+        .iter()
+        .map(|p| p.as_ref().and_then(|p| registry.get(&p.doc.component).cloned()))
+        .collect();
+    let configs: Vec<Value> = parsed
+        .iter()
+        .map(|p| p.as_ref().map(|p| p.config.clone()).unwrap_or(Value::Null))
+        .collect();
+    let structure = control::analyse(
+        &all_ids, &locs, &resolved, &configs, &deps, &upstream, &index, &mut diags,
+    );
+
+    // Pass 4: components, configs and templates.
     let mut stages = Vec::with_capacity(parsed.len());
     for (i, p) in parsed.iter().enumerate() {
         let Some(p) = p else { continue };
@@ -278,16 +325,47 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         let check_refs =
             |path: &str, t: &Template, allow_output: bool, diags: &mut Vec<Diagnostic>| {
                 for r in t.paths() {
-                    if let Err(message) =
-                        check_reference(r, allow_output, &index, &upstream[i], &p.doc.id)
-                    {
+                    let checked = match (r.root.as_str(), r.segments.first()) {
+                        ("context", Some(Segment::Field(name))) => {
+                            if control::context_allows(&structure, &upstream, i, name) {
+                                Ok(())
+                            } else {
+                                Err(format!(
+                                    "`{r}`: nothing sets `{name}` for this stage (no enclosing foreach names it, no variable_set upstream sets it)"
+                                ))
+                            }
+                        }
+                        ("context", _) => Err(format!("`{r}`: expected `context.NAME`")),
+                        _ => check_reference(r, allow_output, &index, &upstream[i], &p.doc.id)
+                            .and_then(|()| match (r.root.as_str(), r.segments.first()) {
+                                ("stages", Some(Segment::Field(id))) => match index.get(id.as_str()) {
+                                    Some(&t) => structure
+                                        .hidden(i, t, &all_ids)
+                                        .map_or(Ok(()), |why| Err(format!("`{r}`: {why}"))),
+                                    None => Ok(()),
+                                },
+                                _ => Ok(()),
+                            }),
+                    };
+                    if let Err(message) = checked {
                         diags.push(Diagnostic::new(format!("{}: {path}", p.loc), message));
                     }
                 }
             };
         let plugin_stage = component.is_some_and(|c| !c.sees_secrets());
         let mut secret_grants: Vec<String> = p.doc.secrets.clone();
-        let config = match ValueTemplate::compile(&p.config) {
+        // Fields a component evaluates itself (per item) are kept as written.
+        let raw_keys = component.map(|c| c.raw_fields()).unwrap_or(&[]);
+        let mut templated = p.config.clone();
+        let mut raw = Vec::new();
+        if let Some(obj) = templated.as_object_mut() {
+            for k in raw_keys {
+                if let Some(v) = obj.remove(*k) {
+                    raw.push((k.to_string(), v));
+                }
+            }
+        }
+        let config = match ValueTemplate::compile(&templated).map(|t| with_raw(t, raw)) {
             Ok(t) => {
                 for (path, template) in t.templates() {
                     check_refs(&format!("config{path}"), template, false, &mut diags);
@@ -376,8 +454,24 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
                     None
                 }
             });
+        let shape = &structure.stages[i];
+        let subplan = match &shape.pipeline {
+            Some((field, id)) => match origin.resolve(id, registry) {
+                Ok(plan) => Some(plan),
+                Err(message) => {
+                    diags.push(Diagnostic::new(format!("{}: config.{field}", p.loc), message));
+                    None
+                }
+            },
+            None => None,
+        };
         if let Some(component) = component {
             stages.push(PlannedStage {
+                block: shape.block,
+                wait_on: shape.wait_on.clone(),
+                wakes: Vec::new(),
+                blocks: shape.blocks.clone(),
+                subplan,
                 id: Arc::from(p.doc.id.as_str()),
                 component_name: p.doc.component.clone(),
                 component: component.clone(),
@@ -400,6 +494,9 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         for d in stages[i].deps.clone() {
             stages[d].dependents.push(i);
         }
+        for d in stages[i].wait_on.clone() {
+            stages[d].wakes.push(i);
+        }
     }
     let sinks = match &doc.output_stage {
         Some(out) => stages
@@ -408,9 +505,14 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
             .into_iter()
             .collect(),
         None => (0..stages.len())
-            .filter(|&i| stages[i].dependents.is_empty())
+            .filter(|&i| stages[i].block == 0 && stages[i].wakes.is_empty())
             .collect(),
     };
+    let index = stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.clone(), i))
+        .collect();
     let version = doc.version.map(|v| match v {
         Value::String(s) => s,
         other => other.to_string(),
@@ -423,6 +525,8 @@ pub fn compile(text: &str, registry: &Registry) -> Result<Plan, Vec<Diagnostic>>
         output_schema,
         stages,
         sinks,
+        blocks: structure.blocks,
+        index,
         services,
         triggers,
         source,
@@ -436,6 +540,12 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
     };
     // The seed writes `retry` inside an http-request's config; it means the stage's policy.
     let mut raw = raw.clone();
+    // FlowMason's loader reads `component_type` as well as `component`; the former wins.
+    if let Some(obj) = raw.as_object_mut() {
+        if let Some(t) = obj.remove("component_type") {
+            obj.insert("component".into(), t);
+        }
+    }
     let mut retry = None;
     if let Some(r) = raw
         .get_mut("config")
@@ -522,7 +632,7 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
         .config
         .clone()
         .unwrap_or_else(|| Value::Object(Map::new()));
-    let _ = (&doc.name, &doc.description);
+    let _ = (&doc.name, &doc.description, &doc.position);
     Some(Parsed {
         doc,
         component_missing,
@@ -569,7 +679,7 @@ fn check_reference(
                 return Err(format!("`{path}`: expected `stages.ID.output`"));
             };
             match path.segments.get(1) {
-                Some(Segment::Field(f)) if f == "output" || f == "error" => {}
+                Some(Segment::Field(f)) if f == "output" || f == "error" || f == "status" => {}
                 _ => return Err(format!("`{path}`: expected `stages.{id}.output`")),
             }
             match index.get(id.as_str()) {
@@ -587,7 +697,7 @@ fn check_reference(
             }
         }
         other => Err(format!(
-            "`{path}`: unknown name `{other}` (expected input, stages, secrets or run)"
+            "`{path}`: unknown name `{other}` (expected input, stages, upstream, context, secrets or run)"
         )),
     }
 }
@@ -641,8 +751,25 @@ pub fn parse_duration(v: &Value) -> Result<Duration, String> {
     }
 }
 
+/// A config with the fields a component evaluates itself put back, unrendered.
+fn with_raw(t: ValueTemplate, raw: Vec<(String, Value)>) -> ValueTemplate {
+    if raw.is_empty() {
+        return t;
+    }
+    let mut fields = match t {
+        ValueTemplate::Object(fields) => fields,
+        ValueTemplate::Literal(Value::Object(m)) => m
+            .into_iter()
+            .map(|(k, v)| (k, ValueTemplate::Literal(v)))
+            .collect(),
+        other => return other,
+    };
+    fields.extend(raw.into_iter().map(|(k, v)| (k, ValueTemplate::Literal(v))));
+    ValueTemplate::Object(fields)
+}
+
 /// ` (did you mean "x"?)` when a known name is one or two edits away.
-fn suggest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> String {
+pub(super) fn suggest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> String {
     known
         .map(|k| (edit_distance(name, k), k))
         .filter(|(d, _)| *d <= 2)

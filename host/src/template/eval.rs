@@ -34,7 +34,12 @@ pub(super) fn eval<'a>(expr: &'a Expr, scope: &Scope<'a>) -> Result<Cow<'a, Valu
         }
         Expr::Compare { op, left, right } => {
             let (l, r) = (eval(left, scope)?, eval(right, scope)?);
-            Ok(Cow::Owned(Value::Bool(compare(*op, &l, &r)?)))
+            let result = match op {
+                CmpOp::In => contains(&r, &l)?,
+                CmpOp::NotIn => !contains(&r, &l)?,
+                op => compare(*op, &l, &r)?,
+            };
+            Ok(Cow::Owned(Value::Bool(result)))
         }
         Expr::And(l, r) => Ok(Cow::Owned(Value::Bool(
             truthy(&*eval(l, scope)?) && truthy(&*eval(r, scope)?),
@@ -71,6 +76,17 @@ fn resolve<'a>(path: &'a Path, scope: &Scope<'a>) -> Result<&'a Value, String> {
             None => return Err("`output` is only available in a retry condition".into()),
         },
         "run" => (scope.run, &path.segments[..]),
+        "context" => {
+            let name = match path.segments.first() {
+                Some(Segment::Field(name)) => name,
+                _ => return Err("expected `context.NAME`".into()),
+            };
+            let v = scope
+                .stages
+                .context(name)
+                .ok_or_else(|| format!("`context.{name}` is not set here"))?;
+            (v, &path.segments[1..])
+        }
         "secrets" => {
             let name = match path.segments.first() {
                 Some(Segment::Field(name)) => name,
@@ -103,11 +119,14 @@ fn resolve<'a>(path: &'a Path, scope: &Scope<'a>) -> Result<&'a Value, String> {
             })?;
             (base, &path.segments[2..])
         }
-        other => {
-            return Err(format!(
-                "unknown name `{other}` (expected input, stages, secrets, output or run)"
-            ));
-        }
+        other => match scope.locals.and_then(|l| l.get(other)) {
+            Some(v) => (v, &path.segments[..]),
+            None => {
+                return Err(format!(
+                    "unknown name `{other}` (expected input, stages, context, secrets or run)"
+                ));
+            }
+        },
     };
     let offset = path.segments.len() - rest.len();
     let mut cur = base;
@@ -143,7 +162,7 @@ fn resolve<'a>(path: &'a Path, scope: &Scope<'a>) -> Result<&'a Value, String> {
     Ok(cur)
 }
 
-pub(super) fn type_name(v: &Value) -> &'static str {
+pub fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -154,11 +173,75 @@ pub(super) fn type_name(v: &Value) -> &'static str {
     }
 }
 
+const FUNCTIONS: &str = "now(), len(x), str(x), int(x), float(x), bool(x)";
+
 fn call<'a>(name: &str, args: &'a [Expr], scope: &Scope<'a>) -> Result<Cow<'a, Value>, String> {
-    match (name, args.len()) {
-        ("now", 0) => Ok(Cow::Owned(Value::String(scope.now()))),
+    match (name, args) {
+        ("now", []) => Ok(Cow::Owned(Value::String(scope.now()))),
         ("now", _) => Err("now() takes no arguments".into()),
-        _ => Err(format!("unknown function `{name}()` (available: now())")),
+        ("len" | "str" | "int" | "float" | "bool", [arg]) => {
+            let v = eval(arg, scope)?;
+            convert(name, &v).map(Cow::Owned)
+        }
+        ("len" | "str" | "int" | "float" | "bool", _) => {
+            Err(format!("{name}() takes one argument"))
+        }
+        _ => Err(format!("unknown function `{name}()` (available: {FUNCTIONS})")),
+    }
+}
+
+/// Python's `len`, `str`, `int`, `float` and `bool`, on JSON values.
+fn convert(name: &str, v: &Value) -> Result<Value, String> {
+    let bad = || format!("{name}() cannot convert {}", type_name(v));
+    Ok(match name {
+        "len" => filter("length", Cow::Borrowed(v), &[])?,
+        "str" => Value::String(super::to_text(v).into_owned()),
+        "bool" => Value::Bool(truthy(v)),
+        "int" => match v {
+            Value::Number(n) if n.is_i64() || n.is_u64() => v.clone(),
+            Value::Number(n) => match n.as_f64().map(f64::trunc) {
+                Some(f) if f.abs() < 9.0e15 => Value::from(f as i64),
+                _ => return Err(bad()),
+            },
+            Value::Bool(b) => Value::from(i64::from(*b)),
+            Value::String(s) => s
+                .trim()
+                .parse::<i64>()
+                .map(Value::from)
+                .map_err(|_| format!("int() cannot parse {s:?}"))?,
+            _ => return Err(bad()),
+        },
+        _ => match v {
+            Value::Number(n) => n
+                .as_f64()
+                .and_then(serde_json::Number::from_f64)
+                .map(Value::Number)
+                .ok_or_else(bad)?,
+            Value::Bool(b) => Value::from(f64::from(u8::from(*b))),
+            Value::String(s) => s
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map(Value::Number)
+                .ok_or_else(|| format!("float() cannot parse {s:?}"))?,
+            _ => return Err(bad()),
+        },
+    })
+}
+
+/// `needle in haystack`: an array element, a substring, or an object key.
+fn contains(haystack: &Value, needle: &Value) -> Result<bool, String> {
+    match (haystack, needle) {
+        (Value::Array(items), n) => Ok(items.iter().any(|i| i == n)),
+        (Value::String(s), Value::String(n)) => Ok(s.contains(n.as_str())),
+        (Value::Object(o), Value::String(k)) => Ok(o.contains_key(k)),
+        (Value::Null, _) => Ok(false),
+        (h, n) => Err(format!(
+            "cannot test whether {} is in {}",
+            type_name(n),
+            type_name(h)
+        )),
     }
 }
 
@@ -234,5 +317,6 @@ fn compare(op: CmpOp, l: &Value, r: &Value) -> Result<bool, String> {
         CmpOp::Le => ord != Ordering::Greater,
         CmpOp::Gt => ord == Ordering::Greater,
         CmpOp::Ge => ord != Ordering::Less,
+        CmpOp::In | CmpOp::NotIn => unreachable!("membership is not an ordering"),
     })
 }

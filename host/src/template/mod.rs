@@ -14,16 +14,20 @@ use std::borrow::Cow;
 
 use serde_json::{Map, Value};
 
-pub use eval::truthy;
+pub use eval::{truthy, type_name};
 pub use parse::{Expr, Path, Segment};
 
 use crate::secrets::Secrets;
 
 /// Read access to stage results, implemented by the engine.
 pub trait StageLookup {
-    /// `field` is `output` or `error`; `None` when the stage has not produced it.
+    /// `field` is `output`, `error` or `status`; `None` when the stage has not produced it.
     fn stage_field(&self, id: &str, field: &str) -> Option<&Value>;
     fn has_stage(&self, id: &str) -> bool;
+    /// A `{{context.NAME}}` variable: a loop's item and index, a `variable_set`'s value.
+    fn context(&self, _name: &str) -> Option<&Value> {
+        None
+    }
 }
 
 /// A lookup with no stages, for templates that may only read the input.
@@ -52,6 +56,8 @@ pub struct Scope<'a> {
     /// Leave `{{secrets.*}}` unrendered, for configs handed to untrusted plugins:
     /// the host substitutes them itself when the plugin asks it to make a call.
     pub keep_secrets: bool,
+    /// Extra names an expression evaluated by a component may read (`item`, `data`, `value`).
+    pub locals: Option<&'a Map<String, Value>>,
 }
 
 impl Scope<'_> {
@@ -226,6 +232,42 @@ fn kept_secret(expr: &Expr, scope: &Scope<'_>) -> Result<Value, String> {
         (Some(_), _) => Ok(Value::String(format!("{{{{secrets.{name}}}}}"))),
         (None, Some(d)) => eval::eval(d, scope).map(Cow::into_owned),
         (None, None) => eval::eval(expr, scope).map(Cow::into_owned),
+    }
+}
+
+/// An expression a component evaluates itself, once per item or value (a filter's
+/// `condition` over `item`, a router's `value_expression` over `value`): written bare
+/// (`item.price > 10`, as FlowMason does) or in braces. It reads only the names it is
+/// given; it has no access to secrets, stages or the host.
+#[derive(Debug, Clone)]
+pub struct Expression {
+    expr: Expr,
+}
+
+impl Expression {
+    pub fn parse(src: &str) -> Result<Expression, String> {
+        let body = src.trim();
+        let body = match body.strip_prefix("{{").and_then(|b| b.strip_suffix("}}")) {
+            Some(inner) if !inner.contains("{{") => inner,
+            _ => body,
+        };
+        parse::parse_expr(body).map(|expr| Expression { expr })
+    }
+
+    /// Evaluates with `locals` as the only names in scope.
+    pub fn eval(&self, locals: &Map<String, Value>) -> Result<Value, String> {
+        let secrets = Secrets::default();
+        let scope = Scope {
+            input: &Value::Null,
+            stages: &NoStages,
+            secrets: &secrets,
+            output: None,
+            run: &Value::Null,
+            now: None,
+            keep_secrets: false,
+            locals: Some(locals),
+        };
+        eval::eval(&self.expr, &scope).map(Cow::into_owned)
     }
 }
 
@@ -458,6 +500,7 @@ mod tests {
             run: &run,
             now: Some("2024-01-15T10:30:00Z"),
             keep_secrets: false,
+            locals: None,
         };
         ValueTemplate::compile(&src).unwrap().render(&scope)
     }
@@ -539,6 +582,7 @@ mod tests {
             run: &run,
             now: None,
             keep_secrets: false,
+            locals: None,
         };
         let t = Template::parse("{{output.status_code == 429}}")
             .unwrap()
@@ -562,6 +606,7 @@ mod tests {
             run: &run,
             now: None,
             keep_secrets: true,
+            locals: None,
         };
         let t = Template::parse("Bearer {{ secrets.TOKEN }}")
             .unwrap()

@@ -5,12 +5,14 @@
 //! expr    := and ("or" and)*
 //! and     := not ("and" not)*
 //! not     := "not" not | cmp
-//! cmp     := pipe (("==" | "!=" | "<" | "<=" | ">" | ">=") pipe)?
+//! cmp     := pipe (("==" | "!=" | "<" | "<=" | ">" | ">=" | "in" | "not in") pipe)?
 //! pipe    := primary ("|" IDENT ("(" args ")")?)*
 //! primary := literal | IDENT "(" args ")" | path | "(" expr ")"
 //! path    := IDENT ("." IDENT | "[" (INT | STRING) "]")*
 //! ```
 //! Identifiers may contain hyphens, so `stages.fetch-salesforce.output` is one path.
+//! FlowMason's spellings are accepted: `upstream.ID.x` is read as `stages.ID.output.x`,
+//! and `True`, `False` and `None` as `true`, `false` and `null`.
 
 use serde_json::Value;
 
@@ -45,6 +47,9 @@ pub enum CmpOp {
     Le,
     Gt,
     Ge,
+    /// Membership: an element of an array, a substring, or a key of an object.
+    In,
+    NotIn,
 }
 
 impl CmpOp {
@@ -56,6 +61,8 @@ impl CmpOp {
             CmpOp::Le => "<=",
             CmpOp::Gt => ">",
             CmpOp::Ge => ">=",
+            CmpOp::In => "in",
+            CmpOp::NotIn => "not in",
         }
     }
 }
@@ -362,8 +369,16 @@ impl Parser {
     }
     fn cmp(&mut self) -> Result<Expr, String> {
         let left = self.pipe()?;
-        if let Some(Tok::Cmp(op)) = self.peek().cloned() {
-            self.pos += 1;
+        let op = match (self.peek(), self.toks.get(self.pos + 1)) {
+            (Some(Tok::Cmp(op)), _) => Some((*op, 1)),
+            (Some(Tok::Ident(a)), _) if a == "in" => Some((CmpOp::In, 1)),
+            (Some(Tok::Ident(a)), Some(Tok::Ident(b))) if a == "not" && b == "in" => {
+                Some((CmpOp::NotIn, 2))
+            }
+            _ => None,
+        };
+        if let Some((op, len)) = op {
+            self.pos += len;
             let right = self.pipe()?;
             return Ok(Expr::Compare {
                 op,
@@ -416,9 +431,9 @@ impl Parser {
                 Ok(e)
             }
             Some(Tok::Ident(name)) => match name.as_str() {
-                "true" => Ok(Expr::Literal(Value::Bool(true))),
-                "false" => Ok(Expr::Literal(Value::Bool(false))),
-                "null" => Ok(Expr::Literal(Value::Null)),
+                "true" | "True" => Ok(Expr::Literal(Value::Bool(true))),
+                "false" | "False" => Ok(Expr::Literal(Value::Bool(false))),
+                "null" | "None" => Ok(Expr::Literal(Value::Null)),
                 _ if self.eat(&Tok::LParen) => Ok(Expr::Call {
                     name,
                     args: self.args()?,
@@ -463,6 +478,17 @@ impl Parser {
             } else {
                 break;
             }
+        }
+        if root == "upstream" {
+            // FlowMason's `upstream.ID.x` is `stages.ID.output.x`.
+            let (root, segments) = match segments.first() {
+                Some(Segment::Field(_)) => {
+                    segments.insert(1, Segment::Field("output".into()));
+                    ("stages".to_string(), segments)
+                }
+                _ => return Err("expected `upstream.ID`".into()),
+            };
+            return Ok(Expr::Path(Path { root, segments }));
         }
         Ok(Expr::Path(Path { root, segments }))
     }
@@ -532,5 +558,22 @@ mod tests {
         assert!(matches!(parse_expr("now()").unwrap(), Expr::Call { .. }));
         assert!(parse_expr("a ==").is_err());
         assert!(parse_expr("a = 1").unwrap_err().contains("did you mean"));
+    }
+
+    #[test]
+    fn flowmason_spellings() {
+        assert_eq!(
+            parse_expr("upstream.fetch-data.body").unwrap(),
+            parse_expr("stages.fetch-data.output.body").unwrap()
+        );
+        assert!(matches!(
+            parse_expr("'x' not in input.tags").unwrap(),
+            Expr::Compare { op: CmpOp::NotIn, .. }
+        ));
+        assert!(matches!(
+            parse_expr("len(input.text) > 1000 and not input.flag").unwrap(),
+            Expr::And(..)
+        ));
+        assert_eq!(parse_expr("None").unwrap(), Expr::Literal(Value::Null));
     }
 }

@@ -70,6 +70,7 @@ fn render_all(text: &str) {
             run: &run,
             now: Some("2024-01-01T00:00:00Z"),
             keep_secrets,
+            locals: None,
         };
         if let Ok(Some(t)) = Template::parse(text) {
             let _ = t.render(&scope);

@@ -1,0 +1,315 @@
+//! The control-flow structure of a pipeline: which stages each controller governs,
+//! the blocks they run, and what each stage may depend on and read. Built from what
+//! the components say they govern ([`Component::governs`]), so nothing here knows a
+//! component by name.
+//!
+//! Blocks: block 0 is the pipeline's own DAG. A `foreach` body or a trycatch's
+//! try/catch/finally list is another block, taken out of its parent's DAG and run by
+//! the engine when its controller says so. A branch of a conditional or router stays
+//! in its parent's DAG; the controller only skips it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::Diagnostic;
+use crate::component::{Component, Governs};
+
+pub struct Block {
+    /// The stages in it, in pipeline order.
+    pub stages: Vec<usize>,
+    /// The controller that runs it (`None` for block 0).
+    pub controller: Option<usize>,
+    /// The config field that lists it (`loop_stages`).
+    pub field: &'static str,
+    /// The stage whose output is the block's result: the last one listed.
+    pub result: Option<usize>,
+    /// Runs once per item; its stages are invisible outside it.
+    pub per_item: bool,
+    /// `{{context.NAME}}` variables the controller sets inside it.
+    pub vars: Vec<String>,
+}
+
+/// What one stage of a [`Structure`] is.
+pub struct StageShape {
+    pub block: usize,
+    /// Dependencies the scheduler waits for, all in the stage's block: a dependency
+    /// inside a controller's block is waited for through the controller.
+    pub wait_on: Vec<usize>,
+    /// Blocks this stage controls, by config field.
+    pub blocks: Vec<(&'static str, usize)>,
+    /// A sub-pipeline it runs: config field and pipeline id.
+    pub pipeline: Option<(String, String)>,
+    pub governs: Governs,
+}
+
+pub struct Structure {
+    pub blocks: Vec<Block>,
+    pub stages: Vec<StageShape>,
+}
+
+impl Structure {
+    /// Blocks from `b` up to block 0.
+    pub fn ancestry(&self, mut b: usize) -> Vec<usize> {
+        let mut out = vec![b];
+        while let Some(c) = self.blocks[b].controller {
+            b = self.stages[c].block;
+            out.push(b);
+        }
+        out
+    }
+
+    /// Why `reader` may not use `target` (depend on it or read its output), if it may not:
+    /// a stage inside a per-item block is only visible within that block.
+    pub fn hidden(&self, reader: usize, target: usize, ids: &[String]) -> Option<String> {
+        let mine = self.ancestry(self.stages[reader].block);
+        for b in self.ancestry(self.stages[target].block) {
+            if mine.contains(&b) {
+                return None;
+            }
+            if self.blocks[b].per_item {
+                let c = self.blocks[b].controller.expect("a per-item block has a controller");
+                return Some(format!(
+                    "stage \"{}\" runs once per item inside \"{}\" ({}); read the loop's output (`stages.{}.output.results`) and depend on \"{}\" instead",
+                    ids[target], ids[c], self.blocks[b].field, ids[c], ids[c]
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// Builds the structure and reports every misuse: unknown ids, a stage governed twice,
+/// governed stages that do not depend on their controller, and edges that cross into a
+/// loop body.
+#[allow(clippy::too_many_arguments)]
+pub fn analyse(
+    ids: &[String],
+    locs: &[String],
+    components: &[Option<Arc<dyn Component>>],
+    configs: &[serde_json::Value],
+    deps: &[Vec<usize>],
+    upstream: &[Vec<bool>],
+    index: &HashMap<&str, usize>,
+    diags: &mut Vec<Diagnostic>,
+) -> Structure {
+    let n = ids.len();
+    let mut blocks = vec![Block {
+        stages: Vec::new(),
+        controller: None,
+        field: "stages",
+        result: None,
+        per_item: false,
+        vars: Vec::new(),
+    }];
+    let mut shapes: Vec<StageShape> = (0..n)
+        .map(|_| StageShape {
+            block: 0,
+            wait_on: Vec::new(),
+            blocks: Vec::new(),
+            pipeline: None,
+            governs: Governs::default(),
+        })
+        .collect();
+    // Who governs each stage, as (controller, what): one of each kind at most.
+    let mut in_block: Vec<Option<(usize, &'static str)>> = vec![None; n];
+    let mut in_branch: Vec<Option<(usize, String)>> = vec![None; n];
+    let lookup = |c: usize, field: &str, id: &str, diags: &mut Vec<Diagnostic>| -> Option<usize> {
+        match index.get(id) {
+            Some(&s) if s == c => {
+                diags.push(Diagnostic::new(
+                    format!("{}: config.{field}", locs[c]),
+                    "a controller cannot govern itself",
+                ));
+                None
+            }
+            Some(&s) => Some(s),
+            None => {
+                diags.push(Diagnostic::new(
+                    format!("{}: config.{field}", locs[c]),
+                    format!(
+                        "unknown stage \"{id}\"{}",
+                        super::validate::suggest(id, index.keys().copied())
+                    ),
+                ));
+                None
+            }
+        }
+    };
+    for c in 0..n {
+        let Some(component) = &components[c] else {
+            continue;
+        };
+        let (governs, problems) = component.governs(&configs[c]);
+        for p in problems {
+            diags.push(Diagnostic::new(
+                format!("{}: config{}", locs[c], p.path),
+                p.message,
+            ));
+        }
+        let mut governed = Vec::new();
+        for (field, list) in &governs.branches {
+            for id in list {
+                let Some(s) = lookup(c, field, id, diags) else {
+                    continue;
+                };
+                match &in_branch[s] {
+                    Some((other, _)) if *other == c => {}
+                    Some((other, f)) => diags.push(Diagnostic::new(
+                        format!("{}: config.{field}", locs[c]),
+                        format!(
+                            "stage \"{id}\" is already governed by \"{}\" ({f}); a stage has one controller",
+                            ids[*other]
+                        ),
+                    )),
+                    None => in_branch[s] = Some((c, field.clone())),
+                }
+                governed.push((field.clone(), s));
+            }
+        }
+        for decl in &governs.blocks {
+            let b = blocks.len();
+            let mut stages = Vec::new();
+            for id in &decl.stages {
+                let Some(s) = lookup(c, decl.field, id, diags) else {
+                    continue;
+                };
+                if let Some((other, f)) = in_block[s] {
+                    diags.push(Diagnostic::new(
+                        format!("{}: config.{}", locs[c], decl.field),
+                        format!(
+                            "stage \"{id}\" is already in \"{}\"'s {f}; a stage belongs to one block",
+                            ids[other]
+                        ),
+                    ));
+                    continue;
+                }
+                in_block[s] = Some((c, decl.field));
+                shapes[s].block = b;
+                stages.push(s);
+                governed.push((decl.field.to_string(), s));
+            }
+            let result = stages.last().copied();
+            stages.sort_unstable();
+            blocks.push(Block {
+                stages,
+                controller: Some(c),
+                field: decl.field,
+                result,
+                per_item: decl.per_item,
+                vars: decl.vars.clone(),
+            });
+            shapes[c].blocks.push((decl.field, b));
+        }
+        // A governed stage must come after its controller, or it could start before
+        // the controller has decided.
+        for (field, s) in governed {
+            if !upstream[s][c] {
+                diags.push(Diagnostic::new(
+                    format!("{}: depends_on", locs[s]),
+                    format!(
+                        "stage \"{}\" is governed by \"{}\" ({field}) but does not depend on it; add \"{}\" to its depends_on",
+                        ids[s], ids[c], ids[c]
+                    ),
+                ));
+            }
+        }
+        shapes[c].pipeline = governs.pipeline.clone();
+        shapes[c].governs = governs;
+    }
+    for s in 0..n {
+        if shapes[s].block == 0 {
+            blocks[0].stages.push(s);
+        }
+    }
+    let mut structure = Structure {
+        blocks,
+        stages: shapes,
+    };
+
+    // Edges: each dependency is in the stage's block, satisfied before the block runs,
+    // or inside a block of a controller in the stage's block (then waited for through it).
+    for s in 0..n {
+        let b = structure.stages[s].block;
+        let mut wait_on = Vec::new();
+        for &d in &deps[s] {
+            let db = structure.stages[d].block;
+            if db == b {
+                wait_on.push(d);
+                continue;
+            }
+            let mine = structure.ancestry(b);
+            if mine.contains(&db) {
+                // Outside the block: it must be done before the block starts.
+                let c = structure.blocks[b].controller.expect("not block 0");
+                if d != c && !upstream[c][d] {
+                    diags.push(Diagnostic::new(
+                        format!("{}: depends_on", locs[s]),
+                        format!(
+                            "\"{}\" is outside \"{}\"'s {} and not upstream of \"{}\"; make \"{}\" depend on it",
+                            ids[d], ids[c], structure.blocks[b].field, ids[c], ids[c]
+                        ),
+                    ));
+                }
+                continue;
+            }
+            if let Some(why) = structure.hidden(s, d, ids) {
+                diags.push(Diagnostic::new(format!("{}: depends_on", locs[s]), why));
+                continue;
+            }
+            // Inside a controller's block: wait for the controller in our block.
+            let theirs = structure.ancestry(db);
+            let via = theirs.iter().find_map(|&x| {
+                structure.blocks[x]
+                    .controller
+                    .filter(|&c| structure.stages[c].block == b)
+            });
+            match via {
+                Some(c) if c != s => {
+                    if !wait_on.contains(&c) {
+                        wait_on.push(c);
+                    }
+                }
+                Some(_) => diags.push(Diagnostic::new(
+                    format!("{}: depends_on", locs[s]),
+                    format!("a controller cannot depend on \"{}\", a stage it governs", ids[d]),
+                )),
+                None => diags.push(Diagnostic::new(
+                    format!("{}: depends_on", locs[s]),
+                    format!(
+                        "\"{}\" is inside another controller's block and can only be used within it",
+                        ids[d]
+                    ),
+                )),
+            }
+        }
+        wait_on.sort_unstable();
+        wait_on.dedup();
+        structure.stages[s].wait_on = wait_on;
+    }
+    structure
+}
+
+/// Which `{{context.NAME}}` names stage `s` may read: those its enclosing blocks set,
+/// those variable_set stages upstream of it set, and the run's own.
+pub fn context_allows(
+    structure: &Structure,
+    upstream: &[Vec<bool>],
+    s: usize,
+    name: &str,
+) -> bool {
+    if CONTEXT_BUILTINS.contains(&name) {
+        return true;
+    }
+    for b in structure.ancestry(structure.stages[s].block) {
+        if structure.blocks[b].vars.iter().any(|v| v == name) {
+            return true;
+        }
+    }
+    structure.stages.iter().enumerate().any(|(v, shape)| {
+        upstream[s][v]
+            && (shape.governs.sets_dynamic_vars || shape.governs.sets_vars.iter().any(|n| n == name))
+    })
+}
+
+/// `{{context.NAME}}` names every stage can read.
+pub const CONTEXT_BUILTINS: &[&str] = &["run_id", "pipeline_id", "pipeline", "stage_id"];
