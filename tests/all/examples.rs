@@ -18,6 +18,34 @@ const EXERCISED: &[(&str, &str)] = &[
         "parallel-fetch.pipeline.json",
         "examples::parallel_fetch_runs_stages_concurrently",
     ),
+    (
+        "shipping-quotes.pipeline.json",
+        "control::shipping_quotes_rank_the_carriers_that_answered",
+    ),
+    (
+        "inventory-sync.pipeline.json",
+        "control::inventory_sync_batches_a_thousand_records_and_a_replay_sends_only_what_is_missing",
+    ),
+    (
+        "rates-fallback.pipeline.json",
+        "control::rates_fall_back_to_defaults_when_the_vendor_is_down",
+    ),
+    (
+        "webhook-router.pipeline.json",
+        "control::webhooks_are_routed_by_event_type",
+    ),
+    (
+        "enrich-customer.pipeline.json",
+        "control::one_sub_pipeline_serves_two_pipelines",
+    ),
+    (
+        "customer-sync.pipeline.json",
+        "control::one_sub_pipeline_serves_two_pipelines",
+    ),
+    (
+        "order-intake.pipeline.json",
+        "control::one_sub_pipeline_serves_two_pipelines",
+    ),
 ];
 
 #[test]

@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod control;
 mod engine;
 mod examples;
 mod journal;

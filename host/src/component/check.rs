@@ -119,10 +119,10 @@ impl<'a> Checker<'a> {
     }
 
     fn typed(&mut self, key: &str, what: &str, ok: fn(&Value) -> bool) -> &mut Self {
-        if let Some(v) = self.get(key).filter(|v| !is_template(v)) {
-            if !ok(v) {
-                self.problem(&format!(".{key}"), format!("expected {what}, found {v}"));
-            }
+        if let Some(v) = self.get(key).filter(|v| !is_template(v))
+            && !ok(v)
+        {
+            self.problem(&format!(".{key}"), format!("expected {what}, found {v}"));
         }
         self
     }

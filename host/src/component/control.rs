@@ -16,8 +16,7 @@ use crate::template::{Expression, truthy};
 
 /// The first of `keys` present in `config`, with the key it was found under.
 fn field<'a>(config: &'a Value, keys: &[&'static str]) -> Option<(&'static str, &'a Value)> {
-    keys.iter()
-        .find_map(|k| config.get(*k).map(|v| (*k, v)))
+    keys.iter().find_map(|k| config.get(*k).map(|v| (*k, v)))
 }
 
 /// A stage id or a list of them, as written.
@@ -35,7 +34,9 @@ fn ids(v: &Value) -> Result<Vec<String>, String> {
                 other => Err(format!("expected a stage id, found {other}")),
             })
             .collect(),
-        other => Err(format!("expected a stage id or a list of them, found {other}")),
+        other => Err(format!(
+            "expected a stage id or a list of them, found {other}"
+        )),
     }
 }
 
@@ -76,13 +77,20 @@ fn check_expression(c: &mut Checker<'_>, key: &str) {
         match v.as_str().map(Expression::parse) {
             Some(Ok(_)) => {}
             Some(Err(e)) => c.problem(&format!(".{key}"), e),
-            None => c.problem(&format!(".{key}"), format!("expected an expression, found {v}")),
+            None => c.problem(
+                &format!(".{key}"),
+                format!("expected an expression, found {v}"),
+            ),
         }
     }
 }
 
 /// Evaluates an optional expression field over `locals`.
-fn eval_expression(config: &Value, key: &str, locals: Map<String, Value>) -> Option<Result<Value, String>> {
+fn eval_expression(
+    config: &Value,
+    key: &str,
+    locals: Map<String, Value>,
+) -> Option<Result<Value, String>> {
     let src = config.get(key)?.as_str()?;
     Some(Expression::parse(src).and_then(|e| e.eval(&locals)))
 }
@@ -151,12 +159,23 @@ impl Component for Conditional {
         Err(StageError::internal("conditional runs through run()"))
     }
 
-    async fn run(&self, ctx: &StageContext, config: Value, _: Arc<Value>) -> Result<Flow, StageError> {
+    async fn run(
+        &self,
+        ctx: &StageContext,
+        config: Value,
+        _: Arc<Value>,
+    ) -> Result<Flow, StageError> {
         let value = config.get("condition").cloned().unwrap_or(Value::Null);
-        let result = match eval_expression(&config, "condition_expression", locals(&[("value", &value)])) {
+        let result = match eval_expression(
+            &config,
+            "condition_expression",
+            locals(&[("value", &value)]),
+        ) {
             None => truthy(&value),
             Some(Ok(v)) => truthy(&v),
-            Some(Err(e)) => return Err(invalid(&ctx.stage_id, format!("condition_expression: {e}"))),
+            Some(Err(e)) => {
+                return Err(invalid(&ctx.stage_id, format!("condition_expression: {e}")));
+            }
         };
         let (taken, skipped) = if result {
             (TRUE_KEYS, FALSE_KEYS)
@@ -258,13 +277,19 @@ impl Component for Router {
         Err(StageError::internal("router runs through run()"))
     }
 
-    async fn run(&self, _ctx: &StageContext, config: Value, _: Arc<Value>) -> Result<Flow, StageError> {
+    async fn run(
+        &self,
+        _ctx: &StageContext,
+        config: Value,
+        _: Arc<Value>,
+    ) -> Result<Flow, StageError> {
         let original = config.get("value").cloned().unwrap_or(Value::Null);
         // FlowMason keeps the original value when the expression fails.
-        let value = match eval_expression(&config, "value_expression", locals(&[("value", &original)])) {
-            Some(Ok(v)) => v,
-            _ => original.clone(),
-        };
+        let value =
+            match eval_expression(&config, "value_expression", locals(&[("value", &original)])) {
+                Some(Ok(v)) => v,
+                _ => original.clone(),
+            };
         let key = crate::template::to_text(&value).into_owned();
         let insensitive = bool_field(&config, "case_insensitive", false);
         let routes = Self::routes(&config);
@@ -273,7 +298,11 @@ impl Component for Router {
             .find(|(k, _)| *k == key)
             .or_else(|| {
                 insensitive
-                    .then(|| routes.iter().find(|(k, _)| k.to_lowercase() == key.to_lowercase()))
+                    .then(|| {
+                        routes
+                            .iter()
+                            .find(|(k, _)| k.to_lowercase() == key.to_lowercase())
+                    })
                     .flatten()
             })
             .cloned();
@@ -316,8 +345,14 @@ impl Component for Return {
 
     fn check_config(&self, config: &Value) -> Vec<ConfigProblem> {
         let mut c = Checker::new(config);
-        c.only(&["condition", "condition_expression", "return_value", "message", "status"])
-            .one_of("status", &["completed", "cancelled", "failed"]);
+        c.only(&[
+            "condition",
+            "condition_expression",
+            "return_value",
+            "message",
+            "status",
+        ])
+        .one_of("status", &["completed", "cancelled", "failed"]);
         check_expression(&mut c, "condition_expression");
         c.finish()
     }
@@ -330,12 +365,26 @@ impl Component for Return {
         Err(StageError::internal("return runs through run()"))
     }
 
-    async fn run(&self, ctx: &StageContext, config: Value, _: Arc<Value>) -> Result<Flow, StageError> {
-        let condition = config.get("condition").cloned().unwrap_or(Value::Bool(true));
-        let should = match eval_expression(&config, "condition_expression", locals(&[("value", &condition)])) {
+    async fn run(
+        &self,
+        ctx: &StageContext,
+        config: Value,
+        _: Arc<Value>,
+    ) -> Result<Flow, StageError> {
+        let condition = config
+            .get("condition")
+            .cloned()
+            .unwrap_or(Value::Bool(true));
+        let should = match eval_expression(
+            &config,
+            "condition_expression",
+            locals(&[("value", &condition)]),
+        ) {
             None => truthy(&condition),
             Some(Ok(v)) => truthy(&v),
-            Some(Err(e)) => return Err(invalid(&ctx.stage_id, format!("condition_expression: {e}"))),
+            Some(Err(e)) => {
+                return Err(invalid(&ctx.stage_id, format!("condition_expression: {e}")));
+            }
         };
         let value = config.get("return_value").cloned().unwrap_or(Value::Null);
         let message = config.get("message").cloned().unwrap_or(Value::Null);
@@ -344,12 +393,22 @@ impl Component for Return {
                 "should_return": false, "return_value": value, "message": message, "status": "running"
             })));
         }
-        let status = config.get("status").and_then(Value::as_str).unwrap_or("completed");
+        let status = config
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("completed");
         if status != "completed" {
             // FlowMason's `failed`/`cancelled` end the run without success.
-            let kind = if status == "failed" { ErrorKind::Validation } else { ErrorKind::Cancelled };
+            let kind = if status == "failed" {
+                ErrorKind::Validation
+            } else {
+                ErrorKind::Cancelled
+            };
             let text = crate::template::to_text(&message).into_owned();
-            return Err(StageError::new(kind, format!("return with status {status}: {text}")));
+            return Err(StageError::new(
+                kind,
+                format!("return with status {status}: {text}"),
+            ));
         }
         Ok(Flow::Return {
             output: json!({
@@ -391,14 +450,26 @@ impl Component for Foreach {
         .string("index_variable")
         .integer("max_parallel", 1);
         for key in ["item_variable", "index_variable"] {
-            if let Some(name) = c.get(key).and_then(Value::as_str) {
-                if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
-                    c.problem(&format!(".{key}"), format!("{name:?} is not a variable name"));
-                }
+            if let Some(name) = c.get(key).and_then(Value::as_str)
+                && (name.is_empty()
+                    || !name
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '_'))
+            {
+                c.problem(
+                    &format!(".{key}"),
+                    format!("{name:?} is not a variable name"),
+                );
             }
         }
-        if let Some(v) = c.get("items").filter(|v| !v.is_array() && !crate::component::check::is_template(v)) {
-            c.problem(".items", format!("expected a list or a template, found {v}"));
+        if let Some(v) = c
+            .get("items")
+            .filter(|v| !v.is_array() && !crate::component::check::is_template(v))
+        {
+            c.problem(
+                ".items",
+                format!("expected a list or a template, found {v}"),
+            );
         }
         check_expression(&mut c, "filter_expression");
         c.finish()
@@ -411,7 +482,13 @@ impl Component for Foreach {
     fn governs(&self, config: &Value) -> (Governs, Vec<ConfigProblem>) {
         let mut problems = Vec::new();
         let (_, stages) = id_field(config, &["loop_stages"], &mut problems);
-        let var = |k: &str, d: &str| config.get(k).and_then(Value::as_str).unwrap_or(d).to_string();
+        let var = |k: &str, d: &str| {
+            config
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or(d)
+                .to_string()
+        };
         let governs = Governs {
             blocks: vec![BlockDecl {
                 field: "loop_stages",
@@ -433,7 +510,12 @@ impl Component for Foreach {
         Err(StageError::internal("foreach runs through run()"))
     }
 
-    async fn run(&self, ctx: &StageContext, config: Value, _: Arc<Value>) -> Result<Flow, StageError> {
+    async fn run(
+        &self,
+        ctx: &StageContext,
+        config: Value,
+        _: Arc<Value>,
+    ) -> Result<Flow, StageError> {
         let stage = ctx.stage_id.to_string();
         let items = match config.get("items") {
             Some(Value::Array(items)) => items.clone(),
@@ -441,18 +523,36 @@ impl Component for Foreach {
             Some(other) => {
                 return Err(invalid(
                     &stage,
-                    format!("items must be a list, found {}", crate::template::type_name(other)),
+                    format!(
+                        "items must be a list, found {}",
+                        crate::template::type_name(other)
+                    ),
                 ));
             }
         };
-        let item_var = config.get("item_variable").and_then(Value::as_str).unwrap_or("item").to_string();
-        let index_var = config.get("index_variable").and_then(Value::as_str).unwrap_or("index").to_string();
+        let item_var = config
+            .get("item_variable")
+            .and_then(Value::as_str)
+            .unwrap_or("item")
+            .to_string();
+        let index_var = config
+            .get("index_variable")
+            .and_then(Value::as_str)
+            .unwrap_or("index")
+            .to_string();
         let parallel = bool_field(&config, "parallel", false);
-        let max_parallel = config.get("max_parallel").and_then(Value::as_u64).unwrap_or(5).max(1) as usize;
+        let max_parallel = config
+            .get("max_parallel")
+            .and_then(Value::as_u64)
+            .unwrap_or(5)
+            .max(1) as usize;
         let break_on_error = bool_field(&config, "break_on_error", true);
         let collect = bool_field(&config, "collect_results", true);
         let filter = match config.get("filter_expression").and_then(Value::as_str) {
-            Some(src) => Some(Expression::parse(src).map_err(|e| invalid(&stage, format!("filter_expression: {e}")))?),
+            Some(src) => Some(
+                Expression::parse(src)
+                    .map_err(|e| invalid(&stage, format!("filter_expression: {e}")))?,
+            ),
             None => None,
         };
         let total = items.len();
@@ -498,7 +598,8 @@ impl Component for Foreach {
                     Ok(v) => results.push(v.clone()),
                     Err(e) if break_on_error => {
                         let mut error = e.error.clone();
-                        error.message = format!("item {index} (stage \"{}\"): {}", e.stage, error.message);
+                        error.message =
+                            format!("item {index} (stage \"{}\"): {}", e.stage, error.message);
                         return Err(error);
                     }
                     Err(e) => failed.push(json!({
@@ -542,20 +643,43 @@ pub struct TryCatch;
 pub fn error_kinds_for(name: &str) -> Option<Vec<ErrorKind>> {
     use ErrorKind::*;
     let all = [
-        Timeout, Connect, Http4xx, Http5xx, RateLimited, CircuitOpen, Parse, Validation, Sandbox, Template,
+        Timeout,
+        Connect,
+        Http4xx,
+        Http5xx,
+        RateLimited,
+        CircuitOpen,
+        Parse,
+        Validation,
+        Sandbox,
+        Template,
         Internal,
     ];
     let normal = name.trim().to_ascii_lowercase().replace('_', "-");
     let kinds = match normal.as_str() {
-        "*" | "all" | "any" | "error" | "exception" | "baseexception" | "componentexecutionerror"
+        "*"
+        | "all"
+        | "any"
+        | "error"
+        | "exception"
+        | "baseexception"
+        | "componentexecutionerror"
         | "executionerror" => all.to_vec(),
-        "timeout" | "timeouterror" | "timeoutexecutionerror" | "asyncio.timeouterror" => vec![Timeout],
-        "connect" | "connection" | "connectionerror" | "connecterror" | "connection-error" => vec![Connect],
+        "timeout" | "timeouterror" | "timeoutexecutionerror" | "asyncio.timeouterror" => {
+            vec![Timeout]
+        }
+        "connect" | "connection" | "connectionerror" | "connecterror" | "connection-error" => {
+            vec![Connect]
+        }
         "http-4xx" | "http4xx" | "client-error" => vec![Http4xx],
         "http-5xx" | "http5xx" | "server-error" => vec![Http5xx],
-        "http" | "http-error" | "httperror" | "httpstatuserror" => vec![Http4xx, Http5xx, RateLimited],
+        "http" | "http-error" | "httperror" | "httpstatuserror" => {
+            vec![Http4xx, Http5xx, RateLimited]
+        }
         "rate-limited" | "rate-limit" | "ratelimiterror" | "ratelimited" => vec![RateLimited],
-        "circuit-open" | "circuitopen" | "circuitopenerror" | "circuitbreakeropen" => vec![CircuitOpen],
+        "circuit-open" | "circuitopen" | "circuitopenerror" | "circuitbreakeropen" => {
+            vec![CircuitOpen]
+        }
         "parse" | "parseerror" | "jsondecodeerror" | "valueerror" => vec![Parse],
         "validation" | "validationerror" | "validationexecutionerror" => vec![Validation],
         "sandbox" | "sandboxerror" => vec![Sandbox],
@@ -593,7 +717,11 @@ impl TryCatch {
     }
 
     /// After try (and catch): the finally block, then the trycatch's own result.
-    fn finish(s: Arc<TrySettings>, error: Option<super::flow::FrameError>, caught: bool) -> Result<Flow, StageError> {
+    fn finish(
+        s: Arc<TrySettings>,
+        error: Option<super::flow::FrameError>,
+        caught: bool,
+    ) -> Result<Flow, StageError> {
         let has_finally = s.has_finally;
         let seen = error_view(error.as_ref());
         let result = move || -> Result<Flow, StageError> {
@@ -615,10 +743,12 @@ impl TryCatch {
         Ok(Self::block(
             "finally_stages",
             seen,
-            Box::new(move |o: Vec<FrameOutcome>| match o.into_iter().next().map(|o| o.result) {
-                Some(Err(e)) => Err(e.error),
-                _ => result(),
-            }),
+            Box::new(
+                move |o: Vec<FrameOutcome>| match o.into_iter().next().map(|o| o.result) {
+                    Some(Err(e)) => Err(e.error),
+                    _ => result(),
+                },
+            ),
         ))
     }
 }
@@ -626,7 +756,9 @@ impl TryCatch {
 /// What catch and finally stages read as `{{stages.TRY.output}}`.
 fn error_view(error: Option<&super::flow::FrameError>) -> Value {
     match error {
-        None => json!({"error_occurred": false, "error": null, "error_type": null, "error_stage": null, "error_message": null}),
+        None => {
+            json!({"error_occurred": false, "error": null, "error_type": null, "error_stage": null, "error_message": null})
+        }
         Some(e) => json!({
             "error_occurred": true,
             "error": e.error.message,
@@ -673,7 +805,10 @@ impl Component for TryCatch {
                     }
                 }
             }
-            Some(other) => c.problem(".catch_error_types", format!("expected a list, found {other}")),
+            Some(other) => c.problem(
+                ".catch_error_types",
+                format!("expected a list, found {other}"),
+            ),
         }
         c.finish()
     }
@@ -703,7 +838,12 @@ impl Component for TryCatch {
         Err(StageError::internal("trycatch runs through run()"))
     }
 
-    async fn run(&self, _ctx: &StageContext, config: Value, _: Arc<Value>) -> Result<Flow, StageError> {
+    async fn run(
+        &self,
+        _ctx: &StageContext,
+        config: Value,
+        _: Arc<Value>,
+    ) -> Result<Flow, StageError> {
         let scope = config
             .get("error_scope")
             .or_else(|| config.get("on_error"))
@@ -745,14 +885,19 @@ impl Component for TryCatch {
                 Ok(Self::block(
                     "catch_stages",
                     seen,
-                    Box::new(move |o: Vec<FrameOutcome>| match o.into_iter().next().map(|o| o.result) {
-                        // An error inside catch propagates (after finally).
-                        Some(Err(e)) => Self::finish(
-                            Arc::new(TrySettings { propagate: true, ..clone_settings(&s) }),
-                            Some(e),
-                            false,
-                        ),
-                        _ => Self::finish(s, Some(error), true),
+                    Box::new(move |o: Vec<FrameOutcome>| {
+                        match o.into_iter().next().map(|o| o.result) {
+                            // An error inside catch propagates (after finally).
+                            Some(Err(e)) => Self::finish(
+                                Arc::new(TrySettings {
+                                    propagate: true,
+                                    ..clone_settings(&s)
+                                }),
+                                Some(e),
+                                false,
+                            ),
+                            _ => Self::finish(s, Some(error), true),
+                        }
                     }),
                 ))
             }),
@@ -826,7 +971,12 @@ impl Component for Subpipeline {
         Err(StageError::internal("subpipeline runs through run()"))
     }
 
-    async fn run(&self, _ctx: &StageContext, config: Value, upstream: Arc<Value>) -> Result<Flow, StageError> {
+    async fn run(
+        &self,
+        _ctx: &StageContext,
+        config: Value,
+        upstream: Arc<Value>,
+    ) -> Result<Flow, StageError> {
         let id = field(&config, PIPELINE_KEYS)
             .and_then(|(_, v)| v.as_str())
             .unwrap_or_default()
@@ -835,8 +985,17 @@ impl Component for Subpipeline {
             .get("input_data")
             .cloned()
             .unwrap_or_else(|| (*upstream).clone());
-        let timeout = Duration::from_millis(config.get("timeout_ms").and_then(Value::as_u64).unwrap_or(60_000));
-        let on_error = config.get("on_error").and_then(Value::as_str).unwrap_or("propagate").to_string();
+        let timeout = Duration::from_millis(
+            config
+                .get("timeout_ms")
+                .and_then(Value::as_u64)
+                .unwrap_or(60_000),
+        );
+        let on_error = config
+            .get("on_error")
+            .and_then(Value::as_str)
+            .unwrap_or("propagate")
+            .to_string();
         let default = config.get("default_result").cloned().unwrap_or(Value::Null);
         let shown = id.clone();
         Ok(Flow::Run(Box::new(RunBlock {
@@ -855,7 +1014,9 @@ impl Component for Subpipeline {
                     .map(|o| o.result)
                     .unwrap_or_else(|| Ok(Value::Null));
                 match (result, on_error.as_str()) {
-                    (Ok(v), _) => Ok(Flow::Output(json!({"pipeline_id": shown, "status": "succeeded", "result": v}))),
+                    (Ok(v), _) => Ok(Flow::Output(
+                        json!({"pipeline_id": shown, "status": "succeeded", "result": v}),
+                    )),
                     (Err(e), "ignore") => Ok(Flow::Output(json!({
                         "pipeline_id": shown, "status": "failed", "result": null, "error": e.error, "error_stage": e.stage,
                     }))),
@@ -864,7 +1025,10 @@ impl Component for Subpipeline {
                     }))),
                     (Err(e), _) => {
                         let mut error = e.error;
-                        error.message = format!("sub-pipeline {shown}, stage \"{}\": {}", e.stage, error.message);
+                        error.message = format!(
+                            "sub-pipeline {shown}, stage \"{}\": {}",
+                            e.stage, error.message
+                        );
                         Err(error)
                     }
                 }

@@ -163,10 +163,11 @@ impl Component for VariableSet {
         if c.get("name").is_some() && c.get("value").is_none() {
             c.problem(".value", "required field is missing");
         }
-        if let Some(n) = c.get("name").and_then(Value::as_str) {
-            if !n.contains("{{") && !is_var_name(n) {
-                c.problem(".name", format!("{n:?} is not a variable name"));
-            }
+        if let Some(n) = c.get("name").and_then(Value::as_str)
+            && !n.contains("{{")
+            && !is_var_name(n)
+        {
+            c.problem(".name", format!("{n:?} is not a variable name"));
         }
         if let Some(vars) = c.get("variables").and_then(Value::as_object) {
             for k in vars.keys().filter(|k| !is_var_name(k)) {
@@ -263,10 +264,10 @@ impl Component for Loop {
         .integer("batch_size", 1)
         .integer("max_iterations", 1)
         .integer("start_index", 0);
-        if let Some(n) = c.get("batch_size").and_then(Value::as_u64) {
-            if n > 1000 {
-                c.problem(".batch_size", format!("at most 1000, found {n}"));
-            }
+        if let Some(n) = c.get("batch_size").and_then(Value::as_u64)
+            && n > 1000
+        {
+            c.problem(".batch_size", format!("at most 1000, found {n}"));
         }
         c.finish()
     }

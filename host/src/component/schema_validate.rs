@@ -18,21 +18,27 @@ impl Component for SchemaValidate {
 
     fn check_config(&self, config: &Value) -> Vec<ConfigProblem> {
         let mut c = Checker::new(config);
-        c.only(&["data", "schema"])
+        c.only(&["data", "schema", "json_schema"])
             .required("data")
-            .required("schema")
-            .object("schema");
+            .object("schema")
+            .object("json_schema");
+        if c.get("schema").is_none() && c.get("json_schema").is_none() {
+            c.problem(
+                ".schema",
+                "required field is missing (also spelled json_schema)",
+            );
+        }
         let mut problems = c.finish();
         if let Some(s) = config
             .get("schema")
+            .or_else(|| config.get("json_schema"))
             .filter(|s| s.is_object() && !contains_template(s))
+            && let Err(e) = schema::compile(s)
         {
-            if let Err(e) = schema::compile(s) {
-                problems.push(ConfigProblem {
-                    path: ".schema".into(),
-                    message: e,
-                });
-            }
+            problems.push(ConfigProblem {
+                path: ".schema".into(),
+                message: e,
+            });
         }
         problems
     }
@@ -51,6 +57,7 @@ impl Component for SchemaValidate {
             .ok_or_else(|| StageError::validation("config.data: required field is missing"))?;
         let schema = config
             .remove("schema")
+            .or_else(|| config.remove("json_schema"))
             .ok_or_else(|| StageError::validation("config.schema: required field is missing"))?;
         let validator = schema::compile(&schema)
             .map_err(|e| StageError::validation(format!("config.schema: {e}")))?;

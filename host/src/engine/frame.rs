@@ -64,10 +64,10 @@ enum Found<'a> {
 
 impl View {
     fn find(&self, i: usize) -> Option<Found<'_>> {
-        if let Some((c, v)) = &self.controller_output {
-            if *c == i {
-                return Some(Found::Override(v));
-            }
+        if let Some((c, v)) = &self.controller_output
+            && *c == i
+        {
+            return Some(Found::Override(v));
         }
         match self.slots.get(&i) {
             Some(s) => Some(Found::Slot(s)),
@@ -150,7 +150,11 @@ struct Done {
 /// Sub-pipelines nested in each other at run time, at most.
 const MAX_DEPTH: usize = 16;
 
-pub(super) fn run_frame(run: Arc<RunCtx>, mut view: View, place: Place) -> BoxFuture<'static, FrameEnd> {
+pub(super) fn run_frame(
+    run: Arc<RunCtx>,
+    mut view: View,
+    place: Place,
+) -> BoxFuture<'static, FrameEnd> {
     async move {
         let plan = view.plan.clone();
         let block = &plan.blocks[place.block];
@@ -179,19 +183,32 @@ pub(super) fn run_frame(run: Arc<RunCtx>, mut view: View, place: Place) -> BoxFu
                 let stage = &plan.stages[i];
                 let id = place.id(&plan, i);
                 let skipped = skip_marks.remove(&i).or_else(|| {
-                    (!stage.wait_on.is_empty() && live.get(&i).copied().unwrap_or(0) == 0).then(|| {
-                        "every stage it depends on was skipped".to_string()
-                    })
+                    (!stage.wait_on.is_empty() && live.get(&i).copied().unwrap_or(0) == 0)
+                        .then(|| "every stage it depends on was skipped".to_string())
                 });
                 if let Some(reason) = skipped {
                     run.skip(&id, stage, &reason);
-                    view.slots.insert(i, Slot { status: StageStatus::Skipped, output: None, error: None });
+                    view.slots.insert(
+                        i,
+                        Slot {
+                            status: StageStatus::Skipped,
+                            output: None,
+                            error: None,
+                        },
+                    );
                     release(&plan, i, false, &mut waiting, &mut live, &mut ready);
                     continue;
                 }
                 if let Some((from, output)) = run.reused(&id) {
                     run.reuse_stage(&id, stage, &from, &output);
-                    view.slots.insert(i, Slot { status: StageStatus::Succeeded, output: Some(output), error: None });
+                    view.slots.insert(
+                        i,
+                        Slot {
+                            status: StageStatus::Succeeded,
+                            output: Some(output),
+                            error: None,
+                        },
+                    );
                     for (s, slot) in merged_reuse(&run, &plan, &place, i) {
                         view.slots.insert(s, slot);
                     }
@@ -199,13 +216,22 @@ pub(super) fn run_frame(run: Arc<RunCtx>, mut view: View, place: Place) -> BoxFu
                     continue;
                 }
                 started.insert(i, Instant::now());
-                view.slots.insert(i, Slot { status: StageStatus::Running, output: None, error: None });
+                view.slots.insert(
+                    i,
+                    Slot {
+                        status: StageStatus::Running,
+                        output: None,
+                        error: None,
+                    },
+                );
                 tasks.push(start_stage(&run, &view, &place, i, id));
             }
             if tasks.is_empty() {
                 break;
             }
-            let Some(done) = tasks.next().await else { break };
+            let Some(done) = tasks.next().await else {
+                break;
+            };
             let i = done.i;
             let stage = &plan.stages[i];
             let id = place.id(&plan, i);
@@ -214,15 +240,37 @@ pub(super) fn run_frame(run: Arc<RunCtx>, mut view: View, place: Place) -> BoxFu
             }
             if let Some(value) = done.returned {
                 // A frame this controller ran returned: so does this one.
-                run.finish(&id, stage, Ok(&Value::Null), done.attempts, started[&i].elapsed(), &view.plan);
-                view.slots.insert(i, Slot { status: StageStatus::Succeeded, output: Some(Arc::new(Value::Null)), error: None });
+                run.finish(
+                    &id,
+                    stage,
+                    Ok(&Value::Null),
+                    done.attempts,
+                    started[&i].elapsed(),
+                    &view.plan,
+                );
+                view.slots.insert(
+                    i,
+                    Slot {
+                        status: StageStatus::Succeeded,
+                        output: Some(Arc::new(Value::Null)),
+                        error: None,
+                    },
+                );
                 returned = Some((value, id));
                 break;
             }
             let output = match done.result {
                 Ok(Flow::Run(block)) => {
                     let snapshot = Arc::new(view.clone());
-                    tasks.push(run_block(run.clone(), snapshot, place.clone(), i, id, *block, done.attempts));
+                    tasks.push(run_block(
+                        run.clone(),
+                        snapshot,
+                        place.clone(),
+                        i,
+                        id,
+                        *block,
+                        done.attempts,
+                    ));
                     continue;
                 }
                 Ok(Flow::Output(v)) => v,
@@ -239,34 +287,87 @@ pub(super) fn run_frame(run: Arc<RunCtx>, mut view: View, place: Place) -> BoxFu
                     output
                 }
                 Ok(Flow::Return { output, value }) => {
-                    run.finish(&id, stage, Ok(&output), done.attempts, started[&i].elapsed(), &view.plan);
-                    view.slots.insert(i, Slot { status: StageStatus::Succeeded, output: Some(Arc::new(output)), error: None });
+                    run.finish(
+                        &id,
+                        stage,
+                        Ok(&output),
+                        done.attempts,
+                        started[&i].elapsed(),
+                        &view.plan,
+                    );
+                    view.slots.insert(
+                        i,
+                        Slot {
+                            status: StageStatus::Succeeded,
+                            output: Some(Arc::new(output)),
+                            error: None,
+                        },
+                    );
                     returned = Some((value, id));
                     break;
                 }
                 Err(mut error) => {
                     error.message = run.engine.secrets.redact(&error.message).into_owned();
-                    run.finish(&id, stage, Err(&error), done.attempts, started[&i].elapsed(), &view.plan);
+                    run.finish(
+                        &id,
+                        stage,
+                        Err(&error),
+                        done.attempts,
+                        started[&i].elapsed(),
+                        &view.plan,
+                    );
                     let as_value = Arc::new(serde_json::to_value(&error).unwrap_or_default());
                     if stage.optional {
-                        view.slots.insert(i, Slot { status: StageStatus::Failed, output: Some(Arc::new(Value::Null)), error: Some(as_value) });
+                        view.slots.insert(
+                            i,
+                            Slot {
+                                status: StageStatus::Failed,
+                                output: Some(Arc::new(Value::Null)),
+                                error: Some(as_value),
+                            },
+                        );
                         release(&plan, i, true, &mut waiting, &mut live, &mut ready);
                     } else {
-                        view.slots.insert(i, Slot { status: StageStatus::Failed, output: None, error: Some(as_value) });
+                        view.slots.insert(
+                            i,
+                            Slot {
+                                status: StageStatus::Failed,
+                                output: None,
+                                error: Some(as_value),
+                            },
+                        );
                         failure.get_or_insert(FrameError { stage: id, error });
                     }
                     continue;
                 }
             };
-            run.finish(&id, stage, Ok(&output), done.attempts, started[&i].elapsed(), &view.plan);
-            view.slots.insert(i, Slot { status: StageStatus::Succeeded, output: Some(Arc::new(output)), error: None });
+            run.finish(
+                &id,
+                stage,
+                Ok(&output),
+                done.attempts,
+                started[&i].elapsed(),
+                &view.plan,
+            );
+            view.slots.insert(
+                i,
+                Slot {
+                    status: StageStatus::Succeeded,
+                    output: Some(Arc::new(output)),
+                    error: None,
+                },
+            );
             release(&plan, i, true, &mut waiting, &mut live, &mut ready);
         }
 
         if let Some((_, by)) = &returned {
             // Dropping the futures cancels what still runs.
             drop(tasks);
-            run.stop_running(&place.prefix, &place.suffix, &format!("cancelled: run returned at stage \"{by}\""));
+            run.stop_running(
+                &place.prefix,
+                &place.suffix,
+                &format!("cancelled: run returned at stage \"{by}\""),
+            );
         }
         // Whatever in this block did not start is skipped; say why.
         let why = match (&failure, &returned) {
@@ -319,7 +420,14 @@ fn merged_reuse(run: &RunCtx, plan: &Plan, place: &Place, c: usize) -> Vec<(usiz
         }
         for &s in &plan.blocks[b].stages {
             if let Some((_, output)) = run.reused(&place.id(plan, s)) {
-                out.push((s, Slot { status: StageStatus::Succeeded, output: Some(output), error: None }));
+                out.push((
+                    s,
+                    Slot {
+                        status: StageStatus::Succeeded,
+                        output: Some(output),
+                        error: None,
+                    },
+                ));
             }
         }
     }
@@ -327,7 +435,13 @@ fn merged_reuse(run: &RunCtx, plan: &Plan, place: &Place, c: usize) -> Vec<(usiz
 }
 
 /// Renders a stage's config and starts its component.
-fn start_stage(run: &Arc<RunCtx>, view: &View, place: &Place, i: usize, id: String) -> BoxFuture<'static, Done> {
+fn start_stage(
+    run: &Arc<RunCtx>,
+    view: &View,
+    place: &Place,
+    i: usize,
+    id: String,
+) -> BoxFuture<'static, Done> {
     let plan = &view.plan;
     let stage = &plan.stages[i];
     let component = run.component(&stage.component);
@@ -359,7 +473,8 @@ fn start_stage(run: &Arc<RunCtx>, view: &View, place: &Place, i: usize, id: Stri
     };
     let retry = stage.retry.as_ref().map(|r| {
         let snapshot = r.condition.as_ref().map(|_| Arc::new(view.clone()));
-        run.engine.retry_policy(r, snapshot, place.input.clone(), &run.run_value)
+        run.engine
+            .retry_policy(r, snapshot, place.input.clone(), &run.run_value)
     });
     let ctx = StageContext {
         run_id: run.run_id.clone(),
@@ -526,7 +641,7 @@ fn run_block(
                 break;
             };
             done += 1;
-            if total >= 100 && done % progress_every == 0 {
+            if total >= 100 && done.is_multiple_of(progress_every) {
                 tracing::info!(target: "fmhost::progress", run_id = &*run.run_id, stage = id.as_str(), event = "progress", done, total, "{id}: {done}/{total} done");
             }
             if let Some(value) = end.returned {
@@ -546,7 +661,7 @@ fn run_block(
                 Ok(()) => run.assemble(&end.view).map_err(|error| FrameError { stage: id.clone(), error }),
             };
             if inherit && !per_item {
-                merge.extend(end.view.slots.into_iter());
+                merge.extend(end.view.slots);
             }
             outcomes.push(FrameOutcome { index: k, result });
         }

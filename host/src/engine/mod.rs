@@ -74,7 +74,6 @@ pub enum RunError {
     InvalidInput(Vec<String>),
 }
 
-
 pub fn new_run_id() -> String {
     let millis = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -225,7 +224,11 @@ impl RunCtx {
     /// (their futures were dropped).
     fn stop_running(&self, prefix: &str, suffix: &str, why: &str) {
         let now = self.elapsed_ms();
-        let kind = if why.contains("time") { ErrorKind::Timeout } else { ErrorKind::Cancelled };
+        let kind = if why.contains("time") {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Cancelled
+        };
         let mut reports = self.reports.lock().expect("reports");
         for r in reports.list.iter_mut().filter(|r| {
             r.status == StageStatus::Running && r.id.starts_with(prefix) && r.id.contains(suffix)
@@ -389,19 +392,21 @@ impl Engine {
             }
             Some(end) => match (end.result, end.returned) {
                 (Err(e), _) => {
-                    let attempts = run
-                        .reports
-                        .lock()
-                        .expect("reports")
-                        .at
-                        .get(&e.stage)
-                        .map(|&k| run.reports.lock().expect("reports").list[k].attempts)
-                        .unwrap_or(1)
-                        .max(1);
+                    let attempts = {
+                        let reports = run.reports.lock().expect("reports");
+                        reports
+                            .at
+                            .get(&e.stage)
+                            .map_or(1, |&k| reports.list[k].attempts)
+                            .max(1)
+                    };
                     let plural = if attempts == 1 { "" } else { "s" };
                     failure = Some((
                         RunStatus::Failed,
-                        format!("stage \"{}\" failed after {attempts} attempt{plural}: {}", e.stage, e.error),
+                        format!(
+                            "stage \"{}\" failed after {attempts} attempt{plural}: {}",
+                            e.stage, e.error
+                        ),
                     ));
                 }
                 (Ok(()), Some(mut value)) => {

@@ -489,16 +489,16 @@ impl Outbound {
                         )));
                     }
                 };
-                if let Some(guard) = &req.hop_guard {
-                    if let Err(why) = (guard.0)(&next) {
-                        return Ok(Err(Stop::Redirect(
-                            ErrorKind::Sandbox,
-                            format!(
-                                "redirect to {} refused: {why}",
-                                ctx.secrets.redact(next.as_str())
-                            ),
-                        )));
-                    }
+                if let Some(guard) = &req.hop_guard
+                    && let Err(why) = (guard.0)(&next)
+                {
+                    return Ok(Err(Stop::Redirect(
+                        ErrorKind::Sandbox,
+                        format!(
+                            "redirect to {} refused: {why}",
+                            ctx.secrets.redact(next.as_str())
+                        ),
+                    )));
                 }
                 if next.origin() != origin {
                     let credential: Vec<reqwest::header::HeaderName> = headers

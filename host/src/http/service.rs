@@ -297,10 +297,10 @@ impl Breaker {
 
     /// Gives back a probe that never completed (its caller was cancelled).
     pub fn abandon(&self, ticket: Ticket) {
-        if ticket.probe {
-            if let Inner::HalfOpen { in_flight } = &mut *self.inner.lock().expect("breaker lock") {
-                *in_flight = in_flight.saturating_sub(1);
-            }
+        if ticket.probe
+            && let Inner::HalfOpen { in_flight } = &mut *self.inner.lock().expect("breaker lock")
+        {
+            *in_flight = in_flight.saturating_sub(1);
         }
     }
 }

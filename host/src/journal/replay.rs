@@ -44,14 +44,16 @@ pub fn reuse(
             rerun
         }
     };
+    // Every journaled stage that succeeded, including loop iterations (`upsert[3]`) and
+    // sub-pipeline stages (`enrich/crm`): they are rerun when the stage they belong to is.
     let mut outputs = HashMap::new();
-    for (stage, rerun) in plan.stages.iter().zip(rerun) {
-        if rerun {
-            continue;
-        }
-        let Some(s) = original.stage(&stage.id) else {
+    for s in &original.stages {
+        let Some(i) = plan.stage_index(base_id(&s.report.id)) else {
             continue;
         };
+        if rerun[i] {
+            continue;
+        }
         // An optional stage that failed has a null output; it gets another chance.
         if let Some(out) = s
             .report
@@ -61,13 +63,20 @@ pub fn reuse(
         {
             let mut out = (**out).clone();
             secrets.restore_value(&mut out);
-            outputs.insert(stage.id.to_string(), Arc::new(out));
+            outputs.insert(s.report.id.clone(), Arc::new(out));
         }
     }
     Ok(Reuse {
         from_run: original.summary.run_id.clone(),
         outputs,
     })
+}
+
+/// The pipeline stage a reported stage belongs to: `upsert[3]` and `enrich/crm` belong
+/// to `upsert` and `enrich`.
+fn base_id(id: &str) -> &str {
+    let end = id.find(['[', '/']).unwrap_or(id.len());
+    &id[..end]
 }
 
 /// A replay of `original`, ready to run: its input, the outputs it reuses, and its

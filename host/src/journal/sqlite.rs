@@ -565,7 +565,7 @@ impl SqliteBackend {
         let mut stmt = conn.prepare_cached(
             "SELECT stage_id, component, version, status, optional, started_ms, duration_ms, attempts, error,
                  skipped_because, reused_from, output
-             FROM stages WHERE run_id = ?1 ORDER BY position",
+             FROM stages WHERE run_id = ?1 ORDER BY position, started_ms, stage_id",
         )?;
         let stages = stmt
             .query_map(params![id], |r| {

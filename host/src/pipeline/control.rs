@@ -67,7 +67,9 @@ impl Structure {
                 return None;
             }
             if self.blocks[b].per_item {
-                let c = self.blocks[b].controller.expect("a per-item block has a controller");
+                let c = self.blocks[b]
+                    .controller
+                    .expect("a per-item block has a controller");
                 return Some(format!(
                     "stage \"{}\" runs once per item inside \"{}\" ({}); read the loop's output (`stages.{}.output.results`) and depend on \"{}\" instead",
                     ids[target], ids[c], self.blocks[b].field, ids[c], ids[c]
@@ -291,12 +293,7 @@ pub fn analyse(
 
 /// Which `{{context.NAME}}` names stage `s` may read: those its enclosing blocks set,
 /// those variable_set stages upstream of it set, and the run's own.
-pub fn context_allows(
-    structure: &Structure,
-    upstream: &[Vec<bool>],
-    s: usize,
-    name: &str,
-) -> bool {
+pub fn context_allows(structure: &Structure, upstream: &[Vec<bool>], s: usize, name: &str) -> bool {
     if CONTEXT_BUILTINS.contains(&name) {
         return true;
     }
@@ -307,7 +304,8 @@ pub fn context_allows(
     }
     structure.stages.iter().enumerate().any(|(v, shape)| {
         upstream[s][v]
-            && (shape.governs.sets_dynamic_vars || shape.governs.sets_vars.iter().any(|n| n == name))
+            && (shape.governs.sets_dynamic_vars
+                || shape.governs.sets_vars.iter().any(|n| n == name))
     })
 }
 

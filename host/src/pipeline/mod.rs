@@ -117,7 +117,11 @@ impl Origin {
     /// name: `ID.pipeline.json`, `ID.json`, or the `.json` file whose `name` is `ID`.
     pub fn find(&self, id: &str) -> Option<PathBuf> {
         let dir = self.dir.clone().unwrap_or_else(|| PathBuf::from("."));
-        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
         if id.ends_with(".json") || id.contains('/') {
             let p = dir.join(id);
             return p.is_file().then_some(p);
@@ -156,9 +160,17 @@ impl Origin {
             let names: Vec<String> = self.stack[at..]
                 .iter()
                 .chain(std::iter::once(&canonical))
-                .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+                .map(|p| {
+                    p.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned()
+                })
                 .collect();
-            return Err(format!("sub-pipelines call each other in a cycle: {}", names.join(" -> ")));
+            return Err(format!(
+                "sub-pipelines call each other in a cycle: {}",
+                names.join(" -> ")
+            ));
         }
         if self.stack.len() >= MAX_SUBPIPELINE_DEPTH {
             return Err(format!(
@@ -167,7 +179,13 @@ impl Origin {
         }
         load_from(&path, registry, &self.stack)
             .map(Arc::new)
-            .map_err(|e| format!("sub-pipeline \"{id}\" ({}): {}", path.display(), e.lines().join("; ")))
+            .map_err(|e| {
+                format!(
+                    "sub-pipeline \"{id}\" ({}): {}",
+                    path.display(),
+                    e.lines().join("; ")
+                )
+            })
     }
 }
 

@@ -262,16 +262,16 @@ pub fn compile_in(
         ));
     }
     let upstream = graph::upstream_sets(&deps);
-    if let Some(out) = &doc.output_stage {
-        if !index.contains_key(out.as_str()) {
-            diags.push(Diagnostic::new(
-                "output_stage",
-                format!(
-                    "unknown stage \"{out}\"{}",
-                    suggest(out, index.keys().copied())
-                ),
-            ));
-        }
+    if let Some(out) = &doc.output_stage
+        && !index.contains_key(out.as_str())
+    {
+        diags.push(Diagnostic::new(
+            "output_stage",
+            format!(
+                "unknown stage \"{out}\"{}",
+                suggest(out, index.keys().copied())
+            ),
+        ));
     }
 
     // Pass 3: control flow: what each controller governs, blocks, crossing edges.
@@ -287,7 +287,10 @@ pub fn compile_in(
         .collect();
     let resolved: Vec<Option<Arc<dyn crate::component::Component>>> = parsed
         .iter()
-        .map(|p| p.as_ref().and_then(|p| registry.get(&p.doc.component).cloned()))
+        .map(|p| {
+            p.as_ref()
+                .and_then(|p| registry.get(&p.doc.component).cloned())
+        })
         .collect();
     let configs: Vec<Value> = parsed
         .iter()
@@ -322,36 +325,38 @@ pub fn compile_in(
                 ));
             }
         }
-        let check_refs =
-            |path: &str, t: &Template, allow_output: bool, diags: &mut Vec<Diagnostic>| {
-                for r in t.paths() {
-                    let checked = match (r.root.as_str(), r.segments.first()) {
-                        ("context", Some(Segment::Field(name))) => {
-                            if control::context_allows(&structure, &upstream, i, name) {
-                                Ok(())
-                            } else {
-                                Err(format!(
-                                    "`{r}`: nothing sets `{name}` for this stage (no enclosing foreach names it, no variable_set upstream sets it)"
-                                ))
-                            }
+        let check_refs = |path: &str,
+                          t: &Template,
+                          allow_output: bool,
+                          diags: &mut Vec<Diagnostic>| {
+            for r in t.paths() {
+                let checked = match (r.root.as_str(), r.segments.first()) {
+                    ("context", Some(Segment::Field(name))) => {
+                        if control::context_allows(&structure, &upstream, i, name) {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "`{r}`: nothing sets `{name}` for this stage (no enclosing foreach names it, no variable_set upstream sets it)"
+                            ))
                         }
-                        ("context", _) => Err(format!("`{r}`: expected `context.NAME`")),
-                        _ => check_reference(r, allow_output, &index, &upstream[i], &p.doc.id)
-                            .and_then(|()| match (r.root.as_str(), r.segments.first()) {
-                                ("stages", Some(Segment::Field(id))) => match index.get(id.as_str()) {
-                                    Some(&t) => structure
-                                        .hidden(i, t, &all_ids)
-                                        .map_or(Ok(()), |why| Err(format!("`{r}`: {why}"))),
-                                    None => Ok(()),
-                                },
-                                _ => Ok(()),
-                            }),
-                    };
-                    if let Err(message) = checked {
-                        diags.push(Diagnostic::new(format!("{}: {path}", p.loc), message));
                     }
+                    ("context", _) => Err(format!("`{r}`: expected `context.NAME`")),
+                    _ => check_reference(r, allow_output, &index, &upstream[i], &p.doc.id)
+                        .and_then(|()| match (r.root.as_str(), r.segments.first()) {
+                            ("stages", Some(Segment::Field(id))) => match index.get(id.as_str()) {
+                                Some(&t) => structure
+                                    .hidden(i, t, &all_ids)
+                                    .map_or(Ok(()), |why| Err(format!("`{r}`: {why}"))),
+                                None => Ok(()),
+                            },
+                            _ => Ok(()),
+                        }),
+                };
+                if let Err(message) = checked {
+                    diags.push(Diagnostic::new(format!("{}: {path}", p.loc), message));
                 }
-            };
+            }
+        };
         let plugin_stage = component.is_some_and(|c| !c.sees_secrets());
         let mut secret_grants: Vec<String> = p.doc.secrets.clone();
         // Fields a component evaluates itself (per item) are kept as written.
@@ -369,11 +374,8 @@ pub fn compile_in(
             Ok(t) => {
                 for (path, template) in t.templates() {
                     check_refs(&format!("config{path}"), template, false, &mut diags);
-                    if plugin_stage {
-                        if let Err(message) = template.plugin_secret_forms() {
-                            diags
-                                .push(Diagnostic::new(format!("{}: config{path}", p.loc), message));
-                        }
+                    if plugin_stage && let Err(message) = template.plugin_secret_forms() {
+                        diags.push(Diagnostic::new(format!("{}: config{path}", p.loc), message));
                     }
                     for name in template.secret_names() {
                         if !secret_grants.iter().any(|n| n == name) {
@@ -459,7 +461,10 @@ pub fn compile_in(
             Some((field, id)) => match origin.resolve(id, registry) {
                 Ok(plan) => Some(plan),
                 Err(message) => {
-                    diags.push(Diagnostic::new(format!("{}: config.{field}", p.loc), message));
+                    diags.push(Diagnostic::new(
+                        format!("{}: config.{field}", p.loc),
+                        message,
+                    ));
                     None
                 }
             },
@@ -541,10 +546,10 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
     // The seed writes `retry` inside an http-request's config; it means the stage's policy.
     let mut raw = raw.clone();
     // FlowMason's loader reads `component_type` as well as `component`; the former wins.
-    if let Some(obj) = raw.as_object_mut() {
-        if let Some(t) = obj.remove("component_type") {
-            obj.insert("component".into(), t);
-        }
+    if let Some(obj) = raw.as_object_mut()
+        && let Some(t) = obj.remove("component_type")
+    {
+        obj.insert("component".into(), t);
     }
     let mut retry = None;
     if let Some(r) = raw

@@ -974,11 +974,11 @@ async fn fallback(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(&key)
+        && at.elapsed() < window
+        && *first != event_id
     {
-        if at.elapsed() < window && *first != event_id {
-            tracing::info!(target: "fmhost::serve", path = %trigger.path, "delivery {event_id} repeats the signed body of {first}; not run again");
-            return Json(json!({"event_id": first, "duplicate": true})).into_response();
-        }
+        tracing::info!(target: "fmhost::serve", path = %trigger.path, "delivery {event_id} repeats the signed body of {first}; not run again");
+        return Json(json!({"event_id": first, "duplicate": true})).into_response();
     }
     let delivery = Delivery {
         pipeline: pipeline.clone(),

@@ -319,10 +319,10 @@ impl PluginRegistry {
         let to = previous.plugin.version.clone();
         let from = slot.current.swap(previous);
         // The version rolled back from must not come back at the next start.
-        if let Some(dir) = &self.upload_dir {
-            if from.plugin.path.parent() == Some(dir.as_path()) {
-                let _ = std::fs::remove_file(&from.plugin.path);
-            }
+        if let Some(dir) = &self.upload_dir
+            && from.plugin.path.parent() == Some(dir.as_path())
+        {
+            let _ = std::fs::remove_file(&from.plugin.path);
         }
         tracing::info!(target: "fmhost::serve", plugin = name, old_version = %from.plugin.version, new_version = %to, "rolled back plugin {name}: {} -> {to}", from.plugin.version);
         Ok((from.plugin.version.clone(), to))
@@ -405,17 +405,17 @@ pub fn watch(
     use notify::{RecursiveMode, Watcher};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            if matches!(
+        if let Ok(event) = event
+            && matches!(
                 event.kind,
                 notify::EventKind::Create(_)
                     | notify::EventKind::Modify(_)
                     | notify::EventKind::Access(notify::event::AccessKind::Close(_))
-            ) {
-                for p in event.paths {
-                    if p.extension().is_some_and(|e| e == "wasm") {
-                        let _ = tx.send(p);
-                    }
+            )
+        {
+            for p in event.paths {
+                if p.extension().is_some_and(|e| e == "wasm") {
+                    let _ = tx.send(p);
                 }
             }
         }

@@ -11,6 +11,11 @@ use super::parse::{CmpOp, Expr, Path, Segment};
 pub(super) fn eval<'a>(expr: &'a Expr, scope: &Scope<'a>) -> Result<Cow<'a, Value>, String> {
     match expr {
         Expr::Literal(v) => Ok(Cow::Borrowed(v)),
+        Expr::List(items) => items
+            .iter()
+            .map(|e| eval(e, scope).map(Cow::into_owned))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| Cow::Owned(Value::Array(v))),
         Expr::Path(p) => resolve(p, scope).map(Cow::Borrowed),
         Expr::Call { name, args } => call(name, args, scope),
         Expr::Filter { input, name, args } => {
@@ -186,7 +191,9 @@ fn call<'a>(name: &str, args: &'a [Expr], scope: &Scope<'a>) -> Result<Cow<'a, V
         ("len" | "str" | "int" | "float" | "bool", _) => {
             Err(format!("{name}() takes one argument"))
         }
-        _ => Err(format!("unknown function `{name}()` (available: {FUNCTIONS})")),
+        _ => Err(format!(
+            "unknown function `{name}()` (available: {FUNCTIONS})"
+        )),
     }
 }
 

@@ -170,10 +170,9 @@ impl Template {
                 source,
                 reads_secrets: true,
             } = part
+                && secret_form(expr).is_none()
             {
-                if secret_form(expr).is_none() {
-                    return Err(format!("`{source}`: {PLUGIN_SECRET_FORMS}"));
-                }
+                return Err(format!("`{source}`: {PLUGIN_SECRET_FORMS}"));
             }
         }
         Ok(())

@@ -7,7 +7,7 @@
 //! not     := "not" not | cmp
 //! cmp     := pipe (("==" | "!=" | "<" | "<=" | ">" | ">=" | "in" | "not in") pipe)?
 //! pipe    := primary ("|" IDENT ("(" args ")")?)*
-//! primary := literal | IDENT "(" args ")" | path | "(" expr ")"
+//! primary := literal | "[" args "]" | IDENT "(" args ")" | path | "(" expr ")"
 //! path    := IDENT ("." IDENT | "[" (INT | STRING) "]")*
 //! ```
 //! Identifiers may contain hyphens, so `stages.fetch-salesforce.output` is one path.
@@ -19,6 +19,8 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expr {
     Literal(Value),
+    /// `[a, b, ...]`, for membership tests such as `x in ['Pro', 'Enterprise']`.
+    List(Vec<Expr>),
     Path(Path),
     Call {
         name: String,
@@ -430,6 +432,19 @@ impl Parser {
                 self.expect(Tok::RParen)?;
                 Ok(e)
             }
+            Some(Tok::LBracket) => {
+                let mut items = Vec::new();
+                if self.eat(&Tok::RBracket) {
+                    return Ok(Expr::List(items));
+                }
+                loop {
+                    items.push(self.or()?);
+                    if self.eat(&Tok::RBracket) {
+                        return Ok(Expr::List(items));
+                    }
+                    self.expect(Tok::Comma)?;
+                }
+            }
             Some(Tok::Ident(name)) => match name.as_str() {
                 "true" | "True" => Ok(Expr::Literal(Value::Bool(true))),
                 "false" | "False" => Ok(Expr::Literal(Value::Bool(false))),
@@ -507,6 +522,7 @@ impl Expr {
     pub fn paths<'a>(&'a self, out: &mut Vec<&'a Path>) {
         match self {
             Expr::Literal(_) => {}
+            Expr::List(items) => items.iter().for_each(|a| a.paths(out)),
             Expr::Path(p) => out.push(p),
             Expr::Call { args, .. } => args.iter().for_each(|a| a.paths(out)),
             Expr::Filter { input, args, .. } => {
@@ -568,7 +584,10 @@ mod tests {
         );
         assert!(matches!(
             parse_expr("'x' not in input.tags").unwrap(),
-            Expr::Compare { op: CmpOp::NotIn, .. }
+            Expr::Compare {
+                op: CmpOp::NotIn,
+                ..
+            }
         ));
         assert!(matches!(
             parse_expr("len(input.text) > 1000 and not input.flag").unwrap(),

@@ -11,9 +11,10 @@ struct JsonTransform;
 
 const CONFIG_SCHEMA: &str = r#"{
   "type": "object",
-  "required": ["expression"],
+  "oneOf": [{"required": ["expression"]}, {"required": ["jmespath_expression"]}],
   "properties": {
     "expression": {"type": "string", "description": "A JMESPath expression"},
+    "jmespath_expression": {"type": "string", "description": "FlowMason's spelling of expression"},
     "data": {"description": "The document to search; the stage input when absent"}
   },
   "additionalProperties": false
@@ -42,12 +43,17 @@ impl Guest for JsonTransform {
     fn invoke(config: String, input: String) -> Result<String, PluginError> {
         let mut config: Value = serde_json::from_str(&config)
             .map_err(|e| error(ErrorKind::InvalidConfig, format!("config is not JSON: {e}")))?;
-        let expression = match config.get("expression") {
+        let key = if config.get("expression").is_some() {
+            "expression"
+        } else {
+            "jmespath_expression"
+        };
+        let expression = match config.get(key) {
             Some(Value::String(s)) => s.clone(),
             Some(other) => {
                 return Err(error(
                     ErrorKind::InvalidConfig,
-                    format!("config.expression: expected a string, found {other}"),
+                    format!("config.{key}: expected a string, found {other}"),
                 ));
             }
             None => {

@@ -1,0 +1,446 @@
+//! Control flow through the real binary: the example pipelines of `pipelines/` against
+//! fake vendors, journaled and replayed, and `fmhost validate` on every misuse.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{self, Fake, Reply};
+
+fn pipeline(name: &str) -> std::path::PathBuf {
+    support::root().join("pipelines").join(name)
+}
+
+fn plugins() -> String {
+    support::root().join("target/plugins").display().to_string()
+}
+
+fn read_report(path: &std::path::Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn stage<'a>(report: &'a Value, id: &str) -> &'a Value {
+    report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no stage {id} in {report:#}"))
+}
+
+#[tokio::test]
+async fn shipping_quotes_rank_the_carriers_that_answered() {
+    let fake = Fake::start().await;
+    fake.route(
+        "/carriers/ups/quote",
+        vec![
+            Reply::json(200, json!({"carrier": "ups", "price": 12.5}))
+                .delay(Duration::from_millis(200)),
+        ],
+    );
+    fake.route(
+        "/carriers/fedex/quote",
+        vec![
+            Reply::json(200, json!({"carrier": "fedex", "price": 7.0}))
+                .delay(Duration::from_secs(4)),
+        ],
+    );
+    fake.route(
+        "/carriers/dhl/quote",
+        vec![
+            Reply::json(200, json!({"carrier": "dhl", "price": 9.9}))
+                .delay(Duration::from_millis(200)),
+        ],
+    );
+    fake.route(
+        "/carriers/usps/quote",
+        vec![Reply::status(503).delay(Duration::from_millis(200))],
+    );
+    let dir = support::scratch("control-shipping");
+    let report_file = dir.join("report.json");
+    let ran = support::run_pipeline(
+        &pipeline("shipping-quotes.pipeline.json"),
+        &json!({"carriers": ["ups", "fedex", "dhl", "usps"], "carriers_api": fake.url(""), "weight_kg": 2.5}),
+        &["--plugins", &plugins(), "--report", report_file.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert_eq!(
+        ran.json(),
+        json!({
+            "quotes": [{"carrier": "dhl", "price": 9.9}, {"carrier": "ups", "price": 12.5}],
+            "unavailable": [{"carrier": "fedex", "error": "timeout"}, {"carrier": "usps", "error": "http-5xx"}]
+        })
+    );
+    // All four carriers were asked at once.
+    assert_eq!(fake.max_in_flight(), 4);
+    assert_eq!(fake.seen("/carriers/ups/quote")[0].query, "weight_kg=2.5");
+    let report = read_report(&report_file);
+    assert_eq!(stage(&report, "quote[0]")["status"], "succeeded");
+    assert_eq!(stage(&report, "quote[1]")["error"]["kind"], "timeout");
+    assert_eq!(stage(&report, "quote[3]")["error"]["kind"], "http-5xx");
+    assert_eq!(stage(&report, "quotes")["output"]["failed_count"], 2);
+}
+
+#[tokio::test]
+async fn inventory_sync_batches_a_thousand_records_and_a_replay_sends_only_what_is_missing() {
+    let fake = Fake::start().await;
+    // Six batches are accepted, then the warehouse refuses (400 is not retried).
+    let mut script: Vec<Reply> = (0..6)
+        .map(|_| Reply::json(200, json!({"ok": true})))
+        .collect();
+    script.push(Reply::status(400));
+    fake.route("/inventory/batch", script);
+    let state = support::scratch("control-inventory");
+    let records: Vec<Value> = (0..1000)
+        .map(|i| json!({"sku": format!("SKU-{i:04}"), "qty": i % 7}))
+        .collect();
+    let input = json!({"records": records, "warehouse_api": fake.url("")});
+    let ran = support::run_pipeline(
+        &pipeline("inventory-sync.pipeline.json"),
+        &input,
+        &["--state", state.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(ran.code, 1, "stderr:\n{}", ran.stderr);
+    let first = fake.seen("/inventory/batch");
+    assert!(fake.max_in_flight() <= 4, "{}", fake.max_in_flight());
+    let ok: Vec<&support::fake::Seen> = first.iter().take(6).collect();
+    for s in &ok {
+        let body: Value = serde_json::from_slice(&s.body).unwrap();
+        assert_eq!(body["records"].as_array().unwrap().len(), 100);
+    }
+    let keys: std::collections::HashSet<&str> = first
+        .iter()
+        .filter_map(|s| s.header("idempotency-key"))
+        .collect();
+    let batches: std::collections::HashSet<i64> = first
+        .iter()
+        .map(|s| {
+            serde_json::from_slice::<Value>(&s.body).unwrap()["batch"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        keys.len(),
+        batches.len(),
+        "one key per batch, the same key on a retry"
+    );
+
+    // The journal shows each iteration; a replay reuses the six accepted batches.
+    let mut show = support::fmhost();
+    show.args(["--state", state.to_str().unwrap(), "runs", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&support::output(show).await.stdout).unwrap();
+    let run_id = listed[0]["run_id"].as_str().unwrap().to_string();
+    let mut show = support::fmhost();
+    show.args([
+        "--state",
+        state.to_str().unwrap(),
+        "runs",
+        "show",
+        &run_id,
+        "--json",
+    ]);
+    let detail: Value = serde_json::from_slice(&support::output(show).await.stdout).unwrap();
+    let accepted: Vec<&str> = detail["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["id"].as_str().unwrap().starts_with("upsert[") && s["status"] == "succeeded")
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(accepted.len(), 6, "{detail:#}");
+
+    fake.route(
+        "/inventory/batch",
+        vec![Reply::json(200, json!({"ok": true}))],
+    );
+    let before = fake.seen("/inventory/batch").len();
+    let mut replay = support::fmhost();
+    replay.args(["--state", state.to_str().unwrap(), "replay", &run_id]);
+    let replayed: support::Ran = support::output(replay).await.into();
+    assert_eq!(replayed.code, 0, "stderr:\n{}", replayed.stderr);
+    assert_eq!(
+        fake.seen("/inventory/batch").len() - before,
+        4,
+        "only the four missing batches are sent again"
+    );
+    assert!(
+        replayed
+            .stderr
+            .contains("synced 1000 records in 10 batches"),
+        "{}",
+        replayed.stderr
+    );
+}
+
+#[tokio::test]
+async fn rates_fall_back_to_defaults_when_the_vendor_is_down() {
+    let fake = Fake::start().await;
+    fake.route("/rates/latest", vec![Reply::status(503)]);
+    let dir = support::scratch("control-rates");
+    let report_file = dir.join("report.json");
+    let args = [
+        "--plugins",
+        &plugins(),
+        "--report",
+        report_file.to_str().unwrap(),
+    ];
+    let ran = support::run_pipeline(
+        &pipeline("rates-fallback.pipeline.json"),
+        &json!({"rates_api": fake.url("")}),
+        &args,
+    )
+    .await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    let out = ran.json();
+    assert_eq!(out["fallback"], true);
+    assert_eq!(out["rates"]["source"], "default");
+    // Three failures open the breaker; the remaining attempts are refused without a call.
+    assert_eq!(out["why"], "circuit-open", "{out:#}");
+    assert_eq!(fake.seen("/rates/latest").len(), 3);
+    let report = read_report(&report_file);
+    assert_eq!(stage(&report, "guard")["output"]["status"], "caught");
+    assert_eq!(stage(&report, "fetch-rates")["status"], "failed");
+    assert_eq!(stage(&report, "default-rates")["status"], "succeeded");
+
+    let fake = Fake::start().await;
+    fake.route(
+        "/rates/latest",
+        vec![Reply::json(200, json!({"base": "USD", "EUR": 0.93}))],
+    );
+    let ran = support::run_pipeline(
+        &pipeline("rates-fallback.pipeline.json"),
+        &json!({"rates_api": fake.url("")}),
+        &args,
+    )
+    .await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert_eq!(
+        ran.json(),
+        json!({"rates": {"base": "USD", "EUR": 0.93}, "fallback": false, "why": null})
+    );
+    let report = read_report(&report_file);
+    assert_eq!(stage(&report, "default-rates")["status"], "skipped");
+}
+
+#[tokio::test]
+async fn webhooks_are_routed_by_event_type() {
+    let fake = Fake::start().await;
+    fake.route(
+        "/ledger/payments",
+        vec![Reply::json(201, json!({"recorded": true}))],
+    );
+    fake.route("/crm/churn", vec![Reply::json(202, json!({}))]);
+    let dir = support::scratch("control-router");
+    let report_file = dir.join("report.json");
+    let args = ["--report", report_file.to_str().unwrap()];
+    let event = |id: &str, kind: &str| json!({"id": id, "type": kind, "data": {"ledger_api": fake.url(""), "object": {"amount_paid": 4990, "customer": "cus_1"}}});
+
+    let ran = support::run_pipeline(
+        &pipeline("webhook-router.pipeline.json"),
+        &event("evt_1", "invoice.paid"),
+        &args,
+    )
+    .await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert_eq!(
+        ran.json()["variables"],
+        json!({"event": "evt_1", "route": "invoice.paid", "recorded": true, "churn_notified": false})
+    );
+    let paid = fake.seen("/ledger/payments");
+    assert_eq!(paid.len(), 1);
+    assert_eq!(paid[0].header("idempotency-key"), Some("evt_1"));
+    assert!(fake.seen("/crm/churn").is_empty());
+    let report = read_report(&report_file);
+    assert_eq!(stage(&report, "notify-churn")["status"], "skipped");
+    assert_eq!(
+        stage(&report, "notify-churn")["skipped_because"],
+        "branch not taken by \"route\""
+    );
+
+    let ran = support::run_pipeline(
+        &pipeline("webhook-router.pipeline.json"),
+        &event("evt_2", "charge.refunded"),
+        &args,
+    )
+    .await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert_eq!(ran.json()["variables"]["route"], "default");
+    assert!(
+        ran.stderr
+            .contains("unhandled event type charge.refunded (evt_2)"),
+        "{}",
+        ran.stderr
+    );
+    assert_eq!(fake.seen("/ledger/payments").len(), 1);
+}
+
+fn enrich_routes(fake: &Fake) {
+    for (id, name, plan) in [
+        ("c1", "Acme", "Pro"),
+        ("c2", "Globex", "Starter"),
+        ("c3", "Initech", "Enterprise"),
+    ] {
+        fake.route(
+            &format!("/crm/accounts/{id}"),
+            vec![Reply::json(200, json!({"Name": name}))],
+        );
+        fake.route(
+            &format!("/billing/customers/{id}"),
+            vec![Reply::json(
+                200,
+                json!({"subscriptions": {"data": [{"plan": {"nickname": plan}}]}}),
+            )],
+        );
+    }
+}
+
+#[tokio::test]
+async fn one_sub_pipeline_serves_two_pipelines() {
+    let fake = Fake::start().await;
+    enrich_routes(&fake);
+    let dir = support::scratch("control-subpipeline");
+    let report_file = dir.join("report.json");
+    let ran = support::run_pipeline(
+        &pipeline("customer-sync.pipeline.json"),
+        &json!({"customer_ids": ["c1", "c2", "c3"], "api": fake.url("")}),
+        &[
+            "--plugins",
+            &plugins(),
+            "--report",
+            report_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert_eq!(
+        ran.json(),
+        json!([
+            {"customer_id": "c1", "company": "Acme", "plan": "Pro"},
+            {"customer_id": "c2", "company": "Globex", "plan": "Starter"},
+            {"customer_id": "c3", "company": "Initech", "plan": "Enterprise"}
+        ])
+    );
+    assert!(fake.max_in_flight() <= 4);
+    let report = read_report(&report_file);
+    assert_eq!(stage(&report, "enrich[1]/crm")["status"], "succeeded");
+    assert_eq!(stage(&report, "enrich[2]/result")["status"], "succeeded");
+
+    let ran = support::run_pipeline(
+        &pipeline("order-intake.pipeline.json"),
+        &json!({"order_id": "ord_9", "customer_id": "c2", "api": fake.url("")}),
+        &["--report", report_file.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert_eq!(
+        ran.json()["variables"],
+        json!({"order_id": "ord_9", "company": "Globex", "lane": "standard"})
+    );
+    let report = read_report(&report_file);
+    assert_eq!(stage(&report, "priority")["status"], "skipped");
+    assert_eq!(stage(&report, "customer/billing")["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn return_ends_the_run_early_and_loops_keep_their_own_variables() {
+    let dir = support::scratch("control-return");
+    let doc = json!({
+        "name": "early",
+        "stages": [
+            {"id": "each", "component": "foreach", "config": {
+                "items": "{{input.items}}", "loop_stages": ["double", "check"], "parallel": true, "max_parallel": 3}},
+            {"id": "double", "component": "variable_set", "depends_on": ["each"],
+             "config": {"name": "twice", "value": "{{context.item}}"}},
+            {"id": "check", "component": "filter", "depends_on": ["double"],
+             "config": {"data": {"item": "{{context.item}}", "index": "{{context.index}}", "seen": "{{upstream.each.current_item}}"},
+                        "condition": "data.item == data.seen"}},
+            {"id": "stop", "component": "return", "depends_on": ["each"],
+             "config": {"condition": "{{len(stages.each.output.results) == 3 and input.stop}}",
+                        "return_value": {"checked": "{{stages.each.output.results}}"}}},
+            {"id": "after", "component": "logger", "depends_on": ["stop"], "config": {"message": "not reached"}}
+        ]
+    });
+    let file = support::write_json(&dir, "early.pipeline.json", &doc);
+    let report_file = dir.join("report.json");
+    let args = ["--report", report_file.to_str().unwrap()];
+    let ran = support::run_pipeline(
+        &file,
+        &json!({"items": ["a", "b", "c"], "stop": true}),
+        &args,
+    )
+    .await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    let out = ran.json();
+    let checked = out["checked"].as_array().unwrap();
+    assert_eq!(checked.len(), 3);
+    for (i, c) in checked.iter().enumerate() {
+        // Each iteration saw its own item, however the iterations interleaved.
+        assert_eq!(c["passed"], true, "{out:#}");
+        assert_eq!(c["data"]["index"], i);
+    }
+    let report = read_report(&report_file);
+    assert_eq!(stage(&report, "after")["status"], "skipped");
+    assert_eq!(stage(&report, "check[2]")["status"], "succeeded");
+
+    let ran = support::run_pipeline(&file, &json!({"items": ["a"], "stop": false}), &args).await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert_eq!(
+        stage(&read_report(&report_file), "after")["status"],
+        "succeeded"
+    );
+}
+
+#[tokio::test]
+async fn validate_names_every_misuse_of_control_flow() {
+    let dir = support::scratch("control-validate");
+    support::write_json(
+        &dir,
+        "a.pipeline.json",
+        &json!({"name": "a", "stages": [
+        {"id": "call-b", "component": "subpipeline", "config": {"pipeline_id": "b"}}]}),
+    );
+    support::write_json(
+        &dir,
+        "b.pipeline.json",
+        &json!({"name": "b", "stages": [
+        {"id": "call-a", "component": "subpipeline", "config": {"pipeline_id": "a"}}]}),
+    );
+    let bad = support::write_json(
+        &dir,
+        "bad.pipeline.json",
+        &json!({"name": "bad", "stages": [
+            {"id": "cond", "component": "conditional", "config": {"condition": "{{input.x}}", "true_branch": "yes", "false_branch": "nope"}},
+            {"id": "yes", "component": "logger", "config": {"message": "no depends_on"}},
+            {"id": "each", "component": "foreach", "config": {"items": [1, 2], "loop_stages": ["body"], "max_parallel": 0}},
+            {"id": "body", "component": "logger", "depends_on": ["each"], "config": {"message": "{{context.itm}}"}},
+            {"id": "outside", "component": "logger", "depends_on": ["body"], "config": {"message": "{{stages.body.output}}"}},
+            {"id": "try", "component": "trycatch", "config": {"try_stages": ["body"], "catch_error_types": ["KaboomError"]}},
+            {"id": "sub", "component": "subpipeline", "config": {"pipeline_id": "missing-one"}},
+            {"id": "loop", "component": "subpipeline", "config": {"pipeline_id": "a"}}
+        ]}),
+    );
+    let mut cmd = support::fmhost();
+    cmd.arg("validate").arg(&bad);
+    let ran: support::Ran = support::output(cmd).await.into();
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    for expected in [
+        "config.false_branch: unknown stage \"nope\"",
+        "stage \"yes\": depends_on: stage \"yes\" is governed by \"cond\" (true_branch) but does not depend on it",
+        "stage \"each\": config.max_parallel: expected an integer of at least 1",
+        "`context.itm`: nothing sets `itm`",
+        "stage \"outside\": depends_on: stage \"body\" runs once per item inside \"each\"",
+        "stage \"body\" is already in \"each\"'s loop_stages",
+        "config.catch_error_types[0]: unknown error type \"KaboomError\"",
+        "sub-pipeline \"missing-one\" not found",
+        "sub-pipelines call each other in a cycle: a.pipeline.json -> b.pipeline.json -> a.pipeline.json",
+    ] {
+        assert!(
+            ran.stderr.contains(expected),
+            "missing {expected:?} in:\n{}",
+            ran.stderr
+        );
+    }
+}
