@@ -21,6 +21,7 @@ pub mod schema;
 pub mod secrets;
 pub mod serve;
 pub mod template;
+pub mod time;
 
 pub use engine::{Engine, RunOptions, RunReport, RunStatus};
 pub use error::{ErrorKind, StageError};

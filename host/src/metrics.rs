@@ -14,7 +14,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::error::ErrorKind;
-use crate::http::service::BreakerState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -161,11 +160,8 @@ impl Metrics {
         }
     }
 
-    pub fn record_run(&self, pipeline: &str, status: crate::engine::RunStatus) {
-        let status = serde_json::to_value(status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+    pub fn record_run(&self, pipeline: &str, status: &str) {
+        let status = status.to_string();
         self.runs
             .get_or_create(&RunLabels {
                 pipeline: pipeline.into(),
@@ -174,17 +170,8 @@ impl Metrics {
             .inc();
     }
 
-    pub fn record_stage(
-        &self,
-        pipeline: &str,
-        stage: &str,
-        status: crate::engine::StageStatus,
-        elapsed: Duration,
-    ) {
-        let status = serde_json::to_value(status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+    pub fn record_stage(&self, pipeline: &str, stage: &str, status: &str, elapsed: Duration) {
+        let status = status.to_string();
         self.stages
             .get_or_create(&StageLabels {
                 pipeline: pipeline.into(),
@@ -254,5 +241,23 @@ impl Metrics {
             ));
         }
         out
+    }
+}
+
+/// A circuit breaker's state (the breaker itself is `http::service`'s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half-open",
+        }
     }
 }

@@ -47,7 +47,7 @@ pub struct StageContext {
     /// Retries made so far, across all outbound calls of this stage.
     pub retries: AtomicU32,
     /// Told about every outbound attempt (the run journal).
-    pub observer: Option<Arc<dyn crate::engine::RunObserver>>,
+    pub observer: Option<Arc<dyn crate::http::AttemptObserver>>,
 }
 
 impl StageContext {

@@ -488,7 +488,10 @@ fn start_stage(
         trusted_base_url: stage.trusted_base_url,
         deadline: stage.timeout.map(|t| Instant::now() + t),
         retries: AtomicU32::new(0),
-        observer: run.observer.clone(),
+        observer: run
+            .observer
+            .clone()
+            .map(|o| o as Arc<dyn crate::http::AttemptObserver>),
     };
     let timeout = stage.timeout;
     let future = async move {

@@ -38,11 +38,11 @@ pub struct Engine {
 }
 
 /// Watches a run as it happens (the run journal). Called on the run's task: keep it quick.
-pub trait RunObserver: Send + Sync {
+/// Extends the outbound machinery's [`AttemptObserver`](crate::http::AttemptObserver):
+/// every attempt a stage makes, from a built-in or a plugin, reaches it too.
+pub trait RunObserver: crate::http::AttemptObserver {
     fn run_started(&self, _run_id: &str, _pipeline: &str, _stages: &[StageReport]) {}
     fn stage_updated(&self, _run_id: &str, _stage: &StageReport) {}
-    /// Every outbound attempt a stage makes, from a built-in or a plugin.
-    fn attempt(&self, _run_id: &str, _stage_id: &str, _attempt: &crate::http::Attempt) {}
 }
 
 /// Stage outputs taken from an earlier run instead of running the stages again
@@ -217,7 +217,7 @@ impl RunCtx {
         self.engine
             .outbound
             .metrics
-            .record_stage(&plan.name, &stage.id, status, took);
+            .record_stage(&plan.name, &stage.id, status.as_str(), took);
     }
 
     /// Marks stages still running under `prefix`...`suffix` as failed with `why`
@@ -453,7 +453,9 @@ impl Engine {
             run.skip(&id, &plan.stages[i], &why);
         }
         let duration_ms = run.elapsed_ms();
-        self.outbound.metrics.record_run(&plan.name, status);
+        self.outbound
+            .metrics
+            .record_run(&plan.name, status.as_str());
         match &error {
             None => {
                 tracing::info!(target: "fmhost::progress", run_id = &*run_id, event = "run-finished", status = "succeeded", duration_ms, "run {run_id} succeeded in {duration_ms} ms")

@@ -20,6 +20,11 @@ use crate::secrets::Secrets;
 pub use retry::RetryPolicy;
 pub use service::{ServicePolicy, Services};
 
+/// Told about every outbound attempt (the run journal, through the engine's run observer).
+pub trait AttemptObserver: Send + Sync {
+    fn attempt(&self, _run_id: &str, _stage_id: &str, _attempt: &Attempt) {}
+}
+
 /// Default per-attempt timeout when neither the request nor the stage sets one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Responses larger than this are refused rather than buffered.
@@ -158,7 +163,7 @@ pub struct CallContext<'a> {
     /// Incremented for every retry, so the stage report can count attempts.
     pub retries: &'a AtomicU32,
     /// Told about every attempt (the run journal).
-    pub observer: Option<&'a dyn crate::engine::RunObserver>,
+    pub observer: Option<&'a dyn AttemptObserver>,
 }
 
 /// One outbound attempt, as the run journal records it. Secrets are already redacted.
@@ -284,7 +289,7 @@ impl Outbound {
                         .idempotency_key
                         .as_deref()
                         .map(|k| ctx.secrets.redact(k).into_owned()),
-                    at_ms: crate::journal::unix_ms(SystemTime::now()),
+                    at_ms: crate::time::unix_ms(SystemTime::now()),
                 };
                 o.attempt(ctx.run_id, ctx.stage_id, &attempt);
             }

@@ -49,35 +49,7 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// Unix milliseconds.
-pub fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
-
-/// RFC 3339 (UTC, seconds) for unix milliseconds.
-pub fn rfc3339(ms: i64) -> String {
-    let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// `3d`, `12h` (that long ago), `2026-11-17` (midnight UTC) or RFC 3339.
-pub fn parse_time(s: &str) -> Result<i64, String> {
-    if let Ok(ago) = humantime::parse_duration(s) {
-        return Ok(unix_ms(SystemTime::now() - ago));
-    }
-    let full = if s.len() == 10 {
-        format!("{s}T00:00:00Z")
-    } else {
-        s.to_string()
-    };
-    humantime::parse_rfc3339_weak(&full)
-        .map(unix_ms)
-        .map_err(|_| {
-            format!("{s:?} is not a time: use RFC 3339 (2026-11-17T09:00:00Z), a date (2026-11-17) or an age (3d, 12h)")
-        })
-}
+pub use crate::time::{parse_time, rfc3339, unix_ms};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JournalError {
@@ -783,6 +755,16 @@ pub fn run_error_kind(report: &RunReport) -> Option<String> {
     }
 }
 
+impl crate::http::AttemptObserver for RunJournal {
+    fn attempt(&self, run_id: &str, stage_id: &str, attempt: &Attempt) {
+        self.journal.record(Record::Attempt {
+            run_id: run_id.to_string(),
+            stage_id: stage_id.to_string(),
+            attempt: attempt.clone(),
+        });
+    }
+}
+
 impl RunObserver for RunJournal {
     fn run_started(&self, run_id: &str, pipeline: &str, stages: &[StageReport]) {
         let mut start = self.start.clone();
@@ -800,14 +782,6 @@ impl RunObserver for RunJournal {
             return;
         }
         self.stage(run_id, u32::MAX, stage);
-    }
-
-    fn attempt(&self, run_id: &str, stage_id: &str, attempt: &Attempt) {
-        self.journal.record(Record::Attempt {
-            run_id: run_id.to_string(),
-            stage_id: stage_id.to_string(),
-            attempt: attempt.clone(),
-        });
     }
 }
 

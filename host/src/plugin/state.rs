@@ -21,7 +21,7 @@ pub struct HttpGrant {
     /// The stage's `retry` block, which wins over what the plugin asks for.
     pub stage_retry: Option<RetryPolicy>,
     pub deadline: Option<Instant>,
-    pub observer: Option<Arc<dyn crate::engine::RunObserver>>,
+    pub observer: Option<Arc<dyn crate::http::AttemptObserver>>,
 }
 
 pub struct PluginState {
