@@ -339,6 +339,104 @@ async fn main() {
         out.insert(label.into(), json!({"runs": n, "succeeded": ok, "rss_before_kib": before, "rss_during_kib": during, "kib_per_run": (during.saturating_sub(before)) as f64 / n as f64}));
     }
 
+    // foreach over many items with a json-transform body: the loop's own cost per
+    // iteration beyond the body's, sequential and 16 at a time, and the peak RSS of the
+    // real binary at two item counts (it must not grow beyond the collected results).
+    {
+        let n = if quick { 2_000 } else { 10_000 };
+        let items: Vec<Value> = (0..n)
+            .map(|i| json!({"sku": format!("SKU-{i:05}"), "qty": i % 13}))
+            .collect();
+        let expression = "{sku: sku, qty: qty}";
+        let engine = Arc::new(engine_for(&json!({})));
+        // The body alone: the same component invoked with the same rendered config.
+        let body = registry.get("json-transform").unwrap().clone();
+        let ctx = fmhost::component::StageContext::standalone(
+            "body",
+            engine.outbound.clone(),
+            engine.secrets.clone(),
+        );
+        let t = Instant::now();
+        for item in items.iter().take(n / 4) {
+            body.invoke(
+                &ctx,
+                json!({"data": item, "expression": expression}),
+                Arc::new(Value::Null),
+            )
+            .await
+            .unwrap();
+        }
+        let body_us = t.elapsed().as_secs_f64() * 1e6 / (n / 4) as f64;
+        let plan_for = |parallel: bool| {
+            let doc = json!({"name": "foreach-bench", "output_stage": "each", "stages": [
+                {"id": "each", "component": "foreach", "config": {
+                    "items": "{{input.items}}", "loop_stages": ["body"], "parallel": parallel, "max_parallel": 16}},
+                {"id": "body", "component": "json-transform", "depends_on": ["each"],
+                 "config": {"data": "{{context.item}}", "expression": expression}}]});
+            Arc::new(fmhost::pipeline::compile(&doc.to_string(), &registry).unwrap())
+        };
+        let input = json!({"items": items});
+        let mut rows = Map::new();
+        for (label, parallel) in [("sequential", false), ("parallel16", true)] {
+            let plan = plan_for(parallel);
+            let mut per_item = Vec::new();
+            for _ in 0..if quick { 1 } else { 3 } {
+                let t = Instant::now();
+                let r = engine
+                    .run(plan.clone(), input.clone(), RunOptions::default())
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, RunStatus::Succeeded, "{:?}", r.error);
+                per_item.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+            }
+            per_item.sort_by(f64::total_cmp);
+            let median = per_item[per_item.len() / 2];
+            rows.insert(
+                label.into(),
+                json!({"per_item_us": median, "overhead_us": median - body_us}),
+            );
+        }
+        // Peak RSS of `fmhost run` (journal off) at 1/5 and all of the items.
+        let dir = fx::root().join("target/bench/foreach");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pipeline.json"), serde_json::to_string(&json!({"name": "foreach-rss", "output_stage": "each", "stages": [
+            {"id": "each", "component": "foreach", "config": {"items": "{{input.items}}", "loop_stages": ["body"], "parallel": true, "max_parallel": 16}},
+            {"id": "body", "component": "json-transform", "depends_on": ["each"], "config": {"data": "{{context.item}}", "expression": expression}}]})).unwrap()).unwrap();
+        let mut rss = Map::new();
+        for count in [n / 5, n] {
+            let file = dir.join(format!("input-{count}.json"));
+            std::fs::write(&file, json!({"items": &items[..count]}).to_string()).unwrap();
+            let o = Command::new("/usr/bin/time")
+                .args(["-f", "%M"])
+                .arg(bin("fmhost"))
+                .current_dir(fx::root())
+                .args(["run", "--no-journal", "--plugins", "target/plugins"])
+                .arg(dir.join("pipeline.json"))
+                .arg("--input")
+                .arg(&file)
+                .env("FMHOST_LOG", "warn")
+                .output();
+            let peak = o.ok().and_then(|o| {
+                let results = o.stdout.len();
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .map(|k| json!({"peak_kib": k, "output_bytes": results}))
+            });
+            rss.insert(
+                count.to_string(),
+                peak.unwrap_or(json!({"skipped": "/usr/bin/time is not installed"})),
+            );
+        }
+        out.insert(
+            "foreach".into(),
+            json!({"items": n, "body_us": body_us, "runs": rows, "rss": rss}),
+        );
+    }
+
     // fmhost serve under wrk: POST a one-stage pipeline run, and signed webhook intake.
     {
         let dir = fx::root().join("target/bench/serve");

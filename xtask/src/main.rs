@@ -610,6 +610,46 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
             check(per.map(|p| p <= 512.0)),
         );
     }
+    let fe = &e2e["foreach"];
+    for (key, label) in [
+        ("sequential", "sequential"),
+        ("parallel16", "max_parallel 16"),
+    ] {
+        let r = &fe["runs"][key];
+        let over = num(&r["overhead_us"]);
+        row(
+            &format!(
+                "foreach over {} items, json-transform body, {label}: loop overhead per iteration beyond the body",
+                fe["items"]
+            ),
+            format!(
+                "{} µs (per item {} µs, body alone {} µs)",
+                f(over, 1),
+                f(num(&r["per_item_us"]), 1),
+                f(num(&fe["body_us"]), 1)
+            ),
+            "≤ 20 µs",
+            check(over.map(|o| o <= 20.0)),
+        );
+    }
+    if let Some(rss) = fe["rss"].as_object() {
+        let figures: Vec<String> = rss
+            .iter()
+            .map(|(n, v)| {
+                format!(
+                    "{n} items: {} KiB ({} KiB of output)",
+                    f(num(&v["peak_kib"]), 0),
+                    f(num(&v["output_bytes"]).map(|b| b / 1024.0), 0)
+                )
+            })
+            .collect();
+        row(
+            "peak RSS of `fmhost run`, foreach with json-transform body, journal off",
+            figures.join("; "),
+            "grows only with the collected results",
+            "",
+        );
+    }
     let w = &e2e["serve_run_wrk"];
     row(
         "`fmhost serve`: POST one-stage run → 200, wrk -c32",

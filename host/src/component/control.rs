@@ -556,44 +556,53 @@ impl Component for Foreach {
             None => None,
         };
         let total = items.len();
-        let mut frames = Vec::with_capacity(total);
-        let mut kept_items = Vec::with_capacity(total);
-        for (i, item) in items.into_iter().enumerate() {
-            if let Some(f) = &filter {
-                let mut l = Map::new();
-                l.insert("item".into(), item.clone());
-                l.insert(item_var.clone(), item.clone());
-                l.insert("index".into(), i.into());
-                // FlowMason skips an item whose filter raises.
-                if !f.eval(&l).is_ok_and(|v| truthy(&v)) {
-                    continue;
-                }
-            }
+        // The items that pass the filter, by index; their frames are made as they start.
+        let kept: Vec<usize> = match &filter {
+            None => (0..total).collect(),
+            Some(f) => (0..total)
+                .filter(|&i| {
+                    let mut l = Map::new();
+                    l.insert("item".into(), items[i].clone());
+                    l.insert(item_var.clone(), items[i].clone());
+                    l.insert("index".into(), i.into());
+                    // FlowMason skips an item whose filter raises.
+                    f.eval(&l).is_ok_and(|v| truthy(&v))
+                })
+                .collect(),
+        };
+        let items = Arc::new(items);
+        let kept = Arc::new(kept);
+        let (its, ks) = (items.clone(), kept.clone());
+        let (iv, xv) = (item_var.clone(), index_var.clone());
+        let frames = (0..kept.len()).map(move |k| {
+            let i = ks[k];
+            let item = &its[i];
             let mut vars = Map::new();
-            vars.insert(item_var.clone(), item.clone());
-            vars.insert(index_var.clone(), i.into());
+            vars.insert(iv.clone(), item.clone());
+            vars.insert(xv.clone(), i.into());
             vars.insert("loop_item".into(), item.clone());
             vars.insert("loop_index".into(), i.into());
             let mut seen = Map::new();
             seen.insert("current_item".into(), item.clone());
             seen.insert("current_index".into(), i.into());
-            seen.insert(item_var.clone(), item.clone());
-            seen.insert(index_var.clone(), i.into());
+            seen.insert(iv.clone(), item.clone());
+            seen.insert(xv.clone(), i.into());
             seen.insert("total_items".into(), total.into());
-            frames.push(FrameSpec {
+            FrameSpec {
                 suffix: format!("[{i}]"),
                 vars,
                 controller_output: Some(Value::Object(seen)),
                 input: None,
-            });
-            kept_items.push((i, item));
-        }
-        let skipped_items = total - frames.len();
+            }
+        });
+        let skipped_items = total - kept.len();
+        let count = kept.len();
         let then = Box::new(move |outcomes: Vec<FrameOutcome>| {
             let mut results = Vec::new();
             let mut failed = Vec::new();
             for o in &outcomes {
-                let (index, item) = &kept_items[o.index];
+                let index = kept.get(o.index).copied().unwrap_or_default();
+                let item = items.get(index).cloned().unwrap_or(Value::Null);
                 match &o.result {
                     Ok(v) => results.push(v.clone()),
                     Err(e) if break_on_error => {
@@ -622,7 +631,8 @@ impl Component for Foreach {
         });
         Ok(Flow::Run(Box::new(RunBlock {
             block: BlockRef::Field("loop_stages"),
-            frames,
+            frames: Box::new(frames),
+            total: count,
             max_parallel: if parallel { max_parallel } else { 1 },
             stop_on_error: break_on_error,
             timeout: None,
@@ -705,10 +715,11 @@ impl TryCatch {
     fn block(field: &'static str, controller_output: Value, then: super::flow::Then) -> Flow {
         Flow::Run(Box::new(RunBlock {
             block: BlockRef::Field(field),
-            frames: vec![FrameSpec {
+            frames: Box::new(std::iter::once(FrameSpec {
                 controller_output: Some(controller_output),
                 ..FrameSpec::default()
-            }],
+            })),
+            total: 1,
             max_parallel: 1,
             stop_on_error: true,
             timeout: None,
@@ -1000,10 +1011,11 @@ impl Component for Subpipeline {
         let shown = id.clone();
         Ok(Flow::Run(Box::new(RunBlock {
             block: BlockRef::Pipeline(id),
-            frames: vec![FrameSpec {
+            frames: Box::new(std::iter::once(FrameSpec {
                 input: Some(input),
                 ..FrameSpec::default()
-            }],
+            })),
+            total: 1,
             max_parallel: 1,
             stop_on_error: true,
             timeout: Some(timeout),

@@ -73,7 +73,11 @@ pub type Then = Box<dyn FnOnce(Vec<FrameOutcome>) -> Result<Flow, StageError> + 
 
 pub struct RunBlock {
     pub block: BlockRef,
-    pub frames: Vec<FrameSpec>,
+    /// The frames, made as they start, so a loop over many items holds only the
+    /// frames in flight.
+    pub frames: Box<dyn Iterator<Item = FrameSpec> + Send>,
+    /// How many frames `frames` yields (for progress).
+    pub total: usize,
     /// Frames running at once (1 = in order).
     pub max_parallel: usize,
     /// Stop starting frames after the first failure (frames already running finish).

@@ -158,6 +158,7 @@ pub(super) fn run_frame(
     async move {
         let plan = view.plan.clone();
         let block = &plan.blocks[place.block];
+        let per_item = !place.suffix.is_empty();
         let mut waiting: HashMap<usize, usize> = block
             .stages
             .iter()
@@ -247,6 +248,7 @@ pub(super) fn run_frame(
                     done.attempts,
                     started[&i].elapsed(),
                     &view.plan,
+                    per_item,
                 );
                 view.slots.insert(
                     i,
@@ -294,6 +296,7 @@ pub(super) fn run_frame(
                         done.attempts,
                         started[&i].elapsed(),
                         &view.plan,
+                        per_item,
                     );
                     view.slots.insert(
                         i,
@@ -315,6 +318,7 @@ pub(super) fn run_frame(
                         done.attempts,
                         started[&i].elapsed(),
                         &view.plan,
+                        per_item,
                     );
                     let as_value = Arc::new(serde_json::to_value(&error).unwrap_or_default());
                     if stage.optional {
@@ -348,6 +352,7 @@ pub(super) fn run_frame(
                 done.attempts,
                 started[&i].elapsed(),
                 &view.plan,
+                per_item,
             );
             view.slots.insert(
                 i,
@@ -578,8 +583,8 @@ fn run_block(
         };
         let per_item = plan.blocks[b].per_item;
         let result_stage = if inherit { plan.blocks[b].result } else { None };
-        let total = block.frames.len();
-        let mut frames = block.frames.into_iter().enumerate();
+        let total = block.total;
+        let mut frames = block.frames.enumerate();
         let mut running = FuturesUnordered::new();
         let mut outcomes: Vec<FrameOutcome> = Vec::with_capacity(total);
         let mut merge = Vec::new();

@@ -181,6 +181,7 @@ impl RunCtx {
         attempts: u32,
         took: Duration,
         plan: &Plan,
+        per_item: bool,
     ) {
         let ms = took.as_millis() as u64;
         let plural = if attempts == 1 { "" } else { "s" };
@@ -213,6 +214,15 @@ impl RunCtx {
                 }
             }
         });
+        if per_item {
+            // A loop iteration's output went to the observer (the journal) and to the
+            // loop's results; the run's report keeps its status, so a run's memory does
+            // not grow with the item count beyond the collected results.
+            let mut reports = self.reports.lock().expect("reports");
+            if let Some(&k) = reports.at.get(id) {
+                reports.list[k].output = None;
+            }
+        }
         // By the stage's own id: iterations share one series.
         self.engine
             .outbound

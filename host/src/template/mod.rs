@@ -594,6 +594,50 @@ mod tests {
     }
 
     #[test]
+    fn flowmason_expressions() {
+        let stages = json!({"fetch": {"items": [1, 2, 3], "kind": "premium"}});
+        let out = render(
+            json!({
+                "long": "{{len(input.text) > 3}}",
+                "member": "{{stages.fetch.output.kind in ['premium', 'gold']}}",
+                "not_member": "{{'x' not in input.text}}",
+                "key": "{{'text' in input}}",
+                "count": "{{len(upstream.fetch.items)}}",
+                "int": "{{int('42') + 0 == 42}}",
+                "float": "{{float(input.n) >= 2.5}}",
+                "str": "{{str(input.n)}}",
+                "py": "{{not None and True}}",
+            }),
+            json!({"text": "hello", "n": 2.5}),
+            stages,
+        );
+        // `+` is not an operator: a clear error, not a panic.
+        let err = out.unwrap_err();
+        assert!(err.message.contains("unexpected character `+`"), "{err}");
+        let out = render(
+            json!({
+                "long": "{{len(input.text) > 3}}",
+                "member": "{{stages.fetch.output.kind in ['premium', 'gold']}}",
+                "not_member": "{{'x' not in input.text}}",
+                "key": "{{'text' in input}}",
+                "count": "{{len(upstream.fetch.items)}}",
+                "int": "{{int('42') == 42}}",
+                "float": "{{float(input.n) >= 2.5}}",
+                "str": "{{str(input.n)}}",
+                "py": "{{not None and True}}",
+            }),
+            json!({"text": "hello", "n": 2.5}),
+            json!({"fetch": {"items": [1, 2, 3], "kind": "premium"}}),
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            json!({"long": true, "member": true, "not_member": true, "key": true, "count": 3,
+                   "int": true, "float": true, "str": "2.5", "py": true})
+        );
+    }
+
+    #[test]
     fn kept_secrets_stay_templates() {
         let secrets = Secrets::from_pairs([("TOKEN", "s3cr3t-value")]);
         let run = json!({});
