@@ -595,7 +595,6 @@ mod tests {
 
     #[test]
     fn flowmason_expressions() {
-        let stages = json!({"fetch": {"items": [1, 2, 3], "kind": "premium"}});
         let out = render(
             json!({
                 "long": "{{len(input.text) > 3}}",
