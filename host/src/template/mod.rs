@@ -602,24 +602,6 @@ mod tests {
                 "not_member": "{{'x' not in input.text}}",
                 "key": "{{'text' in input}}",
                 "count": "{{len(upstream.fetch.items)}}",
-                "int": "{{int('42') + 0 == 42}}",
-                "float": "{{float(input.n) >= 2.5}}",
-                "str": "{{str(input.n)}}",
-                "py": "{{not None and True}}",
-            }),
-            json!({"text": "hello", "n": 2.5}),
-            stages,
-        );
-        // `+` is not an operator: a clear error, not a panic.
-        let err = out.unwrap_err();
-        assert!(err.message.contains("unexpected character `+`"), "{err}");
-        let out = render(
-            json!({
-                "long": "{{len(input.text) > 3}}",
-                "member": "{{stages.fetch.output.kind in ['premium', 'gold']}}",
-                "not_member": "{{'x' not in input.text}}",
-                "key": "{{'text' in input}}",
-                "count": "{{len(upstream.fetch.items)}}",
                 "int": "{{int('42') == 42}}",
                 "float": "{{float(input.n) >= 2.5}}",
                 "str": "{{str(input.n)}}",
