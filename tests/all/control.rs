@@ -458,17 +458,24 @@ async fn a_loop_interrupted_by_a_crash_resumes_where_it_stopped() {
     let dir = support::scratch("control-crash-resume");
     let pipelines = dir.join("pipelines");
     std::fs::create_dir_all(&pipelines).unwrap();
-    support::write_json(&pipelines, "upserts.json", &json!({"name": "upserts", "stages": [
-        {"id": "each", "component": "foreach", "config": {"items": "{{input.ids}}", "loop_stages": ["upsert"]}},
-        {"id": "upsert", "component": "http-request", "depends_on": ["each"], "config": {
-            "url": fake.url("/upsert"), "method": "POST", "body": {"id": "{{context.item}}"},
-            "retry": {"max_attempts": 2, "delay_seconds": 0.1}}}
-    ]}));
+    support::write_json(
+        &pipelines,
+        "upserts.json",
+        &json!({"name": "upserts", "stages": [
+            {"id": "each", "component": "foreach", "config": {"items": "{{input.ids}}", "loop_stages": ["upsert"]}},
+            {"id": "upsert", "component": "http-request", "depends_on": ["each"], "config": {
+                "url": fake.url("/upsert"), "method": "POST", "body": {"id": "{{context.item}}"},
+                "retry": {"max_attempts": 2, "delay_seconds": 0.1}}}
+        ]}),
+    );
     let plugins = dir.join("no-plugins");
     let client = support::api_client();
     let mut server = crate::serve::Server::start(&dir, &pipelines, &plugins, &json!({}));
     let accepted: Value = client
-        .post(format!("{}/v1/pipelines/upserts/runs?mode=async", server.url))
+        .post(format!(
+            "{}/v1/pipelines/upserts/runs?mode=async",
+            server.url
+        ))
         .json(&json!({"ids": ["a", "b", "c", "d", "e"]}))
         .send()
         .await
@@ -479,7 +486,10 @@ async fn a_loop_interrupted_by_a_crash_resumes_where_it_stopped() {
     let run_id = accepted["run_id"].as_str().unwrap().to_string();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while fake.seen("/upsert").len() < 3 {
-        assert!(std::time::Instant::now() < deadline, "the loop never got to its third item");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loop never got to its third item"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     server.child.kill().unwrap(); // SIGKILL, with item "c" in flight
@@ -498,18 +508,36 @@ async fn a_loop_interrupted_by_a_crash_resumes_where_it_stopped() {
         if run["status"] != "running" {
             break run;
         }
-        assert!(std::time::Instant::now() < deadline + Duration::from_secs(20), "{run:#}");
+        assert!(
+            std::time::Instant::now() < deadline + Duration::from_secs(20),
+            "{run:#}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(run["status"], "succeeded", "{run:#}\n{}", server.log());
     let seen = fake.seen("/upsert");
     let ids: Vec<String> = seen
         .iter()
-        .map(|s| serde_json::from_slice::<Value>(&s.body).unwrap()["id"].as_str().unwrap().to_string())
+        .map(|s| {
+            serde_json::from_slice::<Value>(&s.body).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
-    assert_eq!(ids, ["a", "b", "c", "c", "d", "e"], "a and b are not sent again");
-    assert_eq!(seen[2].header("idempotency-key"), seen[3].header("idempotency-key"));
-    assert_ne!(seen[3].header("idempotency-key"), seen[4].header("idempotency-key"));
+    assert_eq!(
+        ids,
+        ["a", "b", "c", "c", "d", "e"],
+        "a and b are not sent again"
+    );
+    assert_eq!(
+        seen[2].header("idempotency-key"),
+        seen[3].header("idempotency-key")
+    );
+    assert_ne!(
+        seen[3].header("idempotency-key"),
+        seen[4].header("idempotency-key")
+    );
     let results = &stage(&run, "each")["output"]["results"];
     assert_eq!(results.as_array().unwrap().len(), 5, "{run:#}");
 }

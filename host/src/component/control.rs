@@ -600,23 +600,23 @@ impl Component for Foreach {
         let then = Box::new(move |outcomes: Vec<FrameOutcome>| {
             let mut results = Vec::new();
             let mut failed = Vec::new();
-            for o in &outcomes {
+            let processed = outcomes.len();
+            for o in outcomes {
                 let index = kept.get(o.index).copied().unwrap_or_default();
-                let item = items.get(index).cloned().unwrap_or(Value::Null);
-                match &o.result {
-                    Ok(v) => results.push(v.clone()),
+                match o.result {
+                    Ok(v) => results.push(v),
                     Err(e) if break_on_error => {
-                        let mut error = e.error.clone();
+                        let mut error = e.error;
                         error.message =
                             format!("item {index} (stage \"{}\"): {}", e.stage, error.message);
                         return Err(error);
                     }
                     Err(e) => failed.push(json!({
-                        "index": index, "item": item, "stage": e.stage, "error": e.error,
+                        "index": index, "item": items.get(index).cloned().unwrap_or(Value::Null),
+                        "stage": e.stage, "error": e.error,
                     })),
                 }
             }
-            let processed = outcomes.len();
             let mut out = Map::new();
             if collect {
                 out.insert("results".into(), Value::Array(results));

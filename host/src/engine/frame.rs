@@ -241,10 +241,11 @@ pub(super) fn run_frame(
             }
             if let Some(value) = done.returned {
                 // A frame this controller ran returned: so does this one.
+                let null = Arc::new(Value::Null);
                 run.finish(
                     &id,
                     stage,
-                    Ok(&Value::Null),
+                    Ok(&null),
                     done.attempts,
                     started[&i].elapsed(),
                     &view.plan,
@@ -254,7 +255,7 @@ pub(super) fn run_frame(
                     i,
                     Slot {
                         status: StageStatus::Succeeded,
-                        output: Some(Arc::new(Value::Null)),
+                        output: Some(null),
                         error: None,
                     },
                 );
@@ -289,6 +290,7 @@ pub(super) fn run_frame(
                     output
                 }
                 Ok(Flow::Return { output, value }) => {
+                    let output = Arc::new(output);
                     run.finish(
                         &id,
                         stage,
@@ -302,7 +304,7 @@ pub(super) fn run_frame(
                         i,
                         Slot {
                             status: StageStatus::Succeeded,
-                            output: Some(Arc::new(output)),
+                            output: Some(output),
                             error: None,
                         },
                     );
@@ -345,6 +347,7 @@ pub(super) fn run_frame(
                     continue;
                 }
             };
+            let output = Arc::new(output);
             run.finish(
                 &id,
                 stage,
@@ -358,7 +361,7 @@ pub(super) fn run_frame(
                 i,
                 Slot {
                     status: StageStatus::Succeeded,
-                    output: Some(Arc::new(output)),
+                    output: Some(output),
                     error: None,
                 },
             );
@@ -450,7 +453,7 @@ fn start_stage(
     let plan = &view.plan;
     let stage = &plan.stages[i];
     let component = run.component(&stage.component);
-    run.start(&id, stage, component.version());
+    run.start(&id, stage, component.version(), !place.suffix.is_empty());
     let scope = Scope {
         input: &place.input,
         stages: view,

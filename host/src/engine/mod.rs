@@ -142,9 +142,14 @@ impl RunCtx {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn start(&self, id: &str, stage: &PlannedStage, version: Option<String>) {
+    fn start(&self, id: &str, stage: &PlannedStage, version: Option<String>, per_item: bool) {
         let at = self.elapsed_ms();
-        tracing::info!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "started", "{id}: started");
+        // A loop's iterations log at debug level; the loop itself reports progress.
+        if per_item {
+            tracing::debug!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "started", "{id}: started");
+        } else {
+            tracing::info!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "started", "{id}: started");
+        }
         self.update(id, stage, |r| {
             r.status = StageStatus::Running;
             r.started_ms = Some(at);
@@ -177,7 +182,7 @@ impl RunCtx {
         &self,
         id: &str,
         stage: &PlannedStage,
-        result: Result<&Value, &StageError>,
+        result: Result<&Arc<Value>, &StageError>,
         attempts: u32,
         took: Duration,
         plan: &Plan,
@@ -190,6 +195,9 @@ impl RunCtx {
             Err(_) => StageStatus::Failed,
         };
         match result {
+            Ok(_) if per_item => {
+                tracing::debug!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "succeeded", duration_ms = ms, attempts, "{id}: done in {ms} ms ({attempts} attempt{plural})")
+            }
             Ok(_) => {
                 tracing::info!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "succeeded", duration_ms = ms, attempts, "{id}: done in {ms} ms ({attempts} attempt{plural})")
             }
@@ -205,7 +213,7 @@ impl RunCtx {
             r.duration_ms = Some(ms);
             r.attempts = attempts;
             match result {
-                Ok(v) => r.output = Some(Arc::new(v.clone())),
+                Ok(v) => r.output = Some(v.clone()),
                 Err(e) => {
                     r.error = Some(e.clone());
                     if stage.optional {
