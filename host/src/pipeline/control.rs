@@ -112,8 +112,9 @@ pub fn analyse(
             governs: Governs::default(),
         })
         .collect();
-    // Who governs each stage, as (controller, what): one of each kind at most.
-    let mut in_block: Vec<Option<(usize, &'static str)>> = vec![None; n];
+    // The blocks that list each stage, and each block's stages as listed.
+    let mut claims: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut listed: Vec<Vec<usize>> = vec![Vec::new()];
     let mut in_branch: Vec<Option<(usize, String)>> = vec![None; n];
     let lookup = |c: usize, field: &str, id: &str, diags: &mut Vec<Diagnostic>| -> Option<usize> {
         match index.get(id) {
@@ -175,28 +176,18 @@ pub fn analyse(
                 let Some(s) = lookup(c, decl.field, id, diags) else {
                     continue;
                 };
-                if let Some((other, f)) = in_block[s] {
-                    diags.push(Diagnostic::new(
-                        format!("{}: config.{}", locs[c], decl.field),
-                        format!(
-                            "stage \"{id}\" is already in \"{}\"'s {f}; a stage belongs to one block",
-                            ids[other]
-                        ),
-                    ));
-                    continue;
+                if !claims[s].contains(&b) {
+                    claims[s].push(b);
                 }
-                in_block[s] = Some((c, decl.field));
-                shapes[s].block = b;
                 stages.push(s);
                 governed.push((decl.field.to_string(), s));
             }
-            let result = stages.last().copied();
-            stages.sort_unstable();
+            listed.push(stages);
             blocks.push(Block {
-                stages,
+                stages: Vec::new(),
                 controller: Some(c),
                 field: decl.field,
-                result,
+                result: None,
                 per_item: decl.per_item,
                 vars: decl.vars.clone(),
             });
@@ -218,10 +209,75 @@ pub fn analyse(
         shapes[c].pipeline = governs.pipeline.clone();
         shapes[c].governs = governs;
     }
-    for s in 0..n {
-        if shapes[s].block == 0 {
-            blocks[0].stages.push(s);
+    // A stage listed by several blocks belongs to the innermost: a trycatch inside a
+    // loop body may list stages the loop lists too.
+    let controllers: Vec<Option<usize>> = blocks.iter().map(|b| b.controller).collect();
+    let nested_in = |mut b: usize, outer: usize| -> bool {
+        for _ in 0..controllers.len() {
+            let Some(c) = controllers[b] else {
+                return false;
+            };
+            if claims[c].contains(&outer) {
+                return true;
+            }
+            match claims[c].first() {
+                Some(&up) => b = up,
+                None => return false,
+            }
         }
+        false
+    };
+    for s in 0..n {
+        let cl = &claims[s];
+        if cl.is_empty() {
+            blocks[0].stages.push(s);
+            continue;
+        }
+        let pick = cl
+            .iter()
+            .copied()
+            .find(|&b| cl.iter().all(|&o| o == b || nested_in(b, o)));
+        match pick {
+            Some(b) => {
+                shapes[s].block = b;
+                blocks[b].stages.push(s);
+            }
+            None => {
+                let who: Vec<String> = cl
+                    .iter()
+                    .map(|&b| {
+                        let c = blocks[b]
+                            .controller
+                            .expect("a listed block has a controller");
+                        format!("\"{}\"'s {}", ids[c], blocks[b].field)
+                    })
+                    .collect();
+                diags.push(Diagnostic::new(
+                    locs[s].clone(),
+                    format!(
+                        "stage \"{}\" is listed in {}; a stage belongs to one block",
+                        ids[s],
+                        who.join(" and ")
+                    ),
+                ));
+                shapes[s].block = cl[0];
+                blocks[cl[0]].stages.push(s);
+            }
+        }
+    }
+    // A block's result is its last listed stage, or the controller in the block that
+    // runs that stage.
+    for b in 1..blocks.len() {
+        blocks[b].result = listed[b].last().and_then(|&last| {
+            let mut s = last;
+            for _ in 0..n {
+                if shapes[s].block == b {
+                    return Some(s);
+                }
+                s = blocks[shapes[s].block].controller?;
+            }
+            None
+        });
     }
     let mut structure = Structure {
         blocks,
