@@ -432,7 +432,7 @@ async fn validate_names_every_misuse_of_control_flow() {
         "stage \"each\": config.max_parallel: expected an integer of at least 1",
         "`context.itm`: nothing sets `itm`",
         "stage \"outside\": depends_on: stage \"body\" runs once per item inside \"each\"",
-        "stage \"body\" is already in \"each\"'s loop_stages",
+        "stage \"body\" is listed in \"each\"'s loop_stages and \"try\"'s try_stages; a stage belongs to one block",
         "config.catch_error_types[0]: unknown error type \"KaboomError\"",
         "sub-pipeline \"missing-one\" not found",
         "sub-pipelines call each other in a cycle: a.pipeline.json -> b.pipeline.json -> a.pipeline.json",
