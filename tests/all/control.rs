@@ -541,3 +541,32 @@ async fn a_loop_interrupted_by_a_crash_resumes_where_it_stopped() {
     let results = &stage(&run, "each")["output"]["results"];
     assert_eq!(results.as_array().unwrap().len(), 5, "{run:#}");
 }
+
+/// Controllers nest: a conditional and a loop inside a loop body, and a trycatch inside
+/// the inner loop that lists stages the loop lists too (they belong to the trycatch).
+#[tokio::test]
+async fn controllers_nest_inside_loops() {
+    let dir = support::scratch("control-nested");
+    let doc: Value = serde_json::from_str(r#"{"name": "nested", "stages": [{"id": "outer", "component": "foreach", "config": {"items": "{{input.groups}}", "item_variable": "group", "loop_stages": ["check", "inner", "big", "small"], "parallel": true}}, {"id": "check", "component": "conditional", "depends_on": ["outer"], "config": {"condition": "{{len(context.group.members) > 1}}", "true_branch": "big", "false_branch": ["small"]}}, {"id": "big", "component": "variable_set", "depends_on": ["check"], "config": {"name": "size", "value": "big"}}, {"id": "small", "component": "variable_set", "depends_on": ["check"], "config": {"name": "size", "value": "small"}}, {"id": "inner", "component": "foreach", "depends_on": ["big", "small"], "config": {"items": "{{context.group.members}}", "item_variable": "m", "loop_stages": ["guard", "work", "fallback"]}}, {"id": "guard", "component": "trycatch", "depends_on": ["inner"], "config": {"try_stages": ["work"], "catch_stages": ["fallback"], "error_scope": "continue", "catch_error_types": ["validation"]}}, {"id": "work", "component": "filter", "depends_on": ["guard"], "config": {"data": "{{context.m}}", "filter_mode": "filter_array", "condition": "item > 0"}}, {"id": "fallback", "component": "variable_set", "depends_on": ["guard"], "config": {"variables": {"caught": "{{stages.guard.output.error_type}}", "m": "{{context.m}}", "group": "{{context.group.name}}", "size": "{{context.size}}"}}}, {"id": "done", "component": "return", "depends_on": ["outer"], "config": {"return_value": {"groups": "{{stages.outer.output.results}}", "n": "{{stages.outer.output.processed_items}}"}}}]}"#).unwrap();
+    let file = support::write_json(&dir, "nested.pipeline.json", &doc);
+    let report_file = dir.join("report.json");
+    let ran = support::run_pipeline(
+        &file,
+        &json!({"groups": [{"name": "a", "members": [[1, 2], 5]}, {"name": "b", "members": [[0, 3]]}, {"name": "c", "members": []}]}),
+        &["--report", report_file.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert_eq!(ran.json()["n"], 3);
+    let report = read_report(&report_file);
+    let status = |id: &str| stage(&report, id)["status"].as_str().unwrap().to_string();
+    assert_eq!(status("big[0]"), "succeeded");
+    assert_eq!(status("small[0]"), "skipped");
+    assert_eq!(status("big[1]"), "skipped");
+    assert_eq!(status("work[0][0]"), "succeeded");
+    // 5 is not a list: the filter fails with a validation error, which the trycatch catches.
+    assert_eq!(status("work[0][1]"), "failed");
+    assert_eq!(status("guard[0][1]"), "succeeded");
+    assert_eq!(status("fallback[0][1]"), "succeeded");
+    assert_eq!(status("inner[2]"), "succeeded");
+}
