@@ -379,6 +379,9 @@ pub(super) fn run_frame(
         }
         // Whatever in this block did not start is skipped; say why.
         let why = match (&failure, &returned) {
+            (Some(f), _) if place.prefix.is_empty() && place.suffix.is_empty() => {
+                format!("run failed at stage \"{}\"", f.stage)
+            }
             (Some(f), _) => format!("stage \"{}\" failed", f.stage),
             (None, Some((_, by))) => format!("run returned at stage \"{by}\""),
             (None, None) => "not reached".to_string(),
