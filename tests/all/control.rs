@@ -436,6 +436,7 @@ async fn validate_names_every_misuse_of_control_flow() {
         "config.catch_error_types[0]: unknown error type \"KaboomError\"",
         "sub-pipeline \"missing-one\" not found",
         "sub-pipelines call each other in a cycle: a.pipeline.json -> b.pipeline.json -> a.pipeline.json",
+        "stage \"plain\": config.condition: \"input.x > 1\" is plain text, so it is always true",
     ] {
         assert!(
             ran.stderr.contains(expected),

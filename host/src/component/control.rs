@@ -85,6 +85,18 @@ fn check_expression(c: &mut Checker<'_>, key: &str) {
     }
 }
 
+/// A condition written as plain text is always true: almost certainly a missing `{{ }}`.
+fn check_condition(c: &mut Checker<'_>, key: &str) {
+    if let Some(Value::String(text)) = c.get(key) {
+        if !text.contains("{{") {
+            c.problem(
+                &format!(".{key}"),
+                format!("{text:?} is plain text, so it is always true; write an expression in braces, such as \"{{{{input.score > 0.8}}}}\""),
+            );
+        }
+    }
+}
+
 /// Evaluates an optional expression field over `locals`.
 fn eval_expression(
     config: &Value,
@@ -136,6 +148,7 @@ impl Component for Conditional {
         if c.get("condition").is_none() && c.get("condition_expression").is_none() {
             c.problem(".condition", "required field is missing");
         }
+        check_condition(&mut c, "condition");
         check_expression(&mut c, "condition_expression");
         c.finish()
     }
