@@ -419,7 +419,8 @@ async fn validate_names_every_misuse_of_control_flow() {
             {"id": "outside", "component": "logger", "depends_on": ["body"], "config": {"message": "{{stages.body.output}}"}},
             {"id": "try", "component": "trycatch", "config": {"try_stages": ["body"], "catch_error_types": ["KaboomError"]}},
             {"id": "sub", "component": "subpipeline", "config": {"pipeline_id": "missing-one"}},
-            {"id": "loop", "component": "subpipeline", "config": {"pipeline_id": "a"}}
+            {"id": "loop", "component": "subpipeline", "config": {"pipeline_id": "a"}},
+            {"id": "plain", "component": "conditional", "config": {"condition": "input.x > 1"}}
         ]}),
     );
     let mut cmd = support::fmhost();

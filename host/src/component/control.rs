@@ -366,6 +366,7 @@ impl Component for Return {
             "status",
         ])
         .one_of("status", &["completed", "cancelled", "failed"]);
+        check_condition(&mut c, "condition");
         check_expression(&mut c, "condition_expression");
         c.finish()
     }
