@@ -122,6 +122,7 @@ fn micro(c: &mut Criterion) {
                 run: &run,
                 now: None,
                 keep_secrets: false,
+                locals: None,
             };
             merge.config.render(&scope).unwrap()
         })

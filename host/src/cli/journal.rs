@@ -232,6 +232,32 @@ pub async fn runs(state: &Path, cmd: RunsCommand) -> u8 {
     }
 }
 
+/// What a control-flow stage decided, in a few words: the branch or route it took, the
+/// iterations it ran, the error it caught.
+fn control_summary(component: &str, out: &serde_json::Value) -> Option<String> {
+    let text = |k: &str| out.get(k).map(|v| crate::template::to_text(v).into_owned());
+    match crate::component::canonical_name(component).as_str() {
+        "conditional" => Some(format!("took the {} branch", text("branch_taken")?)),
+        "router" => Some(format!("took route {}", text("route_taken")?)),
+        "foreach" => Some(format!(
+            "iterations: {} of {} run, {} failed, {} filtered out",
+            text("processed_items")?,
+            text("total_items").unwrap_or_default(),
+            text("failed_count").unwrap_or_else(|| "0".into()),
+            text("skipped_items").unwrap_or_else(|| "0".into()),
+        )),
+        "trycatch" if out.get("status")?.as_str()? == "caught" => Some(format!(
+            "caught [{}] from stage {}: {}",
+            text("error_type")?,
+            text("error_stage").unwrap_or_default(),
+            text("error_message").unwrap_or_default()
+        )),
+        "subpipeline" => Some(format!("sub-pipeline {}: {}", text("pipeline_id")?, text("status")?)),
+        "return" if out.get("should_return")?.as_bool()? => Some("returned: the run ended here".into()),
+        _ => None,
+    }
+}
+
 fn show_run(d: &RunDetail) {
     let s = &d.summary;
     println!(
@@ -324,6 +350,9 @@ fn show_run(d: &RunDetail) {
         }
         if let Some(why) = &r.skipped_because {
             println!("    skipped: {why}");
+        }
+        if let Some(line) = r.output.as_deref().and_then(|o| control_summary(&r.component, o)) {
+            println!("    {line}");
         }
         if let Some(out) = &r.output {
             println!("    output: {}", one_line(out, 300));
