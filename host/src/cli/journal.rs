@@ -252,8 +252,14 @@ fn control_summary(component: &str, out: &serde_json::Value) -> Option<String> {
             text("error_stage").unwrap_or_default(),
             text("error_message").unwrap_or_default()
         )),
-        "subpipeline" => Some(format!("sub-pipeline {}: {}", text("pipeline_id")?, text("status")?)),
-        "return" if out.get("should_return")?.as_bool()? => Some("returned: the run ended here".into()),
+        "subpipeline" => Some(format!(
+            "sub-pipeline {}: {}",
+            text("pipeline_id")?,
+            text("status")?
+        )),
+        "return" if out.get("should_return")?.as_bool()? => {
+            Some("returned: the run ended here".into())
+        }
         _ => None,
     }
 }
@@ -351,7 +357,11 @@ fn show_run(d: &RunDetail) {
         if let Some(why) = &r.skipped_because {
             println!("    skipped: {why}");
         }
-        if let Some(line) = r.output.as_deref().and_then(|o| control_summary(&r.component, o)) {
+        if let Some(line) = r
+            .output
+            .as_deref()
+            .and_then(|o| control_summary(&r.component, o))
+        {
             println!("    {line}");
         }
         if let Some(out) = &r.output {
