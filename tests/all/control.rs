@@ -572,3 +572,43 @@ async fn controllers_nest_inside_loops() {
     assert_eq!(status("fallback[0][1]"), "succeeded");
     assert_eq!(status("inner[2]"), "succeeded");
 }
+
+/// A replay decides nothing twice: a reused conditional skips the same branch again and a
+/// reused variable_set sets the same variable, so only the stages asked for run again.
+#[tokio::test]
+async fn a_replay_keeps_the_branches_and_variables_of_the_run_it_replays() {
+    let fake = Fake::start().await;
+    enrich_routes(&fake);
+    let state = support::scratch("control-replay-branches");
+    let state_arg = state.to_str().unwrap();
+    let ran = support::run_pipeline(
+        &pipeline("order-intake.pipeline.json"),
+        &json!({"order_id": "ord_1", "customer_id": "c1", "api": fake.url("")}),
+        &["--state", state_arg],
+    )
+    .await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert_eq!(ran.json()["variables"]["lane"], "priority");
+    let mut list = support::fmhost();
+    list.args(["--state", state_arg, "runs", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&support::output(list).await.stdout).unwrap();
+    let run_id = listed[0]["run_id"].as_str().unwrap().to_string();
+    let calls = fake.all_seen().len();
+
+    let mut replay = support::fmhost();
+    replay.args(["--state", state_arg, "replay", &run_id, "--from", "accepted"]);
+    let replayed: support::Ran = support::output(replay).await.into();
+    assert_eq!(replayed.code, 0, "stderr:\n{}", replayed.stderr);
+    assert_eq!(replayed.json()["variables"], json!({"order_id": "ord_1", "company": "Acme", "lane": "priority"}));
+    assert_eq!(fake.all_seen().len(), calls, "nothing upstream is called again");
+    let mut list = support::fmhost();
+    list.args(["--state", state_arg, "runs", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&support::output(list).await.stdout).unwrap();
+    let replay_id = listed[0]["run_id"].as_str().unwrap().to_string();
+    assert_ne!(replay_id, run_id);
+    let mut show = support::fmhost();
+    show.args(["--state", state_arg, "runs", "show", &replay_id, "--json"]);
+    let report: Value = serde_json::from_slice(&support::output(show).await.stdout).unwrap();
+    assert_eq!(stage(&report, "standard")["status"], "skipped", "{report:#}");
+    assert_eq!(stage(&report, "priority")["reused_from"], run_id.as_str());
+}

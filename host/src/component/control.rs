@@ -19,6 +19,19 @@ fn field<'a>(config: &'a Value, keys: &[&'static str]) -> Option<(&'static str, 
     keys.iter().find_map(|k| config.get(*k).map(|v| (*k, v)))
 }
 
+/// The stages a conditional's or router's output says it skipped.
+fn skipped_in(output: &Value) -> Vec<String> {
+    output
+        .get("stages_to_skip")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A stage id or a list of them, as written.
 fn ids(v: &Value) -> Result<Vec<String>, String> {
     match v {
@@ -157,6 +170,11 @@ impl Component for Conditional {
         &["condition_expression"]
     }
 
+    fn replay(&self, output: Value) -> Flow {
+        let stages = skipped_in(&output);
+        Flow::Skip { output, stages }
+    }
+
     fn governs(&self, config: &Value) -> (Governs, Vec<ConfigProblem>) {
         let mut problems = Vec::new();
         let t = id_field(config, TRUE_KEYS, &mut problems);
@@ -205,6 +223,7 @@ impl Component for Conditional {
                 "condition_value": value,
                 "condition_result": result,
                 "data": config.get("pass_data").cloned().unwrap_or(Value::Null),
+                "stages_to_skip": skip,
             }),
             stages: skip,
         })
@@ -260,6 +279,11 @@ impl Component for Router {
 
     fn raw_fields(&self) -> &'static [&'static str] {
         &["value_expression"]
+    }
+
+    fn replay(&self, output: Value) -> Flow {
+        let stages = skipped_in(&output);
+        Flow::Skip { output, stages }
     }
 
     fn governs(&self, config: &Value) -> (Governs, Vec<ConfigProblem>) {
@@ -377,6 +401,16 @@ impl Component for Return {
 
     async fn invoke(&self, _: &StageContext, _: Value, _: Arc<Value>) -> Result<Value, StageError> {
         Err(StageError::internal("return runs through run()"))
+    }
+
+    fn replay(&self, output: Value) -> Flow {
+        match output.get("should_return").and_then(Value::as_bool) {
+            Some(true) => {
+                let value = output.get("return_value").cloned().unwrap_or(Value::Null);
+                Flow::Return { output, value }
+            }
+            _ => Flow::Output(output),
+        }
     }
 
     async fn run(

@@ -139,6 +139,13 @@ pub trait Component: Send + Sync {
         upstream: Arc<Value>,
     ) -> Result<Value, StageError>;
 
+    /// The directive a stage gave, from the output it gave it with, for a stage whose
+    /// output a replay or a resumed run takes from the journal: a conditional skips the
+    /// same branches again, a variable_set sets the same variables.
+    fn replay(&self, output: Value) -> Flow {
+        Flow::Output(output)
+    }
+
     /// What the scheduler calls: the output, and for a control-flow component what to
     /// schedule next. Ordinary components (every plugin) just [`invoke`](Self::invoke).
     async fn run(

@@ -194,6 +194,15 @@ impl Component for VariableSet {
         Err(StageError::internal("variable_set runs through run()"))
     }
 
+    fn replay(&self, output: Value) -> Flow {
+        let vars = output
+            .get("variables")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        Flow::Vars { output, vars }
+    }
+
     async fn run(
         &self,
         ctx: &StageContext,

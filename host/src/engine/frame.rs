@@ -213,6 +213,24 @@ pub(super) fn run_frame(
                     for (s, slot) in merged_reuse(&run, &plan, &place, i) {
                         view.slots.insert(s, slot);
                     }
+                    // What the stage decided then is decided again: its branches are
+                    // skipped, its variables set, its return ends the run.
+                    let component = run.component(&stage.component);
+                    match component.replay(view.output(i).cloned().unwrap_or(Value::Null)) {
+                        Flow::Skip { stages, .. } => {
+                            for s in stages {
+                                if let Some(&t) = plan.index.get(s.as_str()) {
+                                    skip_marks.insert(t, format!("branch not taken by \"{id}\""));
+                                }
+                            }
+                        }
+                        Flow::Vars { vars, .. } => Arc::make_mut(&mut view.vars).extend(vars),
+                        Flow::Return { value, .. } => {
+                            returned = Some((value, id));
+                            break;
+                        }
+                        Flow::Output(_) | Flow::Run(_) => {}
+                    }
                     release(&plan, i, true, &mut waiting, &mut live, &mut ready);
                     continue;
                 }
@@ -227,7 +245,7 @@ pub(super) fn run_frame(
                 );
                 tasks.push(start_stage(&run, &view, &place, i, id));
             }
-            if tasks.is_empty() {
+            if tasks.is_empty() || returned.is_some() {
                 break;
             }
             let Some(done) = tasks.next().await else {
