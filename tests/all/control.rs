@@ -596,11 +596,20 @@ async fn a_replay_keeps_the_branches_and_variables_of_the_run_it_replays() {
     let calls = fake.all_seen().len();
 
     let mut replay = support::fmhost();
-    replay.args(["--state", state_arg, "replay", &run_id, "--from", "accepted"]);
+    replay.args([
+        "--state", state_arg, "replay", &run_id, "--from", "accepted",
+    ]);
     let replayed: support::Ran = support::output(replay).await.into();
     assert_eq!(replayed.code, 0, "stderr:\n{}", replayed.stderr);
-    assert_eq!(replayed.json()["variables"], json!({"order_id": "ord_1", "company": "Acme", "lane": "priority"}));
-    assert_eq!(fake.all_seen().len(), calls, "nothing upstream is called again");
+    assert_eq!(
+        replayed.json()["variables"],
+        json!({"order_id": "ord_1", "company": "Acme", "lane": "priority"})
+    );
+    assert_eq!(
+        fake.all_seen().len(),
+        calls,
+        "nothing upstream is called again"
+    );
     let mut list = support::fmhost();
     list.args(["--state", state_arg, "runs", "list", "--json"]);
     let listed: Value = serde_json::from_slice(&support::output(list).await.stdout).unwrap();
@@ -609,6 +618,10 @@ async fn a_replay_keeps_the_branches_and_variables_of_the_run_it_replays() {
     let mut show = support::fmhost();
     show.args(["--state", state_arg, "runs", "show", &replay_id, "--json"]);
     let report: Value = serde_json::from_slice(&support::output(show).await.stdout).unwrap();
-    assert_eq!(stage(&report, "standard")["status"], "skipped", "{report:#}");
+    assert_eq!(
+        stage(&report, "standard")["status"],
+        "skipped",
+        "{report:#}"
+    );
     assert_eq!(stage(&report, "priority")["reused_from"], run_id.as_str());
 }

@@ -173,9 +173,9 @@ fn redirect_guard(url: &str, allowed: &Arc<[String]>) -> Option<http::HopGuard> 
         return None;
     }
     let origin = reqwest::Url::parse(url).ok()?.origin();
-    let patterns: Vec<crate::plugin::HostPattern> = allowed
+    let patterns: Vec<crate::http::HostPattern> = allowed
         .iter()
-        .filter_map(|h| crate::plugin::HostPattern::parse(h))
+        .filter_map(|h| crate::http::HostPattern::parse(h))
         .collect();
     Some(http::HopGuard(Arc::new(move |next: &reqwest::Url| {
         let (host, port) = (

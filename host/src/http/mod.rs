@@ -5,6 +5,7 @@
 //! one structured log line per attempt. It returns a response for any final status; it is
 //! the caller's business whether a 404 is an error.
 
+mod hosts;
 pub mod retry;
 pub mod service;
 
@@ -17,6 +18,7 @@ use serde_json::{Map, Value, json};
 use crate::error::{ErrorKind, StageError};
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
+pub use hosts::HostPattern;
 pub use retry::RetryPolicy;
 pub use service::{ServicePolicy, Services};
 

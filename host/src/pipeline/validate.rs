@@ -626,7 +626,7 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
         }
     }
     for (j, h) in doc.allowed_hosts.iter().enumerate() {
-        if crate::plugin::HostPattern::parse(h).is_none() {
+        if crate::http::HostPattern::parse(h).is_none() {
             diags.push(Diagnostic::new(
                 format!("{loc}: allowed_hosts[{j}]"),
                 format!("{h:?} is not a host, *.domain or host:port"),
