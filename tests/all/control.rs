@@ -625,3 +625,43 @@ async fn a_replay_keeps_the_branches_and_variables_of_the_run_it_replays() {
     );
     assert_eq!(stage(&report, "priority")["reused_from"], run_id.as_str());
 }
+
+/// FlowMason's loader spellings run unchanged: `$schema`, `input_schema`,
+/// `output_stage_id`, `component_type`, `input_mapping` over `config`, `position`,
+/// `llm_settings`, `{{upstream.ID}}`; and what fmhost does not run is named.
+#[tokio::test]
+async fn flowmason_loader_spellings_run_unchanged() {
+    let dir = support::scratch("control-spellings");
+    let file = support::write_json(
+        &dir,
+        "im.pipeline.json",
+        &json!({
+        "name": "im", "$schema": "https://flowmason.dev/schemas/pipeline.schema.json",
+        "input_schema": {"type": "object", "required": ["x"]}, "output_stage_id": "set",
+        "stages": [
+            {"id": "log", "component_type": "logger", "config": {"message": "overridden"},
+             "input_mapping": {"message": "x is {{input.x}}"}, "position": {"x": 1, "y": 2}, "llm_settings": {"model": "m"}},
+            {"id": "set", "component_type": "variable_set", "depends_on": ["log"],
+             "config": {"name": "x", "value": "{{upstream.log}}"}}
+        ]}),
+    );
+    let ran = support::run_pipeline(&file, &json!({"x": 5}), &["--no-journal"]).await;
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert!(ran.stderr.contains("x is 5"), "{}", ran.stderr);
+    assert_eq!(ran.json()["value"], json!({"x": 5}));
+    let ran = support::run_pipeline(&file, &json!({}), &["--no-journal"]).await;
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+
+    let file = support::write_json(
+        &dir,
+        "c.pipeline.json",
+        &json!({
+        "name": "c", "compositions": [{"id": "x", "pipeline": "y"}], "stages": [
+            {"id": "a", "component": "logger", "config": {"message": "hi"}}]}),
+    );
+    let mut cmd = support::fmhost();
+    cmd.arg("validate").arg(&file);
+    let ran: support::Ran = support::output(cmd).await.into();
+    assert_eq!(ran.code, 2);
+    assert!(ran.stderr.contains("compositions: compositions are not supported; run the pipeline with a subpipeline stage"), "{}", ran.stderr);
+}

@@ -33,6 +33,11 @@ struct PipelineDoc {
     _tags: Option<Value>,
     #[serde(default, rename = "sample_input")]
     _sample_input: Option<Value>,
+    /// FlowMason's inheritance and embedded compositions: refused with a clear error.
+    #[serde(default)]
+    extends: Option<Value>,
+    #[serde(default)]
+    compositions: Option<Value>,
     #[serde(default)]
     version: Option<Value>,
     #[serde(default)]
@@ -89,6 +94,9 @@ struct StageDoc {
     /// Studio's canvas position; not used.
     #[serde(default)]
     position: Option<Value>,
+    /// FlowMason's per-stage LLM settings; the generator plugin takes its own config.
+    #[serde(default)]
+    llm_settings: Option<Value>,
 }
 
 struct Parsed {
@@ -127,6 +135,18 @@ pub fn compile_in(
         )]
     })?;
     let mut diags = Vec::new();
+    if doc.extends.is_some() {
+        diags.push(Diagnostic::new(
+            "extends",
+            "pipeline inheritance is not supported; copy the stages, or run the shared part as a subpipeline stage",
+        ));
+    }
+    if doc.compositions.is_some() {
+        diags.push(Diagnostic::new(
+            "compositions",
+            "compositions are not supported; run the pipeline with a subpipeline stage (pipeline_id, input_data)",
+        ));
+    }
     let edges: usize = doc
         .stages
         .iter()
@@ -551,6 +571,17 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
     {
         obj.insert("component".into(), t);
     }
+    // FlowMason applies `input_mapping` after `config`, overriding it key by key.
+    if let Some(obj) = raw.as_object_mut()
+        && let Some(Value::Object(mapping)) = obj.remove("input_mapping")
+    {
+        let config = obj
+            .entry("config")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Some(c) = config.as_object_mut() {
+            c.extend(mapping);
+        }
+    }
     let mut retry = None;
     if let Some(r) = raw
         .get_mut("config")
@@ -637,7 +668,12 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
         .config
         .clone()
         .unwrap_or_else(|| Value::Object(Map::new()));
-    let _ = (&doc.name, &doc.description, &doc.position);
+    let _ = (
+        &doc.name,
+        &doc.description,
+        &doc.position,
+        &doc.llm_settings,
+    );
     Some(Parsed {
         doc,
         component_missing,
