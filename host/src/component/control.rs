@@ -100,13 +100,13 @@ fn check_expression(c: &mut Checker<'_>, key: &str) {
 
 /// A condition written as plain text is always true: almost certainly a missing `{{ }}`.
 fn check_condition(c: &mut Checker<'_>, key: &str) {
-    if let Some(Value::String(text)) = c.get(key) {
-        if !text.contains("{{") {
-            c.problem(
+    if let Some(Value::String(text)) = c.get(key)
+        && !text.contains("{{")
+    {
+        c.problem(
                 &format!(".{key}"),
                 format!("{text:?} is plain text, so it is always true; write an expression in braces, such as \"{{{{input.score > 0.8}}}}\""),
             );
-        }
     }
 }
 

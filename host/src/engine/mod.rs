@@ -178,6 +178,7 @@ impl RunCtx {
     }
 
     /// A stage ended: its report, its progress line and its metrics.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         id: &str,

@@ -267,16 +267,16 @@ pub fn analyse(
     }
     // A branch is skipped in the frame its controller runs in, so it must be there too.
     for s in 0..n {
-        if let Some((c, field)) = &in_branch[s] {
-            if shapes[s].block != shapes[*c].block {
-                diags.push(Diagnostic::new(
+        if let Some((c, field)) = &in_branch[s]
+            && shapes[s].block != shapes[*c].block
+        {
+            diags.push(Diagnostic::new(
                     locs[s].clone(),
                     format!(
                         "stage \"{}\" is in \"{}\"'s {field} but runs in another block (a loop body or a try); a branch must run where its controller does",
                         ids[s], ids[*c]
                     ),
                 ));
-            }
         }
     }
     // A block's result is its last listed stage, or the controller in the block that
