@@ -58,7 +58,7 @@ pub(super) struct View {
 }
 
 enum Found<'a> {
-    Override(&'a Value),
+    Override(&'a Arc<Value>),
     Slot(&'a Slot),
 }
 
@@ -80,6 +80,15 @@ impl View {
             Found::Override(v) => Some(v),
             Found::Slot(s) if s.status == StageStatus::Skipped => Some(&NULL),
             Found::Slot(s) => s.output.as_deref(),
+        }
+    }
+
+    /// The output shared, not copied: a stage's `upstream` is usually its one dependency's.
+    fn output_arc(&self, i: usize) -> Option<Arc<Value>> {
+        match self.find(i)? {
+            Found::Override(v) => Some(v.clone()),
+            Found::Slot(s) if s.status == StageStatus::Skipped => None,
+            Found::Slot(s) => s.output.clone(),
         }
     }
 }
@@ -488,7 +497,7 @@ fn start_stage(
     let rendered = stage.config.render(&scope);
     let upstream = match stage.deps.as_slice() {
         [] => place.input.clone(),
-        [d] => Arc::new(view.output(*d).cloned().unwrap_or(Value::Null)),
+        [d] => view.output_arc(*d).unwrap_or_else(|| Arc::new(Value::Null)),
         many => Arc::new(Value::Object(
             many.iter()
                 .map(|&d| {
