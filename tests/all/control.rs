@@ -665,3 +665,43 @@ async fn flowmason_loader_spellings_run_unchanged() {
     assert_eq!(ran.code, 2);
     assert!(ran.stderr.contains("compositions: compositions are not supported; run the pipeline with a subpipeline stage"), "{}", ran.stderr);
 }
+
+/// A failure a trycatch recovered is not why the run failed: the run's error kind is
+/// that of the stage that failed it.
+#[tokio::test]
+async fn a_recovered_failure_does_not_name_the_runs_error() {
+    let fake = Fake::start().await;
+    fake.route("/flaky", vec![Reply::status(503)]);
+    fake.route("/gone", vec![Reply::status(404)]);
+    let state = support::scratch("control-recovered");
+    let file = support::write_json(
+        &state,
+        "p.pipeline.json",
+        &json!({"name": "recovered", "stages": [
+            {"id": "guard", "component": "trycatch", "config": {"try_stages": ["flaky"], "error_scope": "continue"}},
+            {"id": "flaky", "component": "http-request", "depends_on": ["guard"], "config": {"url": fake.url("/flaky")}},
+            {"id": "gone", "component": "http-request", "depends_on": ["guard"], "config": {"url": fake.url("/gone")}}
+        ]}),
+    );
+    let report_file = state.join("report.json");
+    let ran = support::run_pipeline(
+        &file,
+        &json!({}),
+        &[
+            "--state",
+            state.to_str().unwrap(),
+            "--report",
+            report_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(ran.code, 1, "{}", ran.stderr);
+    let report = read_report(&report_file);
+    assert_eq!(report["failed_stage"], "gone");
+    assert_eq!(stage(&report, "flaky")["error"]["kind"], "http-5xx");
+    assert_eq!(stage(&report, "guard")["output"]["status"], "caught");
+    let mut list = support::fmhost();
+    list.args(["--state", state.to_str().unwrap(), "runs", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&support::output(list).await.stdout).unwrap();
+    assert_eq!(listed[0]["error_kind"], "http-4xx", "{listed:#}");
+}

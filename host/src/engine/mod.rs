@@ -399,6 +399,7 @@ impl Engine {
             }
         };
         let mut output = None;
+        let mut failed_stage = None;
         match end {
             None => {
                 // Stopped: the dropped futures cancelled every stage still running.
@@ -420,6 +421,7 @@ impl Engine {
                             .max(1)
                     };
                     let plural = if attempts == 1 { "" } else { "s" };
+                    failed_stage = Some(e.stage.clone());
                     failure = Some((
                         RunStatus::Failed,
                         format!(
@@ -446,7 +448,11 @@ impl Engine {
             Some((status, why)) => (status, Some(why)),
         };
         // Whatever never started was skipped; say why.
-        let first_failed = {
+        let first_failed = if error.is_none() {
+            None
+        } else if failed_stage.is_some() {
+            failed_stage.clone()
+        } else {
             let reports = run.reports.lock().expect("reports");
             reports
                 .list
@@ -492,6 +498,7 @@ impl Engine {
             duration_ms,
             output,
             error,
+            failed_stage,
             stages,
         })
     }

@@ -94,6 +94,9 @@ pub struct RunReport {
     /// One line saying why the run did not succeed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The stage whose failure failed the run (`upsert[3]`), when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_stage: Option<String>,
     pub stages: Vec<StageReport>,
 }
 

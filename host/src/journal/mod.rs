@@ -746,9 +746,16 @@ pub fn run_error_kind(report: &RunReport) -> Option<String> {
         RunStatus::Cancelled => Some("cancelled".into()),
         RunStatus::Failed => Some(
             report
-                .stages
-                .iter()
-                .filter(|s| s.status == StageStatus::Failed && !s.optional)
+                .failed_stage
+                .as_deref()
+                .and_then(|id| report.stage(id))
+                .into_iter()
+                .chain(
+                    report
+                        .stages
+                        .iter()
+                        .filter(|s| s.status == StageStatus::Failed && !s.optional),
+                )
                 .find_map(|s| s.error.as_ref().map(|e| e.kind.as_str().to_string()))
                 .unwrap_or_else(|| "schema".into()),
         ),
