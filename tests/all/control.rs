@@ -705,3 +705,49 @@ async fn a_recovered_failure_does_not_name_the_runs_error() {
     let listed: Value = serde_json::from_slice(&support::output(list).await.stdout).unwrap();
     assert_eq!(listed[0]["error_kind"], "http-4xx", "{listed:#}");
 }
+
+/// Nesting is bounded, and controllers that govern each other are one cycle, not a hang.
+#[tokio::test]
+async fn nesting_is_bounded_and_mutual_controllers_are_a_cycle() {
+    let dir = support::scratch("control-bounds");
+    let mut stages: Vec<Value> = (0..40)
+        .map(|i| {
+            let body = if i < 39 {
+                format!("f{}", i + 1)
+            } else {
+                "leaf".into()
+            };
+            let deps: Vec<String> = if i > 0 {
+                vec![format!("f{}", i - 1)]
+            } else {
+                vec![]
+            };
+            json!({"id": format!("f{i}"), "component": "foreach", "depends_on": deps,
+                   "config": {"items": [1], "loop_stages": [body]}})
+        })
+        .collect();
+    stages.push(json!({"id": "leaf", "component": "logger", "depends_on": ["f39"], "config": {"message": "x"}}));
+    let deep = support::write_json(
+        &dir,
+        "deep.pipeline.json",
+        &json!({"name": "deep", "stages": stages}),
+    );
+    let cyc = support::write_json(
+        &dir,
+        "cyc.pipeline.json",
+        &json!({"name": "cyc", "stages": [
+            {"id": "a", "component": "foreach", "depends_on": ["b"], "config": {"items": [1], "loop_stages": ["b"]}},
+            {"id": "b", "component": "foreach", "depends_on": ["a"], "config": {"items": [1], "loop_stages": ["a"], "max_parallel": 5000}}
+        ]}),
+    );
+    for (file, expected) in [
+        (deep, "controllers are nested more than 32 deep"),
+        (cyc, "cycle: a -> b -> a"),
+    ] {
+        let mut cmd = support::fmhost();
+        cmd.arg("validate").arg(&file);
+        let ran: support::Ran = support::output(cmd).await.into();
+        assert_eq!(ran.code, 2, "{}", ran.stderr);
+        assert!(ran.stderr.contains(expected), "{}", ran.stderr);
+    }
+}

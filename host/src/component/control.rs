@@ -19,9 +19,9 @@ fn field<'a>(config: &'a Value, keys: &[&'static str]) -> Option<(&'static str, 
     keys.iter().find_map(|k| config.get(*k).map(|v| (*k, v)))
 }
 
-/// The stages a conditional's or router's output says it skipped.
-fn skipped_in(output: &Value) -> Vec<String> {
-    output
+/// A conditional's or router's decision again, from the `stages_to_skip` its output lists.
+fn replay_skips(output: &Value) -> Flow {
+    let stages = output
         .get("stages_to_skip")
         .and_then(Value::as_array)
         .map(|a| {
@@ -29,7 +29,11 @@ fn skipped_in(output: &Value) -> Vec<String> {
                 .filter_map(|v| v.as_str().map(str::to_string))
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    Flow::Skip {
+        output: Value::Null,
+        stages,
+    }
 }
 
 /// A stage id or a list of them, as written.
@@ -170,9 +174,8 @@ impl Component for Conditional {
         &["condition_expression"]
     }
 
-    fn replay(&self, output: Value) -> Flow {
-        let stages = skipped_in(&output);
-        Flow::Skip { output, stages }
+    fn replay(&self, output: &Value) -> Flow {
+        replay_skips(output)
     }
 
     fn governs(&self, config: &Value) -> (Governs, Vec<ConfigProblem>) {
@@ -184,10 +187,6 @@ impl Component for Conditional {
             ..Governs::default()
         };
         (governs, problems)
-    }
-
-    async fn invoke(&self, _: &StageContext, _: Value, _: Arc<Value>) -> Result<Value, StageError> {
-        Err(StageError::internal("conditional runs through run()"))
     }
 
     async fn run(
@@ -281,9 +280,8 @@ impl Component for Router {
         &["value_expression"]
     }
 
-    fn replay(&self, output: Value) -> Flow {
-        let stages = skipped_in(&output);
-        Flow::Skip { output, stages }
+    fn replay(&self, output: &Value) -> Flow {
+        replay_skips(output)
     }
 
     fn governs(&self, config: &Value) -> (Governs, Vec<ConfigProblem>) {
@@ -308,10 +306,6 @@ impl Component for Router {
             },
             problems,
         )
-    }
-
-    async fn invoke(&self, _: &StageContext, _: Value, _: Arc<Value>) -> Result<Value, StageError> {
-        Err(StageError::internal("router runs through run()"))
     }
 
     async fn run(
@@ -399,17 +393,13 @@ impl Component for Return {
         &["condition_expression"]
     }
 
-    async fn invoke(&self, _: &StageContext, _: Value, _: Arc<Value>) -> Result<Value, StageError> {
-        Err(StageError::internal("return runs through run()"))
-    }
-
-    fn replay(&self, output: Value) -> Flow {
+    fn replay(&self, output: &Value) -> Flow {
         match output.get("should_return").and_then(Value::as_bool) {
-            Some(true) => {
-                let value = output.get("return_value").cloned().unwrap_or(Value::Null);
-                Flow::Return { output, value }
-            }
-            _ => Flow::Output(output),
+            Some(true) => Flow::Return {
+                output: Value::Null,
+                value: output.get("return_value").cloned().unwrap_or(Value::Null),
+            },
+            _ => Flow::Output(Value::Null),
         }
     }
 
@@ -469,6 +459,9 @@ impl Component for Return {
 
 // ---------------------------------------------------------------------------------------
 
+/// Iterations of one loop running at once, at most (a templated `max_parallel` is clamped).
+pub const MAX_PARALLEL: usize = 1024;
+
 /// `foreach`: runs `loop_stages` once per item of `items`, in order or `parallel` up to
 /// `max_parallel` at once; each iteration has its own `{{context.ITEM}}`.
 pub struct Foreach;
@@ -497,6 +490,14 @@ impl Component for Foreach {
         .string("item_variable")
         .string("index_variable")
         .integer("max_parallel", 1);
+        if let Some(n) = c.get("max_parallel").and_then(Value::as_u64)
+            && n > MAX_PARALLEL as u64
+        {
+            c.problem(
+                ".max_parallel",
+                format!("at most {MAX_PARALLEL}, found {n}"),
+            );
+        }
         for key in ["item_variable", "index_variable"] {
             if let Some(name) = c.get(key).and_then(Value::as_str)
                 && (name.is_empty()
@@ -554,10 +555,6 @@ impl Component for Foreach {
         (governs, problems)
     }
 
-    async fn invoke(&self, _: &StageContext, _: Value, _: Arc<Value>) -> Result<Value, StageError> {
-        Err(StageError::internal("foreach runs through run()"))
-    }
-
     async fn run(
         &self,
         ctx: &StageContext,
@@ -593,7 +590,7 @@ impl Component for Foreach {
             .get("max_parallel")
             .and_then(Value::as_u64)
             .unwrap_or(5)
-            .max(1) as usize;
+            .clamp(1, MAX_PARALLEL as u64) as usize;
         let break_on_error = bool_field(&config, "break_on_error", true);
         let collect = bool_field(&config, "collect_results", true);
         let filter = match config.get("filter_expression").and_then(Value::as_str) {
@@ -893,10 +890,6 @@ impl Component for TryCatch {
         )
     }
 
-    async fn invoke(&self, _: &StageContext, _: Value, _: Arc<Value>) -> Result<Value, StageError> {
-        Err(StageError::internal("trycatch runs through run()"))
-    }
-
     async fn run(
         &self,
         _ctx: &StageContext,
@@ -1024,10 +1017,6 @@ impl Component for Subpipeline {
             },
             Vec::new(),
         )
-    }
-
-    async fn invoke(&self, _: &StageContext, _: Value, _: Arc<Value>) -> Result<Value, StageError> {
-        Err(StageError::internal("subpipeline runs through run()"))
     }
 
     async fn run(

@@ -131,19 +131,26 @@ pub trait Component: Send + Sync {
 
     /// Runs once per stage execution. `upstream` is the output of the single
     /// dependency, an object keyed by dependency id when there are several, or the
-    /// pipeline input when there are none.
+    /// pipeline input when there are none. A control-flow component implements
+    /// [`run`](Self::run) instead and keeps this default.
     async fn invoke(
         &self,
-        ctx: &StageContext,
-        config: Value,
-        upstream: Arc<Value>,
-    ) -> Result<Value, StageError>;
+        _ctx: &StageContext,
+        _config: Value,
+        _upstream: Arc<Value>,
+    ) -> Result<Value, StageError> {
+        Err(StageError::internal(format!(
+            "{} is a control-flow component: the engine runs it through run()",
+            self.name()
+        )))
+    }
 
     /// The directive a stage gave, from the output it gave it with, for a stage whose
     /// output a replay or a resumed run takes from the journal: a conditional skips the
     /// same branches again, a variable_set sets the same variables.
-    fn replay(&self, output: Value) -> Flow {
-        Flow::Output(output)
+    /// Only the directive counts: the engine already holds the output.
+    fn replay(&self, _output: &Value) -> Flow {
+        Flow::Output(Value::Null)
     }
 
     /// What the scheduler calls: the output, and for a control-flow component what to

@@ -190,17 +190,16 @@ impl Component for VariableSet {
         (g, Vec::new())
     }
 
-    async fn invoke(&self, _: &StageContext, _: Value, _: Arc<Value>) -> Result<Value, StageError> {
-        Err(StageError::internal("variable_set runs through run()"))
-    }
-
-    fn replay(&self, output: Value) -> Flow {
+    fn replay(&self, output: &Value) -> Flow {
         let vars = output
             .get("variables")
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default();
-        Flow::Vars { output, vars }
+        Flow::Vars {
+            output: Value::Null,
+            vars,
+        }
     }
 
     async fn run(

@@ -29,6 +29,16 @@ pub(super) struct Slot {
     pub error: Option<Arc<Value>>,
 }
 
+impl Slot {
+    fn done(status: StageStatus, output: Option<Arc<Value>>, error: Option<Arc<Value>>) -> Slot {
+        Slot {
+            status,
+            output,
+            error,
+        }
+    }
+}
+
 static NULL: Value = Value::Null;
 static STATUS: LazyLock<[Value; 5]> = LazyLock::new(|| {
     [
@@ -198,60 +208,32 @@ pub(super) fn run_frame(
                 });
                 if let Some(reason) = skipped {
                     run.skip(&id, stage, &reason);
-                    view.slots.insert(
-                        i,
-                        Slot {
-                            status: StageStatus::Skipped,
-                            output: None,
-                            error: None,
-                        },
-                    );
+                    view.slots
+                        .insert(i, Slot::done(StageStatus::Skipped, None, None));
                     release(&plan, i, false, &mut waiting, &mut live, &mut ready);
                     continue;
                 }
                 if let Some((from, output)) = run.reused(&id) {
                     run.reuse_stage(&id, stage, &from, &output);
-                    view.slots.insert(
-                        i,
-                        Slot {
-                            status: StageStatus::Succeeded,
-                            output: Some(output),
-                            error: None,
-                        },
-                    );
+                    // What the stage decided then is decided again: its branches are
+                    // skipped, its variables set, its return ends the run.
+                    let directive = run.component(&stage.component).replay(&output);
+                    view.slots
+                        .insert(i, Slot::done(StageStatus::Succeeded, Some(output), None));
                     for (s, slot) in merged_reuse(&run, &plan, &place, i) {
                         view.slots.insert(s, slot);
                     }
-                    // What the stage decided then is decided again: its branches are
-                    // skipped, its variables set, its return ends the run.
-                    let component = run.component(&stage.component);
-                    match component.replay(view.output(i).cloned().unwrap_or(Value::Null)) {
-                        Flow::Skip { stages, .. } => {
-                            for s in stages {
-                                if let Some(&t) = plan.index.get(s.as_str()) {
-                                    skip_marks.insert(t, format!("branch not taken by \"{id}\""));
-                                }
-                            }
-                        }
-                        Flow::Vars { vars, .. } => Arc::make_mut(&mut view.vars).extend(vars),
-                        Flow::Return { value, .. } => {
-                            returned = Some((value, id));
-                            break;
-                        }
-                        Flow::Output(_) | Flow::Run(_) => {}
+                    let (_, returns) = decide(directive, &plan, &id, &mut skip_marks, &mut view);
+                    if let Some(value) = returns {
+                        returned = Some((value, id));
+                        break;
                     }
                     release(&plan, i, true, &mut waiting, &mut live, &mut ready);
                     continue;
                 }
                 started.insert(i, Instant::now());
-                view.slots.insert(
-                    i,
-                    Slot {
-                        status: StageStatus::Running,
-                        output: None,
-                        error: None,
-                    },
-                );
+                view.slots
+                    .insert(i, Slot::done(StageStatus::Running, None, None));
                 tasks.push(start_stage(&run, &view, &place, i, id));
             }
             if tasks.is_empty() || returned.is_some() {
@@ -263,34 +245,17 @@ pub(super) fn run_frame(
             let i = done.i;
             let stage = &plan.stages[i];
             let id = place.id(&plan, i);
+            let took = started[&i].elapsed();
             for (s, slot) in done.merge {
                 view.slots.insert(s, slot);
             }
-            if let Some(value) = done.returned {
+            let flow = match (done.returned, done.result) {
                 // A frame this controller ran returned: so does this one.
-                let null = Arc::new(Value::Null);
-                run.finish(
-                    &id,
-                    stage,
-                    Ok(&null),
-                    done.attempts,
-                    started[&i].elapsed(),
-                    &view.plan,
-                    per_item,
-                );
-                view.slots.insert(
-                    i,
-                    Slot {
-                        status: StageStatus::Succeeded,
-                        output: Some(null),
-                        error: None,
-                    },
-                );
-                returned = Some((value, id));
-                break;
-            }
-            let output = match done.result {
-                Ok(Flow::Run(block)) => {
+                (Some(value), _) => Flow::Return {
+                    output: Value::Null,
+                    value,
+                },
+                (None, Ok(Flow::Run(block))) => {
                     let snapshot = Arc::new(view.clone());
                     tasks.push(run_block(
                         run.clone(),
@@ -303,95 +268,49 @@ pub(super) fn run_frame(
                     ));
                     continue;
                 }
-                Ok(Flow::Output(v)) => v,
-                Ok(Flow::Skip { output, stages }) => {
-                    for s in stages {
-                        if let Some(&t) = plan.index.get(s.as_str()) {
-                            skip_marks.insert(t, format!("branch not taken by \"{id}\""));
-                        }
-                    }
-                    output
-                }
-                Ok(Flow::Vars { output, vars }) => {
-                    Arc::make_mut(&mut view.vars).extend(vars);
-                    output
-                }
-                Ok(Flow::Return { output, value }) => {
-                    let output = Arc::new(output);
-                    run.finish(
-                        &id,
-                        stage,
-                        Ok(&output),
-                        done.attempts,
-                        started[&i].elapsed(),
-                        &view.plan,
-                        per_item,
-                    );
-                    view.slots.insert(
-                        i,
-                        Slot {
-                            status: StageStatus::Succeeded,
-                            output: Some(output),
-                            error: None,
-                        },
-                    );
-                    returned = Some((value, id));
-                    break;
-                }
-                Err(mut error) => {
+                (None, Ok(flow)) => flow,
+                (None, Err(mut error)) => {
                     error.message = run.engine.secrets.redact(&error.message).into_owned();
                     run.finish(
                         &id,
                         stage,
                         Err(&error),
                         done.attempts,
-                        started[&i].elapsed(),
-                        &view.plan,
+                        took,
+                        &plan,
                         per_item,
                     );
-                    let as_value = Arc::new(serde_json::to_value(&error).unwrap_or_default());
+                    let as_value = Some(Arc::new(serde_json::to_value(&error).unwrap_or_default()));
                     if stage.optional {
-                        view.slots.insert(
-                            i,
-                            Slot {
-                                status: StageStatus::Failed,
-                                output: Some(Arc::new(Value::Null)),
-                                error: Some(as_value),
-                            },
-                        );
+                        let null = Some(Arc::new(Value::Null));
+                        view.slots
+                            .insert(i, Slot::done(StageStatus::Failed, null, as_value));
                         release(&plan, i, true, &mut waiting, &mut live, &mut ready);
                     } else {
-                        view.slots.insert(
-                            i,
-                            Slot {
-                                status: StageStatus::Failed,
-                                output: None,
-                                error: Some(as_value),
-                            },
-                        );
+                        view.slots
+                            .insert(i, Slot::done(StageStatus::Failed, None, as_value));
                         failure.get_or_insert(FrameError { stage: id, error });
                     }
                     continue;
                 }
             };
+            let (output, returns) = decide(flow, &plan, &id, &mut skip_marks, &mut view);
             let output = Arc::new(output);
             run.finish(
                 &id,
                 stage,
                 Ok(&output),
                 done.attempts,
-                started[&i].elapsed(),
-                &view.plan,
+                took,
+                &plan,
                 per_item,
             );
-            view.slots.insert(
-                i,
-                Slot {
-                    status: StageStatus::Succeeded,
-                    output: Some(output),
-                    error: None,
-                },
-            );
+            view.slots
+                .insert(i, Slot::done(StageStatus::Succeeded, Some(output), None));
+            if let Some(value) = returns {
+                returned = Some((value, id));
+                break;
+            }
             release(&plan, i, true, &mut waiting, &mut live, &mut ready);
         }
 
@@ -427,6 +346,36 @@ pub(super) fn run_frame(
     .boxed()
 }
 
+/// Carries out a finished stage's directive in its frame: branches not taken are marked
+/// for skipping, variables set. Gives back the stage's output, and the value the frame
+/// returns when the directive is a `return`.
+fn decide(
+    flow: Flow,
+    plan: &Plan,
+    id: &str,
+    skip_marks: &mut HashMap<usize, String>,
+    view: &mut View,
+) -> (Value, Option<Value>) {
+    match flow {
+        Flow::Output(output) => (output, None),
+        Flow::Skip { output, stages } => {
+            for s in stages {
+                if let Some(&t) = plan.index.get(s.as_str()) {
+                    skip_marks.insert(t, format!("branch not taken by \"{id}\""));
+                }
+            }
+            (output, None)
+        }
+        Flow::Vars { output, vars } => {
+            Arc::make_mut(&mut view.vars).extend(vars);
+            (output, None)
+        }
+        Flow::Return { output, value } => (output, Some(value)),
+        // Blocks are run by the frame before it gets here.
+        Flow::Run(_) => (Value::Null, None),
+    }
+}
+
 /// A stage finished (`ran` unless skipped): its dependents in the block come closer to ready.
 fn release(
     plan: &Plan,
@@ -458,14 +407,7 @@ fn merged_reuse(run: &RunCtx, plan: &Plan, place: &Place, c: usize) -> Vec<(usiz
         }
         for &s in &plan.blocks[b].stages {
             if let Some((_, output)) = run.reused(&place.id(plan, s)) {
-                out.push((
-                    s,
-                    Slot {
-                        status: StageStatus::Succeeded,
-                        output: Some(output),
-                        error: None,
-                    },
-                ));
+                out.push((s, Slot::done(StageStatus::Succeeded, Some(output), None)));
             }
         }
     }

@@ -121,6 +121,17 @@ impl RunCtx {
     /// Changes stage `id`'s report (creating it: an iteration or a sub-pipeline's stage)
     /// and tells the observer.
     fn update(&self, id: &str, stage: &PlannedStage, f: impl FnOnce(&mut StageReport)) {
+        self.update_then(id, stage, f, |_| {});
+    }
+
+    /// [`update`](Self::update), then `after` on the report once the observer has seen it.
+    fn update_then(
+        &self,
+        id: &str,
+        stage: &PlannedStage,
+        f: impl FnOnce(&mut StageReport),
+        after: impl FnOnce(&mut StageReport),
+    ) {
         let mut reports = self.reports.lock().expect("reports");
         let k = match reports.at.get(id) {
             Some(&k) => k,
@@ -136,6 +147,7 @@ impl RunCtx {
         if let Some(o) = &self.observer {
             o.stage_updated(&self.run_id, report);
         }
+        after(report);
     }
 
     fn elapsed_ms(&self) -> u64 {
@@ -209,29 +221,32 @@ impl RunCtx {
                 tracing::error!(target: "fmhost::progress", run_id = &*self.run_id, stage = id, event = "failed", duration_ms = ms, attempts, error_kind = error.kind.as_str(), error = %error.message, "{id}: failed after {ms} ms ({attempts} attempt{plural}): {error}")
             }
         }
-        self.update(id, stage, |r| {
-            r.status = status;
-            r.duration_ms = Some(ms);
-            r.attempts = attempts;
-            match result {
-                Ok(v) => r.output = Some(v.clone()),
-                Err(e) => {
-                    r.error = Some(e.clone());
-                    if stage.optional {
-                        r.output = Some(Arc::new(Value::Null));
+        // A loop iteration's output goes to the observer (the journal) and to the loop's
+        // results; the run's report keeps its status, so a run's memory does not grow
+        // with the item count beyond the collected results.
+        self.update_then(
+            id,
+            stage,
+            |r| {
+                r.status = status;
+                r.duration_ms = Some(ms);
+                r.attempts = attempts;
+                match result {
+                    Ok(v) => r.output = Some(v.clone()),
+                    Err(e) => {
+                        r.error = Some(e.clone());
+                        if stage.optional {
+                            r.output = Some(Arc::new(Value::Null));
+                        }
                     }
                 }
-            }
-        });
-        if per_item {
-            // A loop iteration's output went to the observer (the journal) and to the
-            // loop's results; the run's report keeps its status, so a run's memory does
-            // not grow with the item count beyond the collected results.
-            let mut reports = self.reports.lock().expect("reports");
-            if let Some(&k) = reports.at.get(id) {
-                reports.list[k].output = None;
-            }
-        }
+            },
+            |r| {
+                if per_item {
+                    r.output = None;
+                }
+            },
+        );
         // By the stage's own id: iterations share one series.
         self.engine
             .outbound

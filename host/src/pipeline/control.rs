@@ -51,8 +51,12 @@ impl Structure {
     /// Blocks from `b` up to block 0.
     pub fn ancestry(&self, mut b: usize) -> Vec<usize> {
         let mut out = vec![b];
+        // Bounded: controllers that govern each other (a cycle, reported) would loop.
         while let Some(c) = self.blocks[b].controller {
             b = self.stages[c].block;
+            if out.contains(&b) {
+                break;
+            }
             out.push(b);
         }
         out
@@ -265,6 +269,31 @@ pub fn analyse(
             }
         }
     }
+    // Each nesting level is a frame nested in its parent's future: bounded, so no
+    // pipeline can overflow the stack of the task that polls them.
+    for b in 1..blocks.len() {
+        let mut depth = 0;
+        let mut x = b;
+        while let Some(c) = controllers[x] {
+            depth += 1;
+            x = shapes[c].block;
+            if depth > MAX_NESTING || x == b {
+                break;
+            }
+        }
+        // Controllers that govern each other are a dependency cycle, reported as one.
+        if x == b {
+            continue;
+        }
+        if depth > MAX_NESTING {
+            let c = controllers[b].expect("a listed block has a controller");
+            diags.push(Diagnostic::new(
+                format!("{}: config.{}", locs[c], blocks[b].field),
+                format!("controllers are nested more than {MAX_NESTING} deep"),
+            ));
+            break;
+        }
+    }
     // A branch is skipped in the frame its controller runs in, so it must be there too.
     for s in 0..n {
         if let Some((c, field)) = &in_branch[s]
@@ -378,6 +407,9 @@ pub fn context_allows(structure: &Structure, upstream: &[Vec<bool>], s: usize, n
                 || shape.governs.sets_vars.iter().any(|n| n == name))
     })
 }
+
+/// Controllers (loops, trycatches) nested in one another, at most.
+pub const MAX_NESTING: usize = 32;
 
 /// `{{context.NAME}}` names every stage can read.
 pub const CONTEXT_BUILTINS: &[&str] = &["run_id", "pipeline_id", "pipeline", "stage_id"];

@@ -81,6 +81,9 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Plan, LoadError> {
     load_from(path, registry, &[])
 }
 
+/// Largest file read while looking for a sub-pipeline by its name.
+const MAX_PIPELINE_BYTES: u64 = 16 << 20;
+
 /// Most sub-pipelines nested in one another.
 pub const MAX_SUBPIPELINE_DEPTH: usize = 8;
 
@@ -138,11 +141,13 @@ impl Origin {
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .collect();
         files.sort();
+        // Looking for a name reads pipeline files; one past any pipeline's size is not one.
         files.into_iter().find(|p| {
-            std::fs::read(p)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                .is_some_and(|v| v.get("name").and_then(Value::as_str) == Some(id))
+            p.metadata().is_ok_and(|m| m.len() <= MAX_PIPELINE_BYTES)
+                && std::fs::read(p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    .is_some_and(|v| v.get("name").and_then(Value::as_str) == Some(id))
         })
     }
 
