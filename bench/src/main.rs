@@ -125,6 +125,13 @@ where
 #[tokio::main]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--only zero,journal,...`: run only these sections (for profiling one of them).
+    let only: Vec<String> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|s| s.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let want = |section: &str| only.is_empty() || only.iter().any(|o| o == section);
     let secs = if quick { 2 } else { 8 };
     let reps = if quick { 5 } else { 25 };
     // The slow upstream of the memory test: 4 s (2 s with --quick); sampled half-way.
@@ -136,7 +143,7 @@ async fn main() {
     let client = reqwest::Client::new();
 
     // Zero upstream latency: what the host costs.
-    {
+    if want("zero") {
         let sb = sandbox(0.0);
         let engine = Arc::new(engine_for(&secrets_for(&sb.1)));
         let input = input_for(&sb.1);
@@ -174,7 +181,7 @@ async fn main() {
     // The journal's cost: the same zero-latency run with and without it, interleaved.
     // With it, every stage update and attempt is queued to the writer thread and the run
     // waits for its durable commit (fsync) before it counts as done.
-    {
+    if want("journal") {
         let sb = sandbox(0.0);
         let engine = Arc::new(engine_for(&secrets_for(&sb.1)));
         let input = input_for(&sb.1);
@@ -239,7 +246,7 @@ async fn main() {
     }
 
     // The seed's latencies: wall time against the critical path (200 ms fetches + 300 ms LLM).
-    {
+    if want("seed") {
         let sb = sandbox(1.0);
         let secrets = secrets_for(&sb.1);
         let engine = engine_for(&secrets);
@@ -301,6 +308,9 @@ async fn main() {
         ("memory_http_request", "http-request"),
         ("memory_connector", "salesforce"),
     ] {
+        if !want("memory") {
+            continue;
+        }
         let sb = sandbox(slow_scale);
         let fetch = if component == "http-request" {
             json!({"id": "fetch", "component": "http-request", "depends_on": ["validate"], "config": {
@@ -339,10 +349,89 @@ async fn main() {
         out.insert(label.into(), json!({"runs": n, "succeeded": ok, "rss_before_kib": before, "rss_during_kib": during, "kib_per_run": (during.saturating_sub(before)) as f64 / n as f64}));
     }
 
+    // The real server over HTTP holding 1,000 connector runs in flight (sync mode, one
+    // connection each) against a slow upstream: its peak RSS (VmHWM) and its RSS
+    // half-way, read from /proc, against the same server idle.
+    if want("serve_rss") {
+        let sb = sandbox(slow_scale);
+        let dir = fx::root().join("target/bench/serve-rss");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("pipelines")).unwrap();
+        std::fs::create_dir_all(dir.join("plugins")).unwrap();
+        std::fs::copy(
+            fx::root().join("target/plugins/salesforce.wasm"),
+            dir.join("plugins/salesforce.wasm"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("pipelines/held.json"),
+            json!({"name": "held", "stages": [
+                {"id": "fetch", "component": "salesforce", "timeout": 60000, "config": {"account_id": "{{input.customer_id}}"}},
+                {"id": "shape", "component": "json-transform", "depends_on": ["fetch"], "config": {"data": "{{stages.fetch.output}}", "expression": "@"}}]})
+            .to_string(),
+        )
+        .unwrap();
+        std::fs::copy(
+            fx::root().join("target/plugins/json-transform.wasm"),
+            dir.join("plugins/json-transform.wasm"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("secrets.json"), secrets_for(&sb.1).to_string()).unwrap();
+        let server = start(
+            Command::new(bin("fmhost"))
+                .current_dir(&dir)
+                .args(["serve", "--listen", "127.0.0.1:0", "--pipelines", "pipelines"])
+                .args(["--plugins", "plugins", "--secrets", "secrets.json", "--state", "state"])
+                .env("FMHOST_LOG", "warn")
+                .env("FMHOST_API_TOKEN", BENCH_TOKEN),
+        );
+        let pid = server.0.id();
+        let status = move |field: &str| -> u64 {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with(field))
+                        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                })
+                .unwrap_or(0)
+        };
+        let idle = status("VmRSS:");
+        let n = 1000;
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let runs: Vec<_> = (0..n)
+            .map(|_| {
+                let (c, u) = (client.clone(), server.1.clone());
+                tokio::spawn(async move {
+                    c.post(format!("{u}/v1/pipelines/held/runs"))
+                        .bearer_auth(BENCH_TOKEN)
+                        .json(&json!({"customer_id": CUSTOMER}))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(sample_after)).await;
+        let during = status("VmRSS:");
+        let mut ok = 0;
+        for r in runs {
+            if r.await.unwrap() == 200 {
+                ok += 1;
+            }
+        }
+        let peak = status("VmHWM:");
+        out.insert("serve_rss".into(), json!({"runs": n, "succeeded": ok, "idle_kib": idle, "during_kib": during, "peak_kib": peak}));
+    }
+
     // foreach over many items with a json-transform body: the loop's own cost per
     // iteration beyond the body's, sequential and 16 at a time, and the peak RSS of the
     // real binary at two item counts (it must not grow beyond the collected results).
-    {
+    if want("foreach") {
         let n = if quick { 2_000 } else { 10_000 };
         let items: Vec<Value> = (0..n)
             .map(|i| json!({"sku": format!("SKU-{i:05}"), "qty": i % 13}))
@@ -438,7 +527,7 @@ async fn main() {
     }
 
     // fmhost serve under wrk: POST a one-stage pipeline run, and signed webhook intake.
-    {
+    if want("serve") {
         let dir = fx::root().join("target/bench/serve");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("pipelines")).unwrap();

@@ -25,3 +25,9 @@ pub mod time;
 
 pub use engine::{Engine, RunOptions, RunReport, RunStatus};
 pub use error::{ErrorKind, StageError};
+
+/// The process allocator of everything linking fmhost (the binary, its tests and
+/// benchmarks), unless the `mimalloc` feature is off.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -59,7 +59,7 @@ impl Component for SchemaValidate {
             .remove("schema")
             .or_else(|| config.remove("json_schema"))
             .ok_or_else(|| StageError::validation("config.schema: required field is missing"))?;
-        let validator = schema::compile(&schema)
+        let validator = schema::compile_cached(&schema)
             .map_err(|e| StageError::validation(format!("config.schema: {e}")))?;
         let violations = schema::violations(&validator, &data);
         if violations.is_empty() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::bindings::PluginErrorKind;
-use super::state::{HttpGrant, PluginState};
+use super::state::{Call, HttpGrant, PluginState};
 use super::{DEFAULT_DEADLINE, Grant, Plugin, StageGrants, World, chain};
 use crate::component::check::contains_template;
 use crate::component::{Component, ConfigProblem, StageContext};
@@ -111,50 +111,32 @@ impl Component for WasmComponent {
             deadline: ctx.deadline,
             observer: ctx.observer.clone(),
         });
-        let config_text = config.to_string();
-        let input_text = upstream.to_string();
+        // serde_json's writer, not `Display`, which goes through `fmt` a piece at a time.
+        let config_text = serde_json::to_string(&config).unwrap_or_default();
+        let input_text = serde_json::to_string(&*upstream).unwrap_or_default();
+        drop(config);
         let deadline = ctx
             .deadline
             .map(|d| d.saturating_duration_since(std::time::Instant::now()))
             .unwrap_or(DEFAULT_DEADLINE);
-        let state = PluginState::new(
-            Arc::from(p.name.as_str()),
-            ctx.run_id.clone(),
-            ctx.stage_id.clone(),
-            ctx.secrets.clone(),
-            runtime.memory_limit,
-            grant,
+        let call = Call {
+            run_id: ctx.run_id.clone(),
+            stage_id: ctx.stage_id.clone(),
+            secrets: ctx.secrets.clone(),
+            http: grant,
             // One epoch tick early, so guest code still running at the stage's deadline
             // is stopped by the sandbox, and the error names the plugin.
-            std::time::Instant::now()
+            cpu_deadline: std::time::Instant::now()
                 + deadline
                     .saturating_sub(super::EPOCH_TICK)
                     .max(super::EPOCH_TICK),
-        );
-        let mut held = super::Held {
-            _slot: runtime.instance_slot().await,
-            store: runtime.store(state),
         };
-        let pre = p.pre.clone();
-        // Guest code runs on the plugin threads, never on the threads that serve
-        // requests; dropping this future (a stage or run deadline) aborts it at the
-        // guest's next epoch yield.
-        let task = super::executor().spawn(async move {
-            let store = &mut held.store;
-            let result = async {
-                let instance = pre.instantiate_async(&mut *store).await?;
-                instance
-                    .fmhost_plugin_plugin()
-                    .call_invoke(&mut *store, &config_text, &input_text)
-                    .await
-            }
-            .await;
-            (held, result)
-        });
-        let (held, result) = tokio_util::task::AbortOnDropHandle::new(task)
+        let (fresh, result) = p
+            .maker()
+            .invoke(&p.spares, call, config_text, input_text)
             .await
-            .map_err(|e| StageError::internal(format!("plugin {}: its task ended: {e}", p.name)))?;
-        let state = held.store.data();
+            .map_err(|why| StageError::new(ErrorKind::Sandbox, format!("plugin {}: {why}", p.name)))?;
+        let state = fresh.store.data();
         ctx.retries
             .fetch_add(state.retries.load(Ordering::Relaxed), Ordering::Relaxed);
         if let Some(why) = &state.refusal {

@@ -11,6 +11,7 @@ mod bindings;
 mod cache;
 mod component;
 mod egress;
+mod instance;
 pub mod policy;
 mod state;
 
@@ -37,6 +38,10 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 pub const COMPILE_DEADLINE: Duration = Duration::from_secs(120);
 /// How long `describe()` may take when a plugin is loaded.
 pub const DESCRIBE_DEADLINE: Duration = Duration::from_secs(5);
+/// Bytes of each pooled linear memory kept resident between instances.
+const KEEP_RESIDENT: usize = 8 << 20;
+/// Idle pool slots that keep a plugin's memory image (and their resident pages).
+const WARM_SLOTS: u32 = 32;
 /// Memory cap per plugin instance unless `FMHOST_PLUGIN_MEMORY_MB` says otherwise.
 pub const DEFAULT_MEMORY_LIMIT: usize = 64 << 20;
 
@@ -99,6 +104,8 @@ pub struct Plugin {
     pub loaded_at: SystemTime,
     pre: bindings::ConnectorPre<PluginState>,
     runtime: Arc<PluginRuntime>,
+    /// Instances made ahead of time for this version's next invocations.
+    spares: Arc<instance::Spares>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -135,6 +142,15 @@ impl PluginRuntime {
             .max_component_instance_size(1 << 20)
             .max_core_instance_size(1 << 20)
             .max_memory_size(memory_limit.max(DEFAULT_MEMORY_LIMIT));
+        // A slot's memory stays mapped between instances and only the pages the last
+        // instance touched are reset (found with the PAGEMAP_SCAN ioctl where the kernel
+        // has it, Linux 6.7+): a fresh instance then takes no page faults for what it
+        // touches again, instead of one per page (see benchmarks/ANALYSIS.md). Memory
+        // held this way is bounded by the warm slots kept times KEEP_RESIDENT.
+        pool.linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(1 << 16)
+            .pagemap_scan(wasmtime::Enabled::Auto)
+            .max_unused_warm_slots(WARM_SLOTS);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
@@ -305,15 +321,9 @@ impl PluginRuntime {
             )
         })?;
 
-        let store = self.store(PluginState::new(
-            Arc::from("?"),
-            Arc::from("describe"),
-            Arc::from("describe"),
-            Default::default(),
-            self.memory_limit,
-            None,
-            Instant::now() + DESCRIBE_DEADLINE,
-        ));
+        let mut state = PluginState::new(Arc::from("?"), self.memory_limit);
+        state.cpu_deadline = Instant::now() + DESCRIBE_DEADLINE;
+        let store = self.store(state);
         let describe_pre = pre.clone();
         let mut held = Held {
             _slot: self.instance_slot().await,
@@ -412,6 +422,7 @@ impl PluginRuntime {
             loaded_at: SystemTime::now(),
             pre,
             runtime: self.clone(),
+            spares: instance::Spares::new(),
         })
     }
 
@@ -540,16 +551,38 @@ pub struct WarmInstance {
 }
 
 impl Plugin {
+    fn maker(&self) -> instance::Maker {
+        instance::Maker {
+            plugin: Arc::from(self.name.as_str()),
+            pre: self.pre.clone(),
+            runtime: self.runtime.clone(),
+        }
+    }
+
+    /// Calls `invoke` with these texts in a fresh instance, as a stage does but with no
+    /// run, secrets or HTTP grant: what the sandbox's crossing costs, for benchmarks.
+    pub async fn invoke_text(&self, config: &str, input: &str) -> Result<String, String> {
+        let call = state::Call {
+            run_id: Arc::from("bench"),
+            stage_id: Arc::from("bench"),
+            secrets: Arc::default(),
+            http: None,
+            cpu_deadline: Instant::now() + DEFAULT_DEADLINE,
+        };
+        let (_fresh, result) = self
+            .maker()
+            .invoke(&self.spares, call, config.to_owned(), input.to_owned())
+            .await?;
+        match result {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => Err(e.message),
+            Err(trap) => Err(chain(&trap)),
+        }
+    }
+
     pub async fn warm_instance(&self) -> Result<WarmInstance, String> {
-        let state = PluginState::new(
-            Arc::from(self.name.as_str()),
-            Arc::from("bench"),
-            Arc::from("bench"),
-            Default::default(),
-            self.runtime.memory_limit,
-            None,
-            Instant::now() + Duration::from_secs(3600),
-        );
+        let mut state = PluginState::new(Arc::from(self.name.as_str()), self.runtime.memory_limit);
+        state.cpu_deadline = Instant::now() + Duration::from_secs(3600);
         let mut store = self.runtime.store(state);
         let bindings = self
             .pre

@@ -143,16 +143,21 @@ impl wasmtime_wasi::cli::StdoutStream for Capture {
     }
 }
 
+/// What one invocation is for. A fresh instance is made before it is known which
+/// stage will use it; these are set just before its call.
+pub struct Call {
+    pub run_id: Arc<str>,
+    pub stage_id: Arc<str>,
+    pub secrets: Arc<Secrets>,
+    pub http: Option<HttpGrant>,
+    /// Wall-clock deadline for the plugin's code; checked at every epoch tick.
+    pub cpu_deadline: Instant,
+}
+
 impl PluginState {
-    pub fn new(
-        plugin: Arc<str>,
-        run_id: Arc<str>,
-        stage_id: Arc<str>,
-        secrets: Arc<Secrets>,
-        memory_limit: usize,
-        http: Option<HttpGrant>,
-        cpu_deadline: Instant,
-    ) -> Self {
+    /// The state of a fresh instance of `plugin`, bound to no call: no secrets, no
+    /// HTTP grant, and as long to instantiate as `describe()` gets.
+    pub fn new(plugin: Arc<str>, memory_limit: usize) -> Self {
         let stderr = Capture::new(MAX_STDERR_BYTES);
         // Nothing beyond the world: no preopens, no environment, no arguments, no
         // network (sockets are linked for toolchains that import them, but every
@@ -172,18 +177,27 @@ impl PluginState {
                 exceeded: None,
             },
             stderr,
-            cpu_deadline,
+            cpu_deadline: Instant::now() + super::DESCRIBE_DEADLINE,
             log_bytes: 0,
             plugin,
-            run_id,
-            stage_id,
-            secrets,
-            http,
+            run_id: Arc::from(""),
+            stage_id: Arc::from(""),
+            secrets: Arc::default(),
+            http: None,
             retries: AtomicU32::new(0),
             calls: 0,
             last_call_error: None,
             refusal: None,
         }
+    }
+
+    /// Binds the instance to the invocation it is about to serve.
+    pub fn bind(&mut self, call: Call) {
+        self.run_id = call.run_id;
+        self.stage_id = call.stage_id;
+        self.secrets = call.secrets;
+        self.http = call.http;
+        self.cpu_deadline = call.cpu_deadline;
     }
 }
 

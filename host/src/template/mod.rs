@@ -274,7 +274,7 @@ impl Expression {
 pub fn to_text(v: &Value) -> Cow<'_, str> {
     match v {
         Value::String(s) => Cow::Borrowed(s),
-        other => Cow::Owned(other.to_string()),
+        other => Cow::Owned(serde_json::to_string(other).unwrap_or_default()),
     }
 }
 

@@ -7,6 +7,9 @@
 //! - `env`: reports what WASI lets it see (environment, files, arguments).
 //! - `flood`: writes `config.mib` MiB to stderr and stdout, then succeeds.
 //! - `recurse`: recurses until the stack runs out.
+//! - `echo`: returns its input text unchanged, unparsed (to measure the crossing alone).
+//! - `remember`: counts its calls in a static and returns the count; in a fresh
+//!   instance per invocation it is always 1 (the benchmarks check that it stays so).
 
 use fmhost_plugin_sdk::{
     Descriptor, Guest, PluginError, PluginKind, Request, export_connector, invalid_config,
@@ -55,6 +58,12 @@ impl Guest for Chaos {
                 Ok("\"flooded\"".into())
             }
             "recurse" => Ok(depth(std::hint::black_box(0)).to_string()),
+            "echo" => Ok(input),
+            "remember" => {
+                static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                Ok(n.to_string())
+            }
             "log" => {
                 let n = config["n"].as_u64().unwrap_or(1);
                 for _ in 0..n {

@@ -1,0 +1,163 @@
+//! Fresh instances. Every invocation runs in an instance no code has run in before;
+//! what changes is when that instance is made. A plugin that has been invoked keeps a
+//! few *spares*, instantiated ahead of time on the plugin threads, so a stage only binds
+//! its call to one and calls it. A spare has never run guest code (Rust and C
+//! components run constructors on their first export call, not at instantiation) and
+//! holds no run's data: the run's ids, secrets handle, HTTP grant and deadline are set
+//! by [`PluginState::bind`] just before the call, and the instance is dropped after it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::bindings::{self, fmhost::plugin::types::PluginError};
+use super::state::{Call, PluginState};
+use super::{PluginRuntime, executor};
+
+/// Spares kept per plugin once it has been invoked, unless `FMHOST_PLUGIN_SPARES` says
+/// otherwise (0 turns them off: every invocation instantiates on its own path).
+pub const DEFAULT_SPARES: usize = 2;
+
+/// An instantiated, never-called instance and the pool place it occupies. Fields drop
+/// in order: the instance goes back to the pool before the place is offered again.
+pub(crate) struct Fresh {
+    pub store: wasmtime::Store<PluginState>,
+    bindings: bindings::Connector,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// What a call left behind: the state the host imports wrote (refusals, retries, the
+/// last upstream error, stderr) and the guest's answer.
+pub(crate) type Outcome = (
+    Fresh,
+    wasmtime::Result<Result<String, PluginError>>,
+);
+
+/// A plugin version's spare instances.
+pub(crate) struct Spares {
+    queue: Mutex<Vec<Fresh>>,
+    filling: AtomicBool,
+    want: usize,
+}
+
+impl Spares {
+    pub fn new() -> Arc<Spares> {
+        let want = std::env::var("FMHOST_PLUGIN_SPARES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_SPARES)
+            .min(64);
+        Arc::new(Spares {
+            queue: Mutex::new(Vec::new()),
+            filling: AtomicBool::new(false),
+            want,
+        })
+    }
+
+    fn take(&self) -> Option<Fresh> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    fn len(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Tops the spares up on the plugin threads, unless that is already under way. A
+    /// spare takes a pool place only if one is free: spares never make a stage wait.
+    fn refill(self: &Arc<Self>, maker: Maker) {
+        if self.want == 0 || self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spares = self.clone();
+        executor().spawn(async move {
+            while spares.len() < spares.want {
+                let Ok(slot) = maker.runtime.slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                match maker.make(slot).await {
+                    Ok(f) => spares.queue.lock().unwrap_or_else(|e| e.into_inner()).push(f),
+                    Err(e) => {
+                        tracing::debug!(target: "fmhost::plugin", plugin = &*maker.plugin, "a spare instance could not be made: {}", super::chain(&e));
+                        break;
+                    }
+                }
+            }
+            spares.filling.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Everything it takes to instantiate a plugin version, without holding the [`Plugin`]
+/// (a swapped-out version is dropped while its spares are still being made).
+///
+/// [`Plugin`]: super::Plugin
+#[derive(Clone)]
+pub(crate) struct Maker {
+    pub plugin: Arc<str>,
+    pub pre: bindings::ConnectorPre<PluginState>,
+    pub runtime: Arc<PluginRuntime>,
+}
+
+impl Maker {
+    async fn make(&self, slot: OwnedSemaphorePermit) -> wasmtime::Result<Fresh> {
+        let mut store = self.runtime.store(PluginState::new(
+            self.plugin.clone(),
+            self.runtime.memory_limit,
+        ));
+        let bindings = self.pre.instantiate_async(&mut store).await?;
+        Ok(Fresh {
+            store,
+            bindings,
+            _slot: slot,
+        })
+    }
+
+    /// Calls `invoke` in a fresh instance (a spare when there is one) on the plugin
+    /// threads. The instance is returned so the caller can read what the host imports
+    /// recorded; dropping it returns its memory to the pool.
+    pub async fn invoke(
+        &self,
+        spares: &Arc<Spares>,
+        call: Call,
+        config: String,
+        input: String,
+    ) -> Result<Outcome, String> {
+        let spare = spares.take();
+        // Either way this invocation used an instance: make the next one now, while
+        // this one runs.
+        spares.refill(self.clone());
+        let slot = match spare {
+            Some(_) => None,
+            None => Some(self.runtime.instance_slot().await),
+        };
+        let maker = self.clone();
+        // Guest code runs on the plugin threads, never on the threads that serve
+        // requests; dropping this future (a stage or run deadline) aborts it at the
+        // guest's next epoch yield.
+        let task = executor().spawn(async move {
+            let mut fresh = match (spare, slot) {
+                (Some(f), _) => f,
+                (None, Some(slot)) => match maker.make(slot).await {
+                    Ok(f) => f,
+                    Err(e) => return Err(e),
+                },
+                (None, None) => unreachable!("a slot is taken when there is no spare"),
+            };
+            fresh.store.data_mut().bind(call);
+            // Epoch deadlines count from now, not from when the spare was made.
+            fresh.store.set_epoch_deadline(1);
+            let result = fresh
+                .bindings
+                .fmhost_plugin_plugin()
+                .call_invoke(&mut fresh.store, &config, &input)
+                .await;
+            Ok((fresh, result))
+        });
+        match tokio_util::task::AbortOnDropHandle::new(task).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(e)) => Err(format!("cannot be instantiated: {}", super::chain(&e))),
+            Err(e) => Err(format!("its task ended: {e}")),
+        }
+    }
+}
