@@ -26,6 +26,10 @@ pub struct Secrets {
     /// What redaction masks: every value and its common encodings (URL-encoded, base64,
     /// JSON-escaped), longest first.
     masks: Vec<String>,
+    /// One automaton over all of `exact`, and one over all of `masks`: the common case,
+    /// text holding no secret, is one pass over it instead of one per value.
+    find_exact: Option<aho_corasick::AhoCorasick>,
+    find_masks: Option<aho_corasick::AhoCorasick>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,11 +67,23 @@ impl Secrets {
         let mut masks: Vec<String> = exact.iter().flat_map(|(v, _)| encodings(v)).collect();
         masks.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         masks.dedup();
+        let automaton = |needles: Vec<&str>| {
+            (!needles.is_empty())
+                .then(|| aho_corasick::AhoCorasick::new(needles).ok())
+                .flatten()
+        };
         Secrets {
+            find_exact: automaton(exact.iter().map(|(v, _)| v.as_str()).collect()),
+            find_masks: automaton(masks.iter().map(String::as_str).collect()),
             values,
             exact,
             masks,
         }
+    }
+
+    /// Whether `text` may hold one of the needles `finder` was built from.
+    fn may_hold(finder: &Option<aho_corasick::AhoCorasick>, text: &[u8]) -> bool {
+        finder.as_ref().is_some_and(|f| f.is_match(text))
     }
 
     /// The secret as a JSON string, for templates.
@@ -82,6 +98,9 @@ impl Secrets {
     /// Masks every secret value, and its URL, base64 and JSON encodings, that occurs in `text`.
     pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
         let mut out = Cow::Borrowed(text);
+        if !Self::may_hold(&self.find_masks, text.as_bytes()) {
+            return out;
+        }
         for m in &self.masks {
             if let Some(replaced) = replace_standalone(&out, m, MASK) {
                 out = Cow::Owned(replaced);
@@ -92,6 +111,9 @@ impl Secrets {
 
     /// [`Self::redact`] on bytes that may not be text (a response body handed to a plugin).
     pub fn redact_bytes(&self, bytes: &mut Vec<u8>) {
+        if !Self::may_hold(&self.find_masks, bytes) {
+            return;
+        }
         for m in &self.masks {
             if m.len() < SHORT || memchr::memmem::find(bytes, m.as_bytes()).is_none() {
                 continue;
@@ -130,6 +152,9 @@ impl Secrets {
 
     fn referenced<'a>(&self, s: &'a str) -> Cow<'a, str> {
         let mut out = escape_literal_refs(s);
+        if !Self::may_hold(&self.find_exact, s.as_bytes()) {
+            return out;
+        }
         for (secret, name) in &self.exact {
             if let Some(replaced) =
                 replace_standalone(&out, secret, &format!("{{{{secrets.{name}}}}}"))

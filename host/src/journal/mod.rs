@@ -26,12 +26,17 @@ use crate::engine::{RunObserver, RunReport, RunStatus, StageReport, StageStatus}
 use crate::http::Attempt;
 use crate::secrets::Secrets;
 
-/// This machine's name, recorded with each run so a process's liveness is only judged here.
+/// This machine's name, recorded with each run so a process's liveness is only judged
+/// here. Read once per process.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_default()
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 /// Whether process `pid` on this machine is still running.
@@ -592,13 +597,18 @@ fn writer_loop(backend: &mut dyn Backend, rx: mpsc::Receiver<Msg>) {
                 Msg::Commit { reply, .. } => commits.push(reply),
             }
         }
+        let (records, index) = coalesce(records);
         let result = if records.is_empty() && !durable {
             Ok(Vec::new())
         } else {
             backend.write(&records, durable)
         };
         let changed = match result {
-            Ok(changed) => changed,
+            // Back to one answer per record queued (a dropped row changed nothing).
+            Ok(changed) => index
+                .iter()
+                .map(|i| i.and_then(|i| changed.get(i).copied()).unwrap_or(false))
+                .collect(),
             Err(e) => {
                 tracing::error!(target: "fmhost::journal", records = records.len(), "journal write failed: {e}");
                 lost = Some(e);
@@ -621,6 +631,45 @@ fn writer_loop(backend: &mut dyn Backend, rx: mpsc::Receiver<Msg>) {
             lost = None;
         }
     }
+}
+
+/// Drops every stage row of a batch that a later row of the same stage in the same
+/// batch replaces anyway: a row that is not `pending` always overwrites (the store's
+/// rule), so only the last of a stage's `pending`, `running`, `succeeded` needs writing.
+/// The survivor takes the earliest row's position, which is what the first insert would
+/// have stored. Returns the rows to write and, per row queued, its index among them.
+fn coalesce(records: Vec<Record>) -> (Vec<Record>, Vec<Option<usize>>) {
+    let mut slots: Vec<Option<Record>> = records.into_iter().map(Some).collect();
+    // (run, stage) -> index of the non-pending row that overwrites the earlier ones.
+    let mut survivors: std::collections::HashMap<(String, String), usize> =
+        std::collections::HashMap::new();
+    for i in (0..slots.len()).rev() {
+        let Some(Record::Stage {
+            run_id,
+            position,
+            stage,
+        }) = &slots[i]
+        else {
+            continue;
+        };
+        let key = (run_id.clone(), stage.id.clone());
+        if let Some(&j) = survivors.get(&key) {
+            let earlier = *position;
+            if let Some(Record::Stage { position, .. }) = &mut slots[j] {
+                *position = earlier;
+            }
+            slots[i] = None;
+        } else if stage.status != StageStatus::Pending {
+            survivors.insert(key, i);
+        }
+    }
+    let mut index = Vec::with_capacity(slots.len());
+    let mut kept = Vec::with_capacity(slots.len());
+    for slot in slots {
+        index.push(slot.is_some().then_some(kept.len()));
+        kept.extend(slot);
+    }
+    (kept, index)
 }
 
 /// Journals one run: the engine's observer while it runs, then [`finish`](Self::finish).
