@@ -69,7 +69,14 @@ impl Secrets {
         masks.dedup();
         let automaton = |needles: Vec<&str>| {
             (!needles.is_empty())
-                .then(|| aho_corasick::AhoCorasick::new(needles).ok())
+                // A contiguous NFA builds in microseconds (a DFA takes ~0.4 ms for the
+                // customer-360 secrets, paid at every process start) and searches fast.
+                .then(|| {
+                    aho_corasick::AhoCorasick::builder()
+                        .kind(Some(aho_corasick::AhoCorasickKind::ContiguousNFA))
+                        .build(needles)
+                        .ok()
+                })
                 .flatten()
         };
         Secrets {

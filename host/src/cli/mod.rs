@@ -282,8 +282,8 @@ async fn registry(args: &PluginArgs) -> Result<Registry, String> {
 }
 
 async fn discover(args: &PluginArgs) -> Result<Vec<Arc<Plugin>>, String> {
-    let runtime =
-        PluginRuntime::new().map_err(|e| format!("cannot start the plugin runtime: {e}"))?;
+    let runtime = PluginRuntime::with_instances(crate::plugin::CLI_INSTANCES)
+        .map_err(|e| format!("cannot start the plugin runtime: {e}"))?;
     if let Some(path) = &args.policy {
         runtime.set_policy(crate::plugin::Policy::load(path)?);
     }
@@ -491,7 +491,7 @@ async fn plugins(cmd: PluginsCommand, state: &Path) -> u8 {
                     return EXIT_INVALID;
                 }
             };
-            let runtime = match PluginRuntime::new() {
+            let runtime = match PluginRuntime::with_instances(1) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("error: cannot start the plugin runtime: {e}");
@@ -752,6 +752,9 @@ async fn run(args: RunArgs, state: &Path) -> u8 {
         args.report.as_deref(),
         args.metrics.then_some(&engine),
     );
+    // The process ends here: tearing the plugins' compiled code and instance pool
+    // down (unmapping it piece by piece) would only delay the exit by milliseconds.
+    std::mem::forget(registry);
     match committed {
         // The run happened (its output is printed) but it cannot be found or replayed.
         Err(e) if code == 0 => {

@@ -38,6 +38,10 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 pub const COMPILE_DEADLINE: Duration = Duration::from_secs(120);
 /// How long `describe()` may take when a plugin is loaded.
 pub const DESCRIBE_DEADLINE: Duration = Duration::from_secs(5);
+/// Plugin instances a server's pool holds at once.
+pub const SERVER_INSTANCES: u32 = 1000;
+/// Plugin instances the pool of a one-run command (`fmhost run`, `validate`, ...) holds.
+pub const CLI_INSTANCES: u32 = 256;
 /// Bytes of each pooled linear memory kept resident between instances.
 const KEEP_RESIDENT: usize = 8 << 20;
 /// Idle pool slots that keep a plugin's memory image (and their resident pages).
@@ -122,6 +126,14 @@ impl PluginRuntime {
     /// Builds the engine: pooling allocator, epoch interruption, no component-model
     /// async (it makes calls about three times dearer), and an epoch ticker thread.
     pub fn new() -> anyhow::Result<Arc<PluginRuntime>> {
+        Self::with_instances(SERVER_INSTANCES)
+    }
+
+    /// Like [`new`](Self::new) with a pool of `instances` live plugin instances (more
+    /// invocations at once wait for a place). Setting the pool up costs about 3 µs per
+    /// place (a guarded async stack each), so a one-run process asks for fewer.
+    /// `FMHOST_PLUGIN_INSTANCES` overrides either.
+    pub fn with_instances(instances: u32) -> anyhow::Result<Arc<PluginRuntime>> {
         let memory_limit = std::env::var("FMHOST_PLUGIN_MEMORY_MB")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
@@ -130,9 +142,11 @@ impl PluginRuntime {
         let instances = std::env::var("FMHOST_PLUGIN_INSTANCES")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(1000u32);
+            .unwrap_or(instances)
+            .max(1);
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
+            .total_stacks(instances)
             .total_core_instances(instances * 4)
             .total_memories(instances * 2)
             .total_tables(instances * 4)
