@@ -77,15 +77,27 @@ fn micro(c: &mut Criterion) {
             })
         });
     }
-    for (label, size) in [("1KiB", 1 << 10), ("64KiB", 64 << 10), ("1MiB", 1 << 20)] {
-        let config = json!({"data": fx::payload(size), "expression": "`0`"});
-        c.bench_function(&format!("crossing/{label}"), |b| {
-            b.to_async(&rt).iter(|| async {
-                fresh
-                    .invoke(&ctx, config.clone(), Arc::new(Value::Null))
-                    .await
-                    .unwrap()
-            })
+    // Bytes into a fresh instance and back: `chaos` in `echo` mode returns its input
+    // text unparsed, so beyond the 0-byte call this is the crossing alone.
+    let echo_config = json!({"mode": "echo"}).to_string();
+    for (label, size) in [("0", 0usize), ("1KiB", 1 << 10), ("64KiB", 64 << 10), ("1MiB", 1 << 20)] {
+        let text = "x".repeat(size);
+        c.bench_function(&format!("crossing-echo/{label}"), |b| {
+            b.to_async(&rt)
+                .iter(|| async { chaos.invoke_text(&echo_config, &text).await.unwrap() })
+        });
+    }
+    // A JSON transform with the identity expression in a fresh instance, against the
+    // same Rust code (the json-transform plugin's) run natively on the same text.
+    for (label, size) in [("tiny", 0usize), ("1KiB", 1 << 10), ("64KiB", 64 << 10), ("1MiB", 1 << 20)] {
+        let data = if size == 0 { json!({"a": 1}) } else { fx::payload(size) };
+        let config = json!({"data": data, "expression": "@"}).to_string();
+        c.bench_function(&format!("identity/plugin/{label}"), |b| {
+            b.to_async(&rt)
+                .iter(|| async { jt.invoke_text(&config, "null").await.unwrap() })
+        });
+        c.bench_function(&format!("identity/native/{label}"), |b| {
+            b.iter(|| fx::json_transform_native(&config, "null"))
         });
     }
 

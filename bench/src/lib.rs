@@ -102,3 +102,20 @@ pub fn rss_kib() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// What the json-transform plugin's `invoke` does, run natively: parse the config
+/// text, take `data` (or parse the input), compile and search the expression, write the
+/// result as text. The benchmarks compare the plugin against it.
+pub fn json_transform_native(config: &str, input: &str) -> String {
+    let mut config: Value = serde_json::from_str(config).expect("config is JSON");
+    let expression = config["expression"].as_str().unwrap_or("@").to_string();
+    let data = match config.get_mut("data") {
+        Some(d) => d.take(),
+        None => serde_json::from_str(input).expect("input is JSON"),
+    };
+    let result = jpx_core::compile(&expression)
+        .expect("expression compiles")
+        .search(&data)
+        .expect("search succeeds");
+    serde_json::to_string(&result).expect("the result is written")
+}

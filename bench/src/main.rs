@@ -428,6 +428,32 @@ async fn main() {
         out.insert("serve_rss".into(), json!({"runs": n, "succeeded": ok, "idle_kib": idle, "during_kib": during, "peak_kib": peak}));
     }
 
+    // The fresh-instance guarantee, in the same run as the rows it makes cheap: a
+    // plugin that counts its calls in a static sees 1 on every call, spares or not.
+    if want("fresh") {
+        let chaos = fx::plugin(&runtime, "target/test-plugins", "chaos").await;
+        let config = json!({"mode": "remember"}).to_string();
+        let n = 1000;
+        let mut fresh = 0;
+        for _ in 0..n / 2 {
+            if chaos.invoke_text(&config, "null").await.as_deref() == Ok("1") {
+                fresh += 1;
+            }
+        }
+        let calls: Vec<_> = (0..n / 2)
+            .map(|_| {
+                let (p, c) = (chaos.clone(), config.clone());
+                tokio::spawn(async move { p.invoke_text(&c, "null").await })
+            })
+            .collect();
+        for call in calls {
+            if call.await.unwrap().as_deref() == Ok("1") {
+                fresh += 1;
+            }
+        }
+        out.insert("fresh_state".into(), json!({"calls": n, "saw_fresh_state": fresh}));
+    }
+
     // foreach over many items with a json-transform body: the loop's own cost per
     // iteration beyond the body's, sequential and 16 at a time, and the peak RSS of the
     // real binary at two item counts (it must not grow beyond the collected results).

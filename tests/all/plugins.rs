@@ -530,3 +530,45 @@ async fn a_python_plugin_loads_and_runs_unchanged() {
         ran.stderr
     );
 }
+
+/// Every invocation runs in an instance nothing ran in before, spare instances made
+/// ahead of time included: a plugin that counts its calls in a static sees 1 each time,
+/// 40 calls in a loop, 8 at once and one after another.
+#[tokio::test]
+async fn no_state_survives_from_one_invocation_to_the_next() {
+    let dir = support::scratch("chaos-remember");
+    for (name, parallel) in [("parallel", true), ("sequential", false)] {
+        let p = support::write_json(
+            &dir,
+            &format!("{name}.json"),
+            &json!({"name": name, "output_stage": "each", "stages": [
+                {"id": "each", "component": "foreach", "config": {
+                    "items": "{{input.items}}", "loop_stages": ["remember"],
+                    "parallel": parallel, "max_parallel": 8}},
+                {"id": "remember", "component": "chaos", "depends_on": ["each"],
+                 "config": {"mode": "remember"}}]}),
+        );
+        let items: Vec<u32> = (0..40).collect();
+        let input = support::write_json(&dir, "input.json", &json!({"items": items}));
+        let plugin_dir = dir.join("chaos-plugin");
+        std::fs::create_dir_all(&plugin_dir).unwrap();
+        std::fs::copy(
+            plugin_file("target/test-plugins", "chaos"),
+            plugin_dir.join("chaos.wasm"),
+        )
+        .unwrap();
+        let mut cmd = support::fmhost();
+        cmd.args(["run", "--no-journal"])
+            .arg(&p)
+            .arg("--input")
+            .arg(&input)
+            .arg("--plugins")
+            .arg(&plugin_dir);
+        let ran: support::Ran = support::output(cmd).await.into();
+        assert_eq!(ran.code, 0, "{}", ran.stderr);
+        let out = ran.json();
+        let results = out["results"].as_array().unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(results.len(), 40, "{out}");
+        assert!(results.iter().all(|r| r == &json!(1)), "{name}: {out}");
+    }
+}

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::bindings::PluginErrorKind;
-use super::state::{Call, HttpGrant, PluginState};
+use super::instance::Outcome;
+use super::state::{Call, HttpGrant};
 use super::{DEFAULT_DEADLINE, Grant, Plugin, StageGrants, World, chain};
 use crate::component::check::contains_template;
 use crate::component::{Component, ConfigProblem, StageContext};
@@ -131,15 +132,13 @@ impl Component for WasmComponent {
                     .saturating_sub(super::EPOCH_TICK)
                     .max(super::EPOCH_TICK),
         };
-        let (fresh, result) = p
+        let outcome = p
             .maker()
             .invoke(&p.spares, call, config_text, input_text)
             .await
             .map_err(|why| StageError::new(ErrorKind::Sandbox, format!("plugin {}: {why}", p.name)))?;
-        let state = fresh.store.data();
-        ctx.retries
-            .fetch_add(state.retries.load(Ordering::Relaxed), Ordering::Relaxed);
-        if let Some(why) = &state.refusal {
+        ctx.retries.fetch_add(outcome.retries, Ordering::Relaxed);
+        if let Some(why) = &outcome.refusal {
             // A plugin that tried what it was not granted fails, whatever it returns.
             return Err(StageError::new(
                 ErrorKind::Sandbox,
@@ -149,8 +148,8 @@ impl Component for WasmComponent {
                 ),
             ));
         }
-        match result {
-            Ok(Ok(out)) => serde_json::from_str(&out).map_err(|e| {
+        match &outcome.result {
+            Ok(Ok(out)) => serde_json::from_str(out).map_err(|e| {
                 StageError::internal(format!("plugin {} returned invalid JSON: {e}", p.name))
             }),
             Ok(Err(e)) => {
@@ -159,7 +158,7 @@ impl Component for WasmComponent {
                         ErrorKind::Validation
                     }
                     PluginErrorKind::Upstream => {
-                        state.last_call_error.unwrap_or(ErrorKind::Http5xx)
+                        outcome.last_call_error.unwrap_or(ErrorKind::Http5xx)
                     }
                     PluginErrorKind::Timeout => ErrorKind::Timeout,
                     PluginErrorKind::RateLimited => ErrorKind::RateLimited,
@@ -171,7 +170,7 @@ impl Component for WasmComponent {
                     format!("plugin {}: {}", p.name, e.message),
                 ))
             }
-            Err(trap) => Err(sandbox_error(&p.name, &trap, state, deadline)),
+            Err(trap) => Err(sandbox_error(&p.name, trap, &outcome, deadline)),
         }
     }
 }
@@ -179,13 +178,10 @@ impl Component for WasmComponent {
 fn sandbox_error(
     plugin: &str,
     trap: &wasmtime::Error,
-    state: &PluginState,
+    outcome: &Outcome,
     deadline: Duration,
 ) -> StageError {
-    let stderr = state
-        .secrets
-        .redact(state.stderr.text().trim())
-        .into_owned();
+    let stderr = &outcome.stderr;
     let detail = if stderr.is_empty() {
         String::new()
     } else {
@@ -194,10 +190,10 @@ fn sandbox_error(
             stderr.lines().take(5).collect::<Vec<_>>().join(" | ")
         )
     };
-    let what = if let Some(bytes) = state.limits.exceeded {
+    let what = if let Some(bytes) = outcome.memory_exceeded {
         format!(
             "exceeded its memory limit of {} MiB (asked for {} MiB)",
-            state.limits.memory >> 20,
+            outcome.memory_limit >> 20,
             bytes >> 20
         )
     } else if matches!(

@@ -27,12 +27,38 @@ pub(crate) struct Fresh {
     _slot: OwnedSemaphorePermit,
 }
 
-/// What a call left behind: the state the host imports wrote (refusals, retries, the
-/// last upstream error, stderr) and the guest's answer.
-pub(crate) type Outcome = (
-    Fresh,
-    wasmtime::Result<Result<String, PluginError>>,
-);
+/// What a call left behind, read from the instance before it is dropped: what the
+/// host imports recorded (refusals, retries, the last upstream error, stderr, a refused
+/// memory growth) and the guest's answer.
+pub(crate) struct Outcome {
+    pub result: wasmtime::Result<Result<String, PluginError>>,
+    pub retries: u32,
+    pub refusal: Option<String>,
+    pub last_call_error: Option<crate::error::ErrorKind>,
+    pub memory_limit: usize,
+    pub memory_exceeded: Option<usize>,
+    /// The plugin's stderr, secrets masked.
+    pub stderr: String,
+}
+
+impl Outcome {
+    fn of(state: &PluginState, result: wasmtime::Result<Result<String, PluginError>>) -> Outcome {
+        Outcome {
+            retries: state.retries.load(Ordering::Relaxed),
+            refusal: state.refusal.clone(),
+            last_call_error: state.last_call_error,
+            memory_limit: state.limits.memory,
+            memory_exceeded: state.limits.exceeded,
+            // Read only for a trap, the one place it is shown.
+            stderr: if result.is_err() {
+                state.secrets.redact(state.stderr.text().trim()).into_owned()
+            } else {
+                String::new()
+            },
+            result,
+        }
+    }
+}
 
 /// A plugin version's spare instances.
 pub(crate) struct Spares {
@@ -63,28 +89,26 @@ impl Spares {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Tops the spares up on the plugin threads, unless that is already under way. A
-    /// spare takes a pool place only if one is free: spares never make a stage wait.
-    fn refill(self: &Arc<Self>, maker: Maker) {
+    /// Tops the spares up, on the plugin thread that calls it, unless another is
+    /// already at it. A spare takes a pool place only if one is free: spares never make
+    /// a stage wait.
+    async fn fill(&self, maker: &Maker) {
         if self.want == 0 || self.filling.swap(true, Ordering::AcqRel) {
             return;
         }
-        let spares = self.clone();
-        executor().spawn(async move {
-            while spares.len() < spares.want {
-                let Ok(slot) = maker.runtime.slots.clone().try_acquire_owned() else {
+        while self.len() < self.want {
+            let Ok(slot) = maker.runtime.slots.clone().try_acquire_owned() else {
+                break;
+            };
+            match maker.make(slot).await {
+                Ok(f) => self.queue.lock().unwrap_or_else(|e| e.into_inner()).push(f),
+                Err(e) => {
+                    tracing::debug!(target: "fmhost::plugin", plugin = &*maker.plugin, "a spare instance could not be made: {}", super::chain(&e));
                     break;
-                };
-                match maker.make(slot).await {
-                    Ok(f) => spares.queue.lock().unwrap_or_else(|e| e.into_inner()).push(f),
-                    Err(e) => {
-                        tracing::debug!(target: "fmhost::plugin", plugin = &*maker.plugin, "a spare instance could not be made: {}", super::chain(&e));
-                        break;
-                    }
                 }
             }
-            spares.filling.store(false, Ordering::Release);
-        });
+        }
+        self.filling.store(false, Ordering::Release);
     }
 }
 
@@ -114,8 +138,9 @@ impl Maker {
     }
 
     /// Calls `invoke` in a fresh instance (a spare when there is one) on the plugin
-    /// threads. The instance is returned so the caller can read what the host imports
-    /// recorded; dropping it returns its memory to the pool.
+    /// threads. The answer comes back as soon as the guest returns; the same plugin
+    /// thread then drops the instance (its memory goes back to the pool) and makes the
+    /// next spare, off the stage's path and without waking another thread.
     pub async fn invoke(
         &self,
         spares: &Arc<Spares>,
@@ -124,25 +149,27 @@ impl Maker {
         input: String,
     ) -> Result<Outcome, String> {
         let spare = spares.take();
-        // Either way this invocation used an instance: make the next one now, while
-        // this one runs.
-        spares.refill(self.clone());
         let slot = match spare {
             Some(_) => None,
             None => Some(self.runtime.instance_slot().await),
         };
-        let maker = self.clone();
+        let (maker, spares) = (self.clone(), spares.clone());
+        let (answer, answered) = tokio::sync::oneshot::channel();
         // Guest code runs on the plugin threads, never on the threads that serve
         // requests; dropping this future (a stage or run deadline) aborts it at the
         // guest's next epoch yield.
         let task = executor().spawn(async move {
-            let mut fresh = match (spare, slot) {
-                (Some(f), _) => f,
-                (None, Some(slot)) => match maker.make(slot).await {
-                    Ok(f) => f,
-                    Err(e) => return Err(e),
-                },
+            let fresh = match (spare, slot) {
+                (Some(f), _) => Ok(f),
+                (None, Some(slot)) => maker.make(slot).await,
                 (None, None) => unreachable!("a slot is taken when there is no spare"),
+            };
+            let mut fresh = match fresh {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = answer.send(Err(format!("cannot be instantiated: {}", super::chain(&e))));
+                    return;
+                }
             };
             fresh.store.data_mut().bind(call);
             // Epoch deadlines count from now, not from when the spare was made.
@@ -152,12 +179,28 @@ impl Maker {
                 .fmhost_plugin_plugin()
                 .call_invoke(&mut fresh.store, &config, &input)
                 .await;
-            Ok((fresh, result))
+            let _ = answer.send(Ok(Outcome::of(fresh.store.data(), result)));
+            drop(fresh);
+            spares.fill(&maker).await;
         });
-        match tokio_util::task::AbortOnDropHandle::new(task).await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(e)) => Err(format!("cannot be instantiated: {}", super::chain(&e))),
-            Err(e) => Err(format!("its task ended: {e}")),
+        let mut guard = AbortOnDrop(Some(task.abort_handle()));
+        let outcome = answered
+            .await
+            .map_err(|_| "its task ended before it answered".to_string())?;
+        // Answered: what the task still does (dropping the instance, making a spare)
+        // must not be cut short when this stage moves on.
+        guard.0 = None;
+        outcome
+    }
+}
+
+/// Aborts a task when dropped, unless disarmed.
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
         }
     }
 }

@@ -583,11 +583,11 @@ impl Plugin {
             http: None,
             cpu_deadline: Instant::now() + DEFAULT_DEADLINE,
         };
-        let (_fresh, result) = self
+        let outcome = self
             .maker()
             .invoke(&self.spares, call, config.to_owned(), input.to_owned())
             .await?;
-        match result {
+        match outcome.result {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(e)) => Err(e.message),
             Err(trap) => Err(chain(&trap)),
