@@ -417,7 +417,7 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
     );
     let warm = m("plugin/warm-invoke");
     row(
-        "warm call (same instance, json-transform)",
+        "warm call (same instance, chaos echo, tiny input)",
         format!("{} µs", f(warm, 1)),
         "-",
         "",

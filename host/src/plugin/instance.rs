@@ -6,7 +6,7 @@
 //! holds no run's data: the run's ids, secrets handle, HTTP grant and deadline are set
 //! by [`PluginState::bind`] just before the call, and the instance is dropped after it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -60,12 +60,24 @@ impl Outcome {
     }
 }
 
-/// A plugin version's spare instances.
+/// A plugin version's spare instances, and its record of finishing fast.
 pub(crate) struct Spares {
     queue: Mutex<Vec<Fresh>>,
     filling: AtomicBool,
     want: usize,
+    /// Calls in a row that finished within [`FAST`] on the plugin threads.
+    streak: AtomicU32,
+    /// Times an inline call overran its first poll; each doubles the streak it takes
+    /// to be called inline again, and past [`MAX_DEMOTIONS`] it never is.
+    demotions: AtomicU32,
 }
+
+/// A call this quick on the plugin threads counts towards being called inline.
+const FAST: std::time::Duration = std::time::Duration::from_micros(500);
+/// Fast calls in a row before a transform is first called inline.
+const TRUST_AFTER: u32 = 16;
+/// Overruns after which a plugin version is never called inline again.
+const MAX_DEMOTIONS: u32 = 6;
 
 impl Spares {
     pub fn new() -> Arc<Spares> {
@@ -78,7 +90,30 @@ impl Spares {
             queue: Mutex::new(Vec::new()),
             filling: AtomicBool::new(false),
             want,
+            streak: AtomicU32::new(0),
+            demotions: AtomicU32::new(0),
         })
+    }
+
+    /// Whether this version has earned an inline call: a transform (no HTTP, so its
+    /// only pause is an epoch yield) with a long enough run of fast calls.
+    fn trusted(&self) -> bool {
+        let demotions = self.demotions.load(Ordering::Relaxed);
+        demotions < MAX_DEMOTIONS
+            && self.streak.load(Ordering::Relaxed) >= TRUST_AFTER << demotions
+    }
+
+    fn timed(&self, took: std::time::Duration) {
+        if took <= FAST {
+            self.streak.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.streak.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn demote(&self) {
+        self.streak.store(0, Ordering::Relaxed);
+        self.demotions.fetch_add(1, Ordering::Relaxed);
     }
 
     fn take(&self) -> Option<Fresh> {
@@ -119,6 +154,8 @@ impl Spares {
 #[derive(Clone)]
 pub(crate) struct Maker {
     pub plugin: Arc<str>,
+    /// A transform: it cannot call out, so it may earn inline calls.
+    pub transform: bool,
     pub pre: bindings::ConnectorPre<PluginState>,
     pub runtime: Arc<PluginRuntime>,
 }
@@ -148,7 +185,56 @@ impl Maker {
         config: String,
         input: String,
     ) -> Result<Outcome, String> {
-        let spare = spares.take();
+        let mut spare = spares.take();
+        if self.transform && spare.is_some() && spares.trusted() {
+            // Called inline, on the stage's own thread: no hand-off there and back. The
+            // guest keeps the thread at most until its first epoch yield (one tick);
+            // if it has not finished by then it goes on on the plugin threads, and this
+            // version must earn its inline calls again, twice as long as before.
+            let mut fresh = spare.take().expect("checked above");
+            fresh.store.data_mut().bind(call);
+            fresh.store.set_epoch_deadline(1);
+            let mut run = Box::pin(async move {
+                let result = fresh
+                    .bindings
+                    .fmhost_plugin_plugin()
+                    .call_invoke(&mut fresh.store, &config, &input)
+                    .await;
+                (fresh, result)
+            });
+            let first = futures::poll!(run.as_mut());
+            let (maker, spares) = (self.clone(), spares.clone());
+            return match first {
+                std::task::Poll::Ready((fresh, result)) => {
+                    let outcome = Outcome::of(fresh.store.data(), result);
+                    // The instance's teardown and the next spare are the plugin
+                    // threads' work, not this stage's.
+                    executor().spawn(async move {
+                        drop(fresh);
+                        spares.fill(&maker).await;
+                    });
+                    Ok(outcome)
+                }
+                std::task::Poll::Pending => {
+                    spares.demote();
+                    tracing::info!(target: "fmhost::plugin", plugin = &*maker.plugin,
+                        "{}: an inline call did not finish within one epoch tick; it runs on the plugin threads from now on", maker.plugin);
+                    let (answer, answered) = tokio::sync::oneshot::channel();
+                    let task = executor().spawn(async move {
+                        let (fresh, result) = run.await;
+                        let _ = answer.send(Ok(Outcome::of(fresh.store.data(), result)));
+                        drop(fresh);
+                        spares.fill(&maker).await;
+                    });
+                    let mut guard = AbortOnDrop(Some(task.abort_handle()));
+                    let outcome = answered
+                        .await
+                        .map_err(|_| "its task ended before it answered".to_string())?;
+                    guard.0 = None;
+                    outcome
+                }
+            };
+        }
         let slot = match spare {
             Some(_) => None,
             None => Some(self.runtime.instance_slot().await),
@@ -174,11 +260,15 @@ impl Maker {
             fresh.store.data_mut().bind(call);
             // Epoch deadlines count from now, not from when the spare was made.
             fresh.store.set_epoch_deadline(1);
+            let started = std::time::Instant::now();
             let result = fresh
                 .bindings
                 .fmhost_plugin_plugin()
                 .call_invoke(&mut fresh.store, &config, &input)
                 .await;
+            if maker.transform {
+                spares.timed(started.elapsed());
+            }
             let _ = answer.send(Ok(Outcome::of(fresh.store.data(), result)));
             drop(fresh);
             spares.fill(&maker).await;

@@ -568,6 +568,7 @@ impl Plugin {
     fn maker(&self) -> instance::Maker {
         instance::Maker {
             plugin: Arc::from(self.name.as_str()),
+            transform: self.kind == World::Transform,
             pre: self.pre.clone(),
             runtime: self.runtime.clone(),
         }
