@@ -82,7 +82,12 @@ fn micro(c: &mut Criterion) {
     // Bytes into a fresh instance and back: `chaos` in `echo` mode returns its input
     // text unparsed, so beyond the 0-byte call this is the crossing alone.
     let echo_config = json!({"mode": "echo"}).to_string();
-    for (label, size) in [("0", 0usize), ("1KiB", 1 << 10), ("64KiB", 64 << 10), ("1MiB", 1 << 20)] {
+    for (label, size) in [
+        ("0", 0usize),
+        ("1KiB", 1 << 10),
+        ("64KiB", 64 << 10),
+        ("1MiB", 1 << 20),
+    ] {
         let text = "x".repeat(size);
         c.bench_function(&format!("crossing-echo/{label}"), |b| {
             b.to_async(&rt)
@@ -91,8 +96,17 @@ fn micro(c: &mut Criterion) {
     }
     // A JSON transform with the identity expression in a fresh instance, against the
     // same Rust code (the json-transform plugin's) run natively on the same text.
-    for (label, size) in [("tiny", 0usize), ("1KiB", 1 << 10), ("64KiB", 64 << 10), ("1MiB", 1 << 20)] {
-        let data = if size == 0 { json!({"a": 1}) } else { fx::payload(size) };
+    for (label, size) in [
+        ("tiny", 0usize),
+        ("1KiB", 1 << 10),
+        ("64KiB", 64 << 10),
+        ("1MiB", 1 << 20),
+    ] {
+        let data = if size == 0 {
+            json!({"a": 1})
+        } else {
+            fx::payload(size)
+        };
         let config = json!({"data": data, "expression": "@"}).to_string();
         c.bench_function(&format!("identity/plugin/{label}"), |b| {
             b.to_async(&rt)

@@ -380,8 +380,21 @@ async fn main() {
         let server = start(
             Command::new(bin("fmhost"))
                 .current_dir(&dir)
-                .args(["serve", "--listen", "127.0.0.1:0", "--pipelines", "pipelines"])
-                .args(["--plugins", "plugins", "--secrets", "secrets.json", "--state", "state"])
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--pipelines",
+                    "pipelines",
+                ])
+                .args([
+                    "--plugins",
+                    "plugins",
+                    "--secrets",
+                    "secrets.json",
+                    "--state",
+                    "state",
+                ])
                 .env("FMHOST_LOG", "warn")
                 .env("FMHOST_API_TOKEN", BENCH_TOKEN),
         );
@@ -451,7 +464,10 @@ async fn main() {
                 fresh += 1;
             }
         }
-        out.insert("fresh_state".into(), json!({"calls": n, "saw_fresh_state": fresh}));
+        out.insert(
+            "fresh_state".into(),
+            json!({"calls": n, "saw_fresh_state": fresh}),
+        );
     }
 
     // foreach over many items with a json-transform body: the loop's own cost per

@@ -572,3 +572,47 @@ async fn no_state_survives_from_one_invocation_to_the_next() {
         assert!(results.iter().all(|r| r == &json!(1)), "{name}: {out}");
     }
 }
+
+/// A transform that has been quick is called inline on the stage's thread; one that then
+/// runs past an epoch tick there goes on on the plugin threads, finishes correctly, and
+/// loses its inline calls (the log says so).
+#[tokio::test]
+async fn a_quick_transform_called_inline_that_turns_slow_moves_to_the_plugin_threads() {
+    let dir = support::scratch("inline-demotion");
+    let items: Vec<Value> = (0..20_000)
+        .map(|i| json!({"id": format!("item-{i:06}"), "tags": ["a", "b", "c"], "n": i}))
+        .collect();
+    let p = support::write_json(
+        &dir,
+        "pipeline.json",
+        &json!({"name": "inline", "output_stage": "count", "stages": [
+            {"id": "each", "component": "foreach", "config": {
+                "items": "{{input.small}}", "loop_stages": ["quick"], "parallel": false}},
+            {"id": "quick", "component": "json-transform", "depends_on": ["each"],
+             "config": {"data": "{{context.item}}", "expression": "@"}},
+            {"id": "count", "component": "json-transform", "depends_on": ["each"],
+             "config": {"data": "{{input.big}}", "expression": "{count: length(@), last: [-1].id}"}}]}),
+    );
+    let small: Vec<u32> = (0..40).collect();
+    let input = support::write_json(&dir, "input.json", &json!({"small": small, "big": items}));
+    let mut cmd = support::fmhost();
+    cmd.args(["--log-format", "json", "run", "--no-journal"])
+        .arg(&p)
+        .arg("--input")
+        .arg(&input)
+        .args(["--plugins", "target/plugins"]);
+    let ran: support::Ran = support::output(cmd).await.into();
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    assert_eq!(
+        ran.json(),
+        json!({"count": 20_000, "last": "item-019999"}),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        ran.stderr
+            .contains("an inline call did not finish within one epoch tick"),
+        "the big call was not made inline, or was not moved: {}",
+        ran.stderr
+    );
+}

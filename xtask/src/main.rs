@@ -435,8 +435,15 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
         let v = m(&format!("crossing-echo/{label}"));
         let per = v.zip(echo0).map(|(v, z)| (v - z) / kib);
         row(
-            &format!("bytes into a fresh instance and back (string echo), {label}: beyond the 0-byte call, per KiB"),
-            format!("{} µs/KiB ({} µs, 0 bytes {} µs)", f(per, 3), f(v, 1), f(echo0, 1)),
+            &format!(
+                "bytes into a fresh instance and back (string echo), {label}: beyond the 0-byte call, per KiB"
+            ),
+            format!(
+                "{} µs/KiB ({} µs, 0 bytes {} µs)",
+                f(per, 3),
+                f(v, 1),
+                f(echo0, 1)
+            ),
             "≤ 0.5 µs/KiB",
             check(per.map(|p| p <= 0.5)),
         );
@@ -449,10 +456,22 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
         );
         let ratio = p.zip(tiny).zip(n).map(|((p, t), n)| (p - t) / n);
         row(
-            &format!("JSON transform (identity) of {label} in a fresh instance, beyond the fixed cost / the same Rust code native"),
-            format!("{}x ({} µs - {} µs fixed vs {} µs)", f(ratio, 2), f(p, 1), f(tiny, 1), f(n, 1)),
+            &format!(
+                "JSON transform (identity) of {label} in a fresh instance, beyond the fixed cost / the same Rust code native"
+            ),
+            format!(
+                "{}x ({} µs - {} µs fixed vs {} µs)",
+                f(ratio, 2),
+                f(p, 1),
+                f(tiny, 1),
+                f(n, 1)
+            ),
             if gated { "≤ 1.5x" } else { "-" },
-            if gated { check(ratio.map(|r| r <= 1.5)) } else { "" },
+            if gated {
+                check(ratio.map(|r| r <= 1.5))
+            } else {
+                ""
+            },
         );
     }
     row(
@@ -659,7 +678,11 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
         "fresh-instance guarantee: calls that saw no state from an earlier call (chaos `remember`)",
         format!("{} of {}", fs["saw_fresh_state"], fs["calls"]),
         "all",
-        check(num(&fs["saw_fresh_state"]).zip(num(&fs["calls"])).map(|(a, b)| a == b)),
+        check(
+            num(&fs["saw_fresh_state"])
+                .zip(num(&fs["calls"]))
+                .map(|(a, b)| a == b),
+        ),
     );
     let fe = &e2e["foreach"];
     let body = num(&fe["body_us"]);

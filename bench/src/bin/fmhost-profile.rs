@@ -20,11 +20,8 @@ use serde_json::{Value, json};
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |i: usize, default: usize| {
-        args.get(i)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(default)
-    };
+    let arg =
+        |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
     let runtime = PluginRuntime::new().unwrap();
     match args.first().map(String::as_str) {
         Some("invoke") | Some("crossing") => {

@@ -136,7 +136,9 @@ impl Component for WasmComponent {
             .maker()
             .invoke(&p.spares, call, config_text, input_text)
             .await
-            .map_err(|why| StageError::new(ErrorKind::Sandbox, format!("plugin {}: {why}", p.name)))?;
+            .map_err(|why| {
+                StageError::new(ErrorKind::Sandbox, format!("plugin {}: {why}", p.name))
+            })?;
         ctx.retries.fetch_add(outcome.retries, Ordering::Relaxed);
         if let Some(why) = &outcome.refusal {
             // A plugin that tried what it was not granted fails, whatever it returns.

@@ -51,7 +51,10 @@ impl Outcome {
             memory_exceeded: state.limits.exceeded,
             // Read only for a trap, the one place it is shown.
             stderr: if result.is_err() {
-                state.secrets.redact(state.stderr.text().trim()).into_owned()
+                state
+                    .secrets
+                    .redact(state.stderr.text().trim())
+                    .into_owned()
             } else {
                 String::new()
             },
@@ -99,8 +102,7 @@ impl Spares {
     /// only pause is an epoch yield) with a long enough run of fast calls.
     fn trusted(&self) -> bool {
         let demotions = self.demotions.load(Ordering::Relaxed);
-        demotions < MAX_DEMOTIONS
-            && self.streak.load(Ordering::Relaxed) >= TRUST_AFTER << demotions
+        demotions < MAX_DEMOTIONS && self.streak.load(Ordering::Relaxed) >= TRUST_AFTER << demotions
     }
 
     fn timed(&self, took: std::time::Duration) {
@@ -253,7 +255,8 @@ impl Maker {
             let mut fresh = match fresh {
                 Ok(f) => f,
                 Err(e) => {
-                    let _ = answer.send(Err(format!("cannot be instantiated: {}", super::chain(&e))));
+                    let _ =
+                        answer.send(Err(format!("cannot be instantiated: {}", super::chain(&e))));
                     return;
                 }
             };

@@ -263,7 +263,9 @@ fn filter(name: &str, value: Cow<'_, Value>, args: &[Cow<'_, Value>]) -> Result<
         }
     };
     match name {
-        "tojson" | "json" => no_args(Value::String(serde_json::to_string(&*value).unwrap_or_default())),
+        "tojson" | "json" => no_args(Value::String(
+            serde_json::to_string(&*value).unwrap_or_default(),
+        )),
         "string" => no_args(Value::String(super::to_text(&value).into_owned())),
         "length" => no_args(match &*value {
             Value::Array(a) => a.len().into(),

@@ -74,7 +74,10 @@ impl Guest for JsonTransform {
             .search(&data)
             .map_err(|e| error(ErrorKind::InvalidInput, format!("config.expression: {e}")))?;
         let text = serde_json::to_string(&result).map_err(|e| {
-            error(ErrorKind::Internal, format!("the result cannot be written: {e}"))
+            error(
+                ErrorKind::Internal,
+                format!("the result cannot be written: {e}"),
+            )
         })?;
         // The instance is thrown away after this call, its memory with it: freeing the
         // documents node by node first would only cost time.
