@@ -73,6 +73,8 @@ pub(crate) struct Spares {
     /// Times an inline call overran its first poll; each doubles the streak it takes
     /// to be called inline again, and past [`MAX_DEMOTIONS`] it never is.
     demotions: AtomicU32,
+    /// Inline calls allowed at all (`FMHOST_PLUGIN_INLINE=0` turns them off).
+    inline: bool,
 }
 
 /// A call this quick on the plugin threads counts towards being called inline.
@@ -95,6 +97,7 @@ impl Spares {
             want,
             streak: AtomicU32::new(0),
             demotions: AtomicU32::new(0),
+            inline: std::env::var("FMHOST_PLUGIN_INLINE").map_or(true, |v| v != "0"),
         })
     }
 
@@ -102,7 +105,8 @@ impl Spares {
     /// only pause is an epoch yield) with a long enough run of fast calls.
     fn trusted(&self) -> bool {
         let demotions = self.demotions.load(Ordering::Relaxed);
-        demotions < MAX_DEMOTIONS && self.streak.load(Ordering::Relaxed) >= TRUST_AFTER << demotions
+        self.inline
+            && demotions < MAX_DEMOTIONS && self.streak.load(Ordering::Relaxed) >= TRUST_AFTER << demotions
     }
 
     fn timed(&self, took: std::time::Duration) {
