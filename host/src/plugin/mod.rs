@@ -160,9 +160,12 @@ impl PluginRuntime {
         // instance touched are reset (found with the PAGEMAP_SCAN ioctl where the kernel
         // has it, Linux 6.7+): a fresh instance then takes no page faults for what it
         // touches again, instead of one per page (see benchmarks/ANALYSIS.md). Memory
-        // held this way is bounded by the warm slots kept times KEEP_RESIDENT.
-        pool.linear_memory_keep_resident(KEEP_RESIDENT)
-            .table_keep_resident(1 << 16)
+        // held this way is bounded by the warm slots kept times KEEP_RESIDENT. Without
+        // the ioctl (kernels before 6.7) wasmtime would `memset` all of KEEP_RESIDENT at
+        // every instance's end; there, slots are decommitted as before.
+        let scan = PoolingAllocationConfig::is_pagemap_scan_available();
+        pool.linear_memory_keep_resident(if scan { KEEP_RESIDENT } else { 0 })
+            .table_keep_resident(if scan { 1 << 16 } else { 0 })
             .pagemap_scan(wasmtime::Enabled::Auto)
             .max_unused_warm_slots(WARM_SLOTS);
         let mut config = Config::new();
