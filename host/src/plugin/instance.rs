@@ -106,7 +106,8 @@ impl Spares {
     fn trusted(&self) -> bool {
         let demotions = self.demotions.load(Ordering::Relaxed);
         self.inline
-            && demotions < MAX_DEMOTIONS && self.streak.load(Ordering::Relaxed) >= TRUST_AFTER << demotions
+            && demotions < MAX_DEMOTIONS
+            && self.streak.load(Ordering::Relaxed) >= TRUST_AFTER << demotions
     }
 
     fn timed(&self, took: std::time::Duration) {
@@ -180,10 +181,8 @@ impl Maker {
         })
     }
 
-    /// Calls `invoke` in a fresh instance (a spare when there is one) on the plugin
-    /// threads. The answer comes back as soon as the guest returns; the same plugin
-    /// thread then drops the instance (its memory goes back to the pool) and makes the
-    /// next spare, off the stage's path and without waking another thread.
+    /// Calls `invoke` in a fresh instance (a spare when there is one): inline for a
+    /// transform that has earned it, else on the plugin threads.
     pub async fn invoke(
         &self,
         spares: &Arc<Spares>,
@@ -225,19 +224,7 @@ impl Maker {
                     spares.demote();
                     tracing::info!(target: "fmhost::plugin", plugin = &*maker.plugin,
                         "{}: an inline call did not finish within one epoch tick; it runs on the plugin threads from now on", maker.plugin);
-                    let (answer, answered) = tokio::sync::oneshot::channel();
-                    let task = executor().spawn(async move {
-                        let (fresh, result) = run.await;
-                        let _ = answer.send(Ok(Outcome::of(fresh.store.data(), result)));
-                        drop(fresh);
-                        spares.fill(&maker).await;
-                    });
-                    let mut guard = AbortOnDrop(Some(task.abort_handle()));
-                    let outcome = answered
-                        .await
-                        .map_err(|_| "its task ended before it answered".to_string())?;
-                    guard.0 = None;
-                    outcome
+                    on_plugin_threads(spares, maker, async move { Ok(run.await) }).await
                 }
             };
         }
@@ -245,24 +232,15 @@ impl Maker {
             Some(_) => None,
             None => Some(self.runtime.instance_slot().await),
         };
-        let (maker, spares) = (self.clone(), spares.clone());
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        // Guest code runs on the plugin threads, never on the threads that serve
-        // requests; dropping this future (a stage or run deadline) aborts it at the
-        // guest's next epoch yield.
-        let task = executor().spawn(async move {
-            let fresh = match (spare, slot) {
-                (Some(f), _) => Ok(f),
-                (None, Some(slot)) => maker.make(slot).await,
+        let (maker, timed) = (self.clone(), spares.clone());
+        on_plugin_threads(spares.clone(), self.clone(), async move {
+            let mut fresh = match (spare, slot) {
+                (Some(f), _) => f,
+                (None, Some(slot)) => maker
+                    .make(slot)
+                    .await
+                    .map_err(|e| format!("cannot be instantiated: {}", super::chain(&e)))?,
                 (None, None) => unreachable!("a slot is taken when there is no spare"),
-            };
-            let mut fresh = match fresh {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ =
-                        answer.send(Err(format!("cannot be instantiated: {}", super::chain(&e))));
-                    return;
-                }
             };
             fresh.store.data_mut().bind(call);
             // Epoch deadlines count from now, not from when the spare was made.
@@ -274,21 +252,49 @@ impl Maker {
                 .call_invoke(&mut fresh.store, &config, &input)
                 .await;
             if maker.transform {
-                spares.timed(started.elapsed());
+                timed.timed(started.elapsed());
             }
-            let _ = answer.send(Ok(Outcome::of(fresh.store.data(), result)));
-            drop(fresh);
-            spares.fill(&maker).await;
-        });
-        let mut guard = AbortOnDrop(Some(task.abort_handle()));
-        let outcome = answered
-            .await
-            .map_err(|_| "its task ended before it answered".to_string())?;
-        // Answered: what the task still does (dropping the instance, making a spare)
-        // must not be cut short when this stage moves on.
-        guard.0 = None;
-        outcome
+            Ok((fresh, result))
+        })
+        .await
     }
+}
+
+/// A finished call: the instance (to read what it recorded, then drop) and the guest's
+/// answer.
+type Called = (Fresh, wasmtime::Result<Result<String, PluginError>>);
+
+/// Runs `call` on the plugin threads, never on the threads that serve requests. Its
+/// outcome comes back as soon as the guest returns; the same plugin thread then drops
+/// the instance (its memory goes back to the pool) and makes the next spare, off the
+/// stage's path and without waking another thread. Dropping the returned future (a
+/// stage or run deadline) aborts the call at the guest's next epoch yield.
+async fn on_plugin_threads(
+    spares: Arc<Spares>,
+    maker: Maker,
+    call: impl std::future::Future<Output = Result<Called, String>> + Send + 'static,
+) -> Result<Outcome, String> {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let task = executor().spawn(async move {
+        match call.await {
+            Ok((fresh, result)) => {
+                let _ = answer.send(Ok(Outcome::of(fresh.store.data(), result)));
+                drop(fresh);
+                spares.fill(&maker).await;
+            }
+            Err(why) => {
+                let _ = answer.send(Err(why));
+            }
+        }
+    });
+    let mut guard = AbortOnDrop(Some(task.abort_handle()));
+    let outcome = answered
+        .await
+        .map_err(|_| "its task ended before it answered".to_string())?;
+    // Answered: what the task still does (dropping the instance, making a spare) must
+    // not be cut short when this stage moves on.
+    guard.0 = None;
+    outcome
 }
 
 /// Aborts a task when dropped, unless disarmed.
