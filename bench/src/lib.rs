@@ -119,3 +119,40 @@ pub fn json_transform_native(config: &str, input: &str) -> String {
         .expect("search succeeds");
     serde_json::to_string(&result).expect("the result is written")
 }
+
+/// One run of `plan`, journaled in `journal` when there is one (waiting for its durable
+/// commit), as `fmhost run` does; panics unless it succeeds.
+pub async fn run_once(
+    engine: &fmhost::engine::Engine,
+    journal: Option<&fmhost::journal::Journal>,
+    plan: Arc<Plan>,
+    input: Value,
+) {
+    let watcher = journal.map(|j| {
+        let start = fmhost::journal::RunStart::new(
+            fmhost::engine::new_run_id(),
+            &plan.name,
+            Default::default(),
+            "bench",
+            "bench",
+            &input,
+        );
+        fmhost::journal::RunJournal::new(j.clone(), start, engine.secrets.clone())
+    });
+    let (r, committed) = fmhost::journal::run_journaled(
+        engine,
+        plan,
+        input,
+        fmhost::engine::RunOptions::default(),
+        watcher,
+    )
+    .await
+    .expect("the run starts");
+    committed.expect("the run is journaled");
+    assert_eq!(
+        r.status,
+        fmhost::engine::RunStatus::Succeeded,
+        "{:?}",
+        r.error
+    );
+}

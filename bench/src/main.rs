@@ -51,6 +51,32 @@ fn start(cmd: &mut Command) -> Proc {
     Proc(child, url)
 }
 
+/// `fmhost serve` on an ephemeral port over `dir`'s `pipelines/`, `plugins/`,
+/// `secrets.json` and `state/`, with the bench's admin token.
+fn serve(dir: &std::path::Path) -> Proc {
+    start(
+        Command::new(bin("fmhost"))
+            .current_dir(dir)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--pipelines",
+                "pipelines",
+            ])
+            .args([
+                "--plugins",
+                "plugins",
+                "--secrets",
+                "secrets.json",
+                "--state",
+                "state",
+            ])
+            .env("FMHOST_LOG", "warn")
+            .env("FMHOST_API_TOKEN", BENCH_TOKEN),
+    )
+}
+
 fn sandbox(scale: f64) -> Proc {
     start(Command::new(bin("fmhost-sandbox")).args(["--latency-scale", &scale.to_string()]))
 }
@@ -188,26 +214,11 @@ async fn main() {
         let dir = fx::root().join("target/bench/journal");
         let _ = std::fs::remove_dir_all(&dir);
         let journal = fmhost::journal::Journal::open(&dir).unwrap();
-        let journaled = |e: Arc<Engine>,
-                         j: fmhost::journal::Journal,
-                         p: Arc<fmhost::pipeline::Plan>,
-                         i: Value| async move {
-            let start = fmhost::journal::RunStart::new(
-                fmhost::engine::new_run_id(),
-                &p.name,
-                Default::default(),
-                "bench",
-                "bench",
-                &i,
-            );
-            let watcher = fmhost::journal::RunJournal::new(j, start, e.secrets.clone());
-            let (r, committed) =
-                fmhost::journal::run_journaled(&e, p, i, RunOptions::default(), Some(watcher))
-                    .await
-                    .unwrap();
-            committed.unwrap();
-            assert_eq!(r.status, RunStatus::Succeeded, "{:?}", r.error);
-        };
+        let journaled =
+            |e: Arc<Engine>,
+             j: fmhost::journal::Journal,
+             p: Arc<fmhost::pipeline::Plan>,
+             i: Value| async move { fx::run_once(&e, Some(&j), p, i).await };
         let n = if quick { 60 } else { 300 };
         let (mut with, mut without) = (Vec::new(), Vec::new());
         for _ in 0..n {
@@ -377,27 +388,7 @@ async fn main() {
         )
         .unwrap();
         std::fs::write(dir.join("secrets.json"), secrets_for(&sb.1).to_string()).unwrap();
-        let server = start(
-            Command::new(bin("fmhost"))
-                .current_dir(&dir)
-                .args([
-                    "serve",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--pipelines",
-                    "pipelines",
-                ])
-                .args([
-                    "--plugins",
-                    "plugins",
-                    "--secrets",
-                    "secrets.json",
-                    "--state",
-                    "state",
-                ])
-                .env("FMHOST_LOG", "warn")
-                .env("FMHOST_API_TOKEN", BENCH_TOKEN),
-        );
+        let server = serve(&dir);
         let pid = server.0.id();
         let status = move |field: &str| -> u64 {
             std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -586,25 +577,7 @@ async fn main() {
             json!({"HOOK": "bench-hook-secret"}).to_string(),
         )
         .unwrap();
-        let server = start(
-            Command::new(bin("fmhost"))
-                .current_dir(&dir)
-                .args([
-                    "serve",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--pipelines",
-                    "pipelines",
-                    "--plugins",
-                    "plugins",
-                    "--secrets",
-                    "secrets.json",
-                    "--state",
-                    "state",
-                ])
-                .env("FMHOST_LOG", "warn")
-                .env("FMHOST_API_TOKEN", BENCH_TOKEN),
-        );
+        let server = serve(&dir);
         std::fs::write(dir.join("post.lua"), format!("wrk.method = \"POST\"\nwrk.body = '{{\"n\": 1}}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer {BENCH_TOKEN}\"\n")).unwrap();
         let wrk = Command::new("wrk")
             .args(["-t2", "-c32", &format!("-d{}s", secs), "--latency", "-s"])

@@ -10,6 +10,9 @@ pub use jsonschema::Validator;
 
 /// Distinct schemas [`compile_cached`] keeps; past it the cache starts again.
 const CACHED_SCHEMAS: usize = 256;
+/// Larger schemas are compiled each time, not kept: a schema rendered from a run's
+/// input must not let requests fill the cache (256 x 64 KiB at most).
+const CACHED_SCHEMA_BYTES: usize = 64 << 10;
 
 /// Compiles a schema, or says why it is not one.
 pub fn compile(schema: &Value) -> Result<Validator, String> {
@@ -22,6 +25,9 @@ pub fn compile(schema: &Value) -> Result<Validator, String> {
 pub fn compile_cached(schema: &Value) -> Result<Arc<Validator>, String> {
     static CACHE: Mutex<Option<HashMap<String, Arc<Validator>>>> = Mutex::new(None);
     let key = serde_json::to_string(schema).unwrap_or_default();
+    if key.len() > CACHED_SCHEMA_BYTES {
+        return compile(schema).map(Arc::new);
+    }
     if let Some(v) = CACHE
         .lock()
         .unwrap_or_else(|e| e.into_inner())

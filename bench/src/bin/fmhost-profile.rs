@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fmhost::component::{Component, StageContext};
-use fmhost::engine::{Engine, RunOptions, RunStatus};
+use fmhost::engine::Engine;
 use fmhost::plugin::{PluginRuntime, WasmComponent};
 use fmhost::secrets::Secrets;
 use fmhost_bench as fx;
@@ -87,31 +87,7 @@ async fn main() {
                     );
                     tokio::spawn(async move {
                         while start.elapsed() < Duration::from_secs(secs) {
-                            let watcher = j.as_ref().map(|j| {
-                                fmhost::journal::RunJournal::new(
-                                    j.clone(),
-                                    fmhost::journal::RunStart::new(
-                                        fmhost::engine::new_run_id(),
-                                        &p.name,
-                                        Default::default(),
-                                        "bench",
-                                        "bench",
-                                        &i,
-                                    ),
-                                    e.secrets.clone(),
-                                )
-                            });
-                            let (r, committed) = fmhost::journal::run_journaled(
-                                &e,
-                                p.clone(),
-                                i.clone(),
-                                RunOptions::default(),
-                                watcher,
-                            )
-                            .await
-                            .unwrap();
-                            committed.unwrap();
-                            assert_eq!(r.status, RunStatus::Succeeded, "{:?}", r.error);
+                            fx::run_once(&e, j.as_ref(), p.clone(), i.clone()).await;
                             runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     })

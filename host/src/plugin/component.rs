@@ -133,7 +133,7 @@ impl Component for WasmComponent {
                     .max(super::EPOCH_TICK),
         };
         let outcome = p
-            .maker()
+            .maker
             .invoke(&p.spares, call, config_text, input_text)
             .await
             .map_err(|why| {

@@ -108,6 +108,8 @@ pub struct Plugin {
     pub loaded_at: SystemTime,
     pre: bindings::ConnectorPre<PluginState>,
     runtime: Arc<PluginRuntime>,
+    /// What instantiates this version, built once at load.
+    maker: instance::Maker,
     /// Instances made ahead of time for this version's next invocations.
     spares: Arc<instance::Spares>,
 }
@@ -426,7 +428,14 @@ impl PluginRuntime {
                 ));
             }
         }
+        let maker = instance::Maker {
+            plugin: Arc::from(d.name.as_str()),
+            transform: kind == World::Transform,
+            pre: pre.clone(),
+            runtime: self.clone(),
+        };
         Ok(Plugin {
+            maker,
             name: d.name,
             version: d.version,
             kind,
@@ -568,15 +577,6 @@ pub struct WarmInstance {
 }
 
 impl Plugin {
-    fn maker(&self) -> instance::Maker {
-        instance::Maker {
-            plugin: Arc::from(self.name.as_str()),
-            transform: self.kind == World::Transform,
-            pre: self.pre.clone(),
-            runtime: self.runtime.clone(),
-        }
-    }
-
     /// Calls `invoke` with these texts in a fresh instance, as a stage does but with no
     /// run, secrets or HTTP grant: what the sandbox's crossing costs, for benchmarks.
     pub async fn invoke_text(&self, config: &str, input: &str) -> Result<String, String> {
@@ -588,7 +588,7 @@ impl Plugin {
             cpu_deadline: Instant::now() + DEFAULT_DEADLINE,
         };
         let outcome = self
-            .maker()
+            .maker
             .invoke(&self.spares, call, config.to_owned(), input.to_owned())
             .await?;
         match outcome.result {
