@@ -9,12 +9,14 @@
 
 pub mod cli;
 pub mod component;
+pub mod draw;
 pub mod engine;
 pub mod error;
 pub mod http;
 pub mod journal;
 pub mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod pipeline;
 pub mod plugin;
 pub mod schema;
@@ -22,6 +24,7 @@ pub mod secrets;
 pub mod serve;
 pub mod template;
 pub mod time;
+pub mod trace;
 
 pub use engine::{Engine, RunOptions, RunReport, RunStatus};
 pub use error::{ErrorKind, StageError};

@@ -44,6 +44,9 @@ pub enum RunsCommand {
         run: String,
         #[arg(long)]
         json: bool,
+        /// Print a Mermaid Gantt chart of its stages and attempts instead.
+        #[arg(long, conflicts_with = "json")]
+        timeline: bool,
     },
 }
 
@@ -133,7 +136,7 @@ async fn open(state: &Path, write: bool) -> Result<Journal, u8> {
     Ok(journal)
 }
 
-fn print_json(v: &impl serde::Serialize) {
+pub(crate) fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -208,9 +211,15 @@ pub async fn runs(state: &Path, cmd: RunsCommand) -> u8 {
             }
             0
         }
-        RunsCommand::Show { run, json } => match journal.run(&run).await {
+        RunsCommand::Show {
+            run,
+            json,
+            timeline,
+        } => match journal.run(&run).await {
             Ok(Some(detail)) => {
-                if json {
+                if timeline {
+                    print!("{}", crate::draw::gantt(&detail));
+                } else if json {
                     print_json(&detail);
                 } else {
                     show_run(&detail);
@@ -282,6 +291,17 @@ fn show_run(d: &RunDetail) {
             String::new()
         }
     );
+    if let Some(t) = &d.trace {
+        println!(
+            "trace {}  span {}{}",
+            t.trace_id,
+            t.span_id,
+            t.parent_span_id
+                .as_ref()
+                .map(|p| format!("  (joined the caller's span {p})"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(of) = &s.replay_of {
         println!(
             "replay of {of}{}",

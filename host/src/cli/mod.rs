@@ -48,6 +48,8 @@ enum Command {
     Run(RunArgs),
     /// Check a pipeline and report every problem.
     Validate(ValidateArgs),
+    /// Draw a pipeline's DAG: Mermaid (default), Graphviz dot, or JSON.
+    Graph(GraphArgs),
     /// List or inspect WebAssembly plugins, or swap one in a running server.
     #[command(subcommand)]
     Plugins(PluginsCommand),
@@ -212,6 +214,26 @@ struct ValidateArgs {
     plugins: PluginArgs,
 }
 
+#[derive(Args)]
+struct GraphArgs {
+    /// The `.pipeline.json` file.
+    pipeline: PathBuf,
+    #[command(flatten)]
+    plugins: PluginArgs,
+    #[arg(long, value_enum, default_value = "mermaid")]
+    format: GraphFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GraphFormat {
+    /// A Mermaid `flowchart`, one edge per dependency.
+    Mermaid,
+    /// Graphviz dot.
+    Dot,
+    /// The graph as JSON: nodes, edges, blocks.
+    Json,
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(ms) = s.parse::<u64>() {
         return Ok(Duration::from_millis(ms));
@@ -251,10 +273,19 @@ pub fn main() -> ExitCode {
         .state
         .clone()
         .unwrap_or_else(crate::serve::default_state_dir);
+    // Off unless OTEL_EXPORTER_OTLP_ENDPOINT is set; a misconfiguration costs the traces, not the runs.
+    match crate::otel::init() {
+        Ok(Some(endpoint)) => {
+            tracing::info!(target: "fmhost::otel", "exporting traces to {endpoint}")
+        }
+        Ok(None) => {}
+        Err(e) => eprintln!("warning: traces are not exported: {e}"),
+    }
     let code = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args, &state).await,
             Command::Validate(args) => validate(args).await,
+            Command::Graph(args) => graph(args).await,
             Command::Plugins(cmd) => plugins(cmd, &state).await,
             Command::Serve(args) => serve(args, state).await,
             Command::Runs(cmd) => journal::runs(&state, cmd).await,
@@ -262,6 +293,7 @@ pub fn main() -> ExitCode {
             Command::Dlq(cmd) => journal::dlq(&state, cmd).await,
         }
     });
+    crate::otel::shutdown();
     ExitCode::from(code)
 }
 
@@ -581,6 +613,27 @@ async fn validate(args: ValidateArgs) -> u8 {
         }
         Err(code) => code,
     }
+}
+
+async fn graph(args: GraphArgs) -> u8 {
+    let registry = match registry(&args.plugins).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_INVALID;
+        }
+    };
+    let plan = match load_plan(&args.pipeline, &registry) {
+        Ok(plan) => plan,
+        Err(code) => return code,
+    };
+    let dag = crate::draw::dag(&plan);
+    match args.format {
+        GraphFormat::Mermaid => print!("{}", crate::draw::mermaid(&dag)),
+        GraphFormat::Dot => print!("{}", crate::draw::dot(&dag)),
+        GraphFormat::Json => journal::print_json(&dag),
+    }
+    0
 }
 
 /// Reads an input JSON file, or stdin for `-`.

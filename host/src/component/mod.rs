@@ -48,6 +48,8 @@ pub struct StageContext {
     pub retries: AtomicU32,
     /// Told about every outbound attempt (the run journal).
     pub observer: Option<Arc<dyn crate::http::AttemptObserver>>,
+    /// The stage's span in the run's trace.
+    pub trace: Option<crate::trace::SpanRef>,
 }
 
 impl StageContext {
@@ -66,6 +68,7 @@ impl StageContext {
             deadline: None,
             retries: AtomicU32::new(0),
             observer: None,
+            trace: None,
         }
     }
 
@@ -77,6 +80,7 @@ impl StageContext {
             deadline: self.deadline,
             retries: &self.retries,
             observer: self.observer.as_deref(),
+            trace: self.trace,
         }
     }
 }

@@ -468,6 +468,7 @@ fn start_stage(
         trusted_base_url: stage.trusted_base_url,
         deadline: stage.timeout.map(|t| Instant::now() + t),
         retries: AtomicU32::new(0),
+        trace: run.trace.stage_span(id.as_str()),
         observer: run
             .observer
             .clone()

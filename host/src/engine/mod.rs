@@ -65,6 +65,8 @@ pub struct RunOptions {
     pub cancel: CancellationToken,
     /// Stages that do not run: their outputs are taken from here.
     pub reuse: Option<Arc<Reuse>>,
+    /// The run's place in a distributed trace (a new trace when `None`).
+    pub trace: Option<crate::trace::RunTrace>,
 }
 
 /// Why a run could not start.
@@ -90,6 +92,7 @@ pub(crate) struct RunCtx {
     run_value: Value,
     observer: Option<Arc<dyn RunObserver>>,
     reuse: Option<Arc<Reuse>>,
+    trace: crate::trace::RunTrace,
     started: Instant,
     pinned: Mutex<HashMap<usize, Arc<dyn Component>>>,
     reports: Mutex<Reports>,
@@ -380,6 +383,10 @@ impl Engine {
             run_id: run_id.clone(),
             observer: opts.observer.clone(),
             reuse: opts.reuse.clone(),
+            trace: opts
+                .trace
+                .clone()
+                .unwrap_or_else(|| crate::trace::RunTrace::start(&run_id, None)),
             started: Instant::now(),
             pinned: Mutex::new(HashMap::new()),
             reports: Mutex::new(reports),
@@ -515,6 +522,7 @@ impl Engine {
             error,
             failed_stage,
             stages,
+            trace: Some(run.trace.clone()),
         })
     }
 

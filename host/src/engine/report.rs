@@ -98,6 +98,9 @@ pub struct RunReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_stage: Option<String>,
     pub stages: Vec<StageReport>,
+    /// The run's trace and span (W3C ids), for following it in a tracing backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::RunTrace>,
 }
 
 impl RunReport {

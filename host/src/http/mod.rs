@@ -166,6 +166,8 @@ pub struct CallContext<'a> {
     pub retries: &'a AtomicU32,
     /// Told about every attempt (the run journal).
     pub observer: Option<&'a dyn AttemptObserver>,
+    /// The span the attempts are children of; each attempt sends its own in `traceparent`.
+    pub trace: Option<crate::trace::SpanRef>,
 }
 
 /// One outbound attempt, as the run journal records it. Secrets are already redacted.
@@ -185,6 +187,11 @@ pub struct Attempt {
     pub idempotency_key: Option<String>,
     /// Unix milliseconds when the attempt ended.
     pub at_ms: i64,
+    /// The attempt's span and its parent (hex), as sent upstream in `traceparent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_span_id: Option<String>,
 }
 
 /// The outbound HTTP machinery, shared by every stage of every run in this process.
@@ -240,7 +247,10 @@ impl Outbound {
         let mut attempt = 1u32;
         loop {
             let started = Instant::now();
-            let result = self.guarded_attempt(ctx, req, attempt, &service).await;
+            let span = ctx.trace.map(|parent| parent.fresh_child());
+            let result = self
+                .guarded_attempt(ctx, req, attempt, &service, span)
+                .await;
             let elapsed = started.elapsed();
             let duration_ms = elapsed.as_millis() as u64;
             let (status, output, failure) = match &result {
@@ -292,6 +302,8 @@ impl Outbound {
                         .as_deref()
                         .map(|k| ctx.secrets.redact(k).into_owned()),
                     at_ms: crate::time::unix_ms(SystemTime::now()),
+                    span_id: span.map(|s| hex::encode(s.span_id)),
+                    parent_span_id: ctx.trace.map(|p| hex::encode(p.span_id)),
                 };
                 o.attempt(ctx.run_id, ctx.stage_id, &attempt);
             }
@@ -344,6 +356,7 @@ impl Outbound {
         req: &HttpRequest,
         attempt: u32,
         service: &service::Service,
+        span: Option<crate::trace::SpanRef>,
     ) -> Result<HttpResponse, Failure> {
         let ticket = match service.breaker.as_ref().map(|b| b.acquire()) {
             None => None,
@@ -397,7 +410,7 @@ impl Outbound {
             },
             None => wait.await,
         };
-        let result = self.attempt(ctx, req, attempt).await;
+        let result = self.attempt(ctx, req, attempt, span).await;
         drop(permit);
         if let (Some(b), Some(t)) = (breaker, ticket) {
             let failed = match &result {
@@ -417,6 +430,7 @@ impl Outbound {
         ctx: &CallContext<'_>,
         req: &HttpRequest,
         attempt: u32,
+        span: Option<crate::trace::SpanRef>,
     ) -> Result<HttpResponse, Failure> {
         let shown = || ctx.secrets.redact(&req.url).into_owned();
         let invalid = |message: String| Failure {
@@ -440,6 +454,11 @@ impl Outbound {
             reqwest::header::HeaderValue::from_str(ctx.run_id)
                 .map_err(|_| invalid("run id is not a valid header value".into()))?,
         );
+        if let Some(span) = span
+            && let Ok(v) = reqwest::header::HeaderValue::from_str(&span.header())
+        {
+            headers.insert("traceparent", v);
+        }
         if let Some(key) = &req.idempotency_key {
             headers.insert(
                 "idempotency-key",

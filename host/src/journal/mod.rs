@@ -130,6 +130,8 @@ pub struct RunStart {
     pub replay_of: Option<String>,
     pub replay_from: Option<String>,
     pub started_at: i64,
+    /// The run's place in a distributed trace: a new trace unless the caller sent one.
+    pub trace: crate::trace::RunTrace,
 }
 
 impl RunStart {
@@ -143,6 +145,7 @@ impl RunStart {
         input: &Value,
     ) -> RunStart {
         RunStart {
+            trace: crate::trace::RunTrace::start(&run_id, None),
             run_id,
             pipeline: pipeline.to_string(),
             rerun,
@@ -192,6 +195,8 @@ pub struct Delivery {
     pub payload: Value,
     /// The run that processes it (assigned when it is accepted).
     pub run_id: String,
+    /// The sender's W3C `traceparent`, so the run joins its trace.
+    pub traceparent: Option<String>,
 }
 
 /// One write. Records are applied in order, a batch at a time.
@@ -242,6 +247,9 @@ pub struct RunSummary {
     pub status: String,
     pub trigger: String,
     pub started_at: String,
+    /// `started_at` in Unix milliseconds.
+    #[serde(default)]
+    pub started_at_ms: i64,
     pub duration_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -249,6 +257,9 @@ pub struct RunSummary {
     pub error_kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replay_of: Option<String>,
+    /// The W3C trace id of the run (its latest start, when resumed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// A stage as journaled: its report plus every outbound attempt it made.
@@ -279,6 +290,9 @@ pub struct RunDetail {
     /// The open dead-letter entry for this run, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<i64>,
+    /// The run's span and the caller's, when it joined a trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::RunTrace>,
     pub stages: Vec<StageDetail>,
 }
 
@@ -289,9 +303,19 @@ impl RunDetail {
 
     /// The journal entry to run it again under the same id (resume, or fail it for good).
     pub fn restart(&self, owner: &str) -> RunStart {
+        // The same trace as before, in a new span: one trace per run id.
+        let fresh = crate::trace::RunTrace::start(&self.summary.run_id, None);
+        let trace = match &self.trace {
+            Some(t) => crate::trace::RunTrace {
+                span_id: fresh.span_id,
+                ..t.clone()
+            },
+            None => fresh,
+        };
         RunStart {
             replay_of: self.summary.replay_of.clone(),
             replay_from: self.replay_from.clone(),
+            trace,
             ..RunStart::new(
                 self.summary.run_id.clone(),
                 &self.summary.pipeline,
@@ -853,8 +877,16 @@ pub async fn run_journaled(
     if let Some(j) = &journal {
         opts.run_id = Some(j.start.run_id.clone());
         opts.observer = Some(j.clone());
+        opts.trace = Some(j.start.trace.clone());
+    }
+    let spans = crate::otel::enabled().then(|| crate::otel::RunSpans::new(opts.observer.take()));
+    if let Some(s) = &spans {
+        opts.observer = Some(s.clone());
     }
     let report = engine.run(plan, input, opts).await?;
+    if let Some(s) = spans {
+        s.finish(&report);
+    }
     let committed = match &journal {
         Some(j) => j.finish(&report).await,
         None => Ok(()),

@@ -18,10 +18,11 @@ use crate::engine::{StageReport, StageStatus};
 use crate::http::Attempt;
 
 /// Versioned migrations: `(version, name, sql)`. Never edit one that has shipped; add one.
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "runs, stages, attempts, deliveries, dead letters",
-    r#"
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "runs, stages, attempts, deliveries, dead letters",
+        r#"
 CREATE TABLE schema_migrations (
     version    INTEGER PRIMARY KEY,
     name       TEXT NOT NULL,
@@ -115,7 +116,20 @@ CREATE TABLE dead_letters (
 CREATE INDEX dead_letters_by_run ON dead_letters (run_id, status);
 CREATE INDEX dead_letters_by_status ON dead_letters (status, pipeline);
 "#,
-)];
+    ),
+    (
+        2,
+        "trace context of runs and attempts",
+        r#"
+ALTER TABLE runs ADD COLUMN trace_id TEXT;
+ALTER TABLE runs ADD COLUMN trace_span TEXT;
+ALTER TABLE runs ADD COLUMN trace_parent TEXT;
+ALTER TABLE attempts ADD COLUMN span_id TEXT;
+ALTER TABLE attempts ADD COLUMN parent_span_id TEXT;
+ALTER TABLE deliveries ADD COLUMN traceparent TEXT;
+"#,
+    ),
+];
 
 pub struct SqliteBackend {
     conn: Connection,
@@ -277,10 +291,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
         Record::RunStarted(s) => tx
             .prepare_cached(
                 "INSERT INTO runs (id, pipeline, pipeline_file, plugin_dirs, secrets_file, status, trigger, owner,
-                     host, pid, input, started_at, replay_of, replay_from)
-                 VALUES (?1, ?2, ?3, ?10, ?11, 'running', ?4, ?5, ?12, ?13, ?6, ?7, ?8, ?9)
+                     host, pid, input, started_at, replay_of, replay_from, trace_id, trace_span, trace_parent)
+                 VALUES (?1, ?2, ?3, ?10, ?11, 'running', ?4, ?5, ?12, ?13, ?6, ?7, ?8, ?9, ?14, ?15, ?16)
                  ON CONFLICT (id) DO UPDATE SET status = 'running', error = NULL, error_kind = NULL,
-                     finished_at = NULL, host = excluded.host, pid = excluded.pid",
+                     finished_at = NULL, host = excluded.host, pid = excluded.pid,
+                     trace_id = excluded.trace_id, trace_span = excluded.trace_span,
+                     trace_parent = excluded.trace_parent",
             )?
             .execute(params![
                 s.run_id,
@@ -296,6 +312,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 s.rerun.secrets_file,
                 super::hostname(),
                 std::process::id(),
+                s.trace.trace_id,
+                s.trace.span_id,
+                s.trace.parent_span_id,
             ])?,
         Record::Stage {
             run_id,
@@ -340,8 +359,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
         } => tx
             .prepare_cached(
                 "INSERT INTO attempts (run_id, stage_id, attempt, service, method, url, status, error_kind,
-                     duration_ms, idempotency_key, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                     duration_ms, idempotency_key, at, span_id, parent_span_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?
             .execute(params![
                 run_id,
@@ -354,7 +373,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 a.error_kind,
                 a.duration_ms,
                 a.idempotency_key,
-                a.at_ms
+                a.at_ms,
+                a.span_id,
+                a.parent_span_id
             ])?,
         Record::RunFinished(end) => {
             let n = tx
@@ -431,8 +452,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
         }
         Record::Delivery(d) => tx
             .prepare_cached(
-                "INSERT OR IGNORE INTO deliveries (pipeline, event_id, path, received_at, payload, run_id, status)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
+                "INSERT OR IGNORE INTO deliveries (pipeline, event_id, path, received_at, payload, run_id, status,
+                     traceparent)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7)",
             )?
             .execute(params![
                 d.pipeline,
@@ -440,7 +462,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 d.path,
                 d.received_at,
                 json_text(&d.payload),
-                d.run_id
+                d.run_id,
+                d.traceparent
             ])?,
         Record::RunResumed { run_id } => tx
             .prepare_cached("UPDATE runs SET resumed = resumed + 1 WHERE id = ?1")?
@@ -454,8 +477,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
     Ok(changed > 0)
 }
 
-const SUMMARY_COLUMNS: &str =
-    "id, pipeline, status, trigger, started_at, duration_ms, error, error_kind, replay_of";
+const SUMMARY_COLUMNS: &str = "id, pipeline, status, trigger, started_at, duration_ms, error, error_kind, replay_of, trace_id";
 
 fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
     Ok(RunSummary {
@@ -464,10 +486,12 @@ fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
         status: r.get(2)?,
         trigger: r.get(3)?,
         started_at: super::rfc3339(r.get(4)?),
+        started_at_ms: r.get(4)?,
         duration_ms: r.get(5)?,
         error: r.get(6)?,
         error_kind: r.get(7)?,
         replay_of: r.get(8)?,
+        trace_id: r.get(9)?,
     })
 }
 
@@ -510,26 +534,30 @@ impl SqliteBackend {
             output,
             plugin_dirs,
             secrets_file,
+            trace_span,
+            trace_parent,
         )) = conn
             .query_row(
                 &format!(
                     "SELECT {SUMMARY_COLUMNS}, owner, pipeline_file, replay_from, resumed, finished_at, input, output,
-                         plugin_dirs, secrets_file
+                         plugin_dirs, secrets_file, trace_span, trace_parent
                      FROM runs WHERE id = ?1"
                 ),
                 params![id],
                 |r| {
                     Ok((
                         summary(r)?,
-                        r.get::<_, String>(9)?,
-                        r.get::<_, Option<String>>(10)?,
+                        r.get::<_, String>(10)?,
                         r.get::<_, Option<String>>(11)?,
-                        r.get::<_, u32>(12)?,
-                        r.get::<_, Option<i64>>(13)?,
-                        r.get::<_, String>(14)?,
-                        r.get::<_, Option<String>>(15)?,
-                        r.get::<_, String>(16)?,
-                        r.get::<_, Option<String>>(17)?,
+                        r.get::<_, Option<String>>(12)?,
+                        r.get::<_, u32>(13)?,
+                        r.get::<_, Option<i64>>(14)?,
+                        r.get::<_, String>(15)?,
+                        r.get::<_, Option<String>>(16)?,
+                        r.get::<_, String>(17)?,
+                        r.get::<_, Option<String>>(18)?,
+                        r.get::<_, Option<String>>(19)?,
+                        r.get::<_, Option<String>>(20)?,
                     ))
                 },
             )
@@ -539,7 +567,8 @@ impl SqliteBackend {
         };
         let mut calls: std::collections::HashMap<String, Vec<Attempt>> = Default::default();
         let mut stmt = conn.prepare_cached(
-            "SELECT stage_id, attempt, service, method, url, status, error_kind, duration_ms, idempotency_key, at
+            "SELECT stage_id, attempt, service, method, url, status, error_kind, duration_ms, idempotency_key, at,
+                 span_id, parent_span_id
              FROM attempts WHERE run_id = ?1 ORDER BY rowid",
         )?;
         let rows = stmt.query_map(params![id], |r| {
@@ -555,6 +584,8 @@ impl SqliteBackend {
                     duration_ms: r.get(7)?,
                     idempotency_key: r.get(8)?,
                     at_ms: r.get(9)?,
+                    span_id: r.get(10)?,
+                    parent_span_id: r.get(11)?,
                 },
             ))
         })?;
@@ -606,6 +637,15 @@ impl SqliteBackend {
                 |r| r.get(0),
             )
             .optional()?;
+        let trace = summary
+            .trace_id
+            .clone()
+            .zip(trace_span)
+            .map(|(trace_id, span_id)| crate::trace::RunTrace {
+                trace_id,
+                span_id,
+                parent_span_id: trace_parent,
+            });
         Ok(Some(RunDetail {
             summary,
             owner,
@@ -621,6 +661,7 @@ impl SqliteBackend {
             input: parse_value(&input).unwrap_or(Value::Null),
             output: parse_json(output),
             dead_letter,
+            trace,
             stages,
         }))
     }
@@ -707,7 +748,7 @@ impl Backend for SqliteBackend {
             let mut stmt = self.conn.prepare(&sql)?;
             let params: Vec<&dyn rusqlite::ToSql> = args.iter().map(|b| &**b).collect();
             let rows = stmt.query_map(params.as_slice(), |r| {
-                let pid: Option<u32> = if abandoned { r.get(9)? } else { None };
+                let pid: Option<u32> = if abandoned { r.get(10)? } else { None };
                 Ok((summary(r)?, pid))
             })?;
             let mut out = Vec::new();
@@ -729,7 +770,7 @@ impl Backend for SqliteBackend {
     fn pending_deliveries(&mut self) -> Result<Vec<Delivery>, JournalError> {
         let read = || -> rusqlite::Result<Vec<Delivery>> {
             let mut stmt = self.conn.prepare(
-                "SELECT pipeline, event_id, path, received_at, payload, run_id FROM deliveries
+                "SELECT pipeline, event_id, path, received_at, payload, run_id, traceparent FROM deliveries
                  WHERE status = 'pending' ORDER BY received_at, rowid",
             )?;
             stmt.query_map([], |r| {
@@ -740,6 +781,7 @@ impl Backend for SqliteBackend {
                     received_at: r.get(3)?,
                     payload: parse_value(&r.get::<_, String>(4)?).unwrap_or(Value::Null),
                     run_id: r.get(5)?,
+                    traceparent: r.get(6)?,
                 })
             })?
             .collect()

@@ -123,6 +123,7 @@ impl Component for WasmComponent {
         let call = Call {
             run_id: ctx.run_id.clone(),
             stage_id: ctx.stage_id.clone(),
+            trace: ctx.trace,
             secrets: ctx.secrets.clone(),
             http: grant,
             // One epoch tick early, so guest code still running at the stage's deadline

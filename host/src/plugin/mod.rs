@@ -583,6 +583,7 @@ impl Plugin {
         let call = state::Call {
             run_id: Arc::from("bench"),
             stage_id: Arc::from("bench"),
+            trace: None,
             secrets: Arc::default(),
             http: None,
             cpu_deadline: Instant::now() + DEFAULT_DEADLINE,

@@ -37,6 +37,7 @@ pub struct PluginState {
     pub plugin: Arc<str>,
     pub run_id: Arc<str>,
     pub stage_id: Arc<str>,
+    pub trace: Option<crate::trace::SpanRef>,
     pub secrets: Arc<Secrets>,
     pub http: Option<HttpGrant>,
     pub retries: AtomicU32,
@@ -148,6 +149,8 @@ impl wasmtime_wasi::cli::StdoutStream for Capture {
 pub struct Call {
     pub run_id: Arc<str>,
     pub stage_id: Arc<str>,
+    /// The stage's span in the run's trace.
+    pub trace: Option<crate::trace::SpanRef>,
     pub secrets: Arc<Secrets>,
     pub http: Option<HttpGrant>,
     /// Wall-clock deadline for the plugin's code; checked at every epoch tick.
@@ -182,6 +185,7 @@ impl PluginState {
             plugin,
             run_id: Arc::from(""),
             stage_id: Arc::from(""),
+            trace: None,
             secrets: Arc::default(),
             http: None,
             retries: AtomicU32::new(0),
@@ -195,6 +199,7 @@ impl PluginState {
     pub fn bind(&mut self, call: Call) {
         self.run_id = call.run_id;
         self.stage_id = call.stage_id;
+        self.trace = call.trace;
         self.secrets = call.secrets;
         self.http = call.http;
         self.cpu_deadline = call.cpu_deadline;
@@ -365,6 +370,7 @@ impl PluginState {
             deadline: grant.deadline,
             retries: &self.retries,
             observer: grant.observer.as_deref(),
+            trace: self.trace.as_ref().map(crate::trace::plugin_span),
         };
         match grant.outbound.send(&ctx, &request, &policy).await {
             Ok(resp) => {

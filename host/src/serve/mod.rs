@@ -500,6 +500,7 @@ async fn start_run(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     if app.draining.load(Ordering::SeqCst) {
@@ -539,7 +540,11 @@ async fn start_run(
         );
     }
     let run_id = new_run_id();
-    let start = app.run_start(&plan, run_id.clone(), "api", &input);
+    let mut start = app.run_start(&plan, run_id.clone(), "api", &input);
+    start.trace = crate::otel::run_trace(
+        &run_id,
+        headers.get("traceparent").and_then(|v| v.to_str().ok()),
+    );
     let mode = q.get("mode").map(String::as_str);
     if let Some(other) = mode.filter(|m| !matches!(*m, "sync" | "async")) {
         return problem(
@@ -987,6 +992,11 @@ async fn fallback(
         received_at: unix_ms(SystemTime::now()),
         payload,
         run_id: new_run_id(),
+        traceparent: headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| crate::trace::SpanRef::parse(v).is_some())
+            .map(str::to_string),
     };
     // Acknowledged only once it is in the journal, synced to disk (secret values as references).
     let mut stored = delivery.clone();
@@ -1031,14 +1041,17 @@ async fn fallback(
 
 /// The journal entry of the run that processes a delivery.
 fn delivery_start(app: &App, d: &Delivery) -> RunStart {
-    RunStart::new(
-        d.run_id.clone(),
-        &d.pipeline,
-        app.rerun(&d.pipeline),
-        "webhook",
-        OWNER_SERVE,
-        &d.payload,
-    )
+    RunStart {
+        trace: crate::otel::run_trace(&d.run_id, d.traceparent.as_deref()),
+        ..RunStart::new(
+            d.run_id.clone(),
+            &d.pipeline,
+            app.rerun(&d.pipeline),
+            "webhook",
+            OWNER_SERVE,
+            &d.payload,
+        )
+    }
 }
 
 /// Runs an accepted delivery; one that cannot run (its pipeline is gone, its payload
