@@ -121,10 +121,11 @@ pub struct RunSpans {
 }
 
 impl RunSpans {
-    pub fn new(inner: Option<Arc<dyn RunObserver>>) -> Arc<RunSpans> {
+    /// `started`: when the run began, the origin of its stages' times.
+    pub fn new(inner: Option<Arc<dyn RunObserver>>, started: SystemTime) -> Arc<RunSpans> {
         Arc::new(RunSpans {
             inner,
-            started: SystemTime::now(),
+            started,
             attempts: Mutex::new(Vec::new()),
         })
     }

@@ -4,10 +4,12 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod console;
 mod control;
 mod engine;
 mod examples;
 mod journal;
+mod observe;
 mod plugins;
 mod resilience;
 mod security;

@@ -17,6 +17,8 @@ pub(crate) struct Server {
     pub(crate) child: Child,
     pub(crate) url: String,
     stderr: PathBuf,
+    /// The console's sign-in URL with its one-time code, as printed at start.
+    pub(crate) console: Option<String>,
 }
 
 impl Server {
@@ -74,9 +76,19 @@ impl Server {
         .stderr(std::fs::File::create(&stderr).unwrap());
         let mut child = cmd.spawn().expect("start fmhost serve");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        // Then the token note and the console's one-time sign-in URL, in the same write.
+        let mut console = None;
+        for _ in 0..2 {
+            let mut next = String::new();
+            if out.read_line(&mut next).unwrap_or(0) == 0 {
+                break;
+            }
+            if let Some(u) = next.trim().strip_prefix("console: ") {
+                console = Some(u.to_string());
+            }
+        }
         let url = line
             .trim()
             .strip_prefix("listening on ")
@@ -87,7 +99,12 @@ impl Server {
                 )
             })
             .to_string();
-        Server { child, url, stderr }
+        Server {
+            child,
+            url,
+            stderr,
+            console,
+        }
     }
 
     pub(crate) fn log(&self) -> String {

@@ -67,6 +67,9 @@ pub struct RunOptions {
     pub reuse: Option<Arc<Reuse>>,
     /// The run's place in a distributed trace (a new trace when `None`).
     pub trace: Option<crate::trace::RunTrace>,
+    /// When the run began (Unix ms), if before this call (the journal's start): stage
+    /// times count from it, so they line up with attempts' wall-clock times.
+    pub started_at_ms: Option<i64>,
 }
 
 /// Why a run could not start.
@@ -387,7 +390,13 @@ impl Engine {
                 .trace
                 .clone()
                 .unwrap_or_else(|| crate::trace::RunTrace::start(&run_id, None)),
-            started: Instant::now(),
+            started: opts
+                .started_at_ms
+                .and_then(|t| {
+                    let ago = crate::time::unix_ms(SystemTime::now()).saturating_sub(t);
+                    Instant::now().checked_sub(Duration::from_millis(ago.clamp(0, 60_000) as u64))
+                })
+                .unwrap_or_else(Instant::now),
             pinned: Mutex::new(HashMap::new()),
             reports: Mutex::new(reports),
         });

@@ -878,8 +878,13 @@ pub async fn run_journaled(
         opts.run_id = Some(j.start.run_id.clone());
         opts.observer = Some(j.clone());
         opts.trace = Some(j.start.trace.clone());
+        opts.started_at_ms = Some(j.start.started_at);
     }
-    let spans = crate::otel::enabled().then(|| crate::otel::RunSpans::new(opts.observer.take()));
+    let started = opts.started_at_ms.map_or_else(SystemTime::now, |ms| {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
+    });
+    let spans =
+        crate::otel::enabled().then(|| crate::otel::RunSpans::new(opts.observer.take(), started));
     if let Some(s) = &spans {
         opts.observer = Some(s.clone());
     }

@@ -2,13 +2,22 @@
 //! to this server by a name it answers to (`Host`) and not from a foreign web page
 //! (`Origin`). Webhook routes keep their signatures; `/healthz` and `/readyz` stay open.
 //!
+//! The web console signs in as Jupyter does: the server prints a URL carrying a one-time
+//! code ([`Sessions::issue_code`]); the page trades it (or an API token typed into its
+//! form) for a session in an HttpOnly, SameSite=Strict cookie with the token's scope.
+//! A request that authenticates by that cookie and changes anything must also carry the
+//! session's CSRF token in `X-CSRF-Token`, which only the server's own page can read.
+//!
 //! Tokens come from `--api-token-file FILE`, else `FMHOST_API_TOKEN` (an admin token),
 //! else `STATE/api-tokens`, which the first start writes (mode 0600) with one admin and
 //! one read token and names on stdout, as Jupyter does. A token file holds one token per
 //! line, `SCOPE TOKEN` (`read`, `run` or `admin`; a bare token is admin); `#` comments.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -37,7 +46,7 @@ impl Scope {
         }
     }
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Scope::Read => "read",
             Scope::Run => "run",
@@ -200,9 +209,118 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// The console's cookie.
+pub const SESSION_COOKIE: &str = "fmhost_session";
+/// How long a console session or a sign-in code lasts.
+const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+const CODE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Sessions and codes held at once; the oldest go first.
+const MAX_SESSIONS: usize = 1024;
+
+/// A signed-in console.
+#[derive(Clone)]
+pub struct Session {
+    pub scope: Scope,
+    /// Sent back by the page in `X-CSRF-Token` with every change it asks for.
+    pub csrf: String,
+    expires: Instant,
+}
+
+/// Console sessions and one-time sign-in codes, kept as SHA-256 digests, in memory:
+/// a restart signs everyone out.
+#[derive(Default)]
+pub struct Sessions {
+    sessions: Mutex<HashMap<[u8; 32], Session>>,
+    codes: Mutex<HashMap<[u8; 32], (Scope, Instant)>>,
+}
+
+fn prune<V>(map: &mut HashMap<[u8; 32], V>, expires: impl Fn(&V) -> Instant) {
+    let now = Instant::now();
+    map.retain(|_, v| expires(v) > now);
+    while map.len() >= MAX_SESSIONS {
+        let Some(oldest) = map.iter().min_by_key(|(_, v)| expires(v)).map(|(k, _)| *k) else {
+            break;
+        };
+        map.remove(&oldest);
+    }
+}
+
+impl Sessions {
+    /// A code that signs one browser in with `scope`, once.
+    pub fn issue_code(&self, scope: Scope) -> String {
+        let code = random_token();
+        let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
+        prune(&mut codes, |v| v.1);
+        codes.insert(digest(&code), (scope, Instant::now() + CODE_TTL));
+        code
+    }
+
+    /// Spends a code: the scope it grants, if it is valid and unused.
+    pub fn redeem(&self, code: &str) -> Option<Scope> {
+        let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
+        codes
+            .remove(&digest(code))
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(scope, _)| scope)
+    }
+
+    /// A new session; returns its cookie value.
+    pub fn open(&self, scope: Scope) -> String {
+        let id = random_token();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        prune(&mut sessions, |s| s.expires);
+        sessions.insert(
+            digest(&id),
+            Session {
+                scope,
+                csrf: random_token(),
+                expires: Instant::now() + SESSION_TTL,
+            },
+        );
+        id
+    }
+
+    pub fn get(&self, id: &str) -> Option<Session> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions
+            .get(&digest(id))
+            .filter(|s| s.expires > Instant::now())
+            .cloned()
+    }
+
+    pub fn close(&self, id: &str) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.remove(&digest(id));
+    }
+}
+
+/// The session cookie a request carries, if any.
+pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == SESSION_COOKIE).then_some(v.trim())
+        })
+}
+
+/// Equal in constant time (for equal lengths).
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 /// Everything the guard needs: the tokens, the names this server answers to.
 pub struct Guard {
     pub tokens: Tokens,
+    /// The web console's sessions and sign-in codes.
+    pub sessions: Sessions,
     /// The address it listens on.
     pub listen: SocketAddr,
     /// Extra host names it answers to (`--allowed-host`), lowercase, with or without port.
@@ -323,7 +441,31 @@ pub async fn guard(State(g): State<std::sync::Arc<Guard>>, req: Request, next: N
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim);
-        match presented.and_then(|t| g.tokens.scope_of(t)) {
+        // Without a bearer token, the console's session cookie; a change it asks for
+        // must carry the session's CSRF token, which a foreign page cannot read.
+        let from_session = match (presented, session_cookie(headers)) {
+            (None, Some(id)) => match g.sessions.get(id) {
+                Some(s) => {
+                    let reading = matches!(*req.method(), Method::GET | Method::HEAD);
+                    let csrf = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
+                    if !reading && !csrf.is_some_and(|c| same(c, &s.csrf)) {
+                        return refuse(
+                            StatusCode::FORBIDDEN,
+                            "csrf token missing",
+                            format!(
+                                "{} {} from a console session needs its X-CSRF-Token",
+                                req.method(),
+                                req.uri().path()
+                            ),
+                        );
+                    }
+                    Some(s.scope)
+                }
+                None => None,
+            },
+            _ => None,
+        };
+        match from_session.or_else(|| presented.and_then(|t| g.tokens.scope_of(t))) {
             None => {
                 return refuse(
                     StatusCode::UNAUTHORIZED,
@@ -376,6 +518,7 @@ mod tests {
         assert!(parse("root xxxxxxxxxxxxxxxxxxxxxxx").is_err());
         let g = Guard {
             tokens: t,
+            sessions: Sessions::default(),
             listen: "127.0.0.1:8080".parse().unwrap(),
             names: vec!["hooks.example.com".into()],
             metrics_need_token: true,

@@ -8,6 +8,7 @@
 
 mod auth;
 mod conn;
+mod console;
 pub mod plugins;
 pub use auth::{admin_token_from_file, default_token_file};
 pub use conn::ConnLimits;
@@ -120,6 +121,17 @@ struct App {
     /// Runs started over the API and not finished; beyond `max_runs`, new ones get 429.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     max_runs: usize,
+    /// What changed (a run started or ended, a dead letter, a plugin), for `/v1/events`.
+    events: tokio::sync::broadcast::Sender<Value>,
+    /// Cancelled at shutdown: ends the event streams so connections can drain.
+    closing: tokio_util::sync::CancellationToken,
+}
+
+impl App {
+    /// Tells the event streams; nobody listening is fine.
+    fn announce(&self, event: Value) {
+        let _ = self.events.send(event);
+    }
 }
 
 /// A place among the runs in flight, given back when the run ends.
@@ -273,6 +285,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         recent: std::sync::Mutex::default(),
         in_flight: Arc::default(),
         max_runs: opts.max_runs,
+        events: tokio::sync::broadcast::channel(256).0,
+        closing: tokio_util::sync::CancellationToken::new(),
     });
 
     // Bound before anything runs, so no plugin can reach this server's own address.
@@ -296,6 +310,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)?;
     let guard = Arc::new(auth::Guard {
         tokens,
+        sessions: auth::Sessions::default(),
         listen: addr,
         names: opts
             .allowed_hosts
@@ -331,18 +346,34 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             axum::routing::put(put_plugin).layer(DefaultBodyLimit::max(limits.upload)),
         )
         .route("/v1/plugins/{name}/rollback", post(rollback_plugin))
+        .route("/v1/pipelines", get(list_pipelines))
+        .route("/v1/pipelines/{name}/graph", get(pipeline_graph))
+        .route("/v1/services", get(list_services))
+        .route("/v1/triggers", get(list_triggers))
+        .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(limits.webhook))
         .with_state(app.clone())
-        .layer(axum::middleware::from_fn_with_state(guard, auth::guard));
+        .merge(console::routes(guard.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            guard.clone(),
+            auth::guard,
+        ));
+    // Jupyter's way in: a one-time code in a URL only the operator sees.
+    let sign_in = format!(
+        "http://{addr}/?code={}",
+        guard.sessions.issue_code(auth::Scope::Admin)
+    );
     {
         // One write, errors ignored: whoever reads the address may close stdout after it.
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        let _ = out.write_all(format!("listening on http://{addr}\n{token_note}\n").as_bytes());
+        let _ = out.write_all(
+            format!("listening on http://{addr}\n{token_note}\nconsole: {sign_in}\n").as_bytes(),
+        );
         let _ = out.flush();
     }
     tracing::info!(target: "fmhost::serve", %addr, pipelines = app.pipelines.len(), "serving {} pipeline(s) on http://{addr}; {token_note}", app.pipelines.len());
@@ -351,6 +382,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     conn::serve(listener, router, opts.connections, async move {
         shutdown_signal().await;
         app_for_signal.draining.store(true, Ordering::SeqCst);
+        app_for_signal.closing.cancel();
         tracing::info!(target: "fmhost::serve", "shutting down: no new requests; waiting for in-flight runs");
     })
     .await;
@@ -450,14 +482,24 @@ async fn execute_kept(
     start: RunStart,
     reuse: Option<crate::engine::Reuse>,
 ) -> Result<(RunReport, Result<(), crate::journal::JournalError>), String> {
+    let (run_id, pipeline) = (start.run_id.clone(), start.pipeline.clone());
+    app.announce(
+        json!({"type": "run", "run_id": run_id, "pipeline": pipeline, "status": "running"}),
+    );
     let watcher = RunJournal::new(app.journal.clone(), start, app.engine.secrets.clone());
     let opts = RunOptions {
         reuse: reuse.map(Arc::new),
         ..RunOptions::default()
     };
-    run_journaled(&app.engine, plan, input, opts, Some(watcher))
+    let result = run_journaled(&app.engine, plan, input, opts, Some(watcher))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    let status = match &result {
+        Ok((report, _)) => report.status.as_str(),
+        Err(_) => "failed",
+    };
+    app.announce(json!({"type": "run", "run_id": run_id, "pipeline": pipeline, "status": status}));
+    result
 }
 
 /// The answer for a run the client waited for: its report, or 503 when the journal
@@ -823,7 +865,10 @@ async fn retry_dlq(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response
 async fn drop_dlq(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response {
     match app.journal.drop_dead_letter(id).await {
         Ok(true) => match dead_letter(&app, id).await {
-            Ok(e) => Json(e).into_response(),
+            Ok(e) => {
+                app.announce(json!({"type": "dlq", "id": id, "status": e.status}));
+                Json(e).into_response()
+            }
             Err(resp) => resp,
         },
         Ok(false) => problem(
@@ -862,11 +907,30 @@ async fn put_plugin(
             "the request body must be a WebAssembly component",
         );
     }
-    match app.plugins.swap(&name, &body, &format!("upload:{name}"), q.approve).await {
-        Ok((old, new)) => Json(json!({"name": name, "previous_version": old, "version": new.version, "sha256": new.hash})).into_response(),
-        Err(plugins::SwapError::Unknown(n)) => problem(StatusCode::NOT_FOUND, "unknown plugin", format!("no plugin named \"{n}\"; the current version keeps serving")),
-        Err(e @ plugins::SwapError::NeedsApproval(_)) => problem(StatusCode::CONFLICT, "approval needed", format!("{e}; the current version keeps serving")),
-        Err(e) => problem(StatusCode::UNPROCESSABLE_ENTITY, "plugin refused", format!("{e}; the current version keeps serving")),
+    match app
+        .plugins
+        .swap(&name, &body, &format!("upload:{name}"), q.approve)
+        .await
+    {
+        Ok((old, new)) => {
+            app.announce(json!({"type": "plugin", "name": name, "version": new.version}));
+            Json(json!({"name": name, "previous_version": old, "version": new.version, "sha256": new.hash})).into_response()
+        }
+        Err(plugins::SwapError::Unknown(n)) => problem(
+            StatusCode::NOT_FOUND,
+            "unknown plugin",
+            format!("no plugin named \"{n}\"; the current version keeps serving"),
+        ),
+        Err(e @ plugins::SwapError::NeedsApproval(_)) => problem(
+            StatusCode::CONFLICT,
+            "approval needed",
+            format!("{e}; the current version keeps serving"),
+        ),
+        Err(e) => problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "plugin refused",
+            format!("{e}; the current version keeps serving"),
+        ),
     }
 }
 
@@ -876,6 +940,7 @@ async fn rollback_plugin(State(app): State<Arc<App>>, Path(name): Path<String>) 
     }
     match app.plugins.rollback(&name) {
         Ok((from, to)) => {
+            app.announce(json!({"type": "plugin", "name": name, "version": to}));
             Json(json!({"name": name, "previous_version": from, "version": to})).into_response()
         }
         Err(e @ plugins::SwapError::Unknown(_)) => {
@@ -883,6 +948,105 @@ async fn rollback_plugin(State(app): State<Arc<App>>, Path(name): Path<String>) 
         }
         Err(e) => problem(StatusCode::CONFLICT, "nothing to roll back", e.to_string()),
     }
+}
+
+/// `GET /v1/pipelines`: what this server serves.
+async fn list_pipelines(State(app): State<Arc<App>>) -> Response {
+    let mut list: Vec<Value> = app
+        .pipelines
+        .values()
+        .map(|p| {
+            json!({
+                "name": &*p.name,
+                "version": p.version,
+                "description": p.description,
+                "stages": p.stages.len(),
+                "triggers": p.triggers.iter().map(|t| &t.path).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Json(list).into_response()
+}
+
+/// `GET /v1/pipelines/{name}/graph`: the DAG the console draws (as `fmhost graph --format json`).
+async fn pipeline_graph(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
+    match app.pipelines.get(&name) {
+        Some(plan) => Json(crate::draw::dag(plan)).into_response(),
+        None => problem(
+            StatusCode::NOT_FOUND,
+            "unknown pipeline",
+            format!("no pipeline named \"{name}\""),
+        ),
+    }
+}
+
+/// `GET /v1/services`: each service's calls since start: success rate, latency, errors
+/// by kind, breaker state.
+async fn list_services(State(app): State<Arc<App>>) -> Response {
+    let list: Vec<Value> = app
+        .engine
+        .outbound
+        .metrics
+        .snapshot()
+        .into_iter()
+        .map(|(name, s)| {
+            let calls = s.calls();
+            json!({
+                "service": name,
+                "calls": calls,
+                "success": s.success,
+                "success_rate": if calls == 0 { Value::Null } else { json!(s.success as f64 / calls as f64) },
+                "p50_ms": s.percentile_ms(0.5),
+                "p99_ms": s.percentile_ms(0.99),
+                "errors": s.errors,
+                "breaker": s.breaker.as_str(),
+            })
+        })
+        .collect();
+    Json(list).into_response()
+}
+
+/// `GET /v1/triggers`: the webhook paths and the pipelines they start.
+async fn list_triggers(State(app): State<Arc<App>>) -> Response {
+    let mut list: Vec<Value> = app
+        .hooks
+        .iter()
+        .map(|(path, (pipeline, t))| {
+            json!({"path": path, "pipeline": pipeline, "type": t.kind, "signature": t.signature})
+        })
+        .collect();
+    list.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
+    Json(list).into_response()
+}
+
+/// `GET /v1/events`: server-sent events, one per change, until the server shuts down.
+async fn events(State(app): State<Arc<App>>) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+    let rx = tokio_stream_of(app.events.subscribe());
+    let closing = app.closing.clone();
+    let stream = rx
+        .map(|v| Ok::<_, std::convert::Infallible>(Event::default().data(v.to_string())))
+        .take_until(async move { closing.cancelled().await });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+/// A broadcast receiver as a stream; a listener that falls behind skips what it missed.
+fn tokio_stream_of(
+    rx: tokio::sync::broadcast::Receiver<Value>,
+) -> impl futures::Stream<Item = Value> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(v) => return Some((v, rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
