@@ -337,6 +337,14 @@ async fn a_failed_run_is_found_understood_and_retried_in_the_browser() {
     )
     .await;
     screenshot(&c, "services").await;
+    click(&c, "header nav a[data-nav=\"triggers\"]").await;
+    until(
+        &c,
+        "the triggers table",
+        "return document.querySelector('#triggers tbody tr') !== null",
+    )
+    .await;
+    screenshot(&c, "triggers").await;
 
     // A read session sees, and cannot act.
     c.find(Locator::Css("form[action=\"/console/logout\"] button"))

@@ -1005,6 +1005,10 @@ async fn failed_webhook_runs_are_dead_lettered_and_retried_over_the_api() {
         .post(format!("{}/hooks/flaky", server.url))
         .header("X-GitHub-Delivery", "evt-flaky-1")
         .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .header(
             "X-Hub-Signature-256",
             fmhost::serve::webhooks::github_signature("dlq-secret-424242", body.as_bytes()),
         )
@@ -1027,6 +1031,9 @@ async fn failed_webhook_runs_are_dead_lettered_and_retried_over_the_api() {
     };
     assert_eq!(run["error_kind"], "http-5xx", "{run}");
     assert_eq!(run["stages"][0]["calls"][0]["status"], 500, "{run}");
+    // The delivery's run joined the sender's trace.
+    assert_eq!(run["trace_id"], "0af7651916cd43dd8448eb211c80319c", "{run}");
+    assert_eq!(run["trace"]["parent_span_id"], "b7ad6b7169203331", "{run}");
 
     let dlq = get_json(&client, format!("{}/v1/dlq", server.url)).await;
     assert_eq!(dlq.as_array().unwrap().len(), 1, "{dlq}");

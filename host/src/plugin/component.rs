@@ -126,11 +126,12 @@ impl Component for WasmComponent {
             trace: ctx.trace,
             secrets: ctx.secrets.clone(),
             http: grant,
-            // One epoch tick early, so guest code still running at the stage's deadline
-            // is stopped by the sandbox, and the error names the plugin.
+            // Early by a tenth of the time, up to 5 epoch ticks, so guest code still
+            // running at the stage's deadline is stopped by the sandbox (whose ticks a
+            // loaded machine delays) and the error names the plugin.
             cpu_deadline: std::time::Instant::now()
                 + deadline
-                    .saturating_sub(super::EPOCH_TICK)
+                    .saturating_sub((deadline / 10).clamp(super::EPOCH_TICK, super::EPOCH_TICK * 5))
                     .max(super::EPOCH_TICK),
         };
         let outcome = p
