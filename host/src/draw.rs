@@ -257,9 +257,10 @@ pub fn dot(dag: &Dag) -> String {
             };
             let _ = writeln!(
                 out,
-                "{indent}{} [label={}{shape}];",
+                "{indent}{} [label=\"{}\\n{}\"{shape}];",
                 q(&n.id),
-                format!("\"{}\\n{}\"", esc(&n.id), esc(&n.component))
+                esc(&n.id),
+                esc(&n.component)
             );
         }
         for (bi, bx) in dag
