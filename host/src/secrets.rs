@@ -18,6 +18,72 @@ const SHORT: usize = 4;
 /// literal `{{secrets.`, so a stored value never turns data into a reference on restore.
 const ESCAPE: char = '!';
 
+/// `{{secrets.NAME}}` (spaces allowed inside the braces) at the start of `s`:
+/// the name and the length of the token. A fixed pattern, not a template.
+pub fn secret_token(s: &str) -> Option<(&str, usize)> {
+    let body = s.strip_prefix("{{")?;
+    let trimmed = body.trim_start_matches(' ');
+    let lead = body.len() - trimmed.len();
+    let rest = trimmed.strip_prefix("secrets.")?;
+    let name_len = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .unwrap_or(rest.len());
+    if name_len == 0 {
+        return None;
+    }
+    let after = &rest[name_len..];
+    let close = after.trim_start_matches(' ');
+    close.strip_prefix("}}")?;
+    let len = 2 + lead + "secrets.".len() + name_len + (after.len() - close.len()) + 2;
+    Some((&rest[..name_len], len))
+}
+
+/// The secret names a text refers to with `{{secrets.NAME}}`, or the first `{{...}}`
+/// that is something else (a setting that only takes secrets and literals).
+pub fn secret_refs(text: &str) -> Result<Vec<&str>, String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("{{") {
+        match secret_token(&rest[i..]) {
+            Some((name, len)) => {
+                names.push(name);
+                rest = &rest[i + len..];
+            }
+            None => {
+                let end = rest[i..].find("}}").map_or(rest.len(), |e| i + e + 2);
+                return Err(format!(
+                    "{:?} is not a secret reference: only {{{{secrets.NAME}}}} and plain text are allowed here",
+                    &rest[i..end]
+                ));
+            }
+        }
+    }
+    Ok(names)
+}
+
+impl Secrets {
+    /// `text` with every `{{secrets.NAME}}` replaced by its value.
+    pub fn expand(&self, text: &str) -> Result<String, String> {
+        if !text.contains("{{") {
+            return Ok(text.to_string());
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(i) = rest.find("{{") {
+            out.push_str(&rest[..i]);
+            let (name, len) = secret_token(&rest[i..])
+                .ok_or_else(|| "only {{secrets.NAME}} references are allowed here".to_string())?;
+            let value = self
+                .get(name)
+                .ok_or_else(|| format!("secret {name} is not set"))?;
+            out.push_str(value);
+            rest = &rest[i + len..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Secrets {
     values: HashMap<String, Value>,

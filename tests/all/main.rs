@@ -15,3 +15,4 @@ mod resilience;
 mod security;
 mod serve;
 mod validate;
+mod vendor;

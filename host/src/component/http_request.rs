@@ -20,7 +20,8 @@ const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPT
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
-    /// Absolute URL; `{{...}}` templates are rendered before this is read.
+    /// Absolute URL, or a path relative to the `base_url` of the `service` it names;
+    /// `{{...}}` templates are rendered before this is read.
     url: String,
     /// HTTP method, GET by default.
     #[serde(default)]
@@ -92,7 +93,10 @@ impl Component for HttpRequest {
         let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| {
             StageError::validation(format!("config.method: invalid method {method:?}"))
         })?;
-        let mut url = reqwest::Url::parse(&config.url).map_err(|e| {
+        let full =
+            ctx.outbound
+                .service_url(config.service.as_deref(), &config.url, &ctx.secrets)?;
+        let mut url = reqwest::Url::parse(&full).map_err(|e| {
             StageError::validation(format!(
                 "config.url: {e}: {}",
                 ctx.secrets.redact(&config.url)

@@ -5,6 +5,7 @@
 //! one structured log line per attempt. It returns a response for any final status; it is
 //! the caller's business whether a 404 is an error.
 
+pub mod auth;
 mod hosts;
 pub mod retry;
 pub mod service;
@@ -155,6 +156,105 @@ pub fn snippet(body: &[u8]) -> String {
     }
 }
 
+impl Outbound {
+    /// The service a request belongs to: the one it names, else the declared service
+    /// whose `base_url` has its origin, else its `host:port`.
+    fn service_for(&self, req: &HttpRequest, secrets: &Secrets) -> Arc<service::Service> {
+        if let Some(name) = &req.service {
+            return self.services.get(name);
+        }
+        if let Ok(url) = reqwest::Url::parse(&req.url)
+            && let Some(s) = self.services.by_origin(&url, secrets)
+        {
+            return s;
+        }
+        self.services.get(&service_of(&req.url))
+    }
+
+    /// `url` for a stage that names `service`: a path is taken relative to the
+    /// service's `base_url`; an absolute URL is kept.
+    pub fn service_url(
+        &self,
+        service: Option<&str>,
+        url: &str,
+        secrets: &Secrets,
+    ) -> Result<String, StageError> {
+        if reqwest::Url::parse(url).is_ok() {
+            return Ok(url.to_string());
+        }
+        let shown = secrets.redact(url);
+        let Some(name) = service else {
+            return Err(StageError::validation(format!(
+                "url {shown:?} is not absolute, and the stage names no service whose base_url it is relative to"
+            )));
+        };
+        let base = match self.services.get(name).base_url(secrets) {
+            Some(Ok(b)) => b,
+            Some(Err(e)) => {
+                return Err(StageError::validation(format!(
+                    "service {name}: base_url: {e}"
+                )));
+            }
+            None => {
+                return Err(StageError::validation(format!(
+                    "url {shown:?} is not absolute and service {name} declares no base_url"
+                )));
+            }
+        };
+        Ok(format!(
+            "{}/{}",
+            base.trim_end_matches('/'),
+            url.trim_start_matches('/')
+        ))
+    }
+}
+
+/// Whether `url` is on the service's own origin (its `base_url`'s).
+fn service_owns(service: &service::Service, url: &str, secrets: &Secrets) -> bool {
+    let base = service
+        .base_url(secrets)
+        .and_then(Result::ok)
+        .and_then(|b| reqwest::Url::parse(&b).ok());
+    match (base, reqwest::Url::parse(url)) {
+        (Some(b), Ok(u)) => b.origin() == u.origin(),
+        _ => false,
+    }
+}
+
+/// `req` with a service's credential: a header (replacing one of the same name, and
+/// dropped if a redirect leaves the origin) or a query parameter.
+fn with_auth(req: &HttpRequest, a: &auth::Applied) -> HttpRequest {
+    let mut r = req.clone();
+    if let Some((name, value)) = &a.header {
+        r.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        r.headers.push((name.clone(), value.clone()));
+        r.credential_headers.push(name.to_ascii_lowercase());
+    }
+    if let Some((name, value)) = &a.query
+        && let Ok(mut url) = reqwest::Url::parse(&r.url)
+    {
+        url.query_pairs_mut().append_pair(name, value);
+        r.url = url.to_string();
+    }
+    r
+}
+
+/// Replaces an echoed token in a response's body and headers.
+fn mask_token(resp: &mut HttpResponse, token: &str) {
+    if token.len() < 8 {
+        return;
+    }
+    if memchr::memmem::find(&resp.body, token.as_bytes()).is_some() {
+        let text = String::from_utf8_lossy(&resp.body).replace(token, "[REDACTED]");
+        resp.body = text.into_bytes();
+    }
+    for (_, v) in resp.headers.iter_mut() {
+        if v.contains(token) {
+            *v = v.replace(token, "[REDACTED]");
+        }
+    }
+}
+
 /// Who is calling, for headers, logs, budgets and redaction.
 pub struct CallContext<'a> {
     pub run_id: &'a str,
@@ -241,16 +341,44 @@ impl Outbound {
         let mutating = is_mutating(&req.method);
         // Retrying a write without an idempotency key risks doing it twice.
         let may_retry = !mutating || req.idempotency_key.is_some();
-        let service_name = req.service.clone().unwrap_or_else(|| service_of(&req.url));
-        let service = self.services.get(&service_name);
+        let service = self.service_for(req, ctx.secrets);
+        let service_name = service.name.clone();
+        // A service's credentials go to its own origin only.
+        let bound = service.auth.is_some() && service_owns(&service, &req.url, ctx.secrets);
         let shown_url = ctx.secrets.redact(&req.url).into_owned();
         let mut attempt = 1u32;
+        // The generation of an OAuth2 token the service refused with 401 (renewed once).
+        let mut refused_token: Option<u64> = None;
         loop {
+            let applied = match (&service.auth, bound) {
+                (Some(creds), true) => Some(
+                    creds
+                        .apply(&service_name, &self.client, ctx.secrets, refused_token)
+                        .await
+                        .map_err(|e| with_attempts(e, attempt))?,
+                ),
+                _ => None,
+            };
+            let authed;
+            let this: &HttpRequest = match &applied {
+                Some(a) => {
+                    authed = with_auth(req, a);
+                    &authed
+                }
+                None => req,
+            };
             let started = Instant::now();
             let span = ctx.trace.map(|parent| parent.fresh_child());
-            let result = self
-                .guarded_attempt(ctx, req, attempt, &service, span)
+            let mut result = self
+                .guarded_attempt(ctx, this, attempt, &service, span)
                 .await;
+            // A token the host fetched is no configured secret: mask it if echoed.
+            if let (Ok(resp), Some(token)) = (
+                &mut result,
+                applied.as_ref().and_then(|a| a.token.as_deref()),
+            ) {
+                mask_token(resp, token);
+            }
             let elapsed = started.elapsed();
             let duration_ms = elapsed.as_millis() as u64;
             let (status, output, failure) = match &result {
@@ -306,6 +434,15 @@ impl Outbound {
                     parent_span_id: ctx.trace.map(|p| hex::encode(p.span_id)),
                 };
                 o.attempt(ctx.run_id, ctx.stage_id, &attempt);
+            }
+            // An OAuth2 token refused with 401: fetch a new one, once, and try again now.
+            if status == Some(401)
+                && refused_token.is_none()
+                && let Some(generation) = applied.as_ref().and_then(|a| a.generation)
+            {
+                refused_token = Some(generation);
+                attempt += 1;
+                continue;
             }
             if kind == Some(ErrorKind::CircuitOpen) {
                 // Failing fast is the point: no retry until the breaker lets probes through.

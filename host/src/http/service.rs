@@ -15,6 +15,14 @@ use tokio::sync::Semaphore;
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePolicy {
+    /// Where the service is (`https://api.stripe.com`, or `{{secrets.STRIPE_URL}}`): a
+    /// stage naming the service may give a path relative to it, and calls to its origin
+    /// from any stage or plugin belong to this service (its policies and its auth).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Credentials the host attaches to every call to `base_url`'s origin.
+    #[serde(default)]
+    pub auth: Option<super::auth::AuthSpec>,
     /// A token bucket; callers wait for a token rather than fail.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
@@ -61,38 +69,60 @@ fn thirty() -> f64 {
 
 impl ServicePolicy {
     /// Problems with the numbers, as `(field, message)`.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        if let Some(b) = &self.base_url {
+            match crate::secrets::secret_refs(b) {
+                Err(e) => out.push(("base_url".into(), e)),
+                Ok(refs) if refs.is_empty() => match reqwest::Url::parse(b) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                    _ => out.push((
+                        "base_url".into(),
+                        format!("{b:?} is not an absolute http(s) URL"),
+                    )),
+                },
+                Ok(_) => {}
+            }
+        }
+        if let Some(a) = &self.auth {
+            if self.base_url.is_none() {
+                out.push((
+                    "auth".into(),
+                    "auth needs base_url: credentials are bound to that origin and sent nowhere else".into(),
+                ));
+            }
+            out.extend(a.problems());
+        }
         if let Some(r) = &self.rate_limit {
             if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) {
                 out.push((
-                    "rate_limit.requests_per_second",
+                    "rate_limit.requests_per_second".into(),
                     "must be a positive number".into(),
                 ));
             }
             if r.burst == 0 {
-                out.push(("rate_limit.burst", "must be at least 1".into()));
+                out.push(("rate_limit.burst".into(), "must be at least 1".into()));
             }
         }
         if self.max_concurrency == Some(0) {
-            out.push(("max_concurrency", "must be at least 1".into()));
+            out.push(("max_concurrency".into(), "must be at least 1".into()));
         }
         if let Some(b) = &self.circuit_breaker {
             if b.failure_threshold == 0 {
                 out.push((
-                    "circuit_breaker.failure_threshold",
+                    "circuit_breaker.failure_threshold".into(),
                     "must be at least 1".into(),
                 ));
             }
             if !(b.open_seconds.is_finite() && b.open_seconds >= 0.0) {
                 out.push((
-                    "circuit_breaker.open_seconds",
+                    "circuit_breaker.open_seconds".into(),
                     "must be a non-negative number".into(),
                 ));
             }
             if b.half_open_max_calls == 0 {
                 out.push((
-                    "circuit_breaker.half_open_max_calls",
+                    "circuit_breaker.half_open_max_calls".into(),
                     "must be at least 1".into(),
                 ));
             }
@@ -105,6 +135,7 @@ impl ServicePolicy {
 pub struct Service {
     pub name: String,
     policy: ServicePolicy,
+    pub auth: Option<super::auth::Credentials>,
     limiter: Option<DefaultDirectRateLimiter>,
     bulkhead: Option<Arc<Semaphore>>,
     pub breaker: Option<Breaker>,
@@ -126,11 +157,17 @@ impl Service {
         let breaker = policy.circuit_breaker.clone().map(Breaker::new);
         Service {
             name: name.to_string(),
+            auth: policy.auth.clone().map(super::auth::Credentials::new),
             policy,
             limiter,
             bulkhead,
             breaker,
         }
+    }
+
+    /// `base_url`, its secrets expanded, when the service has one.
+    pub fn base_url(&self, secrets: &crate::secrets::Secrets) -> Option<Result<String, String>> {
+        self.policy.base_url.as_deref().map(|b| secrets.expand(b))
     }
 
     /// Waits for a rate-limit token.
@@ -177,6 +214,23 @@ impl Services {
             name.to_string(),
             Arc::new(Service::new(name, policy.clone())),
         );
+    }
+
+    /// The declared service whose `base_url` has this URL's origin, if any.
+    pub fn by_origin(
+        &self,
+        url: &reqwest::Url,
+        secrets: &crate::secrets::Secrets,
+    ) -> Option<Arc<Service>> {
+        let map = self.map.read().expect("services lock");
+        map.values()
+            .find(|s| {
+                s.base_url(secrets)
+                    .and_then(Result::ok)
+                    .and_then(|b| reqwest::Url::parse(&b).ok())
+                    .is_some_and(|b| b.origin() == url.origin())
+            })
+            .cloned()
     }
 
     pub fn all(&self) -> Vec<Arc<Service>> {

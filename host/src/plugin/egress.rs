@@ -25,25 +25,7 @@ use crate::secrets::Secrets;
 
 pub use crate::http::HostPattern;
 
-/// `{{secrets.NAME}}` (spaces allowed inside the braces) at the start of `s`:
-/// the name and the length of the token. A fixed pattern, not a template.
-pub fn secret_token(s: &str) -> Option<(&str, usize)> {
-    let body = s.strip_prefix("{{")?;
-    let trimmed = body.trim_start_matches(' ');
-    let lead = body.len() - trimmed.len();
-    let rest = trimmed.strip_prefix("secrets.")?;
-    let name_len = rest
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-        .unwrap_or(rest.len());
-    if name_len == 0 {
-        return None;
-    }
-    let after = &rest[name_len..];
-    let close = after.trim_start_matches(' ');
-    close.strip_prefix("}}")?;
-    let len = 2 + lead + "secrets.".len() + name_len + (after.len() - close.len()) + 2;
-    Some((&rest[..name_len], len))
-}
+pub use crate::secrets::secret_token;
 
 /// The secret a header value names as a whole (`{{secrets.NAME}}` or
 /// `SCHEME {{secrets.NAME}}`): the scheme prefix (with its space) and the name.
