@@ -222,3 +222,140 @@ async fn api_keys_and_basic_auth_are_attached_and_masked() {
     assert_eq!(ran.code, 0, "{}", ran.stderr);
     assert!(!ran.stdout.contains("bt-0123456789-zz"), "{}", ran.stdout);
 }
+
+/// A vendor with 1,000 items, paged three ways: Stripe's cursor (`has_more`,
+/// `starting_after`), GitHub's `Link` header, Salesforce's `nextRecordsUrl`; and page
+/// numbers. 100 items a page.
+async fn paged_vendor() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::extract::Query;
+    use axum::response::IntoResponse;
+    use std::collections::HashMap;
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let item = |i: usize| json!({"id": format!("obj_{i:04}"), "n": i});
+    let (c1, c2, c3, c4) = (calls.clone(), calls.clone(), calls.clone(), calls.clone());
+    let count = |c: &Arc<std::sync::atomic::AtomicUsize>| {
+        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    };
+    let app = axum::Router::new()
+        .route(
+            "/v1/customers",
+            axum::routing::get(move |Query(q): Query<HashMap<String, String>>| {
+                count(&c1);
+                let start = q
+                    .get("starting_after")
+                    .and_then(|s| s.strip_prefix("obj_"))
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .map_or(0, |n| n + 1);
+                let end = (start + 100).min(1000);
+                async move {
+                    axum::Json(json!({"object": "list", "has_more": end < 1000,
+                        "data": (start..end).map(item).collect::<Vec<_>>()}))
+                }
+            }),
+        )
+        .route(
+            "/repos/items",
+            axum::routing::get(move |Query(q): Query<HashMap<String, String>>| {
+                count(&c2);
+                let page: usize = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+                let start = (page - 1) * 100;
+                let body = json!(
+                    (start..(start + 100).min(1000))
+                        .map(item)
+                        .collect::<Vec<_>>()
+                );
+                async move {
+                    let mut links = Vec::new();
+                    if page < 10 {
+                        links.push(format!("</repos/items?page={}>; rel=\"next\"", page + 1));
+                    }
+                    links.push("</repos/items?page=10>; rel=\"last\"".to_string());
+                    ([("link", links.join(", "))], axum::Json(body)).into_response()
+                }
+            }),
+        )
+        .route(
+            "/services/data/query",
+            axum::routing::get(move |Query(q): Query<HashMap<String, String>>| {
+                count(&c3);
+                let start: usize = q.get("offset").and_then(|p| p.parse().ok()).unwrap_or(0);
+                let end = (start + 100).min(1000);
+                async move {
+                    let next = (end < 1000).then(|| format!("/services/data/query?offset={end}"));
+                    axum::Json(
+                        json!({"totalSize": 1000, "done": end >= 1000, "nextRecordsUrl": next,
+                        "records": (start..end).map(item).collect::<Vec<_>>()}),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/paged",
+            axum::routing::get(move |Query(q): Query<HashMap<String, String>>| {
+                count(&c4);
+                let page: usize = q.get("p").and_then(|p| p.parse().ok()).unwrap_or(1);
+                let start = (page - 1) * 100;
+                let items: Vec<Value> = (start..(start + 100).min(1000)).map(item).collect();
+                async move { axum::Json(json!({"items": items})) }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, calls)
+}
+
+/// Every page of 1,000 items in each style, in order, with the page count; `max_pages`
+/// and `max_items` cut a list short and say so.
+#[tokio::test]
+async fn pagination_follows_cursors_link_headers_and_next_urls() {
+    let (base, calls) = paged_vendor().await;
+    let dir = support::scratch("vendor-paging");
+    let stage = |id: &str, url: String, paginate: Value| json!({"id": id, "component": "http-request", "config": {"url": url, "paginate": paginate}});
+    let doc = json!({"name": "paging", "stages": [
+        stage("stripe", format!("{base}/v1/customers?limit=100"),
+              json!({"style": "cursor", "items_path": "data", "has_more_path": "has_more",
+                     "cursor_param": "starting_after", "cursor_path": "data[-1].id", "max_pages": 50})),
+        stage("github", format!("{base}/repos/items"),
+              json!({"style": "link_header", "items_path": "@", "max_pages": 50})),
+        stage("salesforce", format!("{base}/services/data/query"),
+              json!({"style": "next_url", "items_path": "records", "next_url_path": "nextRecordsUrl"})),
+        stage("numbered", format!("{base}/paged"),
+              json!({"style": "page", "items_path": "items", "page_param": "p", "start": 1})),
+        stage("cut", format!("{base}/v1/customers?limit=100"),
+              json!({"style": "cursor", "items_path": "data", "has_more_path": "has_more",
+                     "cursor_param": "starting_after", "cursor_path": "data[-1].id", "max_pages": 3})),
+        stage("few", format!("{base}/repos/items"),
+              json!({"style": "link_header", "items_path": "@", "max_items": 150}))
+    ]});
+    let e = engine(&[]);
+    let report = run(&e, &dir, &doc, json!({})).await;
+    assert_eq!(report.status.as_str(), "succeeded", "{:?}", report.error);
+    let out = |id: &str| report.stage(id).unwrap().output.as_deref().unwrap().clone();
+    for id in ["stripe", "github", "salesforce"] {
+        let o = out(id);
+        let items = o["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1000, "{id}");
+        assert_eq!(o["pages"], 10, "{id}");
+        assert_eq!(o["truncated"], false, "{id}");
+        assert!(
+            items.iter().enumerate().all(|(i, v)| v["n"] == i),
+            "{id}: in order, none twice"
+        );
+    }
+    let numbered = out("numbered");
+    assert_eq!(numbered["items"].as_array().unwrap().len(), 1000);
+    assert_eq!(numbered["pages"], 11, "pages until an empty one");
+    let cut = out("cut");
+    assert_eq!(cut["items"].as_array().unwrap().len(), 300);
+    assert_eq!(cut["pages"], 3);
+    assert_eq!(cut["truncated"], true);
+    let few = out("few");
+    assert_eq!(few["items"].as_array().unwrap().len(), 150);
+    assert_eq!(few["pages"], 2);
+    assert_eq!(few["truncated"], true);
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        10 + 10 + 10 + 11 + 3 + 2
+    );
+}

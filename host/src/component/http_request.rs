@@ -44,6 +44,9 @@ struct Config {
     /// Service name for per-service policies; defaults to the URL's host:port.
     #[serde(default)]
     service: Option<String>,
+    /// Follow every page of a list; the output is then `{items, pages, truncated}`.
+    #[serde(default)]
+    paginate: Option<super::paginate::Paginate>,
 }
 
 const FIELDS: &[&str] = &[
@@ -55,6 +58,7 @@ const FIELDS: &[&str] = &[
     "timeout",
     "idempotency_key",
     "service",
+    "paginate",
 ];
 
 #[async_trait::async_trait]
@@ -73,7 +77,23 @@ impl Component for HttpRequest {
             .object("query_params")
             .integer("timeout", 1)
             .string("idempotency_key")
-            .string("service");
+            .string("service")
+            .object("paginate");
+        if let Some(p) = config.get("paginate").filter(|p| p.is_object()) {
+            match serde_path_to_error::deserialize::<_, super::paginate::Paginate>(p) {
+                Ok(p) => {
+                    for (field, message) in p.problems() {
+                        c.problem(&format!(".paginate.{field}"), message);
+                    }
+                }
+                Err(e) => {
+                    // Templates are checked when rendered; here only the shape counts.
+                    if !e.inner().to_string().contains("invalid type") {
+                        c.problem(&format!(".paginate.{}", e.path()), e.inner().to_string());
+                    }
+                }
+            }
+        }
         c.finish()
     }
 
@@ -139,6 +159,7 @@ impl Component for HttpRequest {
             None if mutating => Some(default_idempotency_key(&ctx.run_id, &ctx.stage_id)),
             None => None,
         };
+        let paginate = config.paginate.clone();
         let request = http::HttpRequest {
             method: method.clone(),
             url: url.to_string(),
@@ -150,24 +171,40 @@ impl Component for HttpRequest {
             hop_guard: redirect_guard(url.as_str(), &ctx.allowed_hosts),
             credential_headers: Vec::new(),
         };
-        let response = ctx
-            .outbound
-            .send(
-                &ctx.call_context(),
-                &request,
-                &ctx.retry.clone().unwrap_or_default(),
-            )
-            .await?;
-        if let Some(mut error) = http_failure_of(&response) {
-            error.message = format!(
-                "{method} {}: {}",
-                ctx.secrets.redact(request.url.as_str()),
-                ctx.secrets.redact(&error.message)
-            );
-            return Err(error);
+        match paginate {
+            None => fetch(ctx, &request).await,
+            Some(p) => {
+                super::paginate::collect(&p, url, |page| {
+                    let mut r = request.clone();
+                    r.url = page.to_string();
+                    async move { fetch(ctx, &r).await }
+                })
+                .await
+            }
         }
-        response.to_output()
     }
+}
+
+/// One request through the outbound machinery; a non-2xx final answer is the error.
+async fn fetch(ctx: &StageContext, request: &http::HttpRequest) -> Result<Value, StageError> {
+    let response = ctx
+        .outbound
+        .send(
+            &ctx.call_context(),
+            request,
+            &ctx.retry.clone().unwrap_or_default(),
+        )
+        .await?;
+    if let Some(mut error) = http_failure_of(&response) {
+        error.message = format!(
+            "{} {}: {}",
+            request.method,
+            ctx.secrets.redact(request.url.as_str()),
+            ctx.secrets.redact(&error.message)
+        );
+        return Err(error);
+    }
+    response.to_output()
 }
 
 /// With `allowed_hosts` on the stage, a redirect may only go to them or stay on the

@@ -10,6 +10,7 @@ pub mod flow;
 mod http_request;
 mod logger;
 mod operators;
+pub mod paginate;
 mod schema_validate;
 
 use std::collections::BTreeMap;
