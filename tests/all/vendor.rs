@@ -359,3 +359,54 @@ async fn pagination_follows_cursors_link_headers_and_next_urls() {
         10 + 10 + 10 + 11 + 3 + 2
     );
 }
+
+/// A service's cache: a fresh answer without asking, a 304 revalidation, and, with
+/// the service failing and then its breaker open, the last good answer marked stale.
+#[tokio::test]
+async fn cached_answers_are_revalidated_and_stand_in_when_the_service_fails() {
+    let fake = Fake::start().await;
+    fake.route(
+        "/rates",
+        vec![
+            Reply::json(200, json!({"usd_eur": 0.92})).header("etag", "\"v1\""),
+            Reply::status(304).header("etag", "\"v1\""),
+            Reply::json(503, json!({"error": "down"})),
+        ],
+    );
+    let dir = support::scratch("vendor-cache");
+    let doc = json!({"name": "rates",
+        "services": {"fx": {"base_url": fake.url(""),
+            "cache": {"ttl_seconds": 0.5, "stale_if_error_seconds": 3600},
+            "circuit_breaker": {"failure_threshold": 1, "open_seconds": 60}}},
+        "stages": [{"id": "rates", "component": "http-request",
+                    "config": {"service": "fx", "url": "/rates"}}]});
+    let e = engine(&[]);
+    let output = |r: &RunReport| r.stage("rates").unwrap().output.as_deref().unwrap().clone();
+
+    let first = run(&e, &dir, &doc, json!({})).await;
+    assert_eq!(output(&first)["body"], json!({"usd_eur": 0.92}));
+    assert!(output(&first).get("cache").is_none(), "from the service");
+    let hit = run(&e, &dir, &doc, json!({})).await;
+    assert_eq!(output(&hit)["cache"]["status"], "hit");
+    assert_eq!(fake.seen("/rates").len(), 1, "a fresh answer asks nobody");
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let revalidated = run(&e, &dir, &doc, json!({})).await;
+    assert_eq!(output(&revalidated)["cache"]["status"], "revalidated");
+    assert_eq!(output(&revalidated)["body"], json!({"usd_eur": 0.92}));
+    let seen = fake.seen("/rates");
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].header("if-none-match"), Some("\"v1\""));
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let stale = run(&e, &dir, &doc, json!({})).await;
+    assert_eq!(stale.status.as_str(), "succeeded", "{:?}", stale.error);
+    assert_eq!(output(&stale)["cache"]["status"], "stale");
+    assert_eq!(output(&stale)["body"], json!({"usd_eur": 0.92}));
+    assert_eq!(fake.seen("/rates").len(), 3, "the failing call was made");
+    // The breaker is open now: nothing is sent, and the stale answer still stands in.
+    let open = run(&e, &dir, &doc, json!({})).await;
+    assert_eq!(open.status.as_str(), "succeeded", "{:?}", open.error);
+    assert_eq!(output(&open)["cache"]["status"], "stale");
+    assert_eq!(fake.seen("/rates").len(), 3, "the breaker sent nothing");
+}

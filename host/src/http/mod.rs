@@ -6,6 +6,7 @@
 //! the caller's business whether a 404 is an error.
 
 pub mod auth;
+pub mod cache;
 mod hosts;
 pub mod retry;
 pub mod service;
@@ -27,6 +28,10 @@ pub use service::{ServicePolicy, Services};
 pub trait AttemptObserver: Send + Sync {
     fn attempt(&self, _run_id: &str, _stage_id: &str, _attempt: &Attempt) {}
 }
+
+/// Marks an answer the response cache gave (`hit; age=3`, `revalidated; age=0`,
+/// `stale; age=120`); `http-request` turns it into its output's `cache`.
+pub const CACHE_HEADER: &str = "x-fmhost-cache";
 
 /// Default per-attempt timeout when neither the request nor the stage sets one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -129,6 +134,10 @@ impl HttpResponse {
     }
 
     fn output_with(&self, body: Value) -> Value {
+        let cache = self.header(CACHE_HEADER).map(|v| {
+            let (status, age) = v.split_once("; age=").unwrap_or((v, "0"));
+            json!({"status": status, "age_seconds": age.parse::<u64>().unwrap_or(0)})
+        });
         let mut headers = Map::new();
         for (k, v) in &self.headers {
             match headers.get_mut(k) {
@@ -141,7 +150,11 @@ impl HttpResponse {
                 }
             }
         }
-        json!({"status_code": self.status, "headers": headers, "body": body})
+        let mut out = json!({"status_code": self.status, "headers": headers, "body": body});
+        if let Some(c) = cache {
+            out["cache"] = c;
+        }
+        out
     }
 }
 
@@ -301,6 +314,8 @@ pub struct Outbound {
     /// Per-service rate limits, bulkheads and breakers, shared by all runs.
     pub services: Arc<Services>,
     pub metrics: Arc<Metrics>,
+    /// Answers kept for services that declare `cache`.
+    pub cache: Arc<cache::ResponseCache>,
 }
 
 impl Default for Outbound {
@@ -328,20 +343,90 @@ impl Outbound {
             client,
             services: Arc::default(),
             metrics: Arc::default(),
+            cache: Arc::default(),
         }
     }
 
-    /// Sends `req`, retrying per `policy`, and returns the final response whatever its status.
+    /// Sends `req`, retrying per `policy`, and returns the final response whatever its
+    /// status; from the service's cache when it declares one and may answer.
     pub async fn send(
         &self,
         ctx: &CallContext<'_>,
         req: &HttpRequest,
         policy: &RetryPolicy,
     ) -> Result<HttpResponse, StageError> {
+        let service = self.service_for(req, ctx.secrets);
+        let safe = matches!(req.method, reqwest::Method::GET | reqwest::Method::HEAD);
+        let Some(cp) = service.cache().filter(|_| safe).cloned() else {
+            return self.send_uncached(ctx, req, policy, service).await;
+        };
+        let key = cache::key(&service.name, req);
+        let cached = self.cache.get(&key);
+        let shown = || ctx.secrets.redact(&req.url).into_owned();
+        let mark = |resp: HttpResponse, how: cache::Served, age: Duration| {
+            let mut resp = resp;
+            resp.headers.retain(|(k, _)| k != CACHE_HEADER);
+            resp.headers.push((
+                CACHE_HEADER.into(),
+                format!("{}; age={}", how.as_str(), age.as_secs()),
+            ));
+            resp
+        };
+        if let Some((resp, age)) = &cached
+            && age.as_secs_f64() < cp.ttl_seconds
+        {
+            tracing::info!(target: "fmhost::http", run_id = ctx.run_id, stage = ctx.stage_id, service = %service.name, cache = "hit", "{} {} -> {} from the cache (age {} s)", req.method, shown(), resp.status, age.as_secs());
+            return Ok(mark(resp.clone(), cache::Served::Hit, *age));
+        }
+        let asked;
+        let this = match &cached {
+            Some((resp, _)) => {
+                let mut r = req.clone();
+                r.headers.extend(cache::conditional(resp));
+                asked = r;
+                &asked
+            }
+            None => req,
+        };
+        let result = self.send_uncached(ctx, this, policy, service.clone()).await;
+        match (result, cached) {
+            (Ok(resp), Some((old, _))) if resp.status == 304 => {
+                self.cache.touch(&key);
+                Ok(mark(old, cache::Served::Revalidated, Duration::ZERO))
+            }
+            (Ok(resp), _) if resp.is_success() => {
+                self.cache.put(key, &resp);
+                Ok(resp)
+            }
+            (result, Some((old, age)))
+                if age.as_secs_f64() < cp.ttl_seconds + cp.stale_if_error_seconds
+                    && match &result {
+                        Ok(r) => r.status >= 500 || r.status == 429,
+                        Err(_) => true,
+                    } =>
+            {
+                let why = match &result {
+                    Ok(r) => format!("http {}", r.status),
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(target: "fmhost::http", run_id = ctx.run_id, stage = ctx.stage_id, service = %service.name, cache = "stale", "{} {}: answered from the cache (stale, age {} s) after: {why}", req.method, shown(), age.as_secs());
+                Ok(mark(old, cache::Served::Stale, age))
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// [`send`](Self::send) without the cache.
+    async fn send_uncached(
+        &self,
+        ctx: &CallContext<'_>,
+        req: &HttpRequest,
+        policy: &RetryPolicy,
+        service: Arc<service::Service>,
+    ) -> Result<HttpResponse, StageError> {
         let mutating = is_mutating(&req.method);
         // Retrying a write without an idempotency key risks doing it twice.
         let may_retry = !mutating || req.idempotency_key.is_some();
-        let service = self.service_for(req, ctx.secrets);
         let service_name = service.name.clone();
         // A service's credentials go to its own origin only.
         let bound = service.auth.is_some() && service_owns(&service, &req.url, ctx.secrets);

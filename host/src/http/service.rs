@@ -23,6 +23,9 @@ pub struct ServicePolicy {
     /// Credentials the host attaches to every call to `base_url`'s origin.
     #[serde(default)]
     pub auth: Option<super::auth::AuthSpec>,
+    /// Answers kept and reused, revalidated, and stood in when the service fails.
+    #[serde(default)]
+    pub cache: Option<super::cache::CachePolicy>,
     /// A token bucket; callers wait for a token rather than fail.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
@@ -92,6 +95,9 @@ impl ServicePolicy {
                 ));
             }
             out.extend(a.problems());
+        }
+        if let Some(c) = &self.cache {
+            out.extend(c.problems());
         }
         if let Some(r) = &self.rate_limit {
             if !(r.requests_per_second.is_finite() && r.requests_per_second > 0.0) {
@@ -163,6 +169,10 @@ impl Service {
             bulkhead,
             breaker,
         }
+    }
+
+    pub fn cache(&self) -> Option<&super::cache::CachePolicy> {
+        self.policy.cache.as_ref()
     }
 
     /// `base_url`, its secrets expanded, when the service has one.
