@@ -33,6 +33,8 @@ pub enum ErrorKind {
     Sandbox,
     /// A template referenced something missing or could not be evaluated.
     Template,
+    /// The run's or the stage's request budget is spent.
+    Budget,
     /// The run was cancelled before the stage finished.
     Cancelled,
     /// A bug or an unexpected condition in the host or a component.
@@ -52,6 +54,7 @@ impl ErrorKind {
             ErrorKind::Validation => "validation",
             ErrorKind::Sandbox => "sandbox",
             ErrorKind::Template => "template",
+            ErrorKind::Budget => "budget",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Internal => "internal",
         }

@@ -410,3 +410,68 @@ async fn cached_answers_are_revalidated_and_stand_in_when_the_service_fails() {
     assert_eq!(output(&open)["cache"]["status"], "stale");
     assert_eq!(fake.seen("/rates").len(), 3, "the breaker sent nothing");
 }
+
+/// Budgets fail the stage that would exceed them, with kind `budget`: the run's
+/// request count, a stage's retries, and a paginated list that would need more pages
+/// than its stage may make (never a silently short list).
+#[tokio::test]
+async fn request_budgets_fail_the_stage_that_exceeds_them() {
+    let fake = Fake::start().await;
+    fake.route("/ok", vec![Reply::json(200, json!({}))]);
+    fake.route("/busy", vec![Reply::json(503, json!({}))]);
+    let (paged, _) = paged_vendor().await;
+    let dir = support::scratch("vendor-budget");
+    let e = engine(&[]);
+    let get = |id: &str, dep: Option<&str>| {
+        json!({"id": id, "component": "http-request", "depends_on": dep.map(|d| vec![d]).unwrap_or_default(),
+               "config": {"url": fake.url("/ok")}})
+    };
+    let doc = json!({"name": "b", "budget": {"max_requests": 2},
+                     "stages": [get("a", None), get("b", Some("a")), get("c", Some("b"))]});
+    let report = run(&e, &dir, &doc, json!({})).await;
+    assert_eq!(report.status.as_str(), "failed");
+    let c = report.stage("c").unwrap();
+    let err = c.error.as_ref().unwrap();
+    assert_eq!(err.kind.as_str(), "budget", "{err:?}");
+    assert!(
+        err.message.contains("run's budget of 2 requests"),
+        "{err:?}"
+    );
+    assert_eq!(fake.seen("/ok").len(), 2);
+
+    let doc = json!({"name": "b", "stages": [
+        {"id": "retrying", "component": "http-request", "budget": {"max_requests": 2},
+         "config": {"url": fake.url("/busy")},
+         "retry": {"max_attempts": 5, "delay_seconds": 0.01}}]});
+    let report = run(&e, &dir, &doc, json!({})).await;
+    let err = report.stage("retrying").unwrap().error.clone().unwrap();
+    assert_eq!(err.kind.as_str(), "budget", "{err:?}");
+    assert_eq!(fake.seen("/busy").len(), 2, "no attempt beyond the budget");
+
+    let doc = json!({"name": "b", "stages": [
+        {"id": "list", "component": "http-request", "budget": {"max_requests": 3},
+         "config": {"url": format!("{paged}/repos/items"),
+                    "paginate": {"style": "link_header", "items_path": "@"}}}]});
+    let report = run(&e, &dir, &doc, json!({})).await;
+    let err = report.stage("list").unwrap().error.clone().unwrap();
+    assert_eq!(err.kind.as_str(), "budget", "{err:?}");
+
+    // Bad budgets are refused before any run, with their place.
+    let bad = json!({"name": "b", "budget": {"max_request": 2},
+                     "stages": [{"id": "x", "component": "logger", "budget": {"max_seconds": -1},
+                                 "config": {"message": "m"}}]});
+    let path = support::write_json(&dir, "bad.pipeline.json", &bad);
+    let out = support::output({
+        let mut c = support::fmhost();
+        c.arg("validate").arg(&path);
+        c
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("budget") && text.contains("max_request"),
+        "{text}"
+    );
+    assert!(text.contains("budget.max_seconds"), "{text}");
+}

@@ -708,6 +708,7 @@ pub fn error_kinds_for(name: &str) -> Option<Vec<ErrorKind>> {
         Validation,
         Sandbox,
         Template,
+        Budget,
         Internal,
     ];
     let normal = name.trim().to_ascii_lowercase().replace('_', "-");
@@ -739,6 +740,7 @@ pub fn error_kinds_for(name: &str) -> Option<Vec<ErrorKind>> {
         "validation" | "validationerror" | "validationexecutionerror" => vec![Validation],
         "sandbox" | "sandboxerror" => vec![Sandbox],
         "template" | "templateerror" | "mappingexecutionerror" | "keyerror" => vec![Template],
+        "budget" | "budgeterror" | "budgetexceeded" => vec![Budget],
         "internal" | "runtimeerror" => vec![Internal],
         _ => return None,
     };
@@ -856,7 +858,7 @@ impl Component for TryCatch {
                         Some(name) if error_kinds_for(name).is_some() => {}
                         _ => c.problem(
                             &format!(".catch_error_types[{i}]"),
-                            format!("unknown error type {t} (use fmhost's kinds: timeout, connect, http-4xx, http-5xx, rate-limited, circuit-open, parse, validation, sandbox, template, internal)"),
+                            format!("unknown error type {t} (use fmhost's kinds: timeout, connect, http-4xx, http-5xx, rate-limited, circuit-open, parse, validation, sandbox, template, budget, internal)"),
                         ),
                     }
                 }

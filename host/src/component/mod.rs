@@ -51,6 +51,8 @@ pub struct StageContext {
     pub observer: Option<Arc<dyn crate::http::AttemptObserver>>,
     /// The stage's span in the run's trace.
     pub trace: Option<crate::trace::SpanRef>,
+    /// The run's and the stage's request budgets.
+    pub budgets: Arc<[Arc<crate::http::budget::Budget>]>,
 }
 
 impl StageContext {
@@ -70,6 +72,7 @@ impl StageContext {
             retries: AtomicU32::new(0),
             observer: None,
             trace: None,
+            budgets: Arc::from(Vec::new()),
         }
     }
 
@@ -82,6 +85,7 @@ impl StageContext {
             retries: &self.retries,
             observer: self.observer.as_deref(),
             trace: self.trace,
+            budgets: &self.budgets,
         }
     }
 }

@@ -469,6 +469,18 @@ fn start_stage(
         deadline: stage.timeout.map(|t| Instant::now() + t),
         retries: AtomicU32::new(0),
         trace: run.trace.stage_span(id.as_str()),
+        budgets: run
+            .budget
+            .iter()
+            .cloned()
+            .chain(stage.budget.clone().map(|b| {
+                Arc::new(crate::http::budget::Budget::new(
+                    format!("stage {id}"),
+                    b,
+                    Instant::now(),
+                ))
+            }))
+            .collect(),
         observer: run
             .observer
             .clone()
@@ -478,6 +490,16 @@ fn start_stage(
     let future = async move {
         let result = match rendered {
             Err(e) => Err(StageError::template(format!("config{e}"))),
+            // A run whose time budget is spent starts nothing more.
+            Ok(_)
+                if let Some(Err(e)) = ctx
+                    .budgets
+                    .iter()
+                    .map(|b| b.check_time())
+                    .find(Result::is_err) =>
+            {
+                Err(e)
+            }
             Ok(config) => {
                 let call = component.run(&ctx, config, upstream);
                 match timeout {

@@ -96,6 +96,8 @@ pub(crate) struct RunCtx {
     observer: Option<Arc<dyn RunObserver>>,
     reuse: Option<Arc<Reuse>>,
     trace: crate::trace::RunTrace,
+    /// The pipeline's request budget, spent by every stage of the run.
+    budget: Option<Arc<crate::http::budget::Budget>>,
     started: Instant,
     pinned: Mutex<HashMap<usize, Arc<dyn Component>>>,
     reports: Mutex<Reports>,
@@ -386,6 +388,13 @@ impl Engine {
             run_id: run_id.clone(),
             observer: opts.observer.clone(),
             reuse: opts.reuse.clone(),
+            budget: plan.budget.clone().map(|b| {
+                Arc::new(crate::http::budget::Budget::new(
+                    "run".into(),
+                    b,
+                    Instant::now(),
+                ))
+            }),
             trace: opts
                 .trace
                 .clone()

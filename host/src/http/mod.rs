@@ -6,6 +6,7 @@
 //! the caller's business whether a 404 is an error.
 
 pub mod auth;
+pub mod budget;
 pub mod cache;
 mod hosts;
 pub mod retry;
@@ -281,6 +282,8 @@ pub struct CallContext<'a> {
     pub observer: Option<&'a dyn AttemptObserver>,
     /// The span the attempts are children of; each attempt sends its own in `traceparent`.
     pub trace: Option<crate::trace::SpanRef>,
+    /// The run's and the stage's request budgets: each attempt takes one from each.
+    pub budgets: &'a [Arc<budget::Budget>],
 }
 
 /// One outbound attempt, as the run journal records it. Secrets are already redacted.
@@ -435,6 +438,10 @@ impl Outbound {
         // The generation of an OAuth2 token the service refused with 401 (renewed once).
         let mut refused_token: Option<u64> = None;
         loop {
+            for b in ctx.budgets {
+                b.take()
+                    .map_err(|e| with_attempts(e, attempt.saturating_sub(1)))?;
+            }
             let applied = match (&service.auth, bound) {
                 (Some(creds), true) => Some(
                     creds

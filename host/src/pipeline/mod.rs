@@ -283,6 +283,8 @@ pub struct Plan {
     pub services: Vec<(String, crate::http::ServicePolicy)>,
     /// Webhook triggers, served by `fmhost serve`.
     pub triggers: Vec<Trigger>,
+    /// The whole run's request budget.
+    pub budget: Option<crate::http::budget::BudgetSpec>,
     /// The document as written, for journaling and display.
     pub source: Value,
 }
@@ -317,6 +319,8 @@ pub struct PlannedStage {
     pub secret_grants: Arc<[String]>,
     /// Whether the config's `base_url` comes from the pipeline file, not from data.
     pub trusted_base_url: bool,
+    /// The stage's own request budget.
+    pub budget: Option<crate::http::budget::BudgetSpec>,
 }
 
 impl Plan {

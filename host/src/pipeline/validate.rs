@@ -58,6 +58,9 @@ struct PipelineDoc {
     /// What starts runs from outside (`fmhost serve`): webhooks.
     #[serde(default)]
     triggers: Vec<Value>,
+    /// The whole run's request budget.
+    #[serde(default)]
+    budget: Option<Value>,
     stages: Vec<Value>,
 }
 
@@ -97,6 +100,9 @@ struct StageDoc {
     /// FlowMason's per-stage LLM settings; the generator plugin takes its own config.
     #[serde(default)]
     llm_settings: Option<Value>,
+    /// The stage's request budget.
+    #[serde(default)]
+    budget: Option<Value>,
 }
 
 struct Parsed {
@@ -188,6 +194,10 @@ pub fn compile_in(
             }
         }
     }
+    let budget = doc
+        .budget
+        .as_ref()
+        .and_then(|b| budget_of(b, "budget", &mut diags));
     let mut triggers = Vec::new();
     for (i, raw) in doc.triggers.iter().enumerate() {
         match serde_path_to_error::deserialize::<_, super::Trigger>(raw) {
@@ -509,6 +519,11 @@ pub fn compile_in(
                 allowed_hosts: p.doc.allowed_hosts.clone().into(),
                 secret_grants: secret_grants.into(),
                 trusted_base_url: trusted_base_url(&p.config),
+                budget: p
+                    .doc
+                    .budget
+                    .as_ref()
+                    .and_then(|b| budget_of(b, &format!("{}: budget", p.loc), &mut diags)),
             });
         }
     }
@@ -554,6 +569,7 @@ pub fn compile_in(
         index,
         services,
         triggers,
+        budget,
         source,
     })
 }
@@ -834,4 +850,35 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+/// A `budget` block, or its problems added to `diags` under `at`.
+fn budget_of(
+    raw: &Value,
+    at: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<crate::http::budget::BudgetSpec> {
+    match serde_path_to_error::deserialize::<_, crate::http::budget::BudgetSpec>(raw) {
+        Ok(b) => {
+            let problems = b.problems();
+            for (field, message) in &problems {
+                let field = field.strip_prefix("budget").unwrap_or(field);
+                diags.push(Diagnostic::new(format!("{at}{field}"), message.clone()));
+            }
+            problems.is_empty().then_some(b)
+        }
+        Err(e) => {
+            let path = e.path().to_string();
+            let path = if path == "." {
+                String::new()
+            } else {
+                format!(".{path}")
+            };
+            diags.push(Diagnostic::new(
+                format!("{at}{path}"),
+                e.inner().to_string(),
+            ));
+            None
+        }
+    }
 }

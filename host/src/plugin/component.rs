@@ -92,6 +92,7 @@ impl Component for WasmComponent {
         }
         let runtime = &p.runtime;
         let grant = (p.kind == World::Connector).then(|| HttpGrant {
+            budgets: ctx.budgets.clone(),
             outbound: ctx.outbound.clone(),
             grant: Arc::new(Grant::new(
                 &p.name,
@@ -142,10 +143,11 @@ impl Component for WasmComponent {
                 StageError::new(ErrorKind::Sandbox, format!("plugin {}: {why}", p.name))
             })?;
         ctx.retries.fetch_add(outcome.retries, Ordering::Relaxed);
-        if let Some(why) = &outcome.refusal {
-            // A plugin that tried what it was not granted fails, whatever it returns.
+        if let Some((kind, why)) = &outcome.refusal {
+            // A plugin that tried what it was not granted, or spent its budget, fails,
+            // whatever it returns.
             return Err(StageError::new(
-                ErrorKind::Sandbox,
+                *kind,
                 format!(
                     "plugin {} in stage {}: refused: {why}",
                     p.name, ctx.stage_id

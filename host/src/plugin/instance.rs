@@ -33,7 +33,8 @@ pub(crate) struct Fresh {
 pub(crate) struct Outcome {
     pub result: wasmtime::Result<Result<String, PluginError>>,
     pub retries: u32,
-    pub refusal: Option<String>,
+    /// Why the host refused a call (a sandbox rule, a spent budget): the stage fails.
+    pub refusal: Option<(crate::error::ErrorKind, String)>,
     pub last_call_error: Option<crate::error::ErrorKind>,
     pub memory_limit: usize,
     pub memory_exceeded: Option<usize>,

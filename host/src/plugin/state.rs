@@ -22,6 +22,7 @@ pub struct HttpGrant {
     pub stage_retry: Option<RetryPolicy>,
     pub deadline: Option<Instant>,
     pub observer: Option<Arc<dyn crate::http::AttemptObserver>>,
+    pub budgets: Arc<[Arc<crate::http::budget::Budget>]>,
 }
 
 pub struct PluginState {
@@ -45,7 +46,7 @@ pub struct PluginState {
     /// The kind of the last failed or non-2xx call, to classify an `upstream` plugin error.
     pub last_call_error: Option<ErrorKind>,
     /// The last request the host refused, so the stage fails as `sandbox` saying why.
-    pub refusal: Option<String>,
+    pub refusal: Option<(ErrorKind, String)>,
 }
 
 /// What a plugin may write to stderr per invocation before the rest is dropped.
@@ -312,7 +313,7 @@ impl PluginState {
                 if refused {
                     tracing::warn!(target: "fmhost::plugin", plugin = &*self.plugin, run_id = &*self.run_id, stage = &*self.stage_id,
                         "plugin {} in stage {}: refused: {why}", self.plugin, self.stage_id);
-                    self.refusal = Some(why.clone());
+                    self.refusal = Some((ErrorKind::Sandbox, why.clone()));
                     return Err(http_error(HttpErrorKind::Refused, why));
                 }
                 return Err(http_error(HttpErrorKind::InvalidRequest, why));
@@ -371,6 +372,7 @@ impl PluginState {
             retries: &self.retries,
             observer: grant.observer.as_deref(),
             trace: self.trace.as_ref().map(crate::trace::plugin_span),
+            budgets: &grant.budgets,
         };
         match grant.outbound.send(&ctx, &request, &policy).await {
             Ok(resp) => {
@@ -391,15 +393,15 @@ impl PluginState {
             }
             Err(e) => {
                 self.last_call_error = Some(e.kind);
-                if e.kind == ErrorKind::Sandbox {
-                    self.refusal = Some(self.secrets.redact(&e.message).into_owned());
+                if matches!(e.kind, ErrorKind::Sandbox | ErrorKind::Budget) {
+                    self.refusal = Some((e.kind, self.secrets.redact(&e.message).into_owned()));
                 }
                 let kind = match e.kind {
                     ErrorKind::Timeout => HttpErrorKind::Timeout,
                     ErrorKind::CircuitOpen => HttpErrorKind::CircuitOpen,
                     ErrorKind::Parse => HttpErrorKind::Response,
                     ErrorKind::Validation => HttpErrorKind::InvalidRequest,
-                    ErrorKind::Sandbox => HttpErrorKind::Refused,
+                    ErrorKind::Sandbox | ErrorKind::Budget => HttpErrorKind::Refused,
                     _ => HttpErrorKind::Connect,
                 };
                 Err(http_error(
