@@ -51,6 +51,8 @@ pub struct Metrics {
     calls: Family<CallLabels, Counter>,
     latency: Family<ServiceLabel, Histogram, fn() -> Histogram>,
     breaker: Family<ServiceLabel, Gauge>,
+    headroom: Family<ServiceLabel, Gauge>,
+    headroom_limit: Family<ServiceLabel, Gauge>,
     stats: Mutex<HashMap<String, ServiceStats>>,
 }
 
@@ -61,9 +63,22 @@ pub struct ServiceStats {
     pub errors: BTreeMap<&'static str, u64>,
     latency_us: hdrhistogram::Histogram<u64>,
     pub breaker: BreakerState,
+    /// What the service last said is left of its rate limit, and the limit.
+    pub headroom: Option<(u64, Option<u64>)>,
 }
 
 impl ServiceStats {
+    fn new() -> ServiceStats {
+        ServiceStats {
+            success: 0,
+            errors: BTreeMap::new(),
+            latency_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("valid bounds"),
+            breaker: BreakerState::Closed,
+            headroom: None,
+        }
+    }
+
     pub fn calls(&self) -> u64 {
         self.success + self.errors.values().sum::<u64>()
     }
@@ -101,6 +116,18 @@ impl Metrics {
             "Circuit breaker state by service (0 closed, 1 open, 2 half-open)",
             breaker.clone(),
         );
+        let headroom = Family::<ServiceLabel, Gauge>::default();
+        let headroom_limit = Family::<ServiceLabel, Gauge>::default();
+        registry.register(
+            "rate_limit_remaining",
+            "Requests left in the service's rate-limit window, as its last response said",
+            headroom.clone(),
+        );
+        registry.register(
+            "rate_limit_limit",
+            "The service's rate limit per window, as its last response said",
+            headroom_limit.clone(),
+        );
         let runs = Family::<RunLabels, Counter>::default();
         let stages = Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
@@ -118,6 +145,8 @@ impl Metrics {
             calls,
             latency,
             breaker,
+            headroom,
+            headroom_limit,
             stats: Mutex::new(HashMap::new()),
         }
     }
@@ -144,13 +173,7 @@ impl Metrics {
         let mut stats = self.stats.lock().expect("metrics lock");
         let s = stats
             .entry(service.to_string())
-            .or_insert_with(|| ServiceStats {
-                success: 0,
-                errors: BTreeMap::new(),
-                latency_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                    .expect("valid bounds"),
-                breaker: BreakerState::Closed,
-            });
+            .or_insert_with(ServiceStats::new);
         match kind {
             None => s.success += 1,
             Some(k) => *s.errors.entry(k.as_str()).or_default() += 1,
@@ -197,6 +220,27 @@ impl Metrics {
         }
     }
 
+    /// What a service's last response said is left of its rate limit.
+    pub fn set_headroom(&self, service: &str, remaining: u64, limit: Option<u64>) {
+        let label = ServiceLabel {
+            service: service.into(),
+        };
+        self.headroom
+            .get_or_create(&label)
+            .set(remaining.min(i64::MAX as u64) as i64);
+        if let Some(l) = limit {
+            self.headroom_limit
+                .get_or_create(&label)
+                .set(l.min(i64::MAX as u64) as i64);
+        }
+        self.stats
+            .lock()
+            .expect("metrics lock")
+            .entry(service.to_string())
+            .or_insert_with(ServiceStats::new)
+            .headroom = Some((remaining, limit));
+    }
+
     pub fn snapshot(&self) -> BTreeMap<String, ServiceStats> {
         self.stats
             .lock()
@@ -216,8 +260,8 @@ impl Metrics {
     /// A per-service table for humans.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "{:<28} {:>6} {:>6} {:>8} {:>8}  {:<9} {}\n",
-            "SERVICE", "CALLS", "OK", "P50 MS", "P99 MS", "BREAKER", "ERRORS"
+            "{:<28} {:>6} {:>6} {:>8} {:>8}  {:<9} {:>11}  {}\n",
+            "SERVICE", "CALLS", "OK", "P50 MS", "P99 MS", "BREAKER", "HEADROOM", "ERRORS"
         );
         for (name, s) in self.snapshot() {
             let errors = if s.errors.is_empty() {
@@ -229,14 +273,20 @@ impl Metrics {
                     .collect::<Vec<_>>()
                     .join(" ")
             };
+            let headroom = match s.headroom {
+                Some((left, Some(limit))) => format!("{left}/{limit}"),
+                Some((left, None)) => left.to_string(),
+                None => "-".into(),
+            };
             out.push_str(&format!(
-                "{:<28} {:>6} {:>6} {:>8.1} {:>8.1}  {:<9} {}\n",
+                "{:<28} {:>6} {:>6} {:>8.1} {:>8.1}  {:<9} {:>11}  {}\n",
                 name,
                 s.calls(),
                 s.success,
                 s.percentile_ms(0.5),
                 s.percentile_ms(0.99),
                 s.breaker.as_str(),
+                headroom,
                 errors
             ));
         }

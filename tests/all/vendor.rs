@@ -475,3 +475,93 @@ async fn request_budgets_fail_the_stage_that_exceeds_them() {
     );
     assert!(text.contains("budget.max_seconds"), "{text}");
 }
+
+/// Rate-limit headroom from the vendor's headers is exported per service in
+/// `/metrics`, and a service that says nothing is left is not called until its reset.
+#[tokio::test]
+async fn rate_limit_headroom_is_exported_and_slows_the_service() {
+    let fake = Fake::start().await;
+    fake.route(
+        "/api",
+        vec![
+            Reply::json(200, json!({}))
+                .header("X-RateLimit-Limit", "100")
+                .header("X-RateLimit-Remaining", "7")
+                .header("X-RateLimit-Reset", "30"),
+        ],
+    );
+    fake.route(
+        "/tight",
+        vec![
+            Reply::json(200, json!({}))
+                .header("RateLimit-Limit", "10")
+                .header("RateLimit-Remaining", "0")
+                .header("RateLimit-Reset", "1"),
+            Reply::json(200, json!({}))
+                .header("RateLimit-Limit", "10")
+                .header("RateLimit-Remaining", "9")
+                .header("RateLimit-Reset", "60"),
+        ],
+    );
+    let dir = support::scratch("vendor-headroom");
+    let pipelines = crate::serve::pipelines_dir(
+        &dir,
+        &[(
+            "api.pipeline.json",
+            json!({"name": "api", "services": {"vendor": {"base_url": fake.url("")}},
+                   "stages": [{"id": "a", "component": "http-request",
+                               "config": {"service": "vendor", "url": "/api"}}]}),
+        )],
+    );
+    let server = crate::serve::Server::start(&dir, &pipelines, &dir.join("plugins"), &json!({}));
+    let client = support::api_client();
+    let resp = client
+        .post(format!("{}/v1/pipelines/api/runs", server.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let metrics = client
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fmhost_rate_limit_remaining{service=\"vendor\"} 7"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fmhost_rate_limit_limit{service=\"vendor\"} 100"),
+        "{metrics}"
+    );
+    let services: Value = client
+        .get(format!("{}/v1/services", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        services[0]["rate_limit"],
+        json!({"remaining": 7, "limit": 100}),
+        "{services}"
+    );
+
+    // Nothing left until the reset a second from now: the next call waits for it.
+    let doc = json!({"name": "tight", "stages": [
+        {"id": "a", "component": "http-request", "config": {"url": fake.url("/tight")}},
+        {"id": "b", "component": "http-request", "depends_on": ["a"], "config": {"url": fake.url("/tight")}}]});
+    let e = engine(&[]);
+    let report = run(&e, &dir, &doc, json!({})).await;
+    assert_eq!(report.status.as_str(), "succeeded", "{:?}", report.error);
+    let gaps = fake.gaps("/tight");
+    assert!(
+        gaps[0] >= Duration::from_millis(800),
+        "held until the reset: {gaps:?}"
+    );
+}

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod budget;
 pub mod cache;
+pub mod headroom;
 mod hosts;
 pub mod retry;
 pub mod service;
@@ -641,6 +642,13 @@ impl Outbound {
         };
         let result = self.attempt(ctx, req, attempt, span).await;
         drop(permit);
+        if let Ok(resp) = &result
+            && let Some(h) = headroom::parse(&resp.headers, SystemTime::now())
+        {
+            service.headroom.record(h);
+            self.metrics
+                .set_headroom(&service.name, h.remaining, h.limit);
+        }
         if let (Some(b), Some(t)) = (breaker, ticket) {
             let failed = match &result {
                 Ok(resp) => resp.status >= 500,

@@ -142,6 +142,8 @@ pub struct Service {
     pub name: String,
     policy: ServicePolicy,
     pub auth: Option<super::auth::Credentials>,
+    /// What the service last said is left of its rate limit.
+    pub headroom: super::headroom::Pacer,
     limiter: Option<DefaultDirectRateLimiter>,
     bulkhead: Option<Arc<Semaphore>>,
     pub breaker: Option<Breaker>,
@@ -164,6 +166,7 @@ impl Service {
         Service {
             name: name.to_string(),
             auth: policy.auth.clone().map(super::auth::Credentials::new),
+            headroom: Default::default(),
             policy,
             limiter,
             bulkhead,
@@ -180,8 +183,13 @@ impl Service {
         self.policy.base_url.as_deref().map(|b| secrets.expand(b))
     }
 
-    /// Waits for a rate-limit token.
+    /// Waits for a rate-limit token, and longer when the service reports little headroom.
     pub async fn throttle(&self) {
+        let hold = self.headroom.delay();
+        if !hold.is_zero() {
+            tracing::debug!(target: "fmhost::http", service = %self.name, hold_ms = hold.as_millis() as u64, "service {}: little rate-limit headroom left; holding a call {} ms", self.name, hold.as_millis());
+            tokio::time::sleep(hold).await;
+        }
         if let Some(l) = &self.limiter {
             l.until_ready().await;
         }

@@ -1001,6 +1001,7 @@ async fn list_services(State(app): State<Arc<App>>) -> Response {
                 "p99_ms": s.percentile_ms(0.99),
                 "errors": s.errors,
                 "breaker": s.breaker.as_str(),
+                "rate_limit": s.headroom.map(|(remaining, limit)| json!({"remaining": remaining, "limit": limit})),
             })
         })
         .collect();

@@ -485,7 +485,7 @@ async function servicesPage() {
   main.replaceChildren(h('h1', { text: 'Services' }),
     h('p', { class: 'muted', text: 'Outbound calls since this server started, per service: every attempt, retries included.' }),
     h('table', { id: 'services' },
-      h('thead', {}, h('tr', {}, ['Service', 'Calls', 'Success rate', 'p50', 'p99', 'Errors by kind', 'Breaker'].map(t => h('th', { text: t })))),
+      h('thead', {}, h('tr', {}, ['Service', 'Calls', 'Success rate', 'p50', 'p99', 'Errors by kind', 'Breaker', 'Rate-limit headroom'].map(t => h('th', { text: t })))),
       body));
   const load = async () => {
     const res = await api('GET', '/v1/services');
@@ -497,8 +497,9 @@ async function servicesPage() {
       h('td', { class: 'num', text: `${x.p50_ms.toFixed(1)} ms` }),
       h('td', { class: 'num', text: `${x.p99_ms.toFixed(1)} ms` }),
       h('td', { text: Object.entries(x.errors).map(([k, v]) => `${k}: ${v}`).join(', ') }),
-      h('td', {}, badge(x.breaker)))));
-    if (!res.data.length) body.append(h('tr', {}, h('td', { colspan: 7, class: 'muted', text: 'No outbound calls yet.' })));
+      h('td', {}, badge(x.breaker)),
+      h('td', { class: 'num', text: x.rate_limit ? `${x.rate_limit.remaining}${x.rate_limit.limit ? ` / ${x.rate_limit.limit}` : ''}` : '' }))));
+    if (!res.data.length) body.append(h('tr', {}, h('td', { colspan: 8, class: 'muted', text: 'No outbound calls yet.' })));
   };
   await load();
   page = { onEvent: debounce(ev => { if (ev.type === 'run') load(); }, 1000) };
