@@ -137,7 +137,7 @@ pub async fn run_once(
             "bench",
             &input,
         );
-        fmhost::journal::RunJournal::new(j.clone(), start, engine.secrets.clone())
+        fmhost::journal::RunJournal::new(j.clone(), start, engine.secrets())
     });
     let (r, committed) = fmhost::journal::run_journaled(
         engine,

@@ -476,7 +476,7 @@ async fn main() {
         let ctx = fmhost::component::StageContext::standalone(
             "body",
             engine.outbound.clone(),
-            engine.secrets.clone(),
+            engine.secrets(),
         );
         let t = Instant::now();
         for item in items.iter().take(n / 4) {

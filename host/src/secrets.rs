@@ -38,6 +38,34 @@ pub fn secret_token(s: &str) -> Option<(&str, usize)> {
     Some((&rest[..name_len], len))
 }
 
+/// Every secret name a template text reads (`{{secrets.KEY}}`, `{{ secrets.KEY | upper }}`,
+/// `{{secrets.A ~ secrets.B}}`), in order.
+pub fn names_read(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        let inner = &rest[open + 2..];
+        let Some(close) = inner.find("}}") else { break };
+        let expr = &inner[..close];
+        let mut from = 0;
+        while let Some(i) = expr[from..].find("secrets.") {
+            let at = from + i;
+            let before = expr[..at].chars().next_back();
+            let name_start = at + "secrets.".len();
+            let len = expr[name_start..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+                .unwrap_or(expr.len() - name_start);
+            if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') && len > 0
+            {
+                out.push(&expr[name_start..name_start + len]);
+            }
+            from = name_start;
+        }
+        rest = &inner[close + 2..];
+    }
+    out
+}
+
 /// The secret names a text refers to with `{{secrets.NAME}}`, or the first `{{...}}`
 /// that is something else (a setting that only takes secrets and literals).
 pub fn secret_refs(text: &str) -> Result<Vec<&str>, String> {
@@ -116,6 +144,11 @@ impl Secrets {
         Ok(Self::from_pairs(pairs))
     }
 
+    /// Only what the file holds, without the environment (to say where a value came from).
+    pub fn load_file_only(file: &Path) -> Result<Secrets, SecretsError> {
+        Ok(Self::from_pairs(read_file(file)?))
+    }
+
     pub fn from_pairs<K: Into<String>, V: Into<String>>(
         pairs: impl IntoIterator<Item = (K, V)>,
     ) -> Secrets {
@@ -162,6 +195,13 @@ impl Secrets {
     /// The secret as a JSON string, for templates.
     pub fn value(&self, name: &str) -> Option<&Value> {
         self.values.get(name)
+    }
+
+    /// The names that have a value, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.values.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -523,4 +563,59 @@ mod tests {
                 .contains("line 1")
         );
     }
+}
+
+/// Watches a `--secrets` file and calls `apply` with its new contents once it has
+/// stopped changing (editors write, rename or truncate it; each is seen). A file that
+/// no longer parses is reported and the secrets in use are kept. Keep the returned
+/// watcher alive for as long as changes should apply.
+pub fn watch_file(
+    path: &Path,
+    apply: impl Fn(Secrets) + Send + 'static,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| Path::new(".").to_path_buf());
+    let name = path.file_name().map(|n| n.to_os_string());
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && !matches!(event.kind, notify::EventKind::Access(_))
+            && event.paths.iter().any(|p| p.file_name() == name.as_deref())
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    std::thread::Builder::new()
+        .name("fmhost-secrets-watch".into())
+        .spawn(move || {
+            let quiet = std::time::Duration::from_millis(200);
+            let mut last: Option<Vec<u8>> = std::fs::read(&path).ok();
+            while rx.recv().is_ok() {
+                // Let a burst of writes settle.
+                while rx.recv_timeout(quiet).is_ok() {}
+                let Ok(now) = std::fs::read(&path) else {
+                    continue;
+                };
+                if last.as_ref() == Some(&now) {
+                    continue;
+                }
+                match Secrets::load(Some(&path)) {
+                    Ok(s) => {
+                        tracing::info!(target: "fmhost::secrets", file = %path.display(), "secrets reloaded from {}: {} name(s); stages starting from now use them", path.display(), s.names().len());
+                        last = Some(now);
+                        apply(s);
+                    }
+                    Err(e) => {
+                        tracing::error!(target: "fmhost::secrets", file = %path.display(), "{e}; the secrets in use are kept");
+                    }
+                }
+            }
+        })
+        .map_err(|e| notify::Error::generic(&e.to_string()))?;
+    Ok(watcher)
 }

@@ -565,3 +565,99 @@ async fn rate_limit_headroom_is_exported_and_slows_the_service() {
         "held until the reset: {gaps:?}"
     );
 }
+
+/// A rotated secrets file is picked up by a running `fmhost serve` (a stage's header
+/// and a service's auth alike) without a restart; `fmhost secrets check` names what a
+/// pipeline needs and what is missing, and never prints a value.
+#[tokio::test]
+async fn rotated_secrets_apply_without_a_restart_and_check_names_what_is_missing() {
+    let fake = Fake::start().await;
+    fake.route("/a", vec![Reply::json(200, json!({}))]);
+    fake.route("/b", vec![Reply::json(200, json!({}))]);
+    let dir = support::scratch("vendor-rotate");
+    let doc = json!({"name": "rot",
+        "services": {"svc": {"base_url": fake.url(""), "auth": {"type": "bearer", "token": "{{secrets.SVC_TOKEN}}"}}},
+        "stages": [
+            {"id": "a", "component": "http-request",
+             "config": {"url": fake.url("/a"), "headers": {"Authorization": "Bearer {{secrets.TOKEN}}"}}},
+            {"id": "b", "component": "http-request", "depends_on": ["a"],
+             "config": {"service": "svc", "url": "/b"}}]});
+    let pipelines = crate::serve::pipelines_dir(&dir, &[("rot.pipeline.json", doc)]);
+    let server = crate::serve::Server::start(
+        &dir,
+        &pipelines,
+        &dir.join("plugins"),
+        &json!({"TOKEN": "first-1111111111", "SVC_TOKEN": "svc-first-22222222"}),
+    );
+    let client = support::api_client();
+    let post = || async {
+        client
+            .post(format!("{}/v1/pipelines/rot/runs", server.url))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(post().await, 200);
+    assert_eq!(
+        fake.seen("/a")[0].header("authorization"),
+        Some("Bearer first-1111111111")
+    );
+    assert_eq!(
+        fake.seen("/b")[0].header("authorization"),
+        Some("Bearer svc-first-22222222")
+    );
+
+    // Rotate: written beside, then renamed over, as deploy tools do.
+    let file = dir.join("secrets.json");
+    let tmp = dir.join("secrets.json.tmp");
+    std::fs::write(
+        &tmp,
+        json!({"TOKEN": "second-333333333", "SVC_TOKEN": "svc-second-4444444"}).to_string(),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        assert_eq!(post().await, 200);
+        let a = fake.seen("/a");
+        if a.last().unwrap().header("authorization") == Some("Bearer second-333333333") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated secret was not used:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        fake.seen("/b").last().unwrap().header("authorization"),
+        Some("Bearer svc-second-4444444")
+    );
+
+    // What a pipeline needs, checked before a run.
+    let partial = support::write_json(&dir, "partial.json", &json!({"TOKEN": "x-value-55555555"}));
+    let check = support::output({
+        let mut c = support::fmhost();
+        c.args(["secrets", "check"])
+            .arg(pipelines.join("rot.pipeline.json"))
+            .arg("--secrets")
+            .arg(&partial);
+        c
+    })
+    .await;
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("SVC_TOKEN") && out.contains("MISSING"),
+        "{out}"
+    );
+    assert!(out.contains("services.svc.auth.token"), "{out}");
+    assert!(
+        out.contains("TOKEN") && out.contains("set (secrets file)"),
+        "{out}"
+    );
+    assert!(!out.contains("x-value-55555555"), "no value is printed");
+}

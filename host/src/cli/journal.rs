@@ -458,14 +458,14 @@ async fn replay_one(
         input,
         trigger,
         OWNER_CLI,
-        &engine.secrets,
+        &engine.secrets(),
     )
     .map_err(|e| {
         eprintln!("error: replay of {}: {e}", original.summary.run_id);
         EXIT_INVALID
     })?;
     tracing::info!(target: "fmhost::progress", run_id = %prepared.start.run_id, replay_of = %original.summary.run_id, reused = prepared.reuse.outputs.len(), "replaying run {} as {} ({} stage output(s) from the journal)", original.summary.run_id, prepared.start.run_id, prepared.reuse.outputs.len());
-    let watcher = RunJournal::new(journal.clone(), prepared.start, engine.secrets.clone());
+    let watcher = RunJournal::new(journal.clone(), prepared.start, engine.secrets());
     let opts = RunOptions {
         timeout,
         reuse: Some(Arc::new(prepared.reuse)),

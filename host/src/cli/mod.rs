@@ -50,6 +50,9 @@ enum Command {
     Validate(ValidateArgs),
     /// Draw a pipeline's DAG: Mermaid (default), Graphviz dot, or JSON.
     Graph(GraphArgs),
+    /// Which secrets a pipeline needs, and which are missing (values are never printed).
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
     /// List or inspect WebAssembly plugins, or swap one in a running server.
     #[command(subcommand)]
     Plugins(PluginsCommand),
@@ -224,6 +227,23 @@ struct GraphArgs {
     format: GraphFormat,
 }
 
+#[derive(clap::Subcommand)]
+enum SecretsCommand {
+    /// Lists every secret the pipeline reads (stages, services, triggers), where, and
+    /// whether it is set; exits 1 when one is missing.
+    Check {
+        /// The `.pipeline.json` file.
+        pipeline: PathBuf,
+        /// Secrets as a JSON object or dotenv file; FMHOST_SECRET_<NAME> variables also count.
+        #[arg(long, value_name = "FILE")]
+        secrets: Option<PathBuf>,
+        #[command(flatten)]
+        plugins: PluginArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum GraphFormat {
     /// A Mermaid `flowchart`, one edge per dependency.
@@ -286,6 +306,7 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run(args, &state).await,
             Command::Validate(args) => validate(args).await,
             Command::Graph(args) => graph(args).await,
+            Command::Secrets(cmd) => secrets_cmd(cmd).await,
             Command::Plugins(cmd) => plugins(cmd, &state).await,
             Command::Serve(args) => serve(args, state).await,
             Command::Runs(cmd) => journal::runs(&state, cmd).await,
@@ -636,6 +657,179 @@ async fn graph(args: GraphArgs) -> u8 {
     0
 }
 
+async fn secrets_cmd(cmd: SecretsCommand) -> u8 {
+    let SecretsCommand::Check {
+        pipeline,
+        secrets,
+        plugins,
+        json,
+    } = cmd;
+    let registry = match registry(&plugins).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_INVALID;
+        }
+    };
+    let plan = match load_plan(&pipeline, &registry) {
+        Ok(plan) => plan,
+        Err(code) => return code,
+    };
+    let loaded = match Secrets::load(secrets.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_INVALID;
+        }
+    };
+    let from_file = match &secrets {
+        Some(f) => Secrets::load_file_only(f).unwrap_or_default(),
+        None => Secrets::default(),
+    };
+    // name -> places that read it
+    let mut needs: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    fn walk(v: &Value, at: String, needs: &mut std::collections::BTreeMap<String, Vec<String>>) {
+        match v {
+            Value::String(s) => {
+                for name in crate::secrets::names_read(s) {
+                    let places = needs.entry(name.to_string()).or_default();
+                    if !places.contains(&at) {
+                        places.push(at.clone());
+                    }
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    walk(x, format!("{at}[{i}]"), needs);
+                }
+            }
+            Value::Object(m) => {
+                for (k, x) in m {
+                    walk(x, format!("{at}.{k}"), needs);
+                }
+            }
+            _ => {}
+        }
+    }
+    let source = &plan.source;
+    for (i, st) in source["stages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let at = match st["id"].as_str() {
+            Some(id) => format!("stages.{id}"),
+            None => format!("stages[{i}]"),
+        };
+        for key in ["config", "retry"] {
+            walk(&st[key], format!("{at}.{key}"), &mut needs);
+        }
+        for name in st["secrets"].as_array().into_iter().flatten() {
+            if let Some(n) = name.as_str() {
+                needs
+                    .entry(n.to_string())
+                    .or_default()
+                    .push(format!("{at}.secrets"));
+            }
+        }
+    }
+    for key in ["services", "triggers"] {
+        walk(&source[key], key.to_string(), &mut needs);
+    }
+    // What the operator's policy lets the pipeline's plugins use: optional, the plugin
+    // decides whether it needs them.
+    let policy = match &plugins.policy {
+        Some(p) => match crate::plugin::Policy::load(p) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_INVALID;
+            }
+        },
+        None => crate::plugin::Policy::builtin(),
+    };
+    let mut optional: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for st in &plan.stages {
+        let name = crate::component::canonical_name(&st.component_name);
+        if let Some(grant) = policy.plugins.get(&name) {
+            for s in &grant.secrets {
+                let places = optional.entry(s.clone()).or_default();
+                let at = format!("policy: plugin {name} (stage {})", st.id);
+                if !places.contains(&at) {
+                    places.push(at);
+                }
+            }
+        }
+    }
+    let mut rows: Vec<Value> = Vec::new();
+    for (name, places, required) in needs.iter().map(|(n, p)| (n, p, true)).chain(
+        optional
+            .iter()
+            .filter(|(n, _)| !needs.contains_key(*n))
+            .map(|(n, p)| (n, p, false)),
+    ) {
+        let from = if from_file.get(name).is_some() {
+            "file"
+        } else if loaded.get(name).is_some() {
+            "environment"
+        } else if required {
+            "missing"
+        } else {
+            "unset"
+        };
+        let status = match from {
+            "missing" => "missing",
+            "unset" => "optional",
+            _ => "set",
+        };
+        rows.push(
+            serde_json::json!({"name": name, "status": status, "source": from,
+                                      "required": required, "used_at": places}),
+        );
+    }
+    let missing = rows.iter().filter(|r| r["status"] == "missing").count();
+    if json {
+        journal::print_json(&rows);
+    } else {
+        let width = rows
+            .iter()
+            .filter_map(|r| r["name"].as_str())
+            .map(str::len)
+            .max()
+            .unwrap_or(6)
+            .max(6);
+        println!("{:<width$}  {:<19}  USED AT", "SECRET", "STATUS");
+        for r in &rows {
+            let status = match r["source"].as_str() {
+                Some("file") => "set (secrets file)".to_string(),
+                Some("environment") => "set (environment)".to_string(),
+                Some("unset") => "not set (optional)".to_string(),
+                _ => "MISSING".to_string(),
+            };
+            let places: Vec<&str> = r["used_at"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            println!(
+                "{:<width$}  {:<19}  {}",
+                r["name"].as_str().unwrap_or_default(),
+                status,
+                places.join(", ")
+            );
+        }
+        eprintln!(
+            "{}: {} secret(s) needed, {} missing",
+            pipeline.display(),
+            rows.len(),
+            missing
+        );
+    }
+    if missing > 0 { EXIT_FAILED } else { 0 }
+}
+
 /// Reads an input JSON file, or stdin for `-`.
 fn read_input_file(file: &str) -> Result<Value, String> {
     let (text, origin) = if file == "-" {
@@ -755,6 +949,11 @@ async fn run(args: RunArgs, state: &Path) -> u8 {
         Ok(e) => e,
         Err(code) => return code,
     };
+    // A long run picks up a rotated secrets file from its next stage.
+    let _secrets_watch = args.secrets.as_deref().and_then(|path| {
+        let live = engine.clone();
+        crate::secrets::watch_file(path, move |s| live.set_secrets(s)).ok()
+    });
     // Open the journal before running anything: a run that cannot be journaled does not start.
     let watcher = if args.no_journal {
         None
@@ -777,7 +976,7 @@ async fn run(args: RunArgs, state: &Path) -> u8 {
                 Some(crate::journal::RunJournal::new(
                     journal,
                     start,
-                    engine.secrets.clone(),
+                    engine.secrets(),
                 ))
             }
             Err(e) => {

@@ -270,7 +270,7 @@ pub(super) fn run_frame(
                 }
                 (None, Ok(flow)) => flow,
                 (None, Err(mut error)) => {
-                    error.message = run.engine.secrets.redact(&error.message).into_owned();
+                    error.message = run.engine.secrets().redact(&error.message).into_owned();
                     run.finish(
                         &id,
                         stage,
@@ -426,10 +426,12 @@ fn start_stage(
     let stage = &plan.stages[i];
     let component = run.component(&stage.component);
     run.start(&id, stage, component.version(), !place.suffix.is_empty());
+    // One reading of the secrets for the whole stage: a rotation applies from the next.
+    let secrets = run.engine.secrets();
     let scope = Scope {
         input: &place.input,
         stages: view,
-        secrets: &run.engine.secrets,
+        secrets: &secrets,
         output: None,
         run: &run.run_value,
         now: run.engine.fixed_now.as_deref(),
@@ -461,7 +463,7 @@ fn start_stage(
         pipeline: plan.name.clone(),
         stage_id: Arc::from(id.as_str()),
         outbound: run.engine.outbound.clone(),
-        secrets: run.engine.secrets.clone(),
+        secrets,
         retry,
         allowed_hosts: stage.allowed_hosts.clone(),
         secret_grants: stage.secret_grants.clone(),

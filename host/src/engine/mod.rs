@@ -32,7 +32,9 @@ use crate::template::Scope;
 #[derive(Clone)]
 pub struct Engine {
     pub outbound: Outbound,
-    pub secrets: Arc<Secrets>,
+    /// The current secrets; a reload (a rotated `--secrets` file) swaps them, and each
+    /// stage reads them when it starts.
+    secrets: Arc<arc_swap::ArcSwap<Secrets>>,
     /// A fixed `now()` for reproducible runs (`FMHOST_NOW`).
     pub fixed_now: Option<Arc<str>>,
 }
@@ -297,7 +299,7 @@ impl RunCtx {
                     .collect(),
             ),
         };
-        self.engine.secrets.redact_value(&mut value);
+        self.engine.secrets().redact_value(&mut value);
         self.check_output(plan, value)
     }
 
@@ -338,9 +340,19 @@ impl Engine {
     pub fn new(secrets: Secrets) -> Engine {
         Engine {
             outbound: Outbound::new(),
-            secrets: Arc::new(secrets),
+            secrets: Arc::new(arc_swap::ArcSwap::from_pointee(secrets)),
             fixed_now: None,
         }
+    }
+
+    /// The secrets as they are now.
+    pub fn secrets(&self) -> Arc<Secrets> {
+        self.secrets.load_full()
+    }
+
+    /// Replaces the secrets: stages that start from now on use these.
+    pub fn set_secrets(&self, secrets: Secrets) {
+        self.secrets.store(Arc::new(secrets));
     }
 
     /// Checks `input` against the pipeline's input schema.
@@ -471,7 +483,7 @@ impl Engine {
                     ));
                 }
                 (Ok(()), Some(mut value)) => {
-                    self.secrets.redact_value(&mut value);
+                    self.secrets().redact_value(&mut value);
                     match run.check_output(&plan, value) {
                         Ok(v) => output = Some(v),
                         Err(e) => failure = Some((RunStatus::Failed, e.message)),
@@ -552,7 +564,7 @@ impl Engine {
         run: &Value,
     ) -> RetryPolicy {
         let condition = r.condition.clone().zip(snapshot).map(|(template, snap)| {
-            let secrets = self.secrets.clone();
+            let secrets = self.secrets();
             let run = run.clone();
             let now = self.fixed_now.clone();
             Arc::new(move |output: &Value| {

@@ -236,12 +236,11 @@ fn service_owns(service: &service::Service, url: &str, secrets: &Secrets) -> boo
     }
 }
 
-/// `req` with a service's credential: a header (replacing one of the same name, and
-/// dropped if a redirect leaves the origin) or a query parameter.
+/// `req` with a service's credential: a header (dropped if a redirect leaves the
+/// origin) or a query parameter.
 fn with_auth(req: &HttpRequest, a: &auth::Applied) -> HttpRequest {
     let mut r = req.clone();
     if let Some((name, value)) = &a.header {
-        r.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         r.headers.push((name.clone(), value.clone()));
         r.credential_headers.push(name.to_ascii_lowercase());
     }
@@ -451,7 +450,15 @@ impl Outbound {
                         .map_err(|e| with_attempts(e, attempt))?,
                 ),
                 _ => None,
-            };
+            }
+            // A stage that set the credential's header itself keeps its own.
+            .filter(|a| {
+                !a.header.as_ref().is_some_and(|(name, _)| {
+                    req.headers
+                        .iter()
+                        .any(|(k, _)| k.eq_ignore_ascii_case(name))
+                })
+            });
             let authed;
             let this: &HttpRequest = match &applied {
                 Some(a) => {

@@ -299,6 +299,18 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // Runs and deliveries a crash or a drain timeout left unfinished.
     recover::recover(&app, opts.on_interrupted).await?;
 
+    // A rotated secrets file applies from the next stage that starts; no restart.
+    let _secrets_watch = match &opts.secrets {
+        Some(path) => {
+            let engine = app.engine.clone();
+            Some(
+                crate::secrets::watch_file(path, move |s| engine.set_secrets(s)).map_err(|e| {
+                    anyhow::anyhow!("cannot watch the secrets file {}: {e}", path.display())
+                })?,
+            )
+        }
+        None => None,
+    };
     let _watcher = plugins::watch(registry, opts.plugins.clone())
         .map_err(|e| anyhow::anyhow!("cannot watch the plugin directories: {e}"))?;
 
@@ -486,7 +498,7 @@ async fn execute_kept(
     app.announce(
         json!({"type": "run", "run_id": run_id, "pipeline": pipeline, "status": "running"}),
     );
-    let watcher = RunJournal::new(app.journal.clone(), start, app.engine.secrets.clone());
+    let watcher = RunJournal::new(app.journal.clone(), start, app.engine.secrets());
     let opts = RunOptions {
         reuse: reuse.map(Arc::new),
         ..RunOptions::default()
@@ -744,7 +756,7 @@ async fn replay(
         input,
         trigger,
         OWNER_SERVE,
-        &app.engine.secrets,
+        &app.engine.secrets(),
     )
     .map_err(|e| problem(StatusCode::UNPROCESSABLE_ENTITY, "cannot replay", e))?;
     let mut start = prepared.start;
@@ -1100,7 +1112,7 @@ async fn fallback(
     }
     let secret = match crate::plugin::secret_token(&trigger.secret) {
         Some((name, len)) if len == trigger.secret.len() => {
-            app.engine.secrets.get(name).map(str::to_string)
+            app.engine.secrets().get(name).map(str::to_string)
         }
         Some(_) => None,
         None if !trigger.secret.contains("{{") => Some(trigger.secret.clone()),
@@ -1165,7 +1177,7 @@ async fn fallback(
     };
     // Acknowledged only once it is in the journal, synced to disk (secret values as references).
     let mut stored = delivery.clone();
-    app.engine.secrets.to_references(&mut stored.payload);
+    app.engine.secrets().to_references(&mut stored.payload);
     match app.journal.accept_delivery(stored).await {
         Ok(false) => Json(json!({"event_id": event_id, "duplicate": true})).into_response(),
         Ok(true) => {
@@ -1181,7 +1193,7 @@ async fn fallback(
             RunJournal::new(
                 app.journal.clone(),
                 delivery_start(&app, &delivery),
-                app.engine.secrets.clone(),
+                app.engine.secrets(),
             )
             .announce();
             let app2 = app.clone();
@@ -1237,7 +1249,7 @@ async fn process_delivery(app: Arc<App>, d: Delivery) {
         (_, why) => {
             let why = why.unwrap_or_default();
             tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "delivery {} for {} cannot run, dead-lettered: {why}", d.event_id, d.pipeline);
-            let watcher = RunJournal::new(app.journal.clone(), start, app.engine.secrets.clone());
+            let watcher = RunJournal::new(app.journal.clone(), start, app.engine.secrets());
             let kind = if why.contains("input schema") {
                 "validation"
             } else {

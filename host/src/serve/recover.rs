@@ -32,7 +32,7 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
         let crash_loop = run.resumed >= MAX_RESUMES;
         match (policy, plan) {
             (Interrupted::Resume, Some(plan)) if !crash_loop => {
-                let reuse = replay::reuse(&plan, &run, None, &app.engine.secrets)
+                let reuse = replay::reuse(&plan, &run, None, &app.engine.secrets())
                     .map_err(anyhow::Error::msg)?;
                 tracing::info!(target: "fmhost::serve", run_id = %start.run_id, reused = reuse.outputs.len(), "resuming interrupted run {} of {} ({} completed stage(s) kept)", start.run_id, plan.name, reuse.outputs.len());
                 app.journal.record(crate::journal::Record::RunResumed {
@@ -40,7 +40,7 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
                 });
                 let app2 = app.clone();
                 let mut input = run.input.clone();
-                app.engine.secrets.restore_value(&mut input);
+                app.engine.secrets().restore_value(&mut input);
                 app.tracker.spawn(async move {
                     let _ = execute(&app2, plan, input, start, Some(reuse)).await;
                 });
@@ -60,7 +60,7 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
                     "interrupted by a restart (--on-interrupted dead-letter)".to_string()
                 };
                 tracing::warn!(target: "fmhost::serve", run_id = %start.run_id, "run {} dead-lettered: {why}", start.run_id);
-                RunJournal::new(app.journal.clone(), start, app.engine.secrets.clone())
+                RunJournal::new(app.journal.clone(), start, app.engine.secrets())
                     .reject(&why, "interrupted", false)
                     .await?;
             }
@@ -71,7 +71,7 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
         if handled.contains(&d.run_id) || app.journal.run(&d.run_id).await?.is_some() {
             continue;
         }
-        app.engine.secrets.restore_value(&mut d.payload);
+        app.engine.secrets().restore_value(&mut d.payload);
         tracing::info!(target: "fmhost::serve", event_id = %d.event_id, pipeline = %d.pipeline, "processing accepted delivery {} for {}", d.event_id, d.pipeline);
         let app2 = app.clone();
         app.tracker
