@@ -661,3 +661,48 @@ async fn rotated_secrets_apply_without_a_restart_and_check_names_what_is_missing
     );
     assert!(!out.contains("x-value-55555555"), "no value is printed");
 }
+
+/// A service has one live state: a second pipeline that declares it differently does
+/// not reset its open breaker (or make a second bulkhead); `fmhost validate` reports the
+/// conflict before anything runs.
+#[tokio::test]
+async fn a_service_has_one_live_state_and_conflicts_are_reported() {
+    let fake = Fake::start().await;
+    fake.route("/down", vec![Reply::json(503, json!({}))]);
+    let dir = support::scratch("vendor-one-state");
+    let pipeline = |name: &str, threshold: u32| {
+        json!({"name": name,
+               "services": {"svc": {"base_url": fake.url(""),
+                   "circuit_breaker": {"failure_threshold": threshold, "open_seconds": 60}}},
+               "stages": [{"id": "call", "component": "http-request",
+                           "config": {"service": "svc", "url": "/down"}}]})
+    };
+    let e = engine(&[]);
+    let first = run(&e, &dir, &pipeline("first", 1), json!({})).await;
+    assert_eq!(first.status.as_str(), "failed");
+    assert_eq!(fake.seen("/down").len(), 1);
+    let second = run(&e, &dir, &pipeline("second", 5), json!({})).await;
+    let err = second.stage("call").unwrap().error.clone().unwrap();
+    assert_eq!(
+        err.kind.as_str(),
+        "circuit-open",
+        "the open breaker stays open: {err:?}"
+    );
+    assert_eq!(fake.seen("/down").len(), 1, "nothing was sent");
+
+    let a = support::write_json(&dir, "a.pipeline.json", &pipeline("a", 1));
+    let b = support::write_json(&dir, "b.pipeline.json", &pipeline("b", 5));
+    let out = support::output({
+        let mut c = support::fmhost();
+        c.arg("validate").arg(&a).arg(&b);
+        c
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("services.svc") && text.contains("a.pipeline.json"),
+        "{text}"
+    );
+    assert!(text.contains("b.pipeline.json"), "{text}");
+}

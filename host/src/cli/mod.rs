@@ -211,8 +211,10 @@ struct RunArgs {
 
 #[derive(Args)]
 struct ValidateArgs {
-    /// The `.pipeline.json` file.
-    pipeline: PathBuf,
+    /// The `.pipeline.json` files; with several, services they declare differently are
+    /// reported too (a service has one policy per process).
+    #[arg(required = true, num_args = 1..)]
+    pipeline: Vec<PathBuf>,
     #[command(flatten)]
     plugins: PluginArgs,
 }
@@ -623,17 +625,30 @@ async fn validate(args: ValidateArgs) -> u8 {
             return EXIT_INVALID;
         }
     };
-    match load_plan(&args.pipeline, &registry) {
-        Ok(plan) => {
-            eprintln!(
-                "{}: ok ({} stages)",
-                args.pipeline.display(),
-                plan.stages.len()
-            );
-            0
+    let mut code = 0;
+    let services = crate::http::Services::default();
+    for file in &args.pipeline {
+        match load_plan(file, &registry) {
+            Ok(plan) => {
+                let mut conflicts = 0;
+                for (name, policy) in &plan.services {
+                    if let Err(why) =
+                        services.configure(name, policy, &format!("{}", file.display()))
+                    {
+                        eprintln!("error: {}: services.{name}: {why}", file.display());
+                        conflicts += 1;
+                    }
+                }
+                if conflicts == 0 {
+                    eprintln!("{}: ok ({} stages)", file.display(), plan.stages.len());
+                } else {
+                    code = EXIT_INVALID;
+                }
+            }
+            Err(c) => code = c,
         }
-        Err(code) => code,
     }
+    code
 }
 
 async fn graph(args: GraphArgs) -> u8 {

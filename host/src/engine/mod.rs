@@ -379,7 +379,11 @@ impl Engine {
     ) -> Result<RunReport, RunError> {
         Self::check_input(&plan, &input)?;
         for (name, policy) in &plan.services {
-            self.outbound.services.configure(name, policy);
+            // A conflicting declaration is reported (once) and changes nothing.
+            let _ =
+                self.outbound
+                    .services
+                    .configure(name, policy, &format!("pipeline {}", plan.name));
         }
         let run_id: Arc<str> = Arc::from(opts.run_id.clone().unwrap_or_else(new_run_id));
         let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();

@@ -141,6 +141,8 @@ impl ServicePolicy {
 pub struct Service {
     pub name: String,
     policy: ServicePolicy,
+    /// The pipeline whose declaration this is.
+    owner: Option<String>,
     pub auth: Option<super::auth::Credentials>,
     /// What the service last said is left of its rate limit.
     pub headroom: super::headroom::Pacer,
@@ -165,6 +167,7 @@ impl Service {
         let breaker = policy.circuit_breaker.clone().map(Breaker::new);
         Service {
             name: name.to_string(),
+            owner: None,
             auth: policy.auth.clone().map(super::auth::Credentials::new),
             headroom: Default::default(),
             policy,
@@ -208,6 +211,8 @@ impl Service {
 #[derive(Default)]
 pub struct Services {
     map: RwLock<HashMap<String, Arc<Service>>>,
+    /// Conflicting declarations already reported, so each is logged once.
+    reported: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl Services {
@@ -221,17 +226,43 @@ impl Services {
             .clone()
     }
 
-    /// Applies a declared policy. An unchanged policy keeps the live state (open
-    /// circuits stay open across runs); a changed one starts afresh.
-    pub fn configure(&self, name: &str, policy: &ServicePolicy) {
+    /// Applies a declared policy. A service has one live state and one owner: the
+    /// first declaration (or the first use, which declares nothing). A later, different
+    /// declaration changes nothing (open circuits stay open, calls in flight keep their
+    /// bulkhead) and is reported, once; `by` names who declared it.
+    pub fn configure(&self, name: &str, policy: &ServicePolicy, by: &str) -> Result<(), String> {
         let mut map = self.map.write().expect("services lock");
-        if map.get(name).is_some_and(|s| &s.policy == policy) {
-            return;
+        match map.get(name) {
+            Some(s) if &s.policy == policy => Ok(()),
+            // Created by a call before anyone declared it: the declaration takes over.
+            Some(s) if s.policy == ServicePolicy::default() && s.owner.is_none() => {
+                let mut fresh = Service::new(name, policy.clone());
+                fresh.owner = Some(by.to_string());
+                map.insert(name.to_string(), Arc::new(fresh));
+                Ok(())
+            }
+            Some(s) => {
+                let why = format!(
+                    "service {name} is declared differently by {by} than by {}; the first declaration stays in force",
+                    s.owner.as_deref().unwrap_or("its first use")
+                );
+                let first = self
+                    .reported
+                    .lock()
+                    .expect("services lock")
+                    .insert((name.to_string(), by.to_string()));
+                if first {
+                    tracing::warn!(target: "fmhost::http", service = name, "{why}");
+                }
+                Err(why)
+            }
+            None => {
+                let mut fresh = Service::new(name, policy.clone());
+                fresh.owner = Some(by.to_string());
+                map.insert(name.to_string(), Arc::new(fresh));
+                Ok(())
+            }
         }
-        map.insert(
-            name.to_string(),
-            Arc::new(Service::new(name, policy.clone())),
-        );
     }
 
     /// The declared service whose `base_url` has this URL's origin, if any.

@@ -215,6 +215,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let mut reruns = HashMap::new();
     let mut hooks = HashMap::new();
     let mut problems = Vec::new();
+    let mut order: Vec<String> = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&opts.pipelines)
         .map_err(|e| anyhow::anyhow!("pipelines directory {}: {e}", opts.pipelines.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -225,6 +226,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         match crate::pipeline::load(&file, &components) {
             Ok(plan) => {
                 let name = plan.name.to_string();
+                order.push(name.clone());
                 for t in &plan.triggers {
                     if let Some((other, _)) =
                         hooks.insert(t.path.clone(), (name.clone(), t.clone()))
@@ -273,6 +275,20 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     let mut engine = Engine::new(Secrets::load(opts.secrets.as_deref())?);
     engine.fixed_now = std::env::var("FMHOST_NOW").ok().map(Arc::from);
+    // One live state per service, owned by its first declaration in file order; a
+    // conflicting one is reported now rather than discovered under load.
+    for name in &order {
+        for (service, policy) in &pipelines[name].services {
+            if let Err(why) =
+                engine
+                    .outbound
+                    .services
+                    .configure(service, policy, &format!("pipeline {name}"))
+            {
+                eprintln!("warning: {why}");
+            }
+        }
+    }
     let app = Arc::new(App {
         engine,
         pipelines,
