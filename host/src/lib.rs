@@ -23,6 +23,7 @@ pub mod schema;
 pub mod secrets;
 pub mod serve;
 pub mod template;
+pub mod testing;
 pub mod time;
 pub mod trace;
 

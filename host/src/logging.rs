@@ -23,7 +23,13 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. `FMHOST_LOG` (EnvFilter syntax) overrides the level.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("FMHOST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with(format, "info")
+}
+
+/// [`init`] with another default level (`fmhost test` shows warnings only: its own
+/// lines say what happened).
+pub fn init_with(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_env("FMHOST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

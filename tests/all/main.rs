@@ -14,5 +14,6 @@ mod plugins;
 mod resilience;
 mod security;
 mod serve;
+mod testing;
 mod validate;
 mod vendor;

@@ -50,6 +50,8 @@ enum Command {
     Validate(ValidateArgs),
     /// Draw a pipeline's DAG: Mermaid (default), Graphviz dot, or JSON.
     Graph(GraphArgs),
+    /// Run pipeline tests (`*.test.json`) offline, with mocks; exits 1 if one fails.
+    Test(TestArgs),
     /// Which secrets a pipeline needs, and which are missing (values are never printed).
     #[command(subcommand)]
     Secrets(SecretsCommand),
@@ -229,6 +231,17 @@ struct GraphArgs {
     format: GraphFormat,
 }
 
+#[derive(Args)]
+struct TestArgs {
+    /// Test files, or directories searched for `*.test.json` (default: the current one).
+    paths: Vec<PathBuf>,
+    /// Also write the results as JUnit XML, for CI systems.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    #[command(flatten)]
+    plugins: PluginArgs,
+}
+
 #[derive(clap::Subcommand)]
 enum SecretsCommand {
     /// Lists every secret the pipeline reads (stages, services, triggers), where, and
@@ -272,7 +285,11 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_INVALID } else { 0 });
         }
     };
-    logging::init(cli.log_format);
+    if matches!(cli.command, Command::Test(_)) {
+        logging::init_with(cli.log_format, "warn,fmhost::progress=off,fmhost::http=off");
+    } else {
+        logging::init(cli.log_format);
+    }
     if !matches!(cli.command, Command::Serve(_)) {
         // `fmhost runs list | head` should end quietly, not panic on a closed stdout.
         #[cfg(unix)]
@@ -309,6 +326,7 @@ pub fn main() -> ExitCode {
             Command::Validate(args) => validate(args).await,
             Command::Graph(args) => graph(args).await,
             Command::Secrets(cmd) => secrets_cmd(cmd).await,
+            Command::Test(args) => test_cmd(args).await,
             Command::Plugins(cmd) => plugins(cmd, &state).await,
             Command::Serve(args) => serve(args, state).await,
             Command::Runs(cmd) => journal::runs(&state, cmd).await,
@@ -670,6 +688,57 @@ async fn graph(args: GraphArgs) -> u8 {
         GraphFormat::Json => journal::print_json(&dag),
     }
     0
+}
+
+async fn test_cmd(args: TestArgs) -> u8 {
+    let paths = if args.paths.is_empty() {
+        vec![PathBuf::from(".")]
+    } else {
+        args.paths.clone()
+    };
+    let files = match crate::testing::find(&paths) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_INVALID;
+        }
+    };
+    if files.is_empty() {
+        eprintln!("error: no *.test.json under {paths:?}");
+        return EXIT_INVALID;
+    }
+    let registry = match registry(&args.plugins).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_INVALID;
+        }
+    };
+    let mut all = Vec::new();
+    for file in &files {
+        for o in crate::testing::run_file(file, &registry).await {
+            let mark = if o.passed() { "PASS" } else { "FAIL" };
+            println!(
+                "{mark}  {} › {}  ({} ms)",
+                o.suite,
+                o.name,
+                o.duration.as_millis()
+            );
+            for f in &o.failures {
+                println!("      {f}");
+            }
+            all.push(o);
+        }
+    }
+    let failed = all.iter().filter(|o| !o.passed()).count();
+    println!("{} passed, {failed} failed", all.len() - failed);
+    if let Some(path) = &args.junit
+        && let Err(e) = std::fs::write(path, crate::testing::junit(&all))
+    {
+        eprintln!("error: --junit {}: {e}", path.display());
+        return EXIT_FAILED;
+    }
+    if failed > 0 { EXIT_FAILED } else { 0 }
 }
 
 async fn secrets_cmd(cmd: SecretsCommand) -> u8 {

@@ -489,9 +489,12 @@ fn start_stage(
             .map(|o| o as Arc<dyn crate::http::AttemptObserver>),
     };
     let timeout = stage.timeout;
+    let injected = run.injected_error(&id);
     let future = async move {
         let result = match rendered {
             Err(e) => Err(StageError::template(format!("config{e}"))),
+            // A test's mock makes the stage fail as it says.
+            Ok(_) if let Some(e) = injected => Err(e),
             // A run whose time budget is spent starts nothing more.
             Ok(_)
                 if let Some(Err(e)) = ctx

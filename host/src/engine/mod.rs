@@ -48,12 +48,17 @@ pub trait RunObserver: crate::http::AttemptObserver {
 }
 
 /// Stage outputs taken from an earlier run instead of running the stages again
-/// (replay, and resuming a run interrupted by a crash).
+/// (replay, and resuming a run interrupted by a crash), or given by a pipeline test's
+/// mocks, which may also make a stage fail.
 #[derive(Debug, Default, Clone)]
 pub struct Reuse {
-    /// The run the outputs come from (the run itself when resuming).
+    /// The run the outputs come from (the run itself when resuming; `mock` in a test).
     pub from_run: String,
     pub outputs: HashMap<String, Arc<Value>>,
+    /// Stages that fail with this error instead of running (a test's `error` mocks).
+    pub errors: HashMap<String, crate::error::StageError>,
+    /// Whether an entry for `ID` also stands for every iteration `ID[i]` (mocks).
+    pub every_iteration: bool,
 }
 
 #[derive(Default, Clone)]
@@ -125,7 +130,27 @@ impl RunCtx {
 
     fn reused(&self, id: &str) -> Option<(String, Arc<Value>)> {
         let r = self.reuse.as_ref()?;
-        r.outputs.get(id).map(|o| (r.from_run.clone(), o.clone()))
+        r.outputs
+            .get(id)
+            .or_else(|| {
+                r.every_iteration
+                    .then(|| r.outputs.get(base_id(id)))
+                    .flatten()
+            })
+            .map(|o| (r.from_run.clone(), o.clone()))
+    }
+
+    /// The error a test's mock makes this stage fail with, if any.
+    fn injected_error(&self, id: &str) -> Option<StageError> {
+        let r = self.reuse.as_ref()?;
+        r.errors
+            .get(id)
+            .or_else(|| {
+                r.every_iteration
+                    .then(|| r.errors.get(base_id(id)))
+                    .flatten()
+            })
+            .cloned()
     }
 
     /// Changes stage `id`'s report (creating it: an iteration or a sub-pipeline's stage)
@@ -619,4 +644,10 @@ fn in_loop(plan: &Plan, mut b: usize) -> bool {
             None => return false,
         }
     }
+}
+
+/// `upsert` for `upsert[3]` and `loop[2]/inner[0]`'s last part: the stage as written.
+fn base_id(id: &str) -> &str {
+    let last = id.rsplit('/').next().unwrap_or(id);
+    last.split('[').next().unwrap_or(last)
 }

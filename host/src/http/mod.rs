@@ -319,6 +319,14 @@ pub struct Outbound {
     pub metrics: Arc<Metrics>,
     /// Answers kept for services that declare `cache`.
     pub cache: Arc<cache::ResponseCache>,
+    /// Answers every attempt instead of the network (`fmhost test`): nothing is sent.
+    pub offline: Option<Arc<dyn Offline>>,
+}
+
+/// What answers requests when nothing may be sent (a pipeline test's `mocks.http`).
+pub trait Offline: Send + Sync {
+    /// The answer to one attempt, or `None`: nothing answers it, and the attempt fails.
+    fn answer(&self, method: &str, url: &str, body: Option<&[u8]>) -> Option<HttpResponse>;
 }
 
 impl Default for Outbound {
@@ -347,6 +355,7 @@ impl Outbound {
             services: Arc::default(),
             metrics: Arc::default(),
             cache: Arc::default(),
+            offline: None,
         }
     }
 
@@ -647,7 +656,23 @@ impl Outbound {
             },
             None => wait.await,
         };
-        let result = self.attempt(ctx, req, attempt, span).await;
+        let result = match &self.offline {
+            None => self.attempt(ctx, req, attempt, span).await,
+            Some(o) => o
+                .answer(req.method.as_str(), &req.url, req.body.as_deref())
+                .ok_or_else(|| Failure {
+                    error: StageError::new(
+                        ErrorKind::Connect,
+                        format!(
+                            "no mock answers {} {} (nothing is sent during a test)",
+                            req.method,
+                            ctx.secrets.redact(&req.url)
+                        ),
+                    ),
+                    retry_after: None,
+                    transient: false,
+                }),
+        };
         drop(permit);
         if let Ok(resp) = &result
             && let Some(h) = headroom::parse(&resp.headers, SystemTime::now())

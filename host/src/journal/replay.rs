@@ -69,6 +69,7 @@ pub fn reuse(
     Ok(Reuse {
         from_run: original.summary.run_id.clone(),
         outputs,
+        ..Reuse::default()
     })
 }
 
@@ -102,6 +103,7 @@ pub fn prepare(
         (Some(_), None) => Reuse {
             from_run: original.summary.run_id.clone(),
             outputs: HashMap::new(),
+            ..Reuse::default()
         },
         _ => reuse(plan, original, from, secrets)?,
     };

@@ -1,0 +1,136 @@
+//! `fmhost test`: pipeline tests with mocks, offline, through the real binary: the
+//! shipped customer-360 tests pass; failures, unmocked calls (from `http-request` and
+//! from a plugin) and JUnit output are reported as a CI reads them.
+
+use serde_json::json;
+
+use crate::plugins::plugin_file;
+use crate::support;
+
+#[tokio::test]
+async fn pipeline_tests_run_offline_and_report_each_failure() {
+    let dir = support::scratch("pipeline-tests");
+    // The shipped tests: customer-360 with every vendor mocked.
+    let junit = dir.join("c360.xml");
+    let out = support::output({
+        let mut c = support::fmhost();
+        c.args(["test", "pipelines/"]).arg("--junit").arg(&junit);
+        c
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("PASS  customer-360 › builds the view for an active customer"),
+        "{text}"
+    );
+    assert!(text.ends_with("2 passed, 0 failed\n"), "{text}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(
+        xml.contains("<testsuite name=\"customer-360\"") && xml.contains("failures=\"0\""),
+        "{xml}"
+    );
+
+    // A suite of our own: passing, failing, and unmocked.
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    // chaos, beside the shipped plugins found in target/plugins.
+    std::fs::copy(
+        plugin_file("target/test-plugins", "chaos"),
+        plugins.join("chaos.wasm"),
+    )
+    .unwrap();
+    support::write_json(
+        &dir,
+        "orders.pipeline.json",
+        &json!({"name": "orders", "output_stage": "shape", "stages": [
+            {"id": "fetch", "component": "http-request",
+             "config": {"url": "https://shop.example.com/orders/{{input.id}}",
+                        "headers": {"Authorization": "Bearer {{secrets.SHOP_KEY}}"}}},
+            {"id": "shape", "component": "json_transform", "depends_on": ["fetch"],
+             "config": {"data": "{{stages.fetch.output.body}}", "expression": "{order: id, total: total}"}},
+            {"id": "notify", "component": "chaos", "depends_on": ["shape"], "optional": true,
+             "allowed_hosts": ["hooks.example.com"],
+             "config": {"mode": "call", "request": {"method": "POST", "url": "https://hooks.example.com/done"}}}
+        ]}),
+    );
+    let order = json!({"method": "GET", "url": "https://shop.example.com/orders/*", "status": 200,
+                       "headers": {}, "body": {"id": 7, "total": 42.5}});
+    let hook = json!({"method": "POST", "url": "https://hooks.example.com/*", "status": 202, "body": {"ok": true}});
+    support::write_json(
+        &dir,
+        "orders.test.json",
+        &json!({"pipeline": "orders.pipeline.json", "tests": [
+            {"name": "shapes the order", "input": {"id": 7}, "secrets": {"SHOP_KEY": "k"},
+             "mocks": {"http": [order, hook]},
+             "assertions": [{"path": "output.order", "equals": 7},
+                            {"path": "output.total", "greaterThan": 40, "lessThanOrEqual": 42.5},
+                            {"path": "stages.notify.output.status", "equals": 202},
+                            {"path": "stages.fetch.output.body.total", "type": "number"}]},
+            {"name": "a wrong expectation", "input": {"id": 7}, "secrets": {"SHOP_KEY": "k"},
+             "mocks": {"http": [order, hook]},
+             "assertions": [{"path": "output.order", "equals": 8}]},
+            {"name": "the plugin's call is not mocked", "input": {"id": 7}, "secrets": {"SHOP_KEY": "k"},
+             "mocks": {"http": [order]},
+             "assertions": [{"path": "output.order", "equals": 7}]},
+            {"name": "a component mocked by name", "input": {"id": 1}, "secrets": {"SHOP_KEY": "k"},
+             "mocks": {"json-transform": {"output": {"order": 99, "total": 0}},
+                       "fetch": {"error": {"kind": "http-5xx"}}, "http": [hook]},
+             "assertions": [{"path": "status", "equals": "failed"},
+                            {"path": "stages.fetch.error.kind", "equals": "http-5xx"},
+                            {"path": "stages.shape.status", "equals": "skipped"}]}
+        ]}),
+    );
+    let junit = dir.join("orders.xml");
+    let out = support::output({
+        let mut c = support::fmhost();
+        c.arg("test")
+            .arg(dir.join("orders.test.json"))
+            .arg("--plugins")
+            .arg(&plugins)
+            .arg("--junit")
+            .arg(&junit);
+        c
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("PASS  orders › shapes the order"), "{text}");
+    assert!(
+        text.contains("PASS  orders › a component mocked by name"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAIL  orders › a wrong expectation"),
+        "{text}"
+    );
+    assert!(
+        text.contains("output.order: expected equals 8, got 7"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAIL  orders › the plugin's call is not mocked"),
+        "{text}"
+    );
+    assert!(
+        text.contains("unmocked call: POST https://hooks.example.com/done"),
+        "{text}"
+    );
+    assert!(text.ends_with("2 passed, 2 failed\n"), "{text}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains("tests=\"4\" failures=\"2\""), "{xml}");
+    assert!(
+        xml.contains("<failure message=\"assertions[0] output.order: expected equals 8, got 7\""),
+        "{xml}"
+    );
+}
