@@ -134,3 +134,66 @@ async fn pipeline_tests_run_offline_and_report_each_failure() {
         "{xml}"
     );
 }
+
+/// Retention: `fmhost runs prune` removes old finished runs with their stages and
+/// attempts, and keeps a failed run whose dead letter is still open (its retry needs it).
+#[tokio::test]
+async fn prune_removes_old_runs_and_keeps_what_a_retry_needs() {
+    let fake = crate::support::Fake::start().await;
+    fake.route("/ok", vec![crate::support::Reply::json(200, json!({}))]);
+    fake.route("/bad", vec![crate::support::Reply::json(500, json!({}))]);
+    let dir = support::scratch("prune");
+    let state = dir.join("state");
+    let doc = |path: &str| {
+        json!({"name": "p", "stages": [{"id": "a", "component": "http-request",
+                                         "config": {"url": fake.url(path)}}]})
+    };
+    let ok = support::write_json(&dir, "ok.pipeline.json", &doc("/ok"));
+    let bad = support::write_json(&dir, "bad.pipeline.json", &doc("/bad"));
+    let fmhost = |args: Vec<String>| {
+        let mut c = support::fmhost();
+        c.arg("--state").arg(&state).args(args);
+        support::output(c)
+    };
+    for p in [&ok, &ok, &bad] {
+        fmhost(vec!["run".into(), p.display().to_string()]).await;
+    }
+    let list = |out: std::process::Output| -> Vec<serde_json::Value> {
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(
+        list(fmhost(vec!["runs".into(), "list".into(), "--json".into()]).await).len(),
+        3
+    );
+    let dry = fmhost(
+        ["runs", "prune", "--older-than", "0s", "--dry-run"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(text.starts_with("would remove 2 run(s)"), "{text}");
+    assert_eq!(
+        list(fmhost(vec!["runs".into(), "list".into(), "--json".into()]).await).len(),
+        3
+    );
+    let done = fmhost(
+        ["runs", "prune", "--older-than", "0s"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        text.starts_with("removed 2 run(s)") && text.contains("kept 1"),
+        "{text}"
+    );
+    let left = list(fmhost(vec!["runs".into(), "list".into(), "--json".into()]).await);
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        left[0]["status"], "failed",
+        "the failed run with an open dead letter stays"
+    );
+    let dlq = fmhost(vec!["dlq".into(), "list".into(), "--json".into()]).await;
+    assert_eq!(list(dlq).len(), 1);
+}

@@ -48,6 +48,19 @@ pub enum RunsCommand {
         #[arg(long, conflicts_with = "json")]
         timeline: bool,
     },
+    /// Removes runs older than an age, with their stages and attempts; runs still
+    /// running or with an open dead letter are kept.
+    Prune {
+        /// An age such as `30d` or `12h`, or a date: runs that started before it go.
+        #[arg(long, value_name = "AGE", value_parser = parse_time)]
+        older_than: i64,
+        /// Keep runs that did not succeed.
+        #[arg(long)]
+        keep_failed: bool,
+        /// Only say what would go.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Args)]
@@ -162,6 +175,31 @@ pub async fn runs(state: &Path, cmd: RunsCommand) -> u8 {
         Err(code) => return code,
     };
     match cmd {
+        RunsCommand::Prune {
+            older_than,
+            keep_failed,
+            dry_run,
+        } => match journal.prune(older_than, keep_failed, dry_run).await {
+            Ok(p) => {
+                println!(
+                    "{} {} run(s) that started before {}; kept {} (running, with an open dead letter{})",
+                    if dry_run { "would remove" } else { "removed" },
+                    p.removed,
+                    crate::time::rfc3339(older_than),
+                    p.kept,
+                    if keep_failed {
+                        ", or not succeeded"
+                    } else {
+                        ""
+                    }
+                );
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                EXIT_FAILED
+            }
+        },
         RunsCommand::List {
             pipeline,
             status,

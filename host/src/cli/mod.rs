@@ -123,6 +123,10 @@ struct ServeArgs {
     /// new runs are answered 429.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_runs: usize,
+    /// Remove journaled runs older than this (`30d`), at start and every hour; runs
+    /// still running or with an open dead letter are kept.
+    #[arg(long, value_name = "AGE", value_parser = parse_duration)]
+    retain: Option<Duration>,
 }
 
 #[derive(Subcommand)]
@@ -405,6 +409,7 @@ async fn serve(args: ServeArgs, state: PathBuf) -> u8 {
             header_timeout: args.header_timeout,
         },
         max_runs: args.max_runs,
+        retain: args.retain,
     };
     match crate::serve::serve(opts).await {
         Ok(()) => 0,

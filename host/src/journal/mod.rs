@@ -224,6 +224,19 @@ pub enum Record {
     DropDeadLetter {
         id: i64,
     },
+    /// Removes a finished run and everything recorded with it (retention).
+    Forget {
+        run_id: String,
+    },
+}
+
+/// What [`Journal::prune`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Pruned {
+    /// Runs removed, with their stages, attempts, finished deliveries and closed dead letters.
+    pub removed: usize,
+    /// Old runs kept: still running, with an open dead letter, or failed (`keep_failed`).
+    pub kept: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -576,6 +589,57 @@ impl Journal {
             swept.push(s.run_id);
         }
         Ok(swept)
+    }
+
+    /// Removes the runs that started before `before_ms`, except those still running,
+    /// those with an open dead letter (a retry needs them) and, with `keep_failed`, those
+    /// that did not succeed. With `dry_run`, only counts.
+    pub async fn prune(
+        &self,
+        before_ms: i64,
+        keep_failed: bool,
+        dry_run: bool,
+    ) -> Result<Pruned, JournalError> {
+        let old = self
+            .runs(RunFilter {
+                until_ms: Some(before_ms),
+                limit: 0,
+                ..RunFilter::default()
+            })
+            .await?;
+        let open: std::collections::HashSet<String> = self
+            .dead_letters(DlqFilter {
+                status: Some("open".into()),
+                limit: 0,
+                ..DlqFilter::default()
+            })
+            .await?
+            .into_iter()
+            .map(|d| d.run_id)
+            .collect();
+        let mut pruned = Pruned::default();
+        for (n, r) in old.iter().enumerate() {
+            let keep = r.status == "running"
+                || open.contains(&r.run_id)
+                || (keep_failed && r.status != "succeeded");
+            if keep {
+                pruned.kept += 1;
+                continue;
+            }
+            pruned.removed += 1;
+            if !dry_run {
+                self.record(Record::Forget {
+                    run_id: r.run_id.clone(),
+                });
+                if n % 512 == 511 {
+                    self.commit(false).await?;
+                }
+            }
+        }
+        if !dry_run {
+            self.commit(true).await?;
+        }
+        Ok(pruned)
     }
 
     /// Drops an open dead-letter entry; `false` if there is no open entry with that id.

@@ -473,6 +473,27 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 "UPDATE dead_letters SET status = 'dropped', updated_at = ?2 WHERE id = ?1 AND status = 'open'",
             )?
             .execute(params![id, now])?,
+        Record::Forget { run_id } => {
+            // Checked again here, in the writer: the run may have been resumed since.
+            let removable: bool = tx
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND status != 'running')
+                       AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE run_id = ?1 AND status = 'open')",
+                )?
+                .query_row(params![run_id], |r| r.get(0))?;
+            if removable {
+                for sql in [
+                    "DELETE FROM attempts WHERE run_id = ?1",
+                    "DELETE FROM stages WHERE run_id = ?1",
+                    "DELETE FROM deliveries WHERE run_id = ?1 AND status = 'done'",
+                    "DELETE FROM dead_letters WHERE run_id = ?1",
+                    "DELETE FROM runs WHERE id = ?1",
+                ] {
+                    tx.prepare_cached(sql)?.execute(params![run_id])?;
+                }
+            }
+            usize::from(removable)
+        }
     };
     Ok(changed > 0)
 }

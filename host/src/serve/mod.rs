@@ -64,6 +64,8 @@ pub struct ServeOptions {
     pub connections: ConnLimits,
     /// Most API runs in flight (running or waiting for a plugin instance); more get 429.
     pub max_runs: usize,
+    /// Journaled runs older than this are removed, at start and every hour.
+    pub retain: Option<Duration>,
 }
 
 /// Request bodies larger than these are answered 413 without being buffered whole.
@@ -406,6 +408,26 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     tracing::info!(target: "fmhost::serve", %addr, pipelines = app.pipelines.len(), "serving {} pipeline(s) on http://{addr}; {token_note}", app.pipelines.len());
 
+    if let Some(age) = opts.retain {
+        let journal = app.journal.clone();
+        let closing = app.closing.clone();
+        tokio::spawn(async move {
+            loop {
+                let before = unix_ms(SystemTime::now() - age);
+                match journal.prune(before, false, false).await {
+                    Ok(p) if p.removed > 0 => {
+                        tracing::info!(target: "fmhost::journal", removed = p.removed, kept = p.kept, "retention: removed {} run(s) older than {}", p.removed, humantime::format_duration(age))
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(target: "fmhost::journal", "retention: {e}"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                    _ = closing.cancelled() => break,
+                }
+            }
+        });
+    }
     let app_for_signal = app.clone();
     conn::serve(listener, router, opts.connections, async move {
         shutdown_signal().await;
