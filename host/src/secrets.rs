@@ -66,6 +66,57 @@ pub fn names_read(text: &str) -> Vec<&str> {
     out
 }
 
+/// Every secret a pipeline document reads, with where: stage configs, retry blocks and
+/// `secrets` lists, services and triggers (`stages.fetch.config.headers.Authorization`).
+pub fn uses_in_pipeline(doc: &Value) -> std::collections::BTreeMap<String, Vec<String>> {
+    type Uses = std::collections::BTreeMap<String, Vec<String>>;
+    fn walk(v: &Value, at: String, needs: &mut Uses) {
+        match v {
+            Value::String(s) => {
+                for name in names_read(s) {
+                    let places = needs.entry(name.to_string()).or_default();
+                    if !places.contains(&at) {
+                        places.push(at.clone());
+                    }
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    walk(x, format!("{at}[{i}]"), needs);
+                }
+            }
+            Value::Object(m) => {
+                for (k, x) in m {
+                    walk(x, format!("{at}.{k}"), needs);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut needs = Uses::new();
+    for (i, st) in doc["stages"].as_array().into_iter().flatten().enumerate() {
+        let at = match st["id"].as_str() {
+            Some(id) => format!("stages.{id}"),
+            None => format!("stages[{i}]"),
+        };
+        for key in ["config", "retry"] {
+            walk(&st[key], format!("{at}.{key}"), &mut needs);
+        }
+        for name in st["secrets"].as_array().into_iter().flatten() {
+            if let Some(n) = name.as_str() {
+                needs
+                    .entry(n.to_string())
+                    .or_default()
+                    .push(format!("{at}.secrets"));
+            }
+        }
+    }
+    for key in ["services", "triggers"] {
+        walk(&doc[key], key.to_string(), &mut needs);
+    }
+    needs
+}
+
 /// The secret names a text refers to with `{{secrets.NAME}}`, or the first `{{...}}`
 /// that is something else (a setting that only takes secrets and literals).
 pub fn secret_refs(text: &str) -> Result<Vec<&str>, String> {
@@ -261,6 +312,11 @@ impl Secrets {
     /// gives the same text back and never a secret: data does not become a reference.
     pub fn to_references(&self, value: &mut Value) {
         map_strings(value, &|s| self.referenced(s));
+    }
+
+    /// `s` with secret values written as `{{secrets.NAME}}` (and literal references escaped).
+    pub fn reference_text<'a>(&self, s: &'a str) -> Cow<'a, str> {
+        self.referenced(s)
     }
 
     fn referenced<'a>(&self, s: &'a str) -> Cow<'a, str> {

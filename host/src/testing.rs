@@ -288,7 +288,7 @@ async fn run_case(plan: &Arc<Plan>, case: &TestCase) -> Result<Vec<String>, Stri
         every_iteration: true,
         ..Reuse::default()
     };
-    let mut http = Vec::new();
+    let mut http: Vec<HttpMock> = Vec::new();
     for (key, mock) in &case.mocks {
         if key == "http" {
             http = serde_path_to_error::deserialize(mock.clone())
@@ -335,11 +335,18 @@ async fn run_case(plan: &Arc<Plan>, case: &TestCase) -> Result<Vec<String>, Stri
             }
         }
     }
+    let secrets = Secrets::from_pairs(case.secrets.clone());
+    // A recorded URL keeps secrets as references: they match the test's own values.
+    for (i, m) in http.iter_mut().enumerate() {
+        m.url = secrets
+            .expand(&m.url)
+            .map_err(|e| format!("mocks.http[{i}].url: {e} (add it to the test's secrets)"))?;
+    }
     let mocks = Arc::new(Mocks {
         http,
         unanswered: Mutex::new(Vec::new()),
     });
-    let mut engine = Engine::new(Secrets::from_pairs(case.secrets.clone()));
+    let mut engine = Engine::new(secrets);
     engine.outbound.offline = Some(mocks.clone());
     engine.fixed_now = std::env::var("FMHOST_NOW").ok().map(Arc::from);
     let opts = RunOptions {

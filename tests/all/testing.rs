@@ -197,3 +197,120 @@ async fn prune_removes_old_runs_and_keeps_what_a_retry_needs() {
     let dlq = fmhost(vec!["dlq".into(), "list".into(), "--json".into()]).await;
     assert_eq!(list(dlq).len(), 1);
 }
+
+/// A production run becomes a regression test in one command: with `"record": true`
+/// every exchange (a retried one, a plugin's) is journaled with secrets as references;
+/// `fmhost record` turns them into mocks and the run's output into assertions, and
+/// `fmhost test` passes it offline, the vendor gone.
+#[tokio::test]
+async fn a_recorded_run_becomes_a_test_that_passes_offline() {
+    let fake = crate::support::Fake::start().await;
+    fake.route(
+        "/api/orders/7",
+        vec![
+            crate::support::Reply::json(503, json!({"error": "busy"})),
+            crate::support::Reply::json(
+                200,
+                json!({"id": 7, "total": 42.5, "owner": "sk-live-abcdef123456"}),
+            ),
+        ],
+    );
+    let hooks = crate::support::Fake::start().await;
+    hooks.route(
+        "/hooks/done",
+        vec![crate::support::Reply::json(202, json!({"ok": true}))],
+    );
+    let dir = support::scratch("record");
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(
+        plugin_file("target/test-plugins", "chaos"),
+        plugins.join("chaos.wasm"),
+    )
+    .unwrap();
+    let doc = json!({"name": "orders", "record": true, "output_stage": "shape", "stages": [
+        {"id": "fetch", "component": "http-request",
+         "config": {"url": "{{secrets.SHOP_URL}}/api/orders/{{input.id}}",
+                    "headers": {"Authorization": "Bearer {{secrets.SHOP_KEY}}"}},
+         "retry": {"max_attempts": 2, "delay_seconds": 0.01}},
+        {"id": "shape", "component": "json_transform", "depends_on": ["fetch"],
+         "config": {"data": "{{stages.fetch.output.body}}", "expression": "{order: id, total: total, owner: owner}"}},
+        {"id": "notify", "component": "chaos", "depends_on": ["shape"],
+         "allowed_hosts": [format!("127.0.0.1:{}", hooks.addr.port())],
+         "config": {"mode": "call", "request": {"method": "POST", "url": hooks.url("/hooks/done")}}}
+    ]});
+    let pipeline = support::write_json(&dir, "orders.pipeline.json", &doc);
+    let secrets = support::write_json(
+        &dir,
+        "secrets.json",
+        &json!({"SHOP_URL": fake.url(""), "SHOP_KEY": "sk-live-abcdef123456"}),
+    );
+    let state = dir.join("state");
+    let ran: support::Ran = support::output({
+        let mut c = support::fmhost();
+        c.arg("--state")
+            .arg(&state)
+            .arg("run")
+            .arg(&pipeline)
+            .args(["--input-json", "{\"id\": 7}"])
+            .arg("--secrets")
+            .arg(&secrets)
+            .arg("--plugins")
+            .arg(&plugins)
+            .arg("--report")
+            .arg(dir.join("report.json"));
+        c
+    })
+    .await
+    .into();
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let run_id = report["run_id"].as_str().unwrap().to_string();
+
+    let out = dir.join("recorded");
+    let rec: support::Ran = support::output({
+        let mut c = support::fmhost();
+        c.arg("--state")
+            .arg(&state)
+            .args(["record", &run_id, "--out"])
+            .arg(&out);
+        c
+    })
+    .await
+    .into();
+    assert_eq!(rec.code, 0, "{}", rec.stderr);
+    let test_text = std::fs::read_to_string(out.join("orders.test.json")).unwrap();
+    assert!(
+        !test_text.contains("sk-live-abcdef123456"),
+        "secrets stay references:\n{test_text}"
+    );
+    assert!(
+        test_text.contains("{{secrets.SHOP_URL}}/api/orders/7"),
+        "{test_text}"
+    );
+    assert!(
+        !test_text.contains(&fake.url("")),
+        "no live address:\n{test_text}"
+    );
+
+    // Nothing is sent during a test: the recording answers.
+    drop((fake, hooks));
+    let passed: support::Ran = support::output({
+        let mut c = support::fmhost();
+        c.arg("test").arg(&out).arg("--plugins").arg(&plugins);
+        c
+    })
+    .await
+    .into();
+    assert_eq!(
+        passed.code, 0,
+        "{}\n{}\n{test_text}",
+        passed.stdout, passed.stderr
+    );
+    assert!(
+        passed.stdout.ends_with("1 passed, 0 failed\n"),
+        "{}",
+        passed.stdout
+    );
+}

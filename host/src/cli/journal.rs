@@ -64,6 +64,15 @@ pub enum RunsCommand {
 }
 
 #[derive(Args)]
+pub struct RecordArgs {
+    /// The journaled run (`fmhost runs list`).
+    run: String,
+    /// Where to write `NAME.test.json` and a copy of the pipeline.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 pub struct ReplayArgs {
     /// The run to replay (`fmhost runs list`).
     #[arg(
@@ -805,4 +814,150 @@ pub async fn dlq(state: &Path, cmd: DlqCommand) -> u8 {
             code
         }
     }
+}
+
+/// `fmhost record RUN --out DIR`.
+pub async fn record_cmd(state: &Path, args: RecordArgs) -> u8 {
+    let journal = match open(state, false).await {
+        Ok(j) => j,
+        Err(code) => return code,
+    };
+    let run = match journal.run(&args.run).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            eprintln!(
+                "error: no run {} in the journal {}",
+                args.run,
+                journal.path().display()
+            );
+            return EXIT_FAILED;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    match write_recording(&run, &args.out) {
+        Ok((path, notes)) => {
+            for n in notes {
+                eprintln!("note: {n}");
+            }
+            println!("{}", path.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Writes the test file and the pipeline beside it; returns the test file and notes.
+fn write_recording(run: &RunDetail, out: &Path) -> Result<(PathBuf, Vec<String>), String> {
+    use serde_json::{Map, Value, json};
+    let name = &run.summary.pipeline;
+    let file = run
+        .rerun
+        .pipeline_file
+        .as_deref()
+        .ok_or_else(|| format!("run {} has no pipeline file on record", run.summary.run_id))?;
+    let doc_text = std::fs::read_to_string(file).map_err(|e| format!("pipeline {file}: {e}"))?;
+    let doc: Value =
+        serde_json::from_str(&doc_text).map_err(|e| format!("pipeline {file}: {e}"))?;
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let pipeline_name = format!("{name}.pipeline.json");
+    std::fs::write(out.join(&pipeline_name), &doc_text)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+
+    let mut notes = Vec::new();
+    let mut http: Vec<(String, String, Value)> = Vec::new();
+    let mut stage_mocks = Map::new();
+    let mut unrecorded = 0;
+    for st in &run.stages {
+        let mut missing = false;
+        for a in &st.calls {
+            match &a.recorded {
+                Some(r) => {
+                    let body = match r.content_type.as_deref() {
+                        Some(ct) if ct.contains("json") => {
+                            serde_json::from_str(&r.body).unwrap_or(Value::String(r.body.clone()))
+                        }
+                        _ if r.body.is_empty() => Value::Null,
+                        _ => Value::String(r.body.clone()),
+                    };
+                    let mut headers = Map::new();
+                    if let Some(ct) = &r.content_type {
+                        headers.insert("content-type".into(), json!(ct));
+                    }
+                    let mock = json!({"method": a.method, "url": r.url, "status": a.status.unwrap_or(200),
+                                      "headers": headers, "body": body});
+                    // The last answer to a request stands (a retried call's success).
+                    http.retain(|(m, u, _)| !(m == &a.method && u == &r.url));
+                    http.push((a.method.clone(), r.url.clone(), mock));
+                }
+                None => missing = true,
+            }
+        }
+        if missing {
+            unrecorded += 1;
+            // Not recorded: the stage's own output stands in for its calls.
+            if st.report.status.as_str() == "succeeded"
+                && let Some(o) = &st.report.output
+                && !st.report.id.contains(['[', '/'])
+            {
+                stage_mocks.insert(st.report.id.clone(), json!({"output": o.as_ref()}));
+            }
+        }
+    }
+    if unrecorded > 0 {
+        notes.push(format!(
+            "{unrecorded} stage(s) made calls that were not recorded (give the pipeline \"record\": true); their outputs are mocked instead"
+        ));
+    }
+    // Secrets stay references: placeholders here, and the recorded URLs name them.
+    let mut secrets = Map::new();
+    for secret in crate::secrets::uses_in_pipeline(&doc).keys() {
+        let reference = format!("{{{{secrets.{secret}}}}}");
+        let is_base = http.iter().any(|(_, u, _)| u.starts_with(&reference));
+        let value = if is_base {
+            format!(
+                "https://{}.recorded.invalid",
+                secret.to_ascii_lowercase().replace('_', "-")
+            )
+        } else {
+            format!("recorded-{secret}")
+        };
+        secrets.insert(secret.clone(), json!(value));
+    }
+    let mut mocks = stage_mocks;
+    if !http.is_empty() {
+        mocks.insert(
+            "http".into(),
+            Value::Array(http.into_iter().map(|(_, _, m)| m).collect()),
+        );
+    }
+    let mut assertions = vec![json!({"path": "status", "equals": run.summary.status})];
+    for st in run
+        .stages
+        .iter()
+        .filter(|s| !s.report.id.contains(['[', '/']))
+    {
+        assertions.push(json!({"path": format!("stages.{}.status", st.report.id), "equals": st.report.status.as_str()}));
+    }
+    if let Some(o) = &run.output
+        && !o.is_null()
+    {
+        assertions.push(json!({"path": "output", "deepEquals": o}));
+    }
+    let test = json!({
+        "name": name,
+        "pipeline": pipeline_name,
+        "description": format!("recorded from run {} ({}) by fmhost record", run.summary.run_id, run.summary.started_at),
+        "tests": [{"name": format!("replays run {}", run.summary.run_id), "input": run.input,
+                   "secrets": secrets, "mocks": mocks, "assertions": assertions}]
+    });
+    let path = out.join(format!("{name}.test.json"));
+    let text = serde_json::to_string_pretty(&test).map_err(|e| e.to_string())?;
+    std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((path, notes))
 }

@@ -65,6 +65,10 @@ enum Command {
     Runs(journal::RunsCommand),
     /// Re-run a journaled run, from a stage or where it stopped; or many (--pipeline --since).
     Replay(journal::ReplayArgs),
+    /// Turn a journaled run into a pipeline test (`DIR/NAME.test.json`) that
+    /// `fmhost test DIR` passes offline: its upstream calls become mocks, its output and
+    /// stage statuses assertions.
+    Record(journal::RecordArgs),
     /// The dead-letter queue: failed runs and unprocessable webhook deliveries.
     #[command(subcommand)]
     Dlq(journal::DlqCommand),
@@ -335,6 +339,7 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve(args, state).await,
             Command::Runs(cmd) => journal::runs(&state, cmd).await,
             Command::Replay(args) => journal::replay_cmd(&state, args).await,
+            Command::Record(args) => journal::record_cmd(&state, args).await,
             Command::Dlq(cmd) => journal::dlq(&state, cmd).await,
         }
     });
@@ -776,56 +781,7 @@ async fn secrets_cmd(cmd: SecretsCommand) -> u8 {
         None => Secrets::default(),
     };
     // name -> places that read it
-    let mut needs: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    fn walk(v: &Value, at: String, needs: &mut std::collections::BTreeMap<String, Vec<String>>) {
-        match v {
-            Value::String(s) => {
-                for name in crate::secrets::names_read(s) {
-                    let places = needs.entry(name.to_string()).or_default();
-                    if !places.contains(&at) {
-                        places.push(at.clone());
-                    }
-                }
-            }
-            Value::Array(a) => {
-                for (i, x) in a.iter().enumerate() {
-                    walk(x, format!("{at}[{i}]"), needs);
-                }
-            }
-            Value::Object(m) => {
-                for (k, x) in m {
-                    walk(x, format!("{at}.{k}"), needs);
-                }
-            }
-            _ => {}
-        }
-    }
-    let source = &plan.source;
-    for (i, st) in source["stages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let at = match st["id"].as_str() {
-            Some(id) => format!("stages.{id}"),
-            None => format!("stages[{i}]"),
-        };
-        for key in ["config", "retry"] {
-            walk(&st[key], format!("{at}.{key}"), &mut needs);
-        }
-        for name in st["secrets"].as_array().into_iter().flatten() {
-            if let Some(n) = name.as_str() {
-                needs
-                    .entry(n.to_string())
-                    .or_default()
-                    .push(format!("{at}.secrets"));
-            }
-        }
-    }
-    for key in ["services", "triggers"] {
-        walk(&source[key], key.to_string(), &mut needs);
-    }
+    let needs = crate::secrets::uses_in_pipeline(&plan.source);
     // What the operator's policy lets the pipeline's plugins use: optional, the plugin
     // decides whether it needs them.
     let policy = match &plugins.policy {

@@ -53,6 +53,8 @@ pub struct StageContext {
     pub trace: Option<crate::trace::SpanRef>,
     /// The run's and the stage's request budgets.
     pub budgets: Arc<[Arc<crate::http::budget::Budget>]>,
+    /// Whether the pipeline records its exchanges.
+    pub record: bool,
 }
 
 impl StageContext {
@@ -73,6 +75,7 @@ impl StageContext {
             observer: None,
             trace: None,
             budgets: Arc::from(Vec::new()),
+            record: false,
         }
     }
 
@@ -86,6 +89,7 @@ impl StageContext {
             observer: self.observer.as_deref(),
             trace: self.trace,
             budgets: &self.budgets,
+            record: self.record,
         }
     }
 }

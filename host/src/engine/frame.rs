@@ -471,6 +471,7 @@ fn start_stage(
         deadline: stage.timeout.map(|t| Instant::now() + t),
         retries: AtomicU32::new(0),
         trace: run.trace.stage_span(id.as_str()),
+        record: plan.record,
         budgets: run
             .budget
             .iter()

@@ -284,6 +284,8 @@ pub struct CallContext<'a> {
     pub trace: Option<crate::trace::SpanRef>,
     /// The run's and the stage's request budgets: each attempt takes one from each.
     pub budgets: &'a [Arc<budget::Budget>],
+    /// Whether each exchange is recorded (the pipeline's `"record": true`).
+    pub record: bool,
 }
 
 /// One outbound attempt, as the run journal records it. Secrets are already redacted.
@@ -303,11 +305,42 @@ pub struct Attempt {
     pub idempotency_key: Option<String>,
     /// Unix milliseconds when the attempt ended.
     pub at_ms: i64,
+    /// The exchange itself, when the pipeline or service records (`"record": true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded: Option<Recorded>,
     /// The attempt's span and its parent (hex), as sent upstream in `traceparent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub span_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_span_id: Option<String>,
+}
+
+/// A recorded exchange: the request's URL with secrets as `{{secrets.NAME}}`, and the
+/// response, secrets masked, its body cut at [`MAX_RECORDED_BYTES`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Recorded {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// The body as text (lossy for bytes that are not UTF-8).
+    pub body: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// Longest response body kept by a recording.
+pub const MAX_RECORDED_BYTES: usize = 256 << 10;
+
+fn record_exchange(ctx: &CallContext<'_>, req: &HttpRequest, resp: &HttpResponse) -> Recorded {
+    let cut = resp.body.len().min(MAX_RECORDED_BYTES);
+    let mut body = resp.body[..cut].to_vec();
+    ctx.secrets.redact_bytes(&mut body);
+    Recorded {
+        url: ctx.secrets.reference_text(&req.url).into_owned(),
+        content_type: resp.header("content-type").map(str::to_string),
+        body: String::from_utf8_lossy(&body).into_owned(),
+        truncated: cut < resp.body.len(),
+    }
 }
 
 /// The outbound HTTP machinery, shared by every stage of every run in this process.
@@ -539,6 +572,12 @@ impl Outbound {
                         .as_deref()
                         .map(|k| ctx.secrets.redact(k).into_owned()),
                     at_ms: crate::time::unix_ms(SystemTime::now()),
+                    recorded: match &result {
+                        Ok(resp) if ctx.record || service.records() => {
+                            Some(record_exchange(ctx, req, resp))
+                        }
+                        _ => None,
+                    },
                     span_id: span.map(|s| hex::encode(s.span_id)),
                     parent_span_id: ctx.trace.map(|p| hex::encode(p.span_id)),
                 };

@@ -26,6 +26,9 @@ pub struct ServicePolicy {
     /// Answers kept and reused, revalidated, and stood in when the service fails.
     #[serde(default)]
     pub cache: Option<super::cache::CachePolicy>,
+    /// Record every exchange with this service in the journal (`fmhost record`).
+    #[serde(default)]
+    pub record: bool,
     /// A token bucket; callers wait for a token rather than fail.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
@@ -175,6 +178,10 @@ impl Service {
             bulkhead,
             breaker,
         }
+    }
+
+    pub fn records(&self) -> bool {
+        self.policy.record
     }
 
     pub fn cache(&self) -> Option<&super::cache::CachePolicy> {

@@ -129,6 +129,13 @@ ALTER TABLE attempts ADD COLUMN parent_span_id TEXT;
 ALTER TABLE deliveries ADD COLUMN traceparent TEXT;
 "#,
     ),
+    (
+        3,
+        "recorded exchanges",
+        r#"
+ALTER TABLE attempts ADD COLUMN recorded TEXT;
+"#,
+    ),
 ];
 
 pub struct SqliteBackend {
@@ -359,8 +366,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
         } => tx
             .prepare_cached(
                 "INSERT INTO attempts (run_id, stage_id, attempt, service, method, url, status, error_kind,
-                     duration_ms, idempotency_key, at, span_id, parent_span_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                     duration_ms, idempotency_key, at, span_id, parent_span_id, recorded)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?
             .execute(params![
                 run_id,
@@ -375,7 +382,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 a.idempotency_key,
                 a.at_ms,
                 a.span_id,
-                a.parent_span_id
+                a.parent_span_id,
+                a.recorded
+                    .as_ref()
+                    .map(|r| serde_json::to_string(r).unwrap_or_default())
             ])?,
         Record::RunFinished(end) => {
             let n = tx
@@ -589,7 +599,7 @@ impl SqliteBackend {
         let mut calls: std::collections::HashMap<String, Vec<Attempt>> = Default::default();
         let mut stmt = conn.prepare_cached(
             "SELECT stage_id, attempt, service, method, url, status, error_kind, duration_ms, idempotency_key, at,
-                 span_id, parent_span_id
+                 span_id, parent_span_id, recorded
              FROM attempts WHERE run_id = ?1 ORDER BY rowid",
         )?;
         let rows = stmt.query_map(params![id], |r| {
@@ -607,6 +617,9 @@ impl SqliteBackend {
                     at_ms: r.get(9)?,
                     span_id: r.get(10)?,
                     parent_span_id: r.get(11)?,
+                    recorded: r
+                        .get::<_, Option<String>>(12)?
+                        .and_then(|t| serde_json::from_str(&t).ok()),
                 },
             ))
         })?;

@@ -285,6 +285,8 @@ pub struct Plan {
     pub triggers: Vec<Trigger>,
     /// The whole run's request budget.
     pub budget: Option<crate::http::budget::BudgetSpec>,
+    /// Record every outbound exchange in the journal (`fmhost record`).
+    pub record: bool,
     /// The document as written, for journaling and display.
     pub source: Value,
 }

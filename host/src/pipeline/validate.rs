@@ -61,6 +61,9 @@ struct PipelineDoc {
     /// The whole run's request budget.
     #[serde(default)]
     budget: Option<Value>,
+    /// Record every outbound exchange in the journal.
+    #[serde(default)]
+    record: bool,
     stages: Vec<Value>,
 }
 
@@ -570,6 +573,7 @@ pub fn compile_in(
         services,
         triggers,
         budget,
+        record: doc.record,
         source,
     })
 }

@@ -93,6 +93,7 @@ impl Component for WasmComponent {
         let runtime = &p.runtime;
         let grant = (p.kind == World::Connector).then(|| HttpGrant {
             budgets: ctx.budgets.clone(),
+            record: ctx.record,
             outbound: ctx.outbound.clone(),
             grant: Arc::new(Grant::new(
                 &p.name,

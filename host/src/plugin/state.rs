@@ -23,6 +23,7 @@ pub struct HttpGrant {
     pub deadline: Option<Instant>,
     pub observer: Option<Arc<dyn crate::http::AttemptObserver>>,
     pub budgets: Arc<[Arc<crate::http::budget::Budget>]>,
+    pub record: bool,
 }
 
 pub struct PluginState {
@@ -373,6 +374,7 @@ impl PluginState {
             observer: grant.observer.as_deref(),
             trace: self.trace.as_ref().map(crate::trace::plugin_span),
             budgets: &grant.budgets,
+            record: grant.record,
         };
         match grant.outbound.send(&ctx, &request, &policy).await {
             Ok(resp) => {
