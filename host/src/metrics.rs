@@ -53,6 +53,7 @@ pub struct Metrics {
     breaker: Family<ServiceLabel, Gauge>,
     headroom: Family<ServiceLabel, Gauge>,
     headroom_limit: Family<ServiceLabel, Gauge>,
+    drift: Family<ServiceLabel, Counter>,
     stats: Mutex<HashMap<String, ServiceStats>>,
 }
 
@@ -128,6 +129,12 @@ impl Metrics {
             "The service's rate limit per window, as its last response said",
             headroom_limit.clone(),
         );
+        let drift = Family::<ServiceLabel, Counter>::default();
+        registry.register(
+            "schema_drift",
+            "Departures of recorded answers from the shape learned for their endpoint",
+            drift.clone(),
+        );
         let runs = Family::<RunLabels, Counter>::default();
         let stages = Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
@@ -147,6 +154,7 @@ impl Metrics {
             breaker,
             headroom,
             headroom_limit,
+            drift,
             stats: Mutex::new(HashMap::new()),
         }
     }
@@ -218,6 +226,15 @@ impl Metrics {
         if let Some(s) = self.stats.lock().expect("metrics lock").get_mut(service) {
             s.breaker = state;
         }
+    }
+
+    /// Departures from a service's learned answer shape (schema drift).
+    pub fn record_drift(&self, service: &str, n: usize) {
+        self.drift
+            .get_or_create(&ServiceLabel {
+                service: service.into(),
+            })
+            .inc_by(n as u64);
     }
 
     /// What a service's last response said is left of its rate limit.

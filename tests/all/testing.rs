@@ -314,3 +314,103 @@ async fn a_recorded_run_becomes_a_test_that_passes_offline() {
         passed.stdout
     );
 }
+
+/// The Intercom API change, seen before a mapping breaks: recorded answers teach the
+/// host each endpoint's shape; an answer with a field gone or a type changed is flagged
+/// on its run (the API and `runs show`) and counted in `/metrics`.
+#[tokio::test]
+async fn schema_drift_is_flagged_on_the_run_and_counted() {
+    let fake = crate::support::Fake::start().await;
+    let v210 = json!({"type": "contact", "id": "c1", "custom_attributes": {"health_score": 78},
+                      "tags": {"data": [{"name": "enterprise"}]}});
+    let v211 = json!({"type": "contact", "id": "c1", "custom_attributes": {"health": {"score": 78}},
+                      "tags": [{"name": "enterprise"}]});
+    fake.route(
+        "/contacts/cust_1",
+        vec![crate::support::Reply::json(200, v210)],
+    );
+    let dir = support::scratch("drift");
+    let pipelines = crate::serve::pipelines_dir(
+        &dir,
+        &[(
+            "contact.pipeline.json",
+            json!({"name": "contact", "record": true,
+                   "services": {"intercom": {"base_url": fake.url("")}},
+                   "stages": [{"id": "fetch", "component": "http-request",
+                               "config": {"service": "intercom", "url": "/contacts/cust_1"}}]}),
+        )],
+    );
+    let server = crate::serve::Server::start(&dir, &pipelines, &dir.join("plugins"), &json!({}));
+    let client = support::api_client();
+    let run = || async {
+        let r: serde_json::Value = client
+            .post(format!("{}/v1/pipelines/contact/runs", server.url))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = r["run_id"].as_str().unwrap().to_string();
+        let detail: serde_json::Value = client
+            .get(format!("{}/v1/runs/{id}", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (id, detail)
+    };
+    let (_, first) = run().await;
+    assert!(
+        first["stages"][0]["calls"][0]["recorded"]["drift"].is_null(),
+        "{first}"
+    );
+    run().await;
+    fake.route(
+        "/contacts/cust_1",
+        vec![crate::support::Reply::json(200, v211)],
+    );
+    let (id, changed) = run().await;
+    assert_eq!(
+        changed["status"], "succeeded",
+        "the run itself still succeeds: {changed}"
+    );
+    assert_eq!(
+        changed["stages"][0]["calls"][0]["recorded"]["drift"],
+        json!([
+            "custom_attributes.health_score: missing",
+            "tags: was object, now array"
+        ]),
+        "{changed}"
+    );
+    let metrics = client
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fmhost_schema_drift_total{service=\"intercom\"} 2"),
+        "{metrics}"
+    );
+    let shown: support::Ran = support::output({
+        let mut c = support::fmhost();
+        c.arg("--state")
+            .arg(dir.join("state"))
+            .args(["runs", "show", &id]);
+        c
+    })
+    .await
+    .into();
+    assert!(
+        shown.stdout.contains("schema drift: stage fetch GET")
+            && shown.stdout.contains("health_score: missing"),
+        "{}",
+        shown.stdout
+    );
+}

@@ -373,6 +373,20 @@ fn show_run(d: &RunDetail) {
     if let Some(id) = d.dead_letter {
         println!("dead letter {id} (open): fmhost dlq retry {id}");
     }
+    for st in &d.stages {
+        for a in &st.calls {
+            if let Some(r) = a.recorded.as_ref().filter(|r| !r.drift.is_empty()) {
+                println!(
+                    "schema drift: stage {} {} {} (service {}): {}",
+                    st.report.id,
+                    a.method,
+                    a.url,
+                    a.service,
+                    r.drift.join("; ")
+                );
+            }
+        }
+    }
     println!("input: {}", one_line(&d.input, 300));
     println!();
     println!(

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod budget;
 pub mod cache;
+pub mod drift;
 pub mod headroom;
 mod hosts;
 pub mod retry;
@@ -326,6 +327,10 @@ pub struct Recorded {
     pub body: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// How a successful JSON answer departs from the shape learned for its endpoint
+    /// (`custom_attributes.health_score: missing`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<String>,
 }
 
 /// Longest response body kept by a recording.
@@ -340,6 +345,7 @@ fn record_exchange(ctx: &CallContext<'_>, req: &HttpRequest, resp: &HttpResponse
         content_type: resp.header("content-type").map(str::to_string),
         body: String::from_utf8_lossy(&body).into_owned(),
         truncated: cut < resp.body.len(),
+        drift: Vec::new(),
     }
 }
 
@@ -354,6 +360,8 @@ pub struct Outbound {
     pub cache: Arc<cache::ResponseCache>,
     /// Answers every attempt instead of the network (`fmhost test`): nothing is sent.
     pub offline: Option<Arc<dyn Offline>>,
+    /// The shapes of recorded answers, per service endpoint, for schema drift.
+    pub shapes: Arc<drift::Shapes>,
 }
 
 /// What answers requests when nothing may be sent (a pipeline test's `mocks.http`).
@@ -389,6 +397,7 @@ impl Outbound {
             metrics: Arc::default(),
             cache: Arc::default(),
             offline: None,
+            shapes: Arc::default(),
         }
     }
 
@@ -574,7 +583,19 @@ impl Outbound {
                     at_ms: crate::time::unix_ms(SystemTime::now()),
                     recorded: match &result {
                         Ok(resp) if ctx.record || service.records() => {
-                            Some(record_exchange(ctx, req, resp))
+                            let mut r = record_exchange(ctx, req, resp);
+                            if resp.is_success()
+                                && resp.is_json()
+                                && let Ok(body) = serde_json::from_slice::<Value>(&resp.body)
+                            {
+                                let endpoint = drift::endpoint(req.method.as_str(), &req.url);
+                                r.drift = self.shapes.observe(&service_name, &endpoint, &body);
+                                if !r.drift.is_empty() {
+                                    self.metrics.record_drift(&service_name, r.drift.len());
+                                    tracing::warn!(target: "fmhost::http", run_id = ctx.run_id, stage = ctx.stage_id, service = %service_name, "schema drift: service {service_name} {endpoint}: {}", r.drift.join("; "));
+                                }
+                            }
+                            Some(r)
                         }
                         _ => None,
                     },
