@@ -414,3 +414,51 @@ async fn schema_drift_is_flagged_on_the_run_and_counted() {
         shown.stdout
     );
 }
+
+/// The journal keeps the pipeline document each run ran (by content): a replay runs it
+/// as it ran though the file has changed since, or today's with `--current-pipeline`.
+#[tokio::test]
+async fn a_replay_runs_the_pipeline_as_it_ran_unless_asked_for_todays() {
+    let fake = crate::support::Fake::start().await;
+    fake.route("/v1", vec![crate::support::Reply::json(500, json!({}))]);
+    fake.route("/v2", vec![crate::support::Reply::json(200, json!({}))]);
+    let dir = support::scratch("replay-as-ran");
+    let state = dir.join("state");
+    let doc = |path: &str| {
+        json!({"name": "p", "stages": [{"id": "a", "component": "http-request",
+                                         "config": {"url": fake.url(path)}}]})
+    };
+    let file = support::write_json(&dir, "p.pipeline.json", &doc("/v1"));
+    let fmhost = |args: Vec<String>| {
+        let mut c = support::fmhost();
+        c.arg("--state").arg(&state).args(args);
+        support::output(c)
+    };
+    let first: support::Ran = fmhost(vec![
+        "run".into(),
+        file.display().to_string(),
+        "--report".into(),
+        dir.join("r.json").display().to_string(),
+    ])
+    .await
+    .into();
+    assert_eq!(first.code, 1, "{}", first.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("r.json")).unwrap()).unwrap();
+    let run_id = report["run_id"].as_str().unwrap().to_string();
+    // The file changes after the run.
+    support::write_json(&dir, "p.pipeline.json", &doc("/v2"));
+    let again: support::Ran = fmhost(vec!["replay".into(), run_id.clone()]).await.into();
+    assert_eq!(again.code, 1, "as it ran: {}", again.stderr);
+    assert_eq!(fake.seen("/v1").len(), 2);
+    assert_eq!(fake.seen("/v2").len(), 0);
+    let today: support::Ran = fmhost(vec![
+        "replay".into(),
+        run_id.clone(),
+        "--current-pipeline".into(),
+    ])
+    .await
+    .into();
+    assert_eq!(today.code, 0, "today's: {}", today.stderr);
+    assert_eq!(fake.seen("/v2").len(), 1);
+}

@@ -106,6 +106,10 @@ pub struct ReplayArgs {
     /// Deadline for each run.
     #[arg(long, value_name = "DURATION", value_parser = super::parse_duration)]
     timeout: Option<Duration>,
+    /// Run the pipeline file as it is today, not the document the run ran (which the
+    /// journal keeps).
+    #[arg(long)]
+    current_pipeline: bool,
     #[command(flatten)]
     plugins: PluginArgs,
 }
@@ -460,6 +464,8 @@ struct Using<'a> {
     secrets: Option<&'a Path>,
     plugins: &'a PluginArgs,
     timeout: Option<Duration>,
+    /// Today's pipeline file instead of the document the run ran.
+    current_pipeline: bool,
 }
 
 /// Replays `original` and returns its report; errors are printed.
@@ -475,6 +481,7 @@ async fn replay_one(
         secrets,
         plugins,
         timeout,
+        current_pipeline,
     } = *using;
     // Unless told otherwise, the plugin directories and secrets file the run used.
     let recorded = &original.rerun;
@@ -496,21 +503,51 @@ async fn replay_one(
         eprintln!("error: {e}");
         EXIT_INVALID
     })?;
-    let Some(file) = recorded.pipeline_file.as_deref() else {
-        eprintln!(
-            "error: run {} has no pipeline file in the journal",
-            original.summary.run_id
-        );
-        return Err(EXIT_INVALID);
+    // The document the run ran, as the journal kept it, unless today's file is asked for.
+    let kept = if current_pipeline {
+        None
+    } else {
+        journal
+            .pipeline_document(&original.summary.run_id)
+            .await
+            .map_err(|e| {
+                eprintln!("error: {e}");
+                EXIT_FAILED
+            })?
     };
-    if !Path::new(file).exists() {
-        eprintln!(
-            "error: run {}'s pipeline file {file} is gone; restore it to replay the run",
-            original.summary.run_id
-        );
-        return Err(EXIT_INVALID);
-    }
-    let plan = Arc::new(load_plan(Path::new(file), &registry)?);
+    let plan = match kept {
+        Some(document) => {
+            let dir = recorded
+                .pipeline_file
+                .as_deref()
+                .and_then(|f| Path::new(f).parent());
+            let shown = format!("the pipeline run {} ran", original.summary.run_id);
+            crate::pipeline::load_text(&document, &shown, dir, &registry).map_err(|e| {
+                for line in e.lines() {
+                    eprintln!("error: {line}");
+                }
+                EXIT_INVALID
+            })?
+        }
+        None => {
+            let Some(file) = recorded.pipeline_file.as_deref() else {
+                eprintln!(
+                    "error: run {} has no pipeline file in the journal",
+                    original.summary.run_id
+                );
+                return Err(EXIT_INVALID);
+            };
+            if !Path::new(file).exists() {
+                eprintln!(
+                    "error: run {}'s pipeline file {file} is gone; restore it to replay the run",
+                    original.summary.run_id
+                );
+                return Err(EXIT_INVALID);
+            }
+            load_plan(Path::new(file), &registry)?
+        }
+    };
+    let plan = Arc::new(plan);
     let engine = engine(secrets.as_deref())?;
     let prepared = replay::prepare(
         &plan,
@@ -591,6 +628,7 @@ pub async fn replay_cmd(state: &Path, args: ReplayArgs) -> u8 {
                 secrets: args.secrets.as_deref(),
                 plugins: &args.plugins,
                 timeout: args.timeout,
+                current_pipeline: args.current_pipeline,
             },
         )
         .await
@@ -639,6 +677,7 @@ pub async fn replay_cmd(state: &Path, args: ReplayArgs) -> u8 {
                 secrets: args.secrets.as_deref(),
                 plugins: &args.plugins,
                 timeout: args.timeout,
+                current_pipeline: args.current_pipeline,
             },
         )
         .await
@@ -782,6 +821,7 @@ pub async fn dlq(state: &Path, cmd: DlqCommand) -> u8 {
                         secrets: secrets.as_deref(),
                         plugins: &plugins,
                         timeout: None,
+                        current_pipeline: false,
                     },
                 )
                 .await

@@ -228,6 +228,12 @@ pub enum Record {
     Forget {
         run_id: String,
     },
+    /// The pipeline document a run ran, kept once per content (SHA-256).
+    Pipeline {
+        run_id: String,
+        hash: String,
+        document: String,
+    },
 }
 
 /// What [`Journal::prune`] did.
@@ -390,6 +396,8 @@ pub trait Backend: Send + 'static {
     fn pending_deliveries(&mut self) -> Result<Vec<Delivery>, JournalError>;
     fn dead_letters(&mut self, filter: &DlqFilter) -> Result<Vec<DeadLetter>, JournalError>;
     fn dead_letter(&mut self, id: i64) -> Result<Option<DeadLetter>, JournalError>;
+    /// The pipeline document run `run_id` ran, by its content hash.
+    fn pipeline_document(&mut self, run_id: &str) -> Result<Option<String>, JournalError>;
 }
 
 enum Msg {
@@ -640,6 +648,12 @@ impl Journal {
             self.commit(true).await?;
         }
         Ok(pruned)
+    }
+
+    /// The pipeline document a run ran, if the journal kept it.
+    pub async fn pipeline_document(&self, run_id: &str) -> Result<Option<String>, JournalError> {
+        let id = run_id.to_string();
+        self.read(move |b| b.pipeline_document(&id)).await
     }
 
     /// Drops an open dead-letter entry; `false` if there is no open entry with that id.
@@ -952,9 +966,20 @@ pub async fn run_journaled(
     if let Some(s) = &spans {
         opts.observer = Some(s.clone());
     }
+    let document = journal
+        .as_ref()
+        .and_then(|_| serde_json::to_string(&plan.source).ok());
     let report = engine.run(plan, input, opts).await?;
     if let Some(s) = spans {
         s.finish(&report);
+    }
+    // The document as it ran, so a replay runs it again even after the file changed.
+    if let (Some(j), Some(document)) = (&journal, document) {
+        j.journal.record(Record::Pipeline {
+            run_id: report.run_id.clone(),
+            hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(document.as_bytes())),
+            document,
+        });
     }
     let committed = match &journal {
         Some(j) => j.finish(&report).await,

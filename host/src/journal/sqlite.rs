@@ -136,6 +136,18 @@ ALTER TABLE deliveries ADD COLUMN traceparent TEXT;
 ALTER TABLE attempts ADD COLUMN recorded TEXT;
 "#,
     ),
+    (
+        4,
+        "pipeline documents, content-addressed",
+        r#"
+CREATE TABLE pipelines (
+    hash       TEXT PRIMARY KEY,
+    document   TEXT NOT NULL,
+    first_seen INTEGER NOT NULL
+) WITHOUT ROWID;
+ALTER TABLE runs ADD COLUMN pipeline_hash TEXT;
+"#,
+    ),
 ];
 
 pub struct SqliteBackend {
@@ -483,6 +495,18 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 "UPDATE dead_letters SET status = 'dropped', updated_at = ?2 WHERE id = ?1 AND status = 'open'",
             )?
             .execute(params![id, now])?,
+        Record::Pipeline {
+            run_id,
+            hash,
+            document,
+        } => {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO pipelines (hash, document, first_seen) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![hash, document, now])?;
+            tx.prepare_cached("UPDATE runs SET pipeline_hash = ?2 WHERE id = ?1")?
+                .execute(params![run_id, hash])?
+        }
         Record::Forget { run_id } => {
             // Checked again here, in the writer: the run may have been resumed since.
             let removable: bool = tx
@@ -799,6 +823,17 @@ impl Backend for SqliteBackend {
 
     fn run(&mut self, id: &str) -> Result<Option<RunDetail>, JournalError> {
         self.read_run(id).map_err(|e| self.err(e))
+    }
+
+    fn pipeline_document(&mut self, run_id: &str) -> Result<Option<String>, JournalError> {
+        self.conn
+            .query_row(
+                "SELECT p.document FROM runs r JOIN pipelines p ON p.hash = r.pipeline_hash WHERE r.id = ?1",
+                params![run_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     fn pending_deliveries(&mut self) -> Result<Vec<Delivery>, JournalError> {

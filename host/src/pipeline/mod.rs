@@ -81,6 +81,24 @@ pub fn load(path: &Path, registry: &Registry) -> Result<Plan, LoadError> {
     load_from(path, registry, &[])
 }
 
+/// Compiles a pipeline document kept elsewhere (the journal's copy of what a run ran);
+/// sub-pipelines are found in `dir`, as they were beside its file.
+pub fn load_text(
+    text: &str,
+    shown: &str,
+    dir: Option<&Path>,
+    registry: &Registry,
+) -> Result<Plan, LoadError> {
+    let origin = Origin {
+        dir: dir.map(Path::to_path_buf),
+        stack: Vec::new(),
+    };
+    compile_in(text, registry, &origin).map_err(|diagnostics| LoadError::Invalid {
+        path: shown.to_string(),
+        diagnostics,
+    })
+}
+
 /// Largest file read while looking for a sub-pipeline by its name.
 const MAX_PIPELINE_BYTES: u64 = 16 << 20;
 

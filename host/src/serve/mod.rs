@@ -758,13 +758,15 @@ async fn list_runs(
     }
 }
 
-/// Replays a journaled run with this server's pipelines and plugins, synchronously.
+/// Replays a journaled run with this server's plugins, synchronously: the pipeline as
+/// the run ran it (the journal keeps each document), or the one served today.
 async fn replay(
     app: &Arc<App>,
     run_id: &str,
     from: Option<&str>,
     input: Option<Value>,
     trigger: &str,
+    current_pipeline: bool,
 ) -> Result<RunReport, Response> {
     let original = match app.journal.run(run_id).await {
         Ok(Some(r)) => r,
@@ -777,15 +779,45 @@ async fn replay(
         }
         Err(e) => return Err(journal_problem(e)),
     };
-    let Some(plan) = app.pipelines.get(&original.summary.pipeline).cloned() else {
-        return Err(problem(
-            StatusCode::CONFLICT,
-            "unknown pipeline",
-            format!(
-                "run {run_id} is of pipeline \"{}\", which this server does not serve",
-                original.summary.pipeline
-            ),
-        ));
+    let kept = if current_pipeline {
+        None
+    } else {
+        app.journal
+            .pipeline_document(run_id)
+            .await
+            .map_err(journal_problem)?
+    };
+    let plan = match kept {
+        Some(document) => {
+            let dir = original
+                .rerun
+                .pipeline_file
+                .as_deref()
+                .and_then(|f| std::path::Path::new(f).parent());
+            let shown = format!("the pipeline run {run_id} ran");
+            let plan = crate::pipeline::load_text(&document, &shown, dir, &app.plugins.registry())
+                .map_err(|e| {
+                    problem(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "cannot replay",
+                        format!("{e}; replay with ?current_pipeline=true to run today's"),
+                    )
+                })?;
+            Arc::new(plan)
+        }
+        None => match app.pipelines.get(&original.summary.pipeline).cloned() {
+            Some(plan) => plan,
+            None => {
+                return Err(problem(
+                    StatusCode::CONFLICT,
+                    "unknown pipeline",
+                    format!(
+                        "run {run_id} is of pipeline \"{}\", which this server does not serve",
+                        original.summary.pipeline
+                    ),
+                ));
+            }
+        },
     };
     let prepared = crate::journal::replay::prepare(
         &plan,
@@ -836,6 +868,8 @@ async fn replay_run(
         q.get("from").map(String::as_str),
         input,
         "replay",
+        q.get("current_pipeline")
+            .is_some_and(|v| v == "true" || v == "1"),
     )
     .await
     {
@@ -897,7 +931,7 @@ async fn retry_dlq(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Response
         }
         Err(resp) => return resp,
     };
-    let report = match replay(&app, &entry.run_id, None, None, "dlq-retry").await {
+    let report = match replay(&app, &entry.run_id, None, None, "dlq-retry", false).await {
         Ok(r) => r,
         Err(resp) => return resp,
     };
