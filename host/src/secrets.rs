@@ -547,6 +547,61 @@ fn read_file(path: &Path) -> Result<Vec<(String, String)>, SecretsError> {
     Ok(pairs)
 }
 
+/// Watches a `--secrets` file and calls `apply` with its new contents once it has
+/// stopped changing (editors write, rename or truncate it; each is seen). A file that
+/// no longer parses is reported and the secrets in use are kept. Keep the returned
+/// watcher alive for as long as changes should apply.
+pub fn watch_file(
+    path: &Path,
+    apply: impl Fn(Secrets) + Send + 'static,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| Path::new(".").to_path_buf());
+    let name = path.file_name().map(|n| n.to_os_string());
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && !matches!(event.kind, notify::EventKind::Access(_))
+            && event.paths.iter().any(|p| p.file_name() == name.as_deref())
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    std::thread::Builder::new()
+        .name("fmhost-secrets-watch".into())
+        .spawn(move || {
+            let quiet = std::time::Duration::from_millis(200);
+            let mut last: Option<Vec<u8>> = std::fs::read(&path).ok();
+            while rx.recv().is_ok() {
+                // Let a burst of writes settle.
+                while rx.recv_timeout(quiet).is_ok() {}
+                let Ok(now) = std::fs::read(&path) else {
+                    continue;
+                };
+                if last.as_ref() == Some(&now) {
+                    continue;
+                }
+                match Secrets::load(Some(&path)) {
+                    Ok(s) => {
+                        tracing::info!(target: "fmhost::secrets", file = %path.display(), "secrets reloaded from {}: {} name(s); stages starting from now use them", path.display(), s.names().len());
+                        last = Some(now);
+                        apply(s);
+                    }
+                    Err(e) => {
+                        tracing::error!(target: "fmhost::secrets", file = %path.display(), "{e}; the secrets in use are kept");
+                    }
+                }
+            }
+        })
+        .map_err(|e| notify::Error::generic(&e.to_string()))?;
+    Ok(watcher)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -619,59 +674,4 @@ mod tests {
                 .contains("line 1")
         );
     }
-}
-
-/// Watches a `--secrets` file and calls `apply` with its new contents once it has
-/// stopped changing (editors write, rename or truncate it; each is seen). A file that
-/// no longer parses is reported and the secrets in use are kept. Keep the returned
-/// watcher alive for as long as changes should apply.
-pub fn watch_file(
-    path: &Path,
-    apply: impl Fn(Secrets) + Send + 'static,
-) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| Path::new(".").to_path_buf());
-    let name = path.file_name().map(|n| n.to_os_string());
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event
-            && !matches!(event.kind, notify::EventKind::Access(_))
-            && event.paths.iter().any(|p| p.file_name() == name.as_deref())
-        {
-            let _ = tx.send(());
-        }
-    })?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-    std::thread::Builder::new()
-        .name("fmhost-secrets-watch".into())
-        .spawn(move || {
-            let quiet = std::time::Duration::from_millis(200);
-            let mut last: Option<Vec<u8>> = std::fs::read(&path).ok();
-            while rx.recv().is_ok() {
-                // Let a burst of writes settle.
-                while rx.recv_timeout(quiet).is_ok() {}
-                let Ok(now) = std::fs::read(&path) else {
-                    continue;
-                };
-                if last.as_ref() == Some(&now) {
-                    continue;
-                }
-                match Secrets::load(Some(&path)) {
-                    Ok(s) => {
-                        tracing::info!(target: "fmhost::secrets", file = %path.display(), "secrets reloaded from {}: {} name(s); stages starting from now use them", path.display(), s.names().len());
-                        last = Some(now);
-                        apply(s);
-                    }
-                    Err(e) => {
-                        tracing::error!(target: "fmhost::secrets", file = %path.display(), "{e}; the secrets in use are kept");
-                    }
-                }
-            }
-        })
-        .map_err(|e| notify::Error::generic(&e.to_string()))?;
-    Ok(watcher)
 }
