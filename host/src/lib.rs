@@ -22,6 +22,7 @@ pub mod plugin;
 pub mod schema;
 pub mod secrets;
 pub mod serve;
+pub mod shadow;
 pub mod template;
 pub mod testing;
 pub mod time;

@@ -44,8 +44,41 @@ struct StageLabels {
     status: String,
 }
 
+/// One version of a plugin: its name, version and the first 12 hex digits of its sha256
+/// (two builds may share a version string).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub plugin: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginOutcome {
+    plugin: String,
+    version: String,
+    sha256: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CanaryLabels {
+    plugin: String,
+    decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginName {
+    plugin: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    plugin_invocations: Family<PluginOutcome, Counter>,
+    plugin_latency: Family<PluginLabels, Histogram, fn() -> Histogram>,
+    plugin_runs: Family<PluginOutcome, Counter>,
+    canary_percent: Family<PluginName, Gauge>,
+    canary_decisions: Family<CanaryLabels, Counter>,
     runs: Family<RunLabels, Counter>,
     stages: Family<StageLabels, Histogram, fn() -> Histogram>,
     calls: Family<CallLabels, Counter>,
@@ -85,6 +118,15 @@ impl ServiceStats {
     }
     pub fn percentile_ms(&self, q: f64) -> f64 {
         self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+fn plugin_outcome(v: &PluginLabels, outcome: &str) -> PluginOutcome {
+    PluginOutcome {
+        plugin: v.plugin.clone(),
+        version: v.version.clone(),
+        sha256: v.sha256.clone(),
+        outcome: outcome.into(),
     }
 }
 
@@ -145,8 +187,46 @@ impl Metrics {
             "Stage duration by pipeline, stage and status",
             stages.clone(),
         );
+        let plugin_invocations = Family::<PluginOutcome, Counter>::default();
+        let plugin_latency =
+            Family::<PluginLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        let plugin_runs = Family::<PluginOutcome, Counter>::default();
+        let canary_percent = Family::<PluginName, Gauge>::default();
+        let canary_decisions = Family::<CanaryLabels, Counter>::default();
+        registry.register(
+            "plugin_invocations",
+            "Plugin invocations by plugin version and outcome (ok, error)",
+            plugin_invocations.clone(),
+        );
+        registry.register(
+            "plugin_invocation_seconds",
+            "Plugin invocation latency by plugin version",
+            plugin_latency.clone(),
+        );
+        registry.register(
+            "plugin_runs",
+            "Runs a plugin version served, by outcome (ok: every invocation succeeded)",
+            plugin_runs.clone(),
+        );
+        registry.register(
+            "plugin_canary_percent",
+            "Share of new runs sent to a plugin's canary version (0: no canary)",
+            canary_percent.clone(),
+        );
+        registry.register(
+            "plugin_canary_decisions",
+            "Canaries promoted or rolled back, by plugin and decision",
+            canary_decisions.clone(),
+        );
         Metrics {
             registry,
+            plugin_invocations,
+            plugin_latency,
+            plugin_runs,
+            canary_percent,
+            canary_decisions,
             runs,
             stages,
             calls,
@@ -189,6 +269,41 @@ impl Metrics {
         if sent {
             let _ = s.latency_us.record((elapsed.as_micros() as u64).max(1));
         }
+    }
+
+    /// One invocation of a plugin version.
+    pub fn record_plugin_invocation(&self, version: &PluginLabels, ok: bool, elapsed: Duration) {
+        self.plugin_invocations
+            .get_or_create(&plugin_outcome(version, if ok { "ok" } else { "error" }))
+            .inc();
+        self.plugin_latency
+            .get_or_create(version)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// One run a plugin version served, ok when every invocation in it succeeded.
+    pub fn record_plugin_run(&self, version: &PluginLabels, ok: bool) {
+        self.plugin_runs
+            .get_or_create(&plugin_outcome(version, if ok { "ok" } else { "failed" }))
+            .inc();
+    }
+
+    pub fn set_canary_percent(&self, plugin: &str, percent: u32) {
+        self.canary_percent
+            .get_or_create(&PluginName {
+                plugin: plugin.into(),
+            })
+            .set(percent as i64);
+    }
+
+    /// A canary promoted or rolled back (`decision`: promoted, rolled_back).
+    pub fn record_canary_decision(&self, plugin: &str, decision: &str) {
+        self.canary_decisions
+            .get_or_create(&CanaryLabels {
+                plugin: plugin.into(),
+                decision: decision.into(),
+            })
+            .inc();
     }
 
     pub fn record_run(&self, pipeline: &str, status: &str) {

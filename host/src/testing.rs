@@ -96,7 +96,13 @@ struct Mocks {
 }
 
 impl Offline for Mocks {
-    fn answer(&self, method: &str, url: &str, _body: Option<&[u8]>) -> Option<HttpResponse> {
+    fn answer(
+        &self,
+        _stage: &str,
+        method: &str,
+        url: &str,
+        _body: Option<&[u8]>,
+    ) -> Option<HttpResponse> {
         let found = self.http.iter().find(|m| {
             m.method
                 .as_deref()

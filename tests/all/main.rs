@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod change;
 mod console;
 mod control;
 mod engine;

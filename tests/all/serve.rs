@@ -127,7 +127,7 @@ impl Drop for Server {
     }
 }
 
-fn plugins_dir(dir: &Path) -> PathBuf {
+pub(crate) fn plugins_dir(dir: &Path) -> PathBuf {
     let p = dir.join("plugins");
     std::fs::create_dir_all(&p).unwrap();
     for name in [
@@ -155,7 +155,7 @@ pub(crate) fn pipelines_dir(dir: &Path, files: &[(&str, Value)]) -> PathBuf {
     p
 }
 
-async fn post_run(
+pub(crate) async fn post_run(
     client: &reqwest::Client,
     url: &str,
     pipeline: &str,
@@ -173,7 +173,7 @@ async fn post_run(
     )
 }
 
-fn intercom_stage(run: &Value) -> &Value {
+pub(crate) fn intercom_stage(run: &Value) -> &Value {
     run["stages"]
         .as_array()
         .unwrap()
@@ -964,7 +964,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_delivery_and_runs_each_once() 
     );
 }
 
-async fn get_json(client: &reqwest::Client, url: String) -> Value {
+pub(crate) async fn get_json(client: &reqwest::Client, url: String) -> Value {
     client.get(url).send().await.unwrap().json().await.unwrap()
 }
 

@@ -1015,3 +1015,166 @@ fn write_recording(run: &RunDetail, out: &Path) -> Result<(PathBuf, Vec<String>)
     std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((path, notes))
 }
+
+/// `fmhost plugins test CANDIDATE --pipeline NAME`.
+pub struct ShadowArgs {
+    pub candidate: PathBuf,
+    pub pipeline: String,
+    pub since: Option<i64>,
+    pub runs: usize,
+    pub current_pipeline: bool,
+    pub json: bool,
+    pub plugins: Vec<PathBuf>,
+    pub policy: Option<PathBuf>,
+}
+
+/// Shadow-tests a candidate plugin against the journaled runs of a pipeline.
+pub async fn plugins_test(state: &Path, args: ShadowArgs) -> u8 {
+    use crate::plugin::{PluginRuntime, WasmComponent};
+    let journal = match open(state, false).await {
+        Ok(j) => j,
+        Err(code) => return code,
+    };
+    let runtime = match PluginRuntime::with_instances(crate::plugin::CLI_INSTANCES) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the plugin runtime: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    if let Some(path) = &args.policy {
+        match crate::plugin::Policy::load(path) {
+            Ok(p) => runtime.set_policy(p),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_INVALID;
+            }
+        }
+    }
+    let mut registry = crate::component::Registry::builtins();
+    match runtime.discover(&args.plugins).await {
+        Ok(found) => {
+            for p in found {
+                registry.register(Arc::new(WasmComponent::new(p)));
+            }
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("error: {e}");
+            }
+            return EXIT_INVALID;
+        }
+    }
+    let candidate = match runtime.load_file(&args.candidate).await {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_INVALID;
+        }
+    };
+    if crate::component::Registry::builtins()
+        .get(&candidate.name)
+        .is_some()
+    {
+        eprintln!(
+            "error: {}: \"{}\" is the name of a built-in component",
+            args.candidate.display(),
+            candidate.name
+        );
+        return EXIT_INVALID;
+    }
+    let (name, version) = (candidate.name.clone(), candidate.version.clone());
+    registry.register(Arc::new(WasmComponent::new(candidate.clone())));
+    eprintln!(
+        "shadow-testing {name} {version} ({}) against the newest {} run(s) of {}; nothing is sent upstream",
+        &candidate.hash[..12],
+        args.runs,
+        args.pipeline
+    );
+    let request = crate::shadow::Request {
+        journal: &journal,
+        registry: &registry,
+        plugin: &name,
+        pipeline: &args.pipeline,
+        since_ms: args.since,
+        runs: args.runs,
+        current_pipeline: args.current_pipeline,
+        granted_secrets: runtime.policy().granted_secrets(),
+    };
+    let report = match crate::shadow::shadow(&request, &|done, total| {
+        if total > 0 && done < total {
+            tracing::info!(target: "fmhost::progress", done, total, "shadow run {}/{total}", done + 1);
+        }
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    if args.json {
+        print_json(&report);
+    } else {
+        print_shadow(&report);
+    }
+    if report.runs.is_empty() {
+        eprintln!(
+            "error: no journaled run of {} used {name}{}: nothing was tested",
+            args.pipeline,
+            if args.since.is_some() {
+                " in that period"
+            } else {
+                ""
+            }
+        );
+        return EXIT_FAILED;
+    }
+    if report.safe { 0 } else { EXIT_FAILED }
+}
+
+fn print_shadow(report: &crate::shadow::Report) {
+    for r in &report.runs {
+        let mut detail = String::new();
+        if let Some(d) = r.differences.first() {
+            detail = format!(
+                "{}: {} -> {}",
+                d["path"].as_str().unwrap_or(""),
+                one_line(&d["recorded"], 40),
+                one_line(&d["candidate"], 40)
+            );
+            if r.differences.len() > 1 {
+                detail.push_str(&format!(" (+{} more)", r.differences.len() - 1));
+            }
+        } else if !r.unrecorded.is_empty() {
+            detail = format!("not recorded: {}", r.unrecorded.join(", "));
+        } else if let Some(e) = &r.error {
+            detail = e.clone();
+        }
+        println!(
+            "{:<30} {:<13} {}",
+            r.run_id,
+            crate::shadow::verdict_name(r.verdict),
+            detail
+        );
+    }
+    let c = &report.counts;
+    println!(
+        "{} identical, {} changed, {} fixed, {} regressed, {} still failing, {} unrecorded ({} run(s) did not use {}): {}",
+        c["identical"],
+        c["changed"],
+        c["fixed"],
+        c["regressed"],
+        c["still_failing"],
+        c["unrecorded"],
+        report.skipped,
+        report.plugin,
+        if report.safe { "safe" } else { "NOT safe" }
+    );
+    if c["unrecorded"] > 0 {
+        eprintln!(
+            "note: runs made without \"record\": true on the pipeline (or its services) have no answers to replay"
+        );
+    }
+}

@@ -153,11 +153,39 @@ enum PluginsCommand {
         /// Approve hosts or a world the new version asks for beyond the current one's.
         #[arg(long)]
         approve: bool,
+        /// Start the new version as a canary serving this percentage of new runs; the
+        /// current version serves the rest until `plugins promote` or `plugins rollback`.
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u32).range(1..=100))]
+        canary: Option<u32>,
+        /// Let the canary decide: promoted after --promote-after ok runs, rolled back as
+        /// soon as its run error rate exceeds the current version's by more than
+        /// --max-error-rate-excess.
+        #[arg(long, requires = "canary")]
+        auto: bool,
+        #[arg(long, value_name = "RUNS", requires = "auto", default_value_t = 20)]
+        promote_after: u64,
+        #[arg(
+            long,
+            value_name = "FRACTION",
+            requires = "auto",
+            default_value_t = 0.0
+        )]
+        max_error_rate_excess: f64,
         /// The server's token file (default: FMHOST_API_TOKEN, else STATE/api-tokens).
         #[arg(long, value_name = "FILE")]
         api_token_file: Option<PathBuf>,
     },
-    /// Make a running `fmhost serve` go back to a plugin's previous version.
+    /// Make a running `fmhost serve`'s canary of a plugin serve every run.
+    Promote {
+        name: String,
+        #[arg(long, value_name = "URL")]
+        server: String,
+        /// The server's token file (default: FMHOST_API_TOKEN, else STATE/api-tokens).
+        #[arg(long, value_name = "FILE")]
+        api_token_file: Option<PathBuf>,
+    },
+    /// Make a running `fmhost serve` drop a plugin's canary, or, without one, go back to
+    /// its previous version.
     Rollback {
         name: String,
         #[arg(long, value_name = "URL")]
@@ -165,6 +193,31 @@ enum PluginsCommand {
         /// The server's token file (default: FMHOST_API_TOKEN, else STATE/api-tokens).
         #[arg(long, value_name = "FILE")]
         api_token_file: Option<PathBuf>,
+    },
+    /// Shadow-test a candidate version against journaled runs: the candidate re-runs
+    /// them answered from their recordings (nothing is sent), and its outputs are
+    /// compared with what was recorded. Exits 0 when no run regressed or lacked a
+    /// recording, 1 otherwise.
+    Test {
+        /// The candidate `.wasm` component; it replaces the plugin of the same name.
+        candidate: PathBuf,
+        /// The pipeline whose runs are replayed.
+        #[arg(long, value_name = "NAME")]
+        pipeline: String,
+        /// Only runs started at or after: an age such as `7d`, RFC 3339, or a date.
+        #[arg(long, value_name = "TIME", value_parser = crate::journal::parse_time)]
+        since: Option<i64>,
+        /// The newest this many runs.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        runs: usize,
+        /// Run today's pipeline file instead of the document each run ran.
+        #[arg(long)]
+        current_pipeline: bool,
+        /// Print the whole report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        plugins: PluginArgs,
     },
     /// Load one component file and show what it declares.
     Inspect {
@@ -483,15 +536,32 @@ async fn plugins(cmd: PluginsCommand, state: &Path) -> u8 {
             file,
             server,
             approve,
+            canary,
+            auto,
+            promote_after,
+            max_error_rate_excess,
             api_token_file,
         } => match std::fs::read(&file) {
             Ok(bytes) => {
+                let mut query = Vec::new();
+                if approve {
+                    query.push("approve=true".to_string());
+                }
+                if let Some(p) = canary {
+                    query.push(format!("canary={p}"));
+                }
+                if auto {
+                    query.push(format!(
+                        "auto=true&promote_after={promote_after}&max_error_rate_excess={max_error_rate_excess}"
+                    ));
+                }
                 remote(
                     reqwest::Method::PUT,
                     format!(
-                        "{}/v1/plugins/{name}{}",
+                        "{}/v1/plugins/{name}{}{}",
                         server.trim_end_matches('/'),
-                        if approve { "?approve=true" } else { "" }
+                        if query.is_empty() { "" } else { "?" },
+                        query.join("&")
                     ),
                     Some(bytes),
                     api_token(api_token_file.as_deref(), state),
@@ -503,6 +573,43 @@ async fn plugins(cmd: PluginsCommand, state: &Path) -> u8 {
                 EXIT_INVALID
             }
         },
+        PluginsCommand::Test {
+            candidate,
+            pipeline,
+            since,
+            runs,
+            current_pipeline,
+            json,
+            plugins,
+        } => {
+            journal::plugins_test(
+                state,
+                journal::ShadowArgs {
+                    candidate,
+                    pipeline,
+                    since,
+                    runs,
+                    current_pipeline,
+                    json,
+                    plugins: plugins.plugins,
+                    policy: plugins.policy,
+                },
+            )
+            .await
+        }
+        PluginsCommand::Promote {
+            name,
+            server,
+            api_token_file,
+        } => {
+            remote(
+                reqwest::Method::POST,
+                format!("{}/v1/plugins/{name}/promote", server.trim_end_matches('/')),
+                None,
+                api_token(api_token_file.as_deref(), state),
+            )
+            .await
+        }
         PluginsCommand::Rollback {
             name,
             server,

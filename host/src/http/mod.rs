@@ -366,8 +366,15 @@ pub struct Outbound {
 
 /// What answers requests when nothing may be sent (a pipeline test's `mocks.http`).
 pub trait Offline: Send + Sync {
-    /// The answer to one attempt, or `None`: nothing answers it, and the attempt fails.
-    fn answer(&self, method: &str, url: &str, body: Option<&[u8]>) -> Option<HttpResponse>;
+    /// The answer to one attempt by stage `stage`, or `None`: nothing answers it, and
+    /// the attempt fails.
+    fn answer(
+        &self,
+        stage: &str,
+        method: &str,
+        url: &str,
+        body: Option<&[u8]>,
+    ) -> Option<HttpResponse>;
 }
 
 impl Default for Outbound {
@@ -719,12 +726,17 @@ impl Outbound {
         let result = match &self.offline {
             None => self.attempt(ctx, req, attempt, span).await,
             Some(o) => o
-                .answer(req.method.as_str(), &req.url, req.body.as_deref())
+                .answer(
+                    ctx.stage_id,
+                    req.method.as_str(),
+                    &req.url,
+                    req.body.as_deref(),
+                )
                 .ok_or_else(|| Failure {
                     error: StageError::new(
                         ErrorKind::Connect,
                         format!(
-                            "no mock answers {} {} (nothing is sent during a test)",
+                            "nothing answers {} {} offline (no mock or recording; nothing is sent)",
                             req.method,
                             ctx.secrets.redact(&req.url)
                         ),

@@ -22,28 +22,39 @@ pub fn reuse(
     from: Option<&str>,
     secrets: &Secrets,
 ) -> Result<Reuse, String> {
-    let rerun: Vec<bool> = match from {
-        None => vec![false; plan.stages.len()],
-        Some(id) => {
-            let Some(start) = plan.stage_index(id) else {
+    let starts = match from {
+        None => Vec::new(),
+        Some(id) => match plan.stage_index(id) {
+            Some(i) => vec![i],
+            None => {
                 let known: Vec<&str> = plan.stages.iter().map(|s| &*s.id).collect();
                 return Err(format!(
                     "--from {id}: pipeline {} has no stage \"{id}\" (stages: {})",
                     plan.name,
                     known.join(", ")
                 ));
-            };
-            let mut rerun = vec![false; plan.stages.len()];
-            let mut stack = vec![start];
-            while let Some(i) = stack.pop() {
-                if !rerun[i] {
-                    rerun[i] = true;
-                    stack.extend(&plan.stages[i].dependents);
-                }
             }
-            rerun
-        }
+        },
     };
+    Ok(reuse_except(plan, original, &starts, secrets))
+}
+
+/// Like [`reuse`], rerunning the stages at `starts` (plan indexes) and everything
+/// downstream of them.
+pub fn reuse_except(
+    plan: &Plan,
+    original: &RunDetail,
+    starts: &[usize],
+    secrets: &Secrets,
+) -> Reuse {
+    let mut rerun = vec![false; plan.stages.len()];
+    let mut stack = starts.to_vec();
+    while let Some(i) = stack.pop() {
+        if !rerun[i] {
+            rerun[i] = true;
+            stack.extend(&plan.stages[i].dependents);
+        }
+    }
     // Every journaled stage that succeeded, including loop iterations (`upsert[3]`) and
     // sub-pipeline stages (`enrich/crm`): they are rerun when the stage they belong to is.
     let mut outputs = HashMap::new();
@@ -66,16 +77,16 @@ pub fn reuse(
             outputs.insert(s.report.id.clone(), Arc::new(out));
         }
     }
-    Ok(Reuse {
+    Reuse {
         from_run: original.summary.run_id.clone(),
         outputs,
         ..Reuse::default()
-    })
+    }
 }
 
 /// The pipeline stage a reported stage belongs to: `upsert[3]` and `enrich/crm` belong
 /// to `upsert` and `enrich`.
-fn base_id(id: &str) -> &str {
+pub fn base_id(id: &str) -> &str {
     let end = id.find(['[', '/']).unwrap_or(id.len());
     &id[..end]
 }

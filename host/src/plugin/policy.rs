@@ -54,6 +54,20 @@ pub struct PluginGrant {
 }
 
 impl Policy {
+    /// Every secret name granted to some plugin.
+    pub fn granted_secrets(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .plugins
+            .values()
+            .flat_map(|g| g.secrets.iter().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+impl Policy {
     /// The grants fmhost ships for its own connectors.
     pub fn builtin() -> Policy {
         serde_json::from_str(include_str!("default-policy.json"))

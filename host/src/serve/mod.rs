@@ -206,10 +206,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                     .join("\n")
             )
         })?;
+    let shared_metrics = Arc::new(crate::metrics::Metrics::new());
     let registry = Arc::new(PluginRegistry::new(
         runtime.clone(),
         found,
         Some(upload_dir),
+        shared_metrics.clone(),
     ));
     let components = registry.registry();
 
@@ -276,6 +278,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     );
 
     let mut engine = Engine::new(Secrets::load(opts.secrets.as_deref())?);
+    engine.outbound.metrics = shared_metrics;
     engine.fixed_now = std::env::var("FMHOST_NOW").ok().map(Arc::from);
     // One live state per service, owned by its first declaration in file order; a
     // conflicting one is reported now rather than discovered under load.
@@ -306,6 +309,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         events: tokio::sync::broadcast::channel(256).0,
         closing: tokio_util::sync::CancellationToken::new(),
     });
+    let event_tx = app.events.clone();
+    registry.set_listener(Arc::new(move |event| {
+        let _ = event_tx.send(event);
+    }));
 
     // Bound before anything runs, so no plugin can reach this server's own address.
     let listener = tokio::net::TcpListener::bind(&opts.listen)
@@ -376,6 +383,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             axum::routing::put(put_plugin).layer(DefaultBodyLimit::max(limits.upload)),
         )
         .route("/v1/plugins/{name}/rollback", post(rollback_plugin))
+        .route("/v1/plugins/{name}/promote", post(promote_plugin))
+        .route(
+            "/v1/plugins/{name}/shadow",
+            post(shadow_plugin).layer(DefaultBodyLimit::max(limits.upload)),
+        )
         .route("/v1/pipelines", get(list_pipelines))
         .route("/v1/pipelines/{name}/graph", get(pipeline_graph))
         .route("/v1/services", get(list_services))
@@ -973,6 +985,57 @@ struct SwapQuery {
     /// The operator approves, in this call, hosts or a world the current version lacks.
     #[serde(default)]
     approve: bool,
+    /// Start the upload as a canary serving this percentage of new runs.
+    canary: Option<u32>,
+    /// Let the canary promote or roll back itself.
+    #[serde(default)]
+    auto: bool,
+    /// With `auto`: ok canary runs before promotion (default 20).
+    promote_after: Option<u64>,
+    /// With `auto`: how far the canary's run error rate may exceed the current
+    /// version's before it is rolled back, as a fraction (default 0).
+    max_error_rate_excess: Option<f64>,
+}
+
+impl SwapQuery {
+    fn canary(&self) -> Result<Option<plugins::CanarySpec>, (&'static str, String)> {
+        let Some(percent) = self.canary else {
+            if self.auto || self.promote_after.is_some() || self.max_error_rate_excess.is_some() {
+                return Err((
+                    "not a canary",
+                    "auto, promote_after and max_error_rate_excess go with canary=PERCENT"
+                        .to_string(),
+                ));
+            }
+            return Ok(None);
+        };
+        let defaults = plugins::AutoRule::default();
+        let excess = self
+            .max_error_rate_excess
+            .unwrap_or(defaults.max_error_rate_excess);
+        if !(0.0..=1.0).contains(&excess) {
+            return Err((
+                "bad max_error_rate_excess",
+                format!("max_error_rate_excess is a fraction from 0 to 1, not {excess}"),
+            ));
+        }
+        if self.promote_after == Some(0) {
+            return Err((
+                "bad promote_after",
+                "promote_after is at least 1 run".to_string(),
+            ));
+        }
+        Ok(Some(plugins::CanarySpec {
+            percent,
+            auto: (self.auto
+                || self.promote_after.is_some()
+                || self.max_error_rate_excess.is_some())
+            .then_some(plugins::AutoRule {
+                promote_after: self.promote_after.unwrap_or(defaults.promote_after),
+                max_error_rate_excess: excess,
+            }),
+        }))
+    }
 }
 
 async fn put_plugin(
@@ -991,14 +1054,26 @@ async fn put_plugin(
             "the request body must be a WebAssembly component",
         );
     }
+    let canary = match q.canary() {
+        Ok(c) => c,
+        Err((title, detail)) => return problem(StatusCode::BAD_REQUEST, title, detail),
+    };
     match app
         .plugins
-        .swap(&name, &body, &format!("upload:{name}"), q.approve)
+        .swap(&name, &body, &format!("upload:{name}"), q.approve, canary)
         .await
     {
         Ok((old, new)) => {
-            app.announce(json!({"type": "plugin", "name": name, "version": new.version}));
-            Json(json!({"name": name, "previous_version": old, "version": new.version, "sha256": new.hash})).into_response()
+            match canary {
+                None => {
+                    app.announce(json!({"type": "plugin", "name": name, "version": new.version}));
+                    Json(json!({"name": name, "previous_version": old, "version": new.version, "sha256": new.hash})).into_response()
+                }
+                Some(spec) => {
+                    app.announce(json!({"type": "plugin", "name": name, "version": old, "canary": "started"}));
+                    Json(json!({"name": name, "version": old, "canary": {"version": new.version, "sha256": new.hash, "percent": spec.percent, "auto": spec.auto}})).into_response()
+                }
+            }
         }
         Err(plugins::SwapError::Unknown(n)) => problem(
             StatusCode::NOT_FOUND,
@@ -1031,6 +1106,103 @@ async fn rollback_plugin(State(app): State<Arc<App>>, Path(name): Path<String>) 
             problem(StatusCode::NOT_FOUND, "unknown plugin", e.to_string())
         }
         Err(e) => problem(StatusCode::CONFLICT, "nothing to roll back", e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ShadowQuery {
+    pipeline: String,
+    #[serde(default = "default_shadow_runs")]
+    runs: usize,
+    /// An age (`7d`), RFC 3339 or a date.
+    since: Option<String>,
+    #[serde(default)]
+    current_pipeline: bool,
+}
+
+fn default_shadow_runs() -> usize {
+    20
+}
+
+/// Most runs one shadow request replays.
+const MAX_SHADOW_RUNS: usize = 1000;
+
+/// `POST /v1/plugins/{name}/shadow?pipeline=NAME[&runs=N][&since=7d]`, the candidate
+/// component as the body: `fmhost plugins test` on this server's journal.
+async fn shadow_plugin(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    Query(q): Query<ShadowQuery>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = checked_name("plugin name", &name) {
+        return r;
+    }
+    if body.is_empty() {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "empty upload",
+            "the request body must be the candidate WebAssembly component",
+        );
+    }
+    if q.runs == 0 || q.runs > MAX_SHADOW_RUNS {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "bad runs",
+            format!("runs is from 1 to {MAX_SHADOW_RUNS}, not {}", q.runs),
+        );
+    }
+    let since_ms = match q.since.as_deref().map(crate::journal::parse_time) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => return problem(StatusCode::BAD_REQUEST, "bad since", e),
+    };
+    let (registry, candidate) = match app.plugins.with_candidate(&name, &body).await {
+        Ok(r) => r,
+        Err(e @ plugins::SwapError::Unknown(_)) => {
+            return problem(StatusCode::NOT_FOUND, "unknown plugin", e.to_string());
+        }
+        Err(e) => {
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "plugin refused",
+                e.to_string(),
+            );
+        }
+    };
+    let request = crate::shadow::Request {
+        journal: &app.journal,
+        registry: &registry,
+        plugin: &name,
+        pipeline: &q.pipeline,
+        since_ms,
+        runs: q.runs,
+        current_pipeline: q.current_pipeline,
+        granted_secrets: app.plugins.granted_secrets(),
+    };
+    match crate::shadow::shadow(&request, &|_, _| {}).await {
+        Ok(report) => {
+            let mut v = serde_json::to_value(&report).unwrap_or_default();
+            v["candidate"] = json!({"version": candidate.version, "sha256": candidate.hash});
+            Json(v).into_response()
+        }
+        Err(e) => problem(StatusCode::UNPROCESSABLE_ENTITY, "cannot shadow", e),
+    }
+}
+
+/// `POST /v1/plugins/{name}/promote`: the canary serves every run.
+async fn promote_plugin(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
+    if let Err(r) = checked_name("plugin name", &name) {
+        return r;
+    }
+    match app.plugins.promote(&name) {
+        Ok((from, to)) => {
+            Json(json!({"name": name, "previous_version": from, "version": to})).into_response()
+        }
+        Err(e @ plugins::SwapError::Unknown(_)) => {
+            problem(StatusCode::NOT_FOUND, "unknown plugin", e.to_string())
+        }
+        Err(e) => problem(StatusCode::CONFLICT, "no canary", e.to_string()),
     }
 }
 

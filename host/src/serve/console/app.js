@@ -439,17 +439,30 @@ async function pluginsPage() {
   const nameSelect = h('select', { id: 'upload-name', name: 'name' });
   const file = h('input', { type: 'file', id: 'upload-file', accept: '.wasm,application/wasm' });
   const approve = h('input', { type: 'checkbox', id: 'upload-approve' });
+  const canary = h('input', { type: 'number', id: 'upload-canary', min: '1', max: '100', placeholder: 'all runs', class: 'narrow' });
+  const auto = h('input', { type: 'checkbox', id: 'upload-auto' });
   const uploadButton = adminButton('Swap in', { class: 'primary', id: 'upload' }, async e => {
     const f = file.files[0];
     if (!f) { flash('bad', 'Choose a .wasm component first.'); return; }
     const bytes = await f.arrayBuffer();
+    const query = new URLSearchParams();
+    if (approve.checked) query.set('approve', 'true');
+    if (canary.value) { query.set('canary', canary.value); if (auto.checked) query.set('auto', 'true'); }
+    const q = query.toString();
     await act(e.target, `Swap of ${nameSelect.value}`, () =>
-      api('PUT', `/v1/plugins/${encodeURIComponent(nameSelect.value)}${approve.checked ? '?approve=true' : ''}`, bytes, 'application/wasm'),
-    async res => { if (res.ok) flash('good', `${res.data.name} now serves version ${res.data.version} (sha256 ${res.data.sha256.slice(0, 12)}…), was ${res.data.previous_version || 'none'}`); await load(); });
+      api('PUT', `/v1/plugins/${encodeURIComponent(nameSelect.value)}${q ? '?' + q : ''}`, bytes, 'application/wasm'),
+    async res => {
+      if (res.ok && res.data.canary) flash('good', `${res.data.name} ${res.data.canary.version} serves ${res.data.canary.percent}% of new runs as a canary; ${res.data.version} the rest`);
+      else if (res.ok) flash('good', `${res.data.name} now serves version ${res.data.version} (sha256 ${res.data.sha256.slice(0, 12)}…), was ${res.data.previous_version || 'none'}`);
+      await load();
+    });
   });
+  const figures = st => st ? `${st.runs_ok} ok, ${st.runs_failed} failed${st.p50_ms != null ? `, p50 ${st.p50_ms} ms, p99 ${st.p99_ms} ms` : ''}` : '';
+  const post = (p, what, label) => adminButton(label, { 'data-action': what }, e =>
+    act(e.target, `${label} of ${p.name}`, () => api('POST', `/v1/plugins/${encodeURIComponent(p.name)}/${what}`), load));
   main.replaceChildren(h('h1', { text: 'Plugins' }),
     h('table', { id: 'plugins' },
-      h('thead', {}, h('tr', {}, ['Name', 'Version', 'World', 'sha256', 'Runs served', 'Loaded', 'Previous versions', ''].map(t => h('th', { text: t })))),
+      h('thead', {}, h('tr', {}, ['Name', 'Version', 'World', 'sha256', 'Runs served', 'Runs', 'Loaded', 'Previous versions', 'Canary', ''].map(t => h('th', { text: t })))),
       body),
     h('h2', { text: 'Swap a plugin by upload' }),
     h('p', { class: 'muted', text: 'Runs in flight finish on the version they started with; new runs get the upload once it has compiled and passed its checks.' }),
@@ -457,6 +470,8 @@ async function pluginsPage() {
       h('label', {}, 'Plugin', nameSelect),
       h('label', {}, 'Component (.wasm)', file),
       h('label', {}, 'Approve new hosts or world', approve),
+      h('label', {}, 'Canary: % of new runs', canary),
+      h('label', {}, 'Canary decides itself', auto),
       uploadButton));
   const load = async () => {
     const res = await api('GET', '/v1/plugins');
@@ -470,9 +485,12 @@ async function pluginsPage() {
       h('td', { text: p.world }),
       h('td', { class: 'mono sha', title: p.sha256, text: `${p.sha256.slice(0, 12)}…` }),
       h('td', { class: 'num', text: p.runs_served }),
+      h('td', { class: 'stats', text: figures(p.stats) }),
       h('td', { text: p.loaded_at }),
       h('td', { class: 'mono', text: (p.previous_versions || []).map(v => `${v.version} (${v.sha256.slice(0, 8)})`).join(', ') }),
-      h('td', {}, (p.previous_versions || []).length ? adminButton('Roll back', { 'data-action': 'rollback' }, e => act(e.target, `Rollback of ${p.name}`, () => api('POST', `/v1/plugins/${encodeURIComponent(p.name)}/rollback`), load)) : null))));
+      h('td', { class: 'canary' }, p.canary ? `${p.canary.version} (${p.canary.sha256.slice(0, 8)}) at ${p.canary.percent}%${p.canary.auto ? ', deciding itself' : ''}: ${figures(p.canary.stats)}` : ''),
+      h('td', {}, p.canary ? [post(p, 'promote', 'Promote'), post(p, 'rollback', 'Roll back canary')]
+        : (p.previous_versions || []).length ? post(p, 'rollback', 'Roll back') : null))));
   };
   await load();
   page = { onEvent: debounce(ev => { if (ev.type === 'plugin' || ev.type === 'run') load(); }, 500) };
