@@ -121,6 +121,37 @@ impl ServiceStats {
     }
 }
 
+/// One plugin version's series (see [`Metrics::plugin_version`]).
+#[derive(Clone)]
+pub struct PluginVersionMetrics {
+    invocations_ok: Counter,
+    invocations_error: Counter,
+    runs_ok: Counter,
+    runs_failed: Counter,
+    latency: Histogram,
+}
+
+impl PluginVersionMetrics {
+    /// One invocation.
+    pub fn invocation(&self, ok: bool, elapsed: Duration) {
+        if ok {
+            self.invocations_ok.inc();
+        } else {
+            self.invocations_error.inc();
+        }
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// One run the version served, ok when every invocation in it succeeded.
+    pub fn run(&self, ok: bool) {
+        if ok {
+            self.runs_ok.inc();
+        } else {
+            self.runs_failed.inc();
+        }
+    }
+}
+
 fn plugin_outcome(v: &PluginLabels, outcome: &str) -> PluginOutcome {
     PluginOutcome {
         plugin: v.plugin.clone(),
@@ -271,21 +302,21 @@ impl Metrics {
         }
     }
 
-    /// One invocation of a plugin version.
-    pub fn record_plugin_invocation(&self, version: &PluginLabels, ok: bool, elapsed: Duration) {
-        self.plugin_invocations
-            .get_or_create(&plugin_outcome(version, if ok { "ok" } else { "error" }))
-            .inc();
-        self.plugin_latency
-            .get_or_create(version)
-            .observe(elapsed.as_secs_f64());
-    }
-
-    /// One run a plugin version served, ok when every invocation in it succeeded.
-    pub fn record_plugin_run(&self, version: &PluginLabels, ok: bool) {
-        self.plugin_runs
-            .get_or_create(&plugin_outcome(version, if ok { "ok" } else { "failed" }))
-            .inc();
+    /// The series of one plugin version, looked up once so that counting an invocation
+    /// costs no label lookup.
+    pub fn plugin_version(&self, version: &PluginLabels) -> PluginVersionMetrics {
+        let counter = |family: &Family<PluginOutcome, Counter>, outcome: &str| {
+            family
+                .get_or_create(&plugin_outcome(version, outcome))
+                .clone()
+        };
+        PluginVersionMetrics {
+            invocations_ok: counter(&self.plugin_invocations, "ok"),
+            invocations_error: counter(&self.plugin_invocations, "error"),
+            runs_ok: counter(&self.plugin_runs, "ok"),
+            runs_failed: counter(&self.plugin_runs, "failed"),
+            latency: self.plugin_latency.get_or_create(version).clone(),
+        }
     }
 
     pub fn set_canary_percent(&self, plugin: &str, percent: u32) {

@@ -80,6 +80,15 @@ async fn an_api_change_is_shadow_tested_canaried_and_promoted_and_a_broken_candi
         "{first:?}"
     );
 
+    // The shadow machinery reproduces what it replays: v1 against its own runs.
+    let same = shadow_cli(&dir, &v1, &[]).await;
+    assert_eq!(same.code, 0, "{}\n{}", same.stdout, same.stderr);
+    assert!(
+        same.stdout.contains("3 identical, 0 changed"),
+        "{}",
+        same.stdout
+    );
+
     // 2. A shadow test of v2 (written for 2.11) on those runs predicts it would break
     // them all, without sending a request.
     let hits = sandbox.hits("intercom");

@@ -891,7 +891,15 @@ pub async fn record_cmd(state: &Path, args: RecordArgs) -> u8 {
             return EXIT_FAILED;
         }
     };
-    match write_recording(&run, &args.out) {
+    // The pipeline as the run ran it, else its file as it is now.
+    let document = match journal.pipeline_document(&args.run).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    match write_recording(&run, document, &args.out) {
         Ok((path, notes)) => {
             for n in notes {
                 eprintln!("note: {n}");
@@ -907,15 +915,25 @@ pub async fn record_cmd(state: &Path, args: RecordArgs) -> u8 {
 }
 
 /// Writes the test file and the pipeline beside it; returns the test file and notes.
-fn write_recording(run: &RunDetail, out: &Path) -> Result<(PathBuf, Vec<String>), String> {
+fn write_recording(
+    run: &RunDetail,
+    document: Option<String>,
+    out: &Path,
+) -> Result<(PathBuf, Vec<String>), String> {
     use serde_json::{Map, Value, json};
     let name = &run.summary.pipeline;
-    let file = run
-        .rerun
-        .pipeline_file
-        .as_deref()
-        .ok_or_else(|| format!("run {} has no pipeline file on record", run.summary.run_id))?;
-    let doc_text = std::fs::read_to_string(file).map_err(|e| format!("pipeline {file}: {e}"))?;
+    let (doc_text, file) = match document {
+        Some(d) => (d, format!("the pipeline run {} ran", run.summary.run_id)),
+        None => {
+            let file =
+                run.rerun.pipeline_file.clone().ok_or_else(|| {
+                    format!("run {} has no pipeline on record", run.summary.run_id)
+                })?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("pipeline {file}: {e}"))?;
+            (text, file)
+        }
+    };
     let doc: Value =
         serde_json::from_str(&doc_text).map_err(|e| format!("pipeline {file}: {e}"))?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;

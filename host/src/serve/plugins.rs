@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::component::{Component, ConfigProblem, Registry, StageContext};
 use crate::error::{ErrorKind, StageError};
-use crate::metrics::{Metrics, PluginLabels};
+use crate::metrics::{Metrics, PluginLabels, PluginVersionMetrics};
 use crate::plugin::{Plugin, PluginRuntime, WasmComponent};
 
 /// One version of a plugin and what it has done since it was loaded.
@@ -32,7 +32,7 @@ pub struct Version {
     pub runs_served: AtomicU64,
     /// Where this version was kept in the upload directory, if it was.
     kept_at: std::sync::OnceLock<PathBuf>,
-    labels: PluginLabels,
+    metrics: PluginVersionMetrics,
     runs_ok: AtomicU64,
     runs_failed: AtomicU64,
     invocations: AtomicU64,
@@ -41,13 +41,13 @@ pub struct Version {
 }
 
 impl Version {
-    fn new(plugin: Arc<Plugin>) -> Arc<Version> {
+    fn new(plugin: Arc<Plugin>, metrics: &Metrics) -> Arc<Version> {
         Arc::new(Version {
-            labels: PluginLabels {
+            metrics: metrics.plugin_version(&PluginLabels {
                 plugin: plugin.name.clone(),
                 version: plugin.version.clone(),
                 sha256: plugin.hash.chars().take(12).collect(),
-            },
+            }),
             plugin,
             runs_served: AtomicU64::new(0),
             kept_at: std::sync::OnceLock::new(),
@@ -369,16 +369,13 @@ impl Component for Pinned {
             .lock()
             .expect("latency lock")
             .record((elapsed.as_micros() as u64).max(1));
-        self.slot
-            .hub
-            .metrics
-            .record_plugin_invocation(&v.labels, ok, elapsed);
+        v.metrics.invocation(ok, elapsed);
         self.invoked.store(true, Ordering::SeqCst);
         // A canary's first failure in a run counts the run failed at once, so an
         // automatic rollback does not wait for the run to end.
         if !ok && !self.failed.swap(true, Ordering::SeqCst) {
             v.runs_failed.fetch_add(1, Ordering::SeqCst);
-            self.slot.hub.metrics.record_plugin_run(&v.labels, false);
+            v.metrics.run(false);
             if let Some(c) = &self.canary {
                 self.slot.judge(c);
             }
@@ -394,7 +391,7 @@ impl Drop for Pinned {
         }
         let v = &self.version;
         v.runs_ok.fetch_add(1, Ordering::SeqCst);
-        self.slot.hub.metrics.record_plugin_run(&v.labels, true);
+        v.metrics.run(true);
         if let Some(c) = &self.canary {
             self.slot.judge(c);
         }
@@ -458,7 +455,7 @@ impl PluginRegistry {
                     name.clone(),
                     Arc::new(Slot {
                         name,
-                        current: ArcSwap::new(Version::new(p)),
+                        current: ArcSwap::new(Version::new(p, &hub.metrics)),
                         canary: ArcSwapOption::empty(),
                         previous: Mutex::new(Vec::new()),
                         hub: hub.clone(),
@@ -650,7 +647,7 @@ impl PluginRegistry {
             }
         }
         let plugin = Arc::new(plugin);
-        let new = Version::new(plugin.clone());
+        let new = Version::new(plugin.clone(), &self.hub.metrics);
         {
             let mut previous = slot.previous.lock().expect("previous lock");
             previous.push(slot.current.swap(new));
@@ -692,7 +689,7 @@ impl PluginRegistry {
         let _change = slot.previous.lock().expect("previous lock");
         let current = slot.current();
         let canary = Arc::new(Canary {
-            version: Version::new(plugin.clone()),
+            version: Version::new(plugin.clone(), &self.hub.metrics),
             spec,
             bytes: bytes.to_vec(),
             origin: origin.to_string(),
