@@ -623,6 +623,98 @@ async fn main() {
         );
     }
 
+    // A plugin stage served with and without a canary, side by side: what routing and
+    // per-version accounting cost. The canary is the same component with a custom
+    // section appended (another sha256, the same code), taking half the runs.
+    if want("canary") {
+        let dir = fx::root().join("target/bench/canary");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("pipelines")).unwrap();
+        std::fs::create_dir_all(dir.join("plugins")).unwrap();
+        std::fs::write(
+            dir.join("pipelines/t.json"),
+            json!({"name": "t", "stages": [{"id": "t", "component": "json-transform",
+                   "config": {"data": "{{input}}", "expression": "{n: n, twice: [n, n]}"}}]})
+            .to_string(),
+        )
+        .unwrap();
+        std::fs::write(dir.join("secrets.json"), "{}").unwrap();
+        let component = std::fs::read(fx::root().join("target/plugins/json-transform.wasm"))
+            .expect("run `cargo xtask plugins` first");
+        std::fs::write(dir.join("plugins/json-transform.wasm"), &component).unwrap();
+        let server = serve(&dir);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {BENCH_TOKEN}").parse().unwrap(),
+        );
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap();
+        let runs = |client: reqwest::Client, url: String| {
+            move || {
+                let (c, u) = (client.clone(), url.clone());
+                async move {
+                    let r = c
+                        .post(format!("{u}/v1/pipelines/t/runs"))
+                        .json(&json!({"n": 1}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            }
+        };
+        eprintln!("bench: canary, a plugin stage over the API without a canary ...");
+        let plain = load(
+            16,
+            Duration::from_secs(secs),
+            runs(client.clone(), server.1.clone()),
+        )
+        .await;
+        let mut candidate = component.clone();
+        let name = b"fmhost-bench";
+        let payload = b"canary";
+        candidate.extend_from_slice(&[0, (1 + name.len() + payload.len()) as u8, name.len() as u8]);
+        candidate.extend_from_slice(name);
+        candidate.extend_from_slice(payload);
+        let r = client
+            .put(format!("{}/v1/plugins/json-transform?canary=50", server.1))
+            .body(candidate)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        eprintln!("bench: canary, ... and with a 50% canary");
+        let canary = load(
+            16,
+            Duration::from_secs(secs),
+            runs(client.clone(), server.1.clone()),
+        )
+        .await;
+        let plugins: Value = client
+            .get(format!("{}/v1/plugins", server.1))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let t = plugins
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "json-transform")
+            .cloned()
+            .unwrap_or_default();
+        out.insert(
+            "canary".into(),
+            json!({"plain": plain, "canary_50": canary,
+                   "runs_by_version": {"current": t["stats"], "canary": t["canary"]["stats"]}}),
+        );
+    }
+
     println!(
         "{}",
         serde_json::to_string_pretty(&Value::Object(out)).unwrap()
