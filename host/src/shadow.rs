@@ -313,8 +313,14 @@ async fn one(plan: &Arc<Plan>, plugin: &str, run: &RunDetail, granted: &[String]
     let mut engine = Engine::new(secrets);
     engine.outbound.offline = Some(recording.clone());
     engine.fixed_now = std::env::var("FMHOST_NOW").ok().map(Arc::from);
+    // `now()` as the recorded run began (a stage that read it seconds later differs).
+    let now = std::time::UNIX_EPOCH
+        + std::time::Duration::from_millis(run.summary.started_at_ms.max(0) as u64);
     let opts = RunOptions {
         reuse: Some(Arc::new(reuse)),
+        now: Some(Arc::from(
+            humantime::format_rfc3339_seconds(now).to_string(),
+        )),
         ..RunOptions::default()
     };
     let stages: Vec<String> = Vec::new();

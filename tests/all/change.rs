@@ -11,6 +11,9 @@ use crate::serve::{Server, get_json, intercom_stage, pipelines_dir, plugins_dir,
 use crate::support;
 
 const NAME: &str = "customer-360-connectors";
+/// `now()` pinned for the server and the shadow tests alike: the pipeline's output
+/// carries it, and a second ticking over between a run and its shadow would show.
+const NOW: &str = "2026-06-01T12:00:00Z";
 
 async fn plugins_json(client: &reqwest::Client, url: &str) -> Value {
     let all = get_json(client, format!("{url}/v1/plugins")).await;
@@ -31,7 +34,8 @@ async fn shadow_cli(dir: &Path, candidate: &Path, extra: &[&str]) -> support::Ra
         .args(["plugins", "test"])
         .arg(candidate)
         .args(["--pipeline", NAME])
-        .args(extra);
+        .args(extra)
+        .env("FMHOST_NOW", NOW);
     support::output(cmd).await.into()
 }
 
@@ -61,11 +65,13 @@ async fn an_api_change_is_shadow_tested_canaried_and_promoted_and_a_broken_candi
     )
     .unwrap();
     doc["record"] = json!(true);
-    let server = Server::start(
+    let server = Server::start_env(
         &dir,
         &pipelines_dir(&dir, &[("c360.pipeline.json", doc)]),
         &plugins_dir(&dir),
         &sandbox.secrets(),
+        &[],
+        &[("FMHOST_NOW", NOW)],
     );
     let client = support::api_client();
     let input = sandbox.input();

@@ -1119,11 +1119,16 @@ pub async fn plugins_test(state: &Path, args: ShadowArgs) -> u8 {
         current_pipeline: args.current_pipeline,
         granted_secrets: runtime.policy().granted_secrets(),
     };
-    let report = match crate::shadow::shadow(&request, &|done, total| {
-        if total > 0 && done < total {
-            tracing::info!(target: "fmhost::progress", done, total, "shadow run {}/{total}", done + 1);
-        }
-    })
+    // One progress line per run; the shadow runs' own stage-by-stage logs stay quiet.
+    let quiet = tracing::subscriber::NoSubscriber::default();
+    let report = match tracing::instrument::WithSubscriber::with_subscriber(
+        crate::shadow::shadow(&request, &|done, total| {
+            if done < total {
+                eprintln!("shadow run {}/{total}", done + 1);
+            }
+        }),
+        quiet,
+    )
     .await
     {
         Ok(r) => r,
@@ -1167,6 +1172,14 @@ fn print_shadow(report: &crate::shadow::Report) {
             }
         } else if !r.unrecorded.is_empty() {
             detail = format!("not recorded: {}", r.unrecorded.join(", "));
+        } else if r.verdict == crate::shadow::Verdict::Fixed {
+            detail = format!("{} succeed(s) now", r.stages.join(", "));
+            if !r.untested.is_empty() {
+                detail.push_str(&format!(
+                    "; not judged: {} (never ran in the recording)",
+                    r.untested.join(", ")
+                ));
+            }
         } else if let Some(e) = &r.error {
             detail = e.clone();
         }

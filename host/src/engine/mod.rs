@@ -77,6 +77,9 @@ pub struct RunOptions {
     /// When the run began (Unix ms), if before this call (the journal's start): stage
     /// times count from it, so they line up with attempts' wall-clock times.
     pub started_at_ms: Option<i64>,
+    /// What `now()` gives in this run, unless the engine pins it (`FMHOST_NOW`): a
+    /// shadow replay gives the recorded run's time.
+    pub now: Option<Arc<str>>,
 }
 
 /// Why a run could not start.
@@ -423,8 +426,12 @@ impl Engine {
         if let Some(o) = &opts.observer {
             o.run_started(&run_id, &plan.name, &reports.list);
         }
+        let mut engine = self.clone();
+        if engine.fixed_now.is_none() {
+            engine.fixed_now = opts.now.clone();
+        }
         let run = Arc::new(RunCtx {
-            engine: self.clone(),
+            engine,
             run_value: json!({"id": &*run_id, "pipeline": &*plan.name}),
             run_id: run_id.clone(),
             observer: opts.observer.clone(),
