@@ -360,6 +360,76 @@ async fn pagination_follows_cursors_link_headers_and_next_urls() {
     );
 }
 
+/// A connector asks the host to page a list for it (`x-fmhost-paginate` on
+/// `http.send`): it gets every item in one answer, each page an attempt of its own; a
+/// malformed block is refused naming the header.
+#[tokio::test]
+async fn connectors_page_through_the_host() {
+    let (base, calls) = paged_vendor().await;
+    let dir = support::scratch("vendor-plugin-paging");
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(
+        crate::plugins::plugin_file("target/test-plugins", "chaos"),
+        plugins.join("chaos.wasm"),
+    )
+    .unwrap();
+    let port = base.rsplit(':').next().unwrap().to_string();
+    let call = |id: &str, paginate: Value| {
+        json!({"id": id, "component": "chaos", "allowed_hosts": [format!("127.0.0.1:{port}")],
+               "config": {"mode": "call", "request": {"url": format!("{base}/v1/customers?limit=100"),
+                          "headers": {"X-Fmhost-Paginate": paginate.to_string()}}}})
+    };
+    let doc = json!({"name": "plugin-paging", "stages": [
+        call("all", json!({"style": "cursor", "items_path": "data", "has_more_path": "has_more",
+                           "cursor_param": "starting_after", "cursor_path": "data[-1].id"})),
+        call("bad", json!({"style": "cursor", "items_path": "data"}))
+    ]});
+    let path = support::write_json(&dir, "plugin-paging.pipeline.json", &doc);
+    let ran = support::run_pipeline(
+        &path,
+        &json!({}),
+        &[
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--report",
+            dir.join("report.json").to_str().unwrap(),
+            "--no-journal",
+        ],
+    )
+    .await;
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let stage = |id: &str| {
+        report["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap_or_else(|| panic!("{id}: {}", ran.stderr))
+            .clone()
+    };
+    let all = stage("all");
+    assert_eq!(all["output"]["status"], 200, "{}", all["output"]["error"]);
+    let body: Value = serde_json::from_str(all["output"]["body"].as_str().unwrap()).unwrap();
+    let items = body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1000);
+    assert!(items.iter().enumerate().all(|(i, v)| v["n"] == i));
+    assert_eq!(
+        (body["pages"].clone(), body["truncated"].clone()),
+        (json!(10), json!(false))
+    );
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 10);
+    let bad = stage("bad");
+    let error = bad["output"]["error"].to_string();
+    assert!(
+        error.contains("InvalidRequest")
+            && error.contains("x-fmhost-paginate")
+            && error.contains("cursor_param"),
+        "{bad}"
+    );
+}
+
 /// A service's cache: a fresh answer without asking, a 304 revalidation, and, with
 /// the service failing and then its breaker open, the last good answer marked stale.
 #[tokio::test]

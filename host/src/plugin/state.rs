@@ -298,7 +298,7 @@ impl bindings::fmhost::plugin::http::Host for PluginState {
 }
 
 impl PluginState {
-    async fn send_checked(&mut self, req: Request) -> Result<Response, HttpError> {
+    async fn send_checked(&mut self, mut req: Request) -> Result<Response, HttpError> {
         let Some(grant) = &self.http else {
             return Err(http_error(
                 HttpErrorKind::Refused,
@@ -306,6 +306,8 @@ impl PluginState {
             ));
         };
         self.calls += 1;
+        let paginate = take_paginate(&mut req.headers)
+            .map_err(|why| http_error(HttpErrorKind::InvalidRequest, why))?;
         let prepared = match egress::prepare(&grant.grant, &req.url, &req.headers, &self.secrets) {
             Ok(p) => p,
             Err((refused, why)) => {
@@ -376,6 +378,22 @@ impl PluginState {
             budgets: &grant.budgets,
             record: grant.record,
         };
+        if let Some(p) = paginate {
+            let result = paginated(&grant.outbound, &ctx, &request, &policy, &p).await;
+            return match result {
+                Ok(all) => {
+                    self.last_call_error = None;
+                    let mut body = serde_json::to_vec(&all).unwrap_or_default();
+                    self.secrets.redact_bytes(&mut body);
+                    Ok(Response {
+                        status: 200,
+                        headers: vec![("content-type".into(), "application/json".into())],
+                        body,
+                    })
+                }
+                Err(e) => Err(self.failed(e)),
+            };
+        }
         match grant.outbound.send(&ctx, &request, &policy).await {
             Ok(resp) => {
                 self.last_call_error = crate::http::http_failure_of(&resp).map(|e| e.kind);
@@ -393,24 +411,98 @@ impl PluginState {
                     body,
                 })
             }
-            Err(e) => {
-                self.last_call_error = Some(e.kind);
-                if matches!(e.kind, ErrorKind::Sandbox | ErrorKind::Budget) {
-                    self.refusal = Some((e.kind, self.secrets.redact(&e.message).into_owned()));
-                }
-                let kind = match e.kind {
-                    ErrorKind::Timeout => HttpErrorKind::Timeout,
-                    ErrorKind::CircuitOpen => HttpErrorKind::CircuitOpen,
-                    ErrorKind::Parse => HttpErrorKind::Response,
-                    ErrorKind::Validation => HttpErrorKind::InvalidRequest,
-                    ErrorKind::Sandbox | ErrorKind::Budget => HttpErrorKind::Refused,
-                    _ => HttpErrorKind::Connect,
-                };
-                Err(http_error(
-                    kind,
-                    self.secrets.redact(&e.message).into_owned(),
-                ))
-            }
+            Err(e) => Err(self.failed(e)),
         }
     }
+
+    /// The plugin's view of a call that failed.
+    fn failed(&mut self, e: crate::error::StageError) -> HttpError {
+        self.last_call_error = Some(e.kind);
+        if matches!(e.kind, ErrorKind::Sandbox | ErrorKind::Budget) {
+            self.refusal = Some((e.kind, self.secrets.redact(&e.message).into_owned()));
+        }
+        let kind = match e.kind {
+            ErrorKind::Timeout => HttpErrorKind::Timeout,
+            ErrorKind::CircuitOpen => HttpErrorKind::CircuitOpen,
+            ErrorKind::Parse => HttpErrorKind::Response,
+            ErrorKind::Validation => HttpErrorKind::InvalidRequest,
+            ErrorKind::Sandbox | ErrorKind::Budget => HttpErrorKind::Refused,
+            // A page that answered non-2xx, or a paging path that does not fit.
+            ErrorKind::Http4xx | ErrorKind::Http5xx | ErrorKind::RateLimited => {
+                HttpErrorKind::Response
+            }
+            _ => HttpErrorKind::Connect,
+        };
+        http_error(kind, self.secrets.redact(&e.message).into_owned())
+    }
+}
+
+/// The request header with which a connector asks the host to page a list for it:
+/// a JSON `paginate` block as `http-request` takes it. The host removes it before sending.
+pub const PAGINATE_HEADER: &str = "x-fmhost-paginate";
+
+fn take_paginate(
+    headers: &mut Vec<(String, String)>,
+) -> Result<Option<crate::component::paginate::Paginate>, String> {
+    let Some(at) = headers
+        .iter()
+        .position(|(k, _)| k.eq_ignore_ascii_case(PAGINATE_HEADER))
+    else {
+        return Ok(None);
+    };
+    let (_, value) = headers.remove(at);
+    let p: crate::component::paginate::Paginate =
+        serde_json::from_str(&value).map_err(|e| format!("header {PAGINATE_HEADER}: {e}"))?;
+    if let Some((field, why)) = p.problems().into_iter().next() {
+        return Err(format!("header {PAGINATE_HEADER}: {field}: {why}"));
+    }
+    Ok(Some(p))
+}
+
+/// Every page of a list, each page one call through the outbound machinery (with its
+/// retries, and an attempt in the journal); every page must stay on the first one's
+/// origin, where the call's credentials are bound.
+async fn paginated(
+    outbound: &Outbound,
+    ctx: &crate::http::CallContext<'_>,
+    request: &HttpRequest,
+    policy: &RetryPolicy,
+    p: &crate::component::paginate::Paginate,
+) -> Result<serde_json::Value, crate::error::StageError> {
+    use crate::error::StageError;
+    let first = reqwest::Url::parse(&request.url).map_err(|e| {
+        StageError::new(
+            ErrorKind::Validation,
+            format!("invalid URL {}: {e}", ctx.secrets.redact(&request.url)),
+        )
+    })?;
+    let origin = first.origin();
+    crate::component::paginate::collect(p, first, |page| {
+        let mut r = request.clone();
+        let same_origin = page.origin() == origin;
+        r.url = page.to_string();
+        async move {
+            if !same_origin {
+                return Err(StageError::new(
+                    ErrorKind::Sandbox,
+                    format!(
+                        "the next page {} is not on the first page's origin",
+                        ctx.secrets.redact(&r.url)
+                    ),
+                ));
+            }
+            let resp = outbound.send(ctx, &r, policy).await?;
+            if let Some(mut e) = crate::http::http_failure_of(&resp) {
+                e.message = format!(
+                    "{} {}: {}",
+                    r.method,
+                    ctx.secrets.redact(&r.url),
+                    ctx.secrets.redact(&e.message)
+                );
+                return Err(e);
+            }
+            resp.to_output()
+        }
+    })
+    .await
 }

@@ -100,6 +100,32 @@ pub fn get_json(
     json_body(&req, &resp)
 }
 
+/// Every page of a list, fetched by the host: `paginate` is a JSON block as
+/// `http-request` takes it (`{"style": "cursor", "items_path": "data", ...}`). Returns
+/// `{"items": [...], "pages": N, "truncated": bool}`.
+pub fn get_all(
+    url: &str,
+    headers: &[(&str, &str)],
+    paginate: &Value,
+) -> Result<Value, PluginError> {
+    let mut headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    headers.push(("x-fmhost-paginate".into(), paginate.to_string()));
+    let req = Request {
+        method: "GET".into(),
+        url: url.into(),
+        headers,
+        body: None,
+        timeout_ms: None,
+        idempotency_key: None,
+        retry: None,
+    };
+    let resp = send(&req)?;
+    json_body(&req, &resp)
+}
+
 /// The JSON body of a 2xx response, or an error naming the call and status.
 pub fn json_body(req: &Request, resp: &Response) -> Result<Value, PluginError> {
     let text = String::from_utf8_lossy(&resp.body);
