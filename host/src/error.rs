@@ -88,6 +88,10 @@ pub struct StageError {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    /// How far a stage that stopped halfway got (a paginated request's pages so far),
+    /// journaled with the error so that a replay or a resumed run continues from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Box<serde_json::Value>>,
 }
 
 impl StageError {
@@ -96,6 +100,7 @@ impl StageError {
             kind,
             message: message.into(),
             status: None,
+            checkpoint: None,
         }
     }
     pub fn validation(message: impl Into<String>) -> Self {

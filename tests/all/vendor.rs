@@ -360,6 +360,98 @@ async fn pagination_follows_cursors_link_headers_and_next_urls() {
     );
 }
 
+/// A paged list whose fifth page fails: the failure carries the pages so far, and a
+/// replay (or a resumed run) continues from the fifth page instead of starting over.
+#[tokio::test]
+async fn a_paged_list_that_fails_halfway_continues_from_there_on_replay() {
+    use axum::extract::Query;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (broken, seen) = (
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(Mutex::new(Vec::<usize>::new())),
+    );
+    let (b, s) = (broken.clone(), seen.clone());
+    let app = axum::Router::new().route(
+        "/v1/customers",
+        axum::routing::get(move |Query(q): Query<HashMap<String, String>>| {
+            let start = q
+                .get("starting_after")
+                .and_then(|s| s.strip_prefix("obj_"))
+                .and_then(|n| n.parse::<usize>().ok())
+                .map_or(0, |n| n + 1);
+            s.lock().unwrap().push(start);
+            let fail = start == 400 && b.load(Ordering::SeqCst);
+            async move {
+                if fail {
+                    return (axum::http::StatusCode::BAD_GATEWAY, axum::Json(json!({"error": "upstream down"})));
+                }
+                let end = (start + 100).min(1000);
+                (axum::http::StatusCode::OK, axum::Json(json!({"has_more": end < 1000,
+                    "data": (start..end).map(|i| json!({"id": format!("obj_{i:04}"), "n": i})).collect::<Vec<_>>()})))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = support::scratch("vendor-paging-resume");
+    let state = dir.join("state");
+    let doc = json!({"name": "paging-resume", "stages": [{"id": "customers", "component": "http-request",
+        "config": {"url": format!("{base}/v1/customers?limit=100"),
+                   "paginate": {"style": "cursor", "items_path": "data", "has_more_path": "has_more",
+                                "cursor_param": "starting_after", "cursor_path": "data[-1].id"}}}]});
+    let path = support::write_json(&dir, "paging-resume.pipeline.json", &doc);
+    let report = dir.join("report.json");
+    let ran = support::run_pipeline(
+        &path,
+        &json!({}),
+        &[
+            "--state",
+            state.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(ran.code, 1, "{}", ran.stderr);
+    let failed: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let error = &failed["stages"][0]["error"];
+    assert!(
+        error["message"].as_str().unwrap().starts_with("page 5: "),
+        "{error}"
+    );
+    assert_eq!(error["checkpoint"]["paginate"]["pages"], 4, "{error}");
+    assert_eq!(*seen.lock().unwrap(), [0, 100, 200, 300, 400]);
+
+    broken.store(false, Ordering::SeqCst);
+    seen.lock().unwrap().clear();
+    let mut replay = support::fmhost();
+    replay.args([
+        "--state",
+        state.to_str().unwrap(),
+        "replay",
+        failed["run_id"].as_str().unwrap(),
+    ]);
+    let replayed: support::Ran = support::output(replay).await.into();
+    assert_eq!(replayed.code, 0, "{}", replayed.stderr);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [400, 500, 600, 700, 800, 900],
+        "the first four pages come from the journal"
+    );
+    let out = replayed.json();
+    let items = out["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1000);
+    assert!(
+        items.iter().enumerate().all(|(i, v)| v["n"] == i),
+        "in order, none twice"
+    );
+    assert_eq!(out["pages"], 10);
+}
+
 /// A connector asks the host to page a list for it (`x-fmhost-paginate` on
 /// `http.send`): it gets every item in one answer, each page an attempt of its own; a
 /// malformed block is refused naming the header.

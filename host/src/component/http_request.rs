@@ -174,7 +174,7 @@ impl Component for HttpRequest {
         match paginate {
             None => fetch(ctx, &request).await,
             Some(p) => {
-                super::paginate::collect(&p, url, |page| {
+                super::paginate::collect(&p, url, ctx.checkpoint.as_deref(), |page| {
                     let mut r = request.clone();
                     r.url = page.to_string();
                     async move { fetch(ctx, &r).await }

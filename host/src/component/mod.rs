@@ -55,6 +55,9 @@ pub struct StageContext {
     pub budgets: Arc<[Arc<crate::http::budget::Budget>]>,
     /// Whether the pipeline records its exchanges.
     pub record: bool,
+    /// Where this stage got to in the run a replay or resume continues (its error's
+    /// checkpoint there).
+    pub checkpoint: Option<Arc<Value>>,
 }
 
 impl StageContext {
@@ -76,6 +79,7 @@ impl StageContext {
             trace: None,
             budgets: Arc::from(Vec::new()),
             record: false,
+            checkpoint: None,
         }
     }
 

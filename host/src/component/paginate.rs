@@ -142,10 +142,13 @@ pub fn link_next(header: &str) -> Option<&str> {
 }
 
 /// Collects the pages: `fetch` sends one page's request and returns its output
-/// (`{status_code, headers, body}`).
+/// (`{status_code, headers, body}`). With `resume` (the checkpoint of an earlier
+/// attempt at the same list), it continues where that one stopped. A page that fails
+/// after others were fetched fails with a checkpoint: the items so far and the page next.
 pub async fn collect<F, Fut>(
     p: &Paginate,
     first: reqwest::Url,
+    resume: Option<&Value>,
     mut fetch: F,
 ) -> Result<Value, StageError>
 where
@@ -163,8 +166,31 @@ where
     {
         url = with_param(&first, param, &page_number.to_string());
     }
+    if let Some(c) = resume.and_then(|c| c.get("paginate"))
+        && let (Some(done), Some(n), Some(next)) = (
+            c["items"].as_array(),
+            c["pages"].as_u64(),
+            c["next"].as_str().and_then(|u| reqwest::Url::parse(u).ok()),
+        )
+    {
+        items = done.clone();
+        pages = n as u32;
+        url = next;
+        page_number = c["page_number"].as_i64().unwrap_or(page_number);
+        tracing::info!(target: "fmhost::progress", pages, items = items.len(), "continuing a paged list after page {pages} ({} items so far)", items.len());
+    }
     let truncated = loop {
-        let out = fetch(url.clone()).await?;
+        let out = match fetch(url.clone()).await {
+            Ok(out) => out,
+            Err(mut e) if pages > 0 => {
+                e.checkpoint = Some(Box::new(json!({"paginate": {
+                    "items": items, "pages": pages, "next": url.as_str(), "page_number": page_number
+                }})));
+                e.message = format!("page {}: {}", pages + 1, e.message);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         pages += 1;
         let body = &out["body"];
         let found = match search(&p.items_path, "items_path", body)? {

@@ -472,6 +472,10 @@ fn start_stage(
         retries: AtomicU32::new(0),
         trace: run.trace.stage_span(id.as_str()),
         record: plan.record,
+        checkpoint: run
+            .reuse
+            .as_ref()
+            .and_then(|r| r.checkpoints.get(id.as_str()).cloned()),
         budgets: run
             .budget
             .iter()

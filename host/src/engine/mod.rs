@@ -59,6 +59,11 @@ pub struct Reuse {
     pub errors: HashMap<String, crate::error::StageError>,
     /// Whether an entry for `ID` also stands for every iteration `ID[i]` (mocks).
     pub every_iteration: bool,
+    /// Where stages that failed halfway got to ([`StageError::checkpoint`]): they run
+    /// again from there.
+    ///
+    /// [`StageError::checkpoint`]: crate::error::StageError::checkpoint
+    pub checkpoints: HashMap<String, Arc<Value>>,
 }
 
 #[derive(Default, Clone)]

@@ -805,6 +805,9 @@ impl RunJournal {
         if let Some(out) = &stage.output {
             stage.output = Some(self.secrets.with_references(out));
         }
+        if let Some(c) = stage.error.as_mut().and_then(|e| e.checkpoint.as_mut()) {
+            self.secrets.to_references(c);
+        }
         self.journal.record(Record::Stage {
             run_id: run_id.to_string(),
             position,

@@ -55,6 +55,7 @@ pub fn reuse_except(
             stack.extend(&plan.stages[i].dependents);
         }
     }
+    let mut checkpoints = HashMap::new();
     // Every journaled stage that succeeded, including loop iterations (`upsert[3]`) and
     // sub-pipeline stages (`enrich/crm`): they are rerun when the stage they belong to is.
     let mut outputs = HashMap::new();
@@ -76,10 +77,16 @@ pub fn reuse_except(
             secrets.restore_value(&mut out);
             outputs.insert(s.report.id.clone(), Arc::new(out));
         }
+        if let Some(c) = s.report.error.as_ref().and_then(|e| e.checkpoint.as_ref()) {
+            let mut c = (**c).clone();
+            secrets.restore_value(&mut c);
+            checkpoints.insert(s.report.id.clone(), Arc::new(c));
+        }
     }
     Reuse {
         from_run: original.summary.run_id.clone(),
         outputs,
+        checkpoints,
         ..Reuse::default()
     }
 }

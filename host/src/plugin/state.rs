@@ -477,7 +477,7 @@ async fn paginated(
         )
     })?;
     let origin = first.origin();
-    crate::component::paginate::collect(p, first, |page| {
+    crate::component::paginate::collect(p, first, None, |page| {
         let mut r = request.clone();
         let same_origin = page.origin() == origin;
         r.url = page.to_string();
