@@ -573,6 +573,56 @@ async fn cached_answers_are_revalidated_and_stand_in_when_the_service_fails() {
     assert_eq!(fake.seen("/rates").len(), 3, "the breaker sent nothing");
 }
 
+/// An answer's own headers narrow the cache: one that `Vary`s by a request header
+/// serves only requests with the same value, and `Cache-Control: max-age=0` makes the
+/// next use a revalidation whatever the service's `ttl_seconds`.
+#[tokio::test]
+async fn the_cache_honours_vary_and_max_age() {
+    let fake = Fake::start().await;
+    fake.route(
+        "/profile",
+        vec![
+            Reply::json(200, json!({"tenant": "a"})).header("vary", "X-Tenant"),
+            Reply::json(200, json!({"tenant": "b"})).header("vary", "X-Tenant"),
+        ],
+    );
+    fake.route(
+        "/quote",
+        vec![
+            Reply::json(200, json!({"price": 10}))
+                .header("etag", "\"q1\"")
+                .header("cache-control", "max-age=0"),
+            Reply::status(304).header("etag", "\"q1\""),
+        ],
+    );
+    let dir = support::scratch("vendor-cache-vary");
+    let get = |id: &str, after: Option<&str>, url: &str, tenant: &str| {
+        let mut st = json!({"id": id, "component": "http-request",
+            "config": {"service": "api", "url": url, "headers": {"X-Tenant": tenant}}});
+        if let Some(a) = after {
+            st["depends_on"] = json!([a]);
+        }
+        st
+    };
+    let doc = json!({"name": "vary",
+        "services": {"api": {"base_url": fake.url(""), "cache": {"ttl_seconds": 60}}},
+        "stages": [get("a", None, "/profile", "a"), get("b", Some("a"), "/profile", "b"),
+                   get("b-again", Some("b"), "/profile", "b"),
+                   get("quote", None, "/quote", "a"), get("quote-again", Some("quote"), "/quote", "a")]});
+    let report = run(&engine(&[]), &dir, &doc, json!({})).await;
+    assert_eq!(report.status.as_str(), "succeeded", "{:?}", report.error);
+    let out = |id: &str| report.stage(id).unwrap().output.as_deref().unwrap().clone();
+    assert_eq!(out("a")["body"]["tenant"], "a");
+    assert_eq!(out("b")["body"]["tenant"], "b", "not tenant a's answer");
+    assert_eq!(out("b-again")["body"]["tenant"], "b");
+    assert_eq!(out("b-again")["cache"]["status"], "hit");
+    assert_eq!(fake.seen("/profile").len(), 2);
+    assert_eq!(out("quote-again")["cache"]["status"], "revalidated");
+    let seen = fake.seen("/quote");
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].header("if-none-match"), Some("\"q1\""));
+}
+
 /// Budgets fail the stage that would exceed them, with kind `budget`: the run's
 /// request count, a stage's retries, and a paginated list that would need more pages
 /// than its stage may make (never a silently short list).

@@ -5,7 +5,11 @@
 //!
 //! One cache per process, bounded in entries and bytes (least recently used go first);
 //! the key is the service, method, URL and the request headers that change an answer
-//! (`Accept`, `Accept-Language`, and a digest of any `Authorization` the stage set).
+//! (`Accept`, `Accept-Language`, and a digest of any `Authorization` the stage set);
+//! an answer kept is used only for requests that agree on the headers its `Vary` names
+//! (one variant per key: another replaces it; `Vary: *` is not kept). The answer's
+//! `Cache-Control` can only shorten the service's `ttl_seconds`: `max-age=N` caps it,
+//! `no-cache` makes every use a revalidation, `no-store` keeps nothing.
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
@@ -77,6 +81,51 @@ impl Served {
 struct Entry {
     response: HttpResponse,
     stored: Instant,
+    /// The headers the answer's `Vary` names, with the request's values when it was kept.
+    variant: Vec<(String, Option<String>)>,
+}
+
+/// What an entry says about a request: the answer, its age, and how long the answer
+/// itself allows it to be used without asking (`max-age`, `no-cache`).
+pub struct Cached {
+    pub response: HttpResponse,
+    pub age: Duration,
+    pub max_age: Option<Duration>,
+}
+
+fn header_value(req: &HttpRequest, name: &str) -> Option<String> {
+    req.headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// The header names an answer's `Vary` lists, lowercased (`*` among them if it says so).
+fn vary(resp: &HttpResponse) -> Vec<String> {
+    resp.headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("vary"))
+        .flat_map(|(_, v)| v.split(','))
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+        .collect()
+}
+
+/// How long the answer allows itself to be used without revalidation.
+fn max_age(resp: &HttpResponse) -> Option<Duration> {
+    let cc = resp.header("cache-control")?.to_ascii_lowercase();
+    let mut limit = None;
+    for d in cc.split(',').map(str::trim) {
+        if d == "no-cache" {
+            return Some(Duration::ZERO);
+        }
+        if let Some(n) = d.strip_prefix("max-age=")
+            && let Ok(n) = n.trim_matches('"').parse::<u64>()
+        {
+            limit = Some(Duration::from_secs(n));
+        }
+    }
+    limit
 }
 
 pub struct ResponseCache {
@@ -122,29 +171,46 @@ pub fn key(service: &str, req: &HttpRequest) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Whether a response may be kept: a success, not `Cache-Control: no-store`, not huge.
+/// Whether a response may be kept: a success, not `Cache-Control: no-store`, not
+/// `Vary: *`, not huge.
 fn storable(resp: &HttpResponse) -> bool {
     resp.is_success()
         && resp.body.len() <= MAX_ENTRY_BYTES
         && !resp
             .header("cache-control")
             .is_some_and(|c| c.to_ascii_lowercase().contains("no-store"))
+        && !vary(resp).iter().any(|h| h == "*")
 }
 
 impl ResponseCache {
-    /// The entry and its age.
-    pub fn get(&self, key: &[u8; 32]) -> Option<(HttpResponse, Duration)> {
+    /// The entry for `req`, if its `Vary` headers agree with the request's.
+    pub fn get(&self, key: &[u8; 32], req: &HttpRequest) -> Option<Cached> {
         let mut inner = self.inner.lock().expect("cache lock");
-        inner
-            .0
-            .get(key)
-            .map(|e| (e.response.clone(), e.stored.elapsed()))
+        let e = inner.0.get(key)?;
+        if e.variant
+            .iter()
+            .any(|(name, value)| header_value(req, name) != *value)
+        {
+            return None;
+        }
+        Some(Cached {
+            response: e.response.clone(),
+            age: e.stored.elapsed(),
+            max_age: max_age(&e.response),
+        })
     }
 
-    pub fn put(&self, key: [u8; 32], response: &HttpResponse) {
+    pub fn put(&self, key: [u8; 32], req: &HttpRequest, response: &HttpResponse) {
         if !storable(response) {
             return;
         }
+        let variant = vary(response)
+            .into_iter()
+            .map(|name| {
+                let value = header_value(req, &name);
+                (name, value)
+            })
+            .collect();
         let mut guard = self.inner.lock().expect("cache lock");
         let (map, bytes) = &mut *guard;
         let size = response.body.len();
@@ -153,6 +219,7 @@ impl ResponseCache {
             Entry {
                 response: response.clone(),
                 stored: Instant::now(),
+                variant,
             },
         ) {
             *bytes -= old.response.body.len();

@@ -422,7 +422,10 @@ impl Outbound {
             return self.send_uncached(ctx, req, policy, service).await;
         };
         let key = cache::key(&service.name, req);
-        let cached = self.cache.get(&key);
+        let cached = self
+            .cache
+            .get(&key, req)
+            .map(|c| (c.response, c.age, c.max_age));
         let shown = || ctx.secrets.redact(&req.url).into_owned();
         let mark = |resp: HttpResponse, how: cache::Served, age: Duration| {
             let mut resp = resp;
@@ -433,15 +436,16 @@ impl Outbound {
             ));
             resp
         };
-        if let Some((resp, age)) = &cached
+        if let Some((resp, age, max_age)) = &cached
             && age.as_secs_f64() < cp.ttl_seconds
+            && max_age.is_none_or(|m| *age < m)
         {
             tracing::info!(target: "fmhost::http", run_id = ctx.run_id, stage = ctx.stage_id, service = %service.name, cache = "hit", "{} {} -> {} from the cache (age {} s)", req.method, shown(), resp.status, age.as_secs());
             return Ok(mark(resp.clone(), cache::Served::Hit, *age));
         }
         let asked;
         let this = match &cached {
-            Some((resp, _)) => {
+            Some((resp, _, _)) => {
                 let mut r = req.clone();
                 r.headers.extend(cache::conditional(resp));
                 asked = r;
@@ -451,15 +455,15 @@ impl Outbound {
         };
         let result = self.send_uncached(ctx, this, policy, service.clone()).await;
         match (result, cached) {
-            (Ok(resp), Some((old, _))) if resp.status == 304 => {
+            (Ok(resp), Some((old, _, _))) if resp.status == 304 => {
                 self.cache.touch(&key);
                 Ok(mark(old, cache::Served::Revalidated, Duration::ZERO))
             }
             (Ok(resp), _) if resp.is_success() => {
-                self.cache.put(key, &resp);
+                self.cache.put(key, req, &resp);
                 Ok(resp)
             }
-            (result, Some((old, age)))
+            (result, Some((old, age, _)))
                 if age.as_secs_f64() < cp.ttl_seconds + cp.stale_if_error_seconds
                     && match &result {
                         Ok(r) => r.status >= 500 || r.status == 429,
