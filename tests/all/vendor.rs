@@ -138,6 +138,44 @@ async fn oauth2_tokens_are_fetched_once_renewed_on_expiry_and_on_401() {
     );
 }
 
+/// `client_auth: "basic"`: the client's id and secret go to the token endpoint as
+/// HTTP Basic (form-encoded first, RFC 6749 2.3.1), not in the form.
+#[tokio::test]
+async fn oauth2_clients_may_authenticate_with_basic() {
+    let fake = Fake::start().await;
+    fake.route("/oauth/token", vec![token_reply(1, 3600)]);
+    fake.route("/data/x", vec![Reply::json(200, json!({"ok": true}))]);
+    let dir = support::scratch("vendor-oauth2-basic");
+    let doc = json!({"name": "basic-client", "services": {"crm": {
+        "base_url": fake.url(""),
+        "auth": {"type": "oauth2_client_credentials", "token_url": fake.url("/oauth/token"),
+                 "client_id": "app id", "client_secret": "{{secrets.SECRET}}", "client_auth": "basic"}}},
+        "stages": [{"id": "x", "component": "http-request", "config": {"service": "crm", "url": "/data/x"}}]});
+    let report = run(
+        &engine(&[("SECRET", "s3cr3t:+/x".into())]),
+        &dir,
+        &doc,
+        json!({}),
+    )
+    .await;
+    assert_eq!(report.status.as_str(), "succeeded", "{:?}", report.error);
+    let token = &fake.seen("/oauth/token")[0];
+    assert_eq!(
+        token.header("authorization"),
+        Some("Basic YXBwK2lkOnMzY3IzdCUzQSUyQiUyRng="),
+        "base64 of app+id:s3cr3t%3A%2B%2Fx"
+    );
+    let form = String::from_utf8_lossy(&token.body);
+    assert!(
+        form.contains("grant_type=client_credentials") && !form.contains("client_secret"),
+        "{form}"
+    );
+    assert_eq!(
+        fake.seen("/data/x")[0].header("authorization"),
+        Some("Bearer tok-1-0123456789")
+    );
+}
+
 /// API keys in a query parameter and basic auth: attached by the host, masked in every
 /// URL the report shows, and attached to a plugin-less built-in and a plugin alike
 /// (the plugin's call is matched to the service by its origin).

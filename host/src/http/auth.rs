@@ -42,6 +42,9 @@ pub enum AuthSpec {
         scope: Option<String>,
         #[serde(default)]
         audience: Option<String>,
+        /// How the client authenticates to the token endpoint (default `post`).
+        #[serde(default)]
+        client_auth: ClientAuth,
     },
     /// OAuth2 refresh token grant (RFC 6749 6), from a stored refresh token.
     #[serde(rename = "oauth2_refresh_token")]
@@ -53,7 +56,36 @@ pub enum AuthSpec {
         refresh_token: String,
         #[serde(default)]
         scope: Option<String>,
+        #[serde(default)]
+        client_auth: ClientAuth,
     },
+}
+
+/// How an OAuth2 client sends its credentials to the token endpoint (RFC 6749 2.3.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the form body.
+    #[default]
+    #[serde(rename = "post", alias = "client_secret_post")]
+    Post,
+    /// `Authorization: Basic` with the form-encoded id and secret.
+    #[serde(rename = "basic", alias = "client_secret_basic")]
+    Basic,
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value.
+fn form_encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 impl AuthSpec {
@@ -85,6 +117,7 @@ impl AuthSpec {
                 client_secret,
                 scope,
                 audience,
+                ..
             } => [
                 Some(("token_url", token_url.as_str())),
                 Some(("client_id", client_id)),
@@ -101,6 +134,7 @@ impl AuthSpec {
                 client_secret,
                 refresh_token,
                 scope,
+                ..
             } => [
                 Some(("token_url", token_url.as_str())),
                 Some(("client_id", client_id)),
@@ -310,13 +344,14 @@ impl Credentials {
         secrets: &Secrets,
     ) -> Result<(String, Duration, Option<String>), StageError> {
         let expand = |v: &str| secrets.expand(v).map_err(|e| auth_error(service, e));
-        let (token_url, form) = match &self.spec {
+        let (token_url, mut form, client_auth) = match &self.spec {
             AuthSpec::ClientCredentials {
                 token_url,
                 client_id,
                 client_secret,
                 scope,
                 audience,
+                client_auth,
             } => {
                 let mut form = vec![
                     ("grant_type", "client_credentials".to_string()),
@@ -329,7 +364,7 @@ impl Credentials {
                 if let Some(a) = audience {
                     form.push(("audience", expand(a)?));
                 }
-                (expand(token_url)?, form)
+                (expand(token_url)?, form, *client_auth)
             }
             AuthSpec::RefreshToken {
                 token_url,
@@ -337,6 +372,7 @@ impl Credentials {
                 client_secret,
                 refresh_token,
                 scope,
+                client_auth,
             } => {
                 let rotated = self.rotated_refresh.lock().expect("refresh lock").clone();
                 let refresh = match rotated {
@@ -354,9 +390,28 @@ impl Credentials {
                 if let Some(s) = scope {
                     form.push(("scope", expand(s)?));
                 }
-                (expand(token_url)?, form)
+                (expand(token_url)?, form, *client_auth)
             }
             _ => return Err(StageError::internal("not an OAuth2 service")),
+        };
+        // With `basic`, the id and secret go in the Authorization header, not the form.
+        let basic = match client_auth {
+            ClientAuth::Post => None,
+            ClientAuth::Basic => {
+                let take = |form: &mut Vec<(&str, String)>, name: &str| {
+                    form.iter()
+                        .position(|(k, _)| *k == name)
+                        .map(|i| form.remove(i).1)
+                        .unwrap_or_default()
+                };
+                let id = take(&mut form, "client_id");
+                let secret = take(&mut form, "client_secret");
+                let pair = format!("{}:{}", form_encode(&id), form_encode(&secret));
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                ))
+            }
         };
         let shown = secrets.redact(&token_url).into_owned();
         let failed = |kind: ErrorKind, why: String| {
@@ -368,9 +423,11 @@ impl Credentials {
                 ),
             )
         };
-        let resp = client
-            .post(&token_url)
-            .header("accept", "application/json")
+        let mut request = client.post(&token_url).header("accept", "application/json");
+        if let Some(b) = basic {
+            request = request.header("authorization", b);
+        }
+        let resp = request
             .form(&form)
             .timeout(Duration::from_secs(10))
             .send()
