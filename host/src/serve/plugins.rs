@@ -582,6 +582,13 @@ impl PluginRegistry {
         let slot = self.slot(name)?;
         let old = slot.current();
         if old.plugin.hash == plugin.hash {
+            if canary.is_some() {
+                return Err(SwapError::Invalid(format!(
+                    "the upload is the version of \"{name}\" that serves now ({}, sha256 {}): there is nothing to try as a canary",
+                    old.plugin.version,
+                    &old.plugin.hash[..12]
+                )));
+            }
             return Ok((Some(old.plugin.version.clone()), old.plugin.clone()));
         }
         let mut asks = Vec::new();
