@@ -317,7 +317,8 @@ async fn a_recorded_run_becomes_a_test_that_passes_offline() {
 
 /// The Intercom API change, seen before a mapping breaks: recorded answers teach the
 /// host each endpoint's shape; an answer with a field gone or a type changed is flagged
-/// on its run (the API and `runs show`) and counted in `/metrics`.
+/// on its run (the API and `runs show`) and counted in `/metrics`, also after a restart
+/// (the shapes are learned again from the journal's recordings).
 #[tokio::test]
 async fn schema_drift_is_flagged_on_the_run_and_counted() {
     let fake = crate::support::Fake::start().await;
@@ -342,9 +343,10 @@ async fn schema_drift_is_flagged_on_the_run_and_counted() {
     );
     let server = crate::serve::Server::start(&dir, &pipelines, &dir.join("plugins"), &json!({}));
     let client = support::api_client();
-    let run = || async {
+    let run = |url: String| async move {
+        let client = support::api_client();
         let r: serde_json::Value = client
-            .post(format!("{}/v1/pipelines/contact/runs", server.url))
+            .post(format!("{url}/v1/pipelines/contact/runs"))
             .json(&json!({}))
             .send()
             .await
@@ -354,7 +356,7 @@ async fn schema_drift_is_flagged_on_the_run_and_counted() {
             .unwrap();
         let id = r["run_id"].as_str().unwrap().to_string();
         let detail: serde_json::Value = client
-            .get(format!("{}/v1/runs/{id}", server.url))
+            .get(format!("{url}/v1/runs/{id}"))
             .send()
             .await
             .unwrap()
@@ -363,17 +365,20 @@ async fn schema_drift_is_flagged_on_the_run_and_counted() {
             .unwrap();
         (id, detail)
     };
-    let (_, first) = run().await;
+    let (_, first) = run(server.url.clone()).await;
     assert!(
         first["stages"][0]["calls"][0]["recorded"]["drift"].is_null(),
         "{first}"
     );
-    run().await;
+    run(server.url.clone()).await;
+    // A restart in between: the server learns the shapes again from the journal.
+    drop(server);
+    let server = crate::serve::Server::start(&dir, &pipelines, &dir.join("plugins"), &json!({}));
     fake.route(
         "/contacts/cust_1",
         vec![crate::support::Reply::json(200, v211)],
     );
-    let (id, changed) = run().await;
+    let (id, changed) = run(server.url.clone()).await;
     assert_eq!(
         changed["status"], "succeeded",
         "the run itself still succeeds: {changed}"

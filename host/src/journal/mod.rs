@@ -398,6 +398,12 @@ pub trait Backend: Send + 'static {
     fn dead_letter(&mut self, id: i64) -> Result<Option<DeadLetter>, JournalError>;
     /// The pipeline document run `run_id` ran, by its content hash.
     fn pipeline_document(&mut self, run_id: &str) -> Result<Option<String>, JournalError>;
+    /// The newest `limit` recorded successful answers, oldest first, as (service,
+    /// method, recorded exchange).
+    fn recorded_answers(
+        &mut self,
+        limit: usize,
+    ) -> Result<Vec<(String, String, crate::http::Recorded)>, JournalError>;
 }
 
 enum Msg {
@@ -651,6 +657,15 @@ impl Journal {
     }
 
     /// The pipeline document a run ran, if the journal kept it.
+    /// The newest `limit` recorded successful answers, oldest first (schema drift
+    /// learns its shapes again from them when a server starts).
+    pub async fn recorded_answers(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(String, String, crate::http::Recorded)>, JournalError> {
+        self.read(move |b| b.recorded_answers(limit)).await
+    }
+
     pub async fn pipeline_document(&self, run_id: &str) -> Result<Option<String>, JournalError> {
         let id = run_id.to_string();
         self.read(move |b| b.pipeline_document(&id)).await

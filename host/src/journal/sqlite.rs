@@ -836,6 +836,36 @@ impl Backend for SqliteBackend {
             .map_err(|e| self.err(e))
     }
 
+    fn recorded_answers(
+        &mut self,
+        limit: usize,
+    ) -> Result<Vec<(String, String, crate::http::Recorded)>, JournalError> {
+        let read = || -> rusqlite::Result<Vec<(String, String, crate::http::Recorded)>> {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT service, method, recorded FROM attempts
+                 WHERE recorded IS NOT NULL AND status BETWEEN 200 AND 299
+                 ORDER BY rowid DESC LIMIT ?1",
+            )?;
+            let rows = stmt.query_map(params![limit as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (service, method, text) = row?;
+                if let Ok(rec) = serde_json::from_str(&text) {
+                    out.push((service, method, rec));
+                }
+            }
+            out.reverse();
+            Ok(out)
+        };
+        read().map_err(|e| self.err(e))
+    }
+
     fn pending_deliveries(&mut self) -> Result<Vec<Delivery>, JournalError> {
         let read = || -> rusqlite::Result<Vec<Delivery>> {
             let mut stmt = self.conn.prepare(

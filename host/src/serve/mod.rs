@@ -309,6 +309,33 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         events: tokio::sync::broadcast::channel(256).0,
         closing: tokio_util::sync::CancellationToken::new(),
     });
+    // Schema drift keeps comparing with the shapes recorded before this start.
+    match app.journal.recorded_answers(5000).await {
+        Ok(answers) => {
+            let mut learned = 0;
+            for (service, method, rec) in answers {
+                if rec.truncated
+                    || !rec
+                        .content_type
+                        .as_deref()
+                        .is_some_and(|c| c.contains("json"))
+                {
+                    continue;
+                }
+                if let Ok(body) = serde_json::from_str::<Value>(&rec.body) {
+                    let endpoint = crate::http::drift::endpoint(&method, &rec.url);
+                    app.engine.outbound.shapes.learn(&service, &endpoint, &body);
+                    learned += 1;
+                }
+            }
+            if learned > 0 {
+                tracing::info!(target: "fmhost::serve", learned, "schema drift: learned the shapes of {learned} recorded answer(s) from the journal");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(target: "fmhost::serve", "schema drift: cannot read recorded answers from the journal: {e}")
+        }
+    }
     let event_tx = app.events.clone();
     registry.set_listener(Arc::new(move |event| {
         let _ = event_tx.send(event);
