@@ -912,6 +912,79 @@ async fn rotated_secrets_apply_without_a_restart_and_check_names_what_is_missing
     assert!(!out.contains("x-value-55555555"), "no value is printed");
 }
 
+/// A secret rotated while a run goes on: the stages that start after it use the new
+/// value, and the journal masks it as a reference like the old one.
+#[tokio::test]
+async fn a_secret_rotated_mid_run_is_masked_in_the_journal() {
+    let fake = Fake::start().await;
+    fake.route(
+        "/slow",
+        vec![Reply::json(200, json!({})).delay(Duration::from_secs(3))],
+    );
+    let dir = support::scratch("vendor-rotate-mid-run");
+    let doc = json!({"name": "mid", "stages": [
+        {"id": "slow", "component": "http-request", "config": {"url": fake.url("/slow")}},
+        {"id": "remember", "component": "variable_set", "depends_on": ["slow"],
+         "config": {"name": "seen", "value": "token {{secrets.TOKEN}}"}}]});
+    let pipelines = crate::serve::pipelines_dir(&dir, &[("mid.pipeline.json", doc)]);
+    let server = crate::serve::Server::start(
+        &dir,
+        &pipelines,
+        &dir.join("plugins"),
+        &json!({"TOKEN": "old-value-1111111"}),
+    );
+    let client = support::api_client();
+    let started: Value = client
+        .post(format!("{}/v1/pipelines/mid/runs?mode=async", server.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = started["run_id"].as_str().unwrap().to_string();
+    // While `slow` waits, the file is rotated.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let file = dir.join("secrets.json");
+    std::fs::write(
+        dir.join("secrets.tmp"),
+        json!({"TOKEN": "new-value-2222222"}).to_string(),
+    )
+    .unwrap();
+    std::fs::rename(dir.join("secrets.tmp"), &file).unwrap();
+    let detail = loop {
+        let d: Value = client
+            .get(format!("{}/v1/runs/{id}", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if d["status"] != "running" {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(detail["status"], "succeeded", "{detail}");
+    let text = detail.to_string();
+    assert!(
+        !text.contains("new-value-2222222") && !text.contains("old-value-1111111"),
+        "{text}"
+    );
+    let remember = detail["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "remember")
+        .unwrap();
+    assert_eq!(
+        remember["output"]["value"], "token {{secrets.TOKEN}}",
+        "{remember}"
+    );
+}
+
 /// A service has one live state: a second pipeline that declares it differently does
 /// not reset its open breaker (or make a second bulkhead); `fmhost validate` reports the
 /// conflict before anything runs.

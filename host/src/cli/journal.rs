@@ -563,7 +563,7 @@ async fn replay_one(
         EXIT_INVALID
     })?;
     tracing::info!(target: "fmhost::progress", run_id = %prepared.start.run_id, replay_of = %original.summary.run_id, reused = prepared.reuse.outputs.len(), "replaying run {} as {} ({} stage output(s) from the journal)", original.summary.run_id, prepared.start.run_id, prepared.reuse.outputs.len());
-    let watcher = RunJournal::new(journal.clone(), prepared.start, engine.secrets());
+    let watcher = RunJournal::following(journal.clone(), prepared.start, &engine);
     let opts = RunOptions {
         timeout,
         reuse: Some(Arc::new(prepared.reuse)),

@@ -1125,10 +1125,8 @@ async fn run(args: RunArgs, state: &Path) -> u8 {
                     crate::journal::OWNER_CLI,
                     &input,
                 );
-                Some(crate::journal::RunJournal::new(
-                    journal,
-                    start,
-                    engine.secrets(),
+                Some(crate::journal::RunJournal::following(
+                    journal, start, &engine,
                 ))
             }
             Err(e) => {

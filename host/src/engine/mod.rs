@@ -383,6 +383,11 @@ impl Engine {
         self.secrets.load_full()
     }
 
+    /// The engine's secrets as they change (what a run's journal masks with).
+    pub fn secrets_handle(&self) -> Arc<arc_swap::ArcSwap<Secrets>> {
+        self.secrets.clone()
+    }
+
     /// Replaces the secrets: stages that start from now on use these.
     pub fn set_secrets(&self, secrets: Secrets) {
         self.secrets.store(Arc::new(secrets));

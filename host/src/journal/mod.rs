@@ -793,7 +793,11 @@ fn coalesce(records: Vec<Record>) -> (Vec<Record>, Vec<Option<usize>>) {
 pub struct RunJournal {
     journal: Journal,
     start: RunStart,
+    /// The secrets when the run started.
     secrets: Arc<Secrets>,
+    /// The engine's current secrets: a file rotated while the run goes on brings new
+    /// values, which are masked too.
+    live: Option<Arc<arc_swap::ArcSwap<Secrets>>>,
 }
 
 impl RunJournal {
@@ -803,7 +807,38 @@ impl RunJournal {
             journal,
             start,
             secrets,
+            live: None,
         })
+    }
+
+    /// A run of `engine`: what it writes is masked with the secrets as they were at the
+    /// start and as they are when it writes.
+    pub fn following(
+        journal: Journal,
+        mut start: RunStart,
+        engine: &crate::engine::Engine,
+    ) -> Arc<RunJournal> {
+        let secrets = engine.secrets();
+        secrets.to_references(&mut start.input);
+        Arc::new(RunJournal {
+            journal,
+            start,
+            secrets,
+            live: Some(engine.secrets_handle()),
+        })
+    }
+
+    /// The secrets that differ from the start's, if a rotation brought new ones.
+    fn rotated(&self) -> Option<Arc<Secrets>> {
+        let now = self.live.as_ref()?.load_full();
+        (!Arc::ptr_eq(&now, &self.secrets)).then_some(now)
+    }
+
+    fn mask(&self, v: &mut Value) {
+        self.secrets.to_references(v);
+        if let Some(now) = self.rotated() {
+            now.to_references(v);
+        }
     }
 
     pub fn start(&self) -> &RunStart {
@@ -818,10 +853,14 @@ impl RunJournal {
     fn stage(&self, run_id: &str, position: u32, stage: &StageReport) {
         let mut stage = stage.clone();
         if let Some(out) = &stage.output {
-            stage.output = Some(self.secrets.with_references(out));
+            let mut masked = self.secrets.with_references(out);
+            if let Some(now) = self.rotated() {
+                masked = now.with_references(&masked);
+            }
+            stage.output = Some(masked);
         }
         if let Some(c) = stage.error.as_mut().and_then(|e| e.checkpoint.as_mut()) {
-            self.secrets.to_references(c);
+            self.mask(c);
         }
         self.journal.record(Record::Stage {
             run_id: run_id.to_string(),
@@ -835,7 +874,7 @@ impl RunJournal {
     pub async fn finish(&self, report: &RunReport) -> Result<(), JournalError> {
         let mut output = report.output.clone();
         if let Some(v) = output.as_mut() {
-            self.secrets.to_references(v);
+            self.mask(v);
         }
         self.end(
             report.status,

@@ -575,7 +575,7 @@ async fn execute_kept(
     app.announce(
         json!({"type": "run", "run_id": run_id, "pipeline": pipeline, "status": "running"}),
     );
-    let watcher = RunJournal::new(app.journal.clone(), start, app.engine.secrets());
+    let watcher = RunJournal::following(app.journal.clone(), start, &app.engine);
     let opts = RunOptions {
         reuse: reuse.map(Arc::new),
         ..RunOptions::default()
@@ -1461,10 +1461,10 @@ async fn fallback(
             }
             let run_id = delivery.run_id.clone();
             // Its run can be looked up as soon as the sender has the run id.
-            RunJournal::new(
+            RunJournal::following(
                 app.journal.clone(),
                 delivery_start(&app, &delivery),
-                app.engine.secrets(),
+                &app.engine,
             )
             .announce();
             let app2 = app.clone();
@@ -1520,7 +1520,7 @@ async fn process_delivery(app: Arc<App>, d: Delivery) {
         (_, why) => {
             let why = why.unwrap_or_default();
             tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "delivery {} for {} cannot run, dead-lettered: {why}", d.event_id, d.pipeline);
-            let watcher = RunJournal::new(app.journal.clone(), start, app.engine.secrets());
+            let watcher = RunJournal::following(app.journal.clone(), start, &app.engine);
             let kind = if why.contains("input schema") {
                 "validation"
             } else {

@@ -60,7 +60,7 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
                     "interrupted by a restart (--on-interrupted dead-letter)".to_string()
                 };
                 tracing::warn!(target: "fmhost::serve", run_id = %start.run_id, "run {} dead-lettered: {why}", start.run_id);
-                RunJournal::new(app.journal.clone(), start, app.engine.secrets())
+                RunJournal::following(app.journal.clone(), start, &app.engine)
                     .reject(&why, "interrupted", false)
                     .await?;
             }
