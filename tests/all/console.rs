@@ -329,6 +329,45 @@ async fn a_failed_run_is_found_understood_and_retried_in_the_browser() {
     .await;
     screenshot(&c, "plugins").await;
 
+    // The old version tried again as a 10% canary, shown beside the current one, then
+    // rolled back from the page.
+    c.execute("document.querySelector('#upload-file').value = ''", vec![])
+        .await
+        .unwrap();
+    let v1 = plugin_file("target/plugins", "intercom");
+    c.find(Locator::Css("#upload-file"))
+        .await
+        .unwrap()
+        .send_keys(v1.to_str().unwrap())
+        .await
+        .unwrap();
+    c.find(Locator::Css("#upload-canary"))
+        .await
+        .unwrap()
+        .send_keys("10")
+        .await
+        .unwrap();
+    click(&c, "#upload").await;
+    let canary = until(
+        &c,
+        "the canary in the list",
+        "const v = document.querySelector('#plugins tr[data-plugin=\"intercom\"] td.canary'); return v && v.textContent.includes('1.0.0') && v.textContent",
+    )
+    .await;
+    assert!(canary.as_str().unwrap().contains("at 10%"), "{canary}");
+    screenshot(&c, "plugins-canary").await;
+    click(
+        &c,
+        "#plugins tr[data-plugin=\"intercom\"] button[data-action=\"rollback\"]",
+    )
+    .await;
+    until(
+        &c,
+        "the canary gone, 2.0.0 serving",
+        "const r = document.querySelector('#plugins tr[data-plugin=\"intercom\"]'); return r && r.querySelector('td.canary').textContent === '' && r.querySelector('td.version').textContent === '2.0.0'",
+    )
+    .await;
+
     click(&c, "header nav a[data-nav=\"services\"]").await;
     until(
         &c,
