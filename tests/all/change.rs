@@ -25,11 +25,12 @@ async fn plugins_json(client: &reqwest::Client, url: &str) -> Value {
         .unwrap()
 }
 
-/// `fmhost plugins test CANDIDATE` on the server's journal, with the plugins in
-/// target/plugins.
+/// `fmhost plugins test CANDIDATE` on the server's journal, run from elsewhere: the
+/// other plugins are found where the runs found theirs.
 async fn shadow_cli(dir: &Path, candidate: &Path, extra: &[&str]) -> support::Ran {
     let mut cmd = support::fmhost();
-    cmd.arg("--state")
+    cmd.current_dir(dir)
+        .arg("--state")
         .arg(dir.join("state"))
         .args(["plugins", "test"])
         .arg(candidate)

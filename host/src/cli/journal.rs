@@ -1069,8 +1069,40 @@ pub async fn plugins_test(state: &Path, args: ShadowArgs) -> u8 {
             }
         }
     }
+    // Unless told otherwise, the plugins the pipeline's newest run used: its plugin
+    // directories and the server's uploads (the newest file of a name wins).
+    let (dirs, newest_wins) = if args.plugins.is_empty() {
+        let newest = journal
+            .runs(RunFilter {
+                pipeline: Some(args.pipeline.clone()),
+                limit: 1,
+                ..RunFilter::default()
+            })
+            .await
+            .ok()
+            .and_then(|r| r.into_iter().next());
+        let mut dirs = Vec::new();
+        if let Some(summary) = newest
+            && let Ok(Some(run)) = journal.run(&summary.run_id).await
+        {
+            dirs.extend(run.rerun.plugin_dirs.iter().map(PathBuf::from));
+        }
+        let uploads = state.join("plugins");
+        if uploads.is_dir() {
+            dirs.push(uploads);
+        }
+        let found = !dirs.is_empty();
+        (dirs, found)
+    } else {
+        (args.plugins.clone(), false)
+    };
+    let discovered = if newest_wins {
+        runtime.discover_newest(&dirs).await
+    } else {
+        runtime.discover(&dirs).await
+    };
     let mut registry = crate::component::Registry::builtins();
-    match runtime.discover(&args.plugins).await {
+    match discovered {
         Ok(found) => {
             for p in found {
                 registry.register(Arc::new(WasmComponent::new(p)));

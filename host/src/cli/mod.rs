@@ -216,6 +216,8 @@ enum PluginsCommand {
         /// Print the whole report as JSON.
         #[arg(long)]
         json: bool,
+        /// The other plugins; by default those the pipeline's newest run used (its
+        /// plugin directories and the state directory's uploads).
         #[command(flatten)]
         plugins: PluginArgs,
     },
