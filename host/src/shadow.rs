@@ -247,26 +247,23 @@ fn placeholders(plan: &Plan, run: &RunDetail, granted: &[String]) -> Secrets {
     for st in &plan.stages {
         names.extend(st.secret_grants.iter().cloned());
     }
-    for st in &run.stages {
-        for a in &st.calls {
-            if let Some(r) = &a.recorded {
-                let mut rest = r.url.as_str();
-                while let Some(at) = rest.find("{{secrets.") {
-                    rest = &rest[at + 10..];
-                    if let Some(end) = rest.find("}}") {
-                        names.push(rest[..end].trim().to_string());
-                    }
-                }
-            }
-        }
+    let urls: Vec<&str> = run
+        .stages
+        .iter()
+        .flat_map(|st| &st.calls)
+        .filter_map(|a| a.recorded.as_ref().map(|r| r.url.as_str()))
+        .collect();
+    for url in &urls {
+        names.extend(
+            crate::secrets::names_read(url)
+                .into_iter()
+                .map(str::to_string),
+        );
     }
     names.sort();
     names.dedup();
     Secrets::from_pairs(names.into_iter().map(|n| {
-        let v = format!(
-            "https://{}.recorded.invalid",
-            n.to_ascii_lowercase().replace('_', "-")
-        );
+        let v = crate::testing::placeholder(&n, &urls);
         (n, v)
     }))
 }

@@ -149,6 +149,21 @@ impl Offline for Mocks {
     }
 }
 
+/// What stands in for secret `name` in a recording replayed offline (`fmhost record`,
+/// shadow replay): a URL on a reserved domain when a recorded URL starts with it (it is
+/// a base URL), else a plain marker. Never the value.
+pub fn placeholder(name: &str, recorded_urls: &[&str]) -> String {
+    let reference = format!("{{{{secrets.{name}}}}}");
+    if recorded_urls.iter().any(|u| u.starts_with(&reference)) {
+        format!(
+            "https://{}.recorded.invalid",
+            name.to_ascii_lowercase().replace('_', "-")
+        )
+    } else {
+        format!("recorded-{name}")
+    }
+}
+
 /// `*` matches any run of characters; everything else matches itself.
 pub fn glob(pattern: &str, text: &str) -> bool {
     let (p, t) = (pattern.as_bytes(), text.as_bytes());

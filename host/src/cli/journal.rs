@@ -937,7 +937,20 @@ fn write_recording(
     let doc: Value =
         serde_json::from_str(&doc_text).map_err(|e| format!("pipeline {file}: {e}"))?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let pipeline_name = format!("{name}.pipeline.json");
+    // The name comes from a pipeline file: as a file name it keeps to a safe alphabet.
+    let stem: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let stem = stem.trim_start_matches('.');
+    let stem = if stem.is_empty() { "pipeline" } else { stem };
+    let pipeline_name = format!("{stem}.pipeline.json");
     std::fs::write(out.join(&pipeline_name), &doc_text)
         .map_err(|e| format!("{}: {e}", out.display()))?;
 
@@ -988,18 +1001,12 @@ fn write_recording(
     }
     // Secrets stay references: placeholders here, and the recorded URLs name them.
     let mut secrets = Map::new();
+    let urls: Vec<&str> = http.iter().map(|(_, u, _)| u.as_str()).collect();
     for secret in crate::secrets::uses_in_pipeline(&doc).keys() {
-        let reference = format!("{{{{secrets.{secret}}}}}");
-        let is_base = http.iter().any(|(_, u, _)| u.starts_with(&reference));
-        let value = if is_base {
-            format!(
-                "https://{}.recorded.invalid",
-                secret.to_ascii_lowercase().replace('_', "-")
-            )
-        } else {
-            format!("recorded-{secret}")
-        };
-        secrets.insert(secret.clone(), json!(value));
+        secrets.insert(
+            secret.clone(),
+            json!(crate::testing::placeholder(secret, &urls)),
+        );
     }
     let mut mocks = stage_mocks;
     if !http.is_empty() {
@@ -1028,7 +1035,7 @@ fn write_recording(
         "tests": [{"name": format!("replays run {}", run.summary.run_id), "input": run.input,
                    "secrets": secrets, "mocks": mocks, "assertions": assertions}]
     });
-    let path = out.join(format!("{name}.test.json"));
+    let path = out.join(format!("{stem}.test.json"));
     let text = serde_json::to_string_pretty(&test).map_err(|e| e.to_string())?;
     std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((path, notes))
@@ -1048,27 +1055,18 @@ pub struct ShadowArgs {
 
 /// Shadow-tests a candidate plugin against the journaled runs of a pipeline.
 pub async fn plugins_test(state: &Path, args: ShadowArgs) -> u8 {
-    use crate::plugin::{PluginRuntime, WasmComponent};
+    use crate::plugin::WasmComponent;
     let journal = match open(state, false).await {
         Ok(j) => j,
         Err(code) => return code,
     };
-    let runtime = match PluginRuntime::with_instances(crate::plugin::CLI_INSTANCES) {
+    let runtime = match super::cli_runtime(args.policy.as_deref()) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the plugin runtime: {e}");
-            return EXIT_FAILED;
+            eprintln!("error: {e}");
+            return EXIT_INVALID;
         }
     };
-    if let Some(path) = &args.policy {
-        match crate::plugin::Policy::load(path) {
-            Ok(p) => runtime.set_policy(p),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return EXIT_INVALID;
-            }
-        }
-    }
     // Unless told otherwise, the plugins the pipeline's newest run used: its plugin
     // directories and the server's uploads (the newest file of a name wins).
     let (dirs, newest_wins) = if args.plugins.is_empty() {

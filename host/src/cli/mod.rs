@@ -418,12 +418,18 @@ async fn registry(args: &PluginArgs) -> Result<Registry, String> {
     Ok(registry)
 }
 
-async fn discover(args: &PluginArgs) -> Result<Vec<Arc<Plugin>>, String> {
+/// A plugin runtime sized for one command, with the operator's policy if given.
+fn cli_runtime(policy: Option<&Path>) -> Result<Arc<PluginRuntime>, String> {
     let runtime = PluginRuntime::with_instances(crate::plugin::CLI_INSTANCES)
         .map_err(|e| format!("cannot start the plugin runtime: {e}"))?;
-    if let Some(path) = &args.policy {
+    if let Some(path) = policy {
         runtime.set_policy(crate::plugin::Policy::load(path)?);
     }
+    Ok(runtime)
+}
+
+async fn discover(args: &PluginArgs) -> Result<Vec<Arc<Plugin>>, String> {
+    let runtime = cli_runtime(args.policy.as_deref())?;
     runtime.discover(&args.plugins).await.map_err(|errors| {
         errors
             .iter()

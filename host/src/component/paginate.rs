@@ -17,6 +17,12 @@ const DEFAULT_MAX_PAGES: u32 = 1000;
 
 pub const STYLES: &[&str] = &["cursor", "link_header", "next_url", "page"];
 
+/// Longest JMESPath a `paginate` block may hold (its parser recurses on nesting).
+const MAX_PATH_LEN: usize = 512;
+
+/// Most pages a plugin may ask the host to follow for one call.
+pub const MAX_PLUGIN_PAGES: u32 = DEFAULT_MAX_PAGES;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Paginate {
@@ -79,10 +85,15 @@ impl Paginate {
             ("cursor_path", self.cursor_path.as_ref()),
             ("next_url_path", self.next_url_path.as_ref()),
         ] {
-            if let Some(p) = path
-                && let Err(e) = jpx_core::compile(p)
-            {
-                out.push((field.into(), format!("not a JMESPath expression: {e}")));
+            if let Some(p) = path {
+                if p.len() > MAX_PATH_LEN {
+                    out.push((
+                        field.into(),
+                        format!("longer than {MAX_PATH_LEN} characters"),
+                    ));
+                } else if let Err(e) = jpx_core::compile(p) {
+                    out.push((field.into(), format!("not a JMESPath expression: {e}")));
+                }
             }
         }
         if self.max_pages == Some(0) {
@@ -170,7 +181,10 @@ where
         && let (Some(done), Some(n), Some(next)) = (
             c["items"].as_array(),
             c["pages"].as_u64(),
-            c["next"].as_str().and_then(|u| reqwest::Url::parse(u).ok()),
+            c["next"]
+                .as_str()
+                .and_then(|u| reqwest::Url::parse(u).ok())
+                .filter(|u| u.origin() == first.origin()),
         )
     {
         items = done.clone();
@@ -183,9 +197,12 @@ where
         let out = match fetch(url.clone()).await {
             Ok(out) => out,
             Err(mut e) if pages > 0 => {
-                e.checkpoint = Some(Box::new(json!({"paginate": {
-                    "items": items, "pages": pages, "next": url.as_str(), "page_number": page_number
-                }})));
+                let mut at = list(items, pages, None);
+                at["next"] = json!(url.as_str());
+                at["page_number"] = json!(page_number);
+                let mut checkpoint = serde_json::Map::new();
+                checkpoint.insert("paginate".into(), at);
+                e.checkpoint = Some(Box::new(Value::Object(checkpoint)));
                 e.message = format!("page {}: {}", pages + 1, e.message);
                 return Err(e);
             }
@@ -254,6 +271,21 @@ where
                 })
             }
         };
+        // A vendor's next link must stay on the first page's origin: the stage's
+        // headers, credentials among them, go with every page.
+        if let Some(n) = &next
+            && n.origin() != first.origin()
+        {
+            return Err(StageError::new(
+                ErrorKind::Sandbox,
+                format!(
+                    "page {}: the next page is on {}, not on the first page's origin {}: not followed",
+                    pages + 1,
+                    n.origin().ascii_serialization(),
+                    first.origin().ascii_serialization()
+                ),
+            ));
+        }
         if let Some(m) = max_items
             && items.len() >= m
         {
@@ -267,7 +299,18 @@ where
             Some(n) => url = n,
         }
     };
-    Ok(json!({"items": items, "pages": pages, "truncated": truncated}))
+    Ok(list(items, pages, Some(truncated)))
+}
+
+/// `{"items", "pages", "truncated"}`, the items moved in (`json!` would copy them).
+fn list(items: Vec<Value>, pages: u32, truncated: Option<bool>) -> Value {
+    let mut out = serde_json::Map::new();
+    out.insert("items".into(), Value::Array(items));
+    out.insert("pages".into(), pages.into());
+    if let Some(t) = truncated {
+        out.insert("truncated".into(), t.into());
+    }
+    Value::Object(out)
 }
 
 #[cfg(test)]

@@ -73,6 +73,9 @@ pub enum ClientAuth {
     Basic,
 }
 
+/// Longest token endpoint answer read.
+const MAX_TOKEN_ANSWER: usize = 1 << 20;
+
 /// `application/x-www-form-urlencoded` encoding of one value.
 fn form_encode(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
@@ -441,10 +444,22 @@ impl Credentials {
                 failed(kind, e.to_string())
             })?;
         let status = resp.status().as_u16();
-        let body = resp
-            .bytes()
+        // A token answer is small; one that is not is read no further.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| failed(ErrorKind::Connect, e.to_string()))?;
+            .map_err(|e| failed(ErrorKind::Connect, e.to_string()))?
+        {
+            body.extend_from_slice(&chunk);
+            if body.len() > MAX_TOKEN_ANSWER {
+                return Err(failed(
+                    ErrorKind::Parse,
+                    format!("the answer is longer than {MAX_TOKEN_ANSWER} bytes"),
+                ));
+            }
+        }
         if !(200..300).contains(&status) {
             let kind = match status {
                 429 => ErrorKind::RateLimited,

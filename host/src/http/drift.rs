@@ -15,6 +15,11 @@ use serde_json::Value;
 const MAX_DEPTH: usize = 8;
 /// Endpoints learned per process.
 const MAX_ENDPOINTS: usize = 4096;
+/// Fields learned per object: one with more is a map keyed by data (ids, dates), whose
+/// keys are not a shape; it is kept as "an object" only.
+const MAX_FIELDS: usize = 256;
+/// Departures reported per answer; the rest are counted in one more line.
+const MAX_DEPARTURES: usize = 20;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Shape {
@@ -41,7 +46,7 @@ impl Shape {
                     .reduce(|a, b| a.merged(b))
                     .map(Box::new),
             ),
-            Value::Object(m) if depth < MAX_DEPTH => Shape::Object(
+            Value::Object(m) if depth < MAX_DEPTH && m.len() <= MAX_FIELDS => Shape::Object(
                 m.iter()
                     .map(|(k, v)| (k.clone(), Shape::of(v, depth + 1)))
                     .collect(),
@@ -72,6 +77,11 @@ impl Shape {
                         None => v,
                     };
                     a.insert(k, merged);
+                }
+                // A map keyed by data (ids, dates) has no fields to expect: past the
+                // bound, what was learned of it is dropped, so memory stays bounded.
+                if a.len() > MAX_FIELDS {
+                    a.clear();
                 }
                 Shape::Object(a)
             }
@@ -170,6 +180,11 @@ impl Shapes {
             }
             None => {}
         }
+        if out.len() > MAX_DEPARTURES {
+            let more = out.len() - MAX_DEPARTURES;
+            out.truncate(MAX_DEPARTURES);
+            out.push(format!("... and {more} more"));
+        }
         out
     }
 
@@ -204,6 +219,15 @@ mod tests {
                 "custom_attributes.health_score: missing".to_string(),
                 "tags: was object, now array".to_string()
             ]
+        );
+        // A map keyed by data does not grow the shape without bound.
+        let big: serde_json::Map<String, Value> =
+            (0..300).map(|i| (format!("k{i}"), json!(i))).collect();
+        let m = endpoint("GET", "https://x.example/maps");
+        s.observe("x", &m, &Value::Object(big.clone()));
+        assert!(
+            s.observe("x", &m, &json!({})).is_empty(),
+            "not 300 fields missing"
         );
         // A field once learned stays expected.
         assert_eq!(s.observe("intercom", &e, &v211).len(), 2);

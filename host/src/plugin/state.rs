@@ -441,27 +441,47 @@ impl PluginState {
 /// a JSON `paginate` block as `http-request` takes it. The host removes it before sending.
 pub const PAGINATE_HEADER: &str = "x-fmhost-paginate";
 
+/// Longest `x-fmhost-paginate` value a plugin may send.
+const MAX_PAGINATE_HEADER: usize = 4096;
+
 fn take_paginate(
     headers: &mut Vec<(String, String)>,
 ) -> Result<Option<crate::component::paginate::Paginate>, String> {
-    let Some(at) = headers
-        .iter()
-        .position(|(k, _)| k.eq_ignore_ascii_case(PAGINATE_HEADER))
-    else {
-        return Ok(None);
+    use crate::component::paginate::{MAX_PLUGIN_PAGES, Paginate};
+    let mut values = Vec::new();
+    headers.retain(|(k, v)| {
+        let ours = k.eq_ignore_ascii_case(PAGINATE_HEADER);
+        if ours {
+            values.push(v.clone());
+        }
+        !ours
+    });
+    let value = match values.as_slice() {
+        [] => return Ok(None),
+        [one] => one,
+        _ => return Err(format!("header {PAGINATE_HEADER} is given more than once")),
     };
-    let (_, value) = headers.remove(at);
-    let p: crate::component::paginate::Paginate =
-        serde_json::from_str(&value).map_err(|e| format!("header {PAGINATE_HEADER}: {e}"))?;
+    if value.len() > MAX_PAGINATE_HEADER {
+        return Err(format!(
+            "header {PAGINATE_HEADER} is longer than {MAX_PAGINATE_HEADER} bytes"
+        ));
+    }
+    let p: Paginate =
+        serde_json::from_str(value).map_err(|e| format!("header {PAGINATE_HEADER}: {e}"))?;
     if let Some((field, why)) = p.problems().into_iter().next() {
         return Err(format!("header {PAGINATE_HEADER}: {field}: {why}"));
+    }
+    if p.max_pages.is_some_and(|m| m > MAX_PLUGIN_PAGES) {
+        return Err(format!(
+            "header {PAGINATE_HEADER}: max_pages: at most {MAX_PLUGIN_PAGES}"
+        ));
     }
     Ok(Some(p))
 }
 
 /// Every page of a list, each page one call through the outbound machinery (with its
-/// retries, and an attempt in the journal); every page must stay on the first one's
-/// origin, where the call's credentials are bound.
+/// retries, and an attempt in the journal); `collect` keeps every page on the first
+/// one's origin, where the call's credentials are bound.
 async fn paginated(
     outbound: &Outbound,
     ctx: &crate::http::CallContext<'_>,
@@ -476,21 +496,10 @@ async fn paginated(
             format!("invalid URL {}: {e}", ctx.secrets.redact(&request.url)),
         )
     })?;
-    let origin = first.origin();
     crate::component::paginate::collect(p, first, None, |page| {
         let mut r = request.clone();
-        let same_origin = page.origin() == origin;
         r.url = page.to_string();
         async move {
-            if !same_origin {
-                return Err(StageError::new(
-                    ErrorKind::Sandbox,
-                    format!(
-                        "the next page {} is not on the first page's origin",
-                        ctx.secrets.redact(&r.url)
-                    ),
-                ));
-            }
             let resp = outbound.send(ctx, &r, policy).await?;
             if let Some(mut e) = crate::http::http_failure_of(&resp) {
                 e.message = format!(
