@@ -135,7 +135,7 @@ pub async fn run_once(
             Default::default(),
             "bench",
             "bench",
-            &input,
+            engine.secrets().store(&input),
         );
         fmhost::journal::RunJournal::new(j.clone(), start, engine.secrets())
     });

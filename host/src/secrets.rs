@@ -14,7 +14,7 @@ const MASK: &str = "***";
 /// Values shorter than this are masked only where they stand alone (between characters
 /// that are not letters or digits), so a secret "42" does not blank every number in a log.
 const SHORT: usize = 4;
-/// What [`Secrets::to_references`] puts before `secrets.` in text that already held a
+/// What [`Secrets::store`] puts before `secrets.` in text that already held a
 /// literal `{{secrets.`, so a stored value never turns data into a reference on restore.
 const ESCAPE: char = '!';
 
@@ -171,9 +171,11 @@ pub struct Secrets {
     /// What redaction masks: every value and its common encodings (URL-encoded, base64,
     /// JSON-escaped), longest first.
     masks: Vec<String>,
-    /// One automaton over all of `exact`, and one over all of `masks`: the common case,
-    /// text holding no secret, is one pass over it instead of one per value.
-    find_exact: Option<aho_corasick::AhoCorasick>,
+    /// `masks` without the values themselves: what storing masks after it wrote the
+    /// values as references.
+    encodings_only: Vec<String>,
+    /// One automaton over all of `masks`: the common case, text holding no secret, is
+    /// one pass over it instead of one per value and encoding.
     find_masks: Option<aho_corasick::AhoCorasick>,
 }
 
@@ -229,8 +231,13 @@ impl Secrets {
                 })
                 .flatten()
         };
+        let encodings_only = masks
+            .iter()
+            .filter(|m| !exact.iter().any(|(v, _)| v == *m))
+            .cloned()
+            .collect();
         Secrets {
-            find_exact: automaton(exact.iter().map(|(v, _)| v.as_str()).collect()),
+            encodings_only,
             find_masks: automaton(masks.iter().map(String::as_str).collect()),
             values,
             exact,
@@ -299,6 +306,38 @@ impl Secrets {
         matches!(self.redact(text), Cow::Owned(_))
     }
 
+    /// `value` as JSON text with every secret value (and encoding of one) masked: what a
+    /// plugin is handed as config or input, which may hold what an upstream echoed.
+    pub fn masked_json(&self, value: &Value) -> String {
+        let text = serde_json::to_string(value).unwrap_or_default();
+        if !Self::may_hold(&self.find_masks, text.as_bytes()) {
+            return text;
+        }
+        let mut v = value.clone();
+        self.redact_value(&mut v);
+        serde_json::to_string(&v).unwrap_or_default()
+    }
+
+    /// [`Self::redact_value`] on a shared value: the same `Arc` when it holds no secret.
+    pub fn redact_shared(&self, value: &std::sync::Arc<Value>) -> std::sync::Arc<Value> {
+        fn holds(s: &Secrets, v: &Value) -> bool {
+            match v {
+                Value::String(t) => Secrets::may_hold(&s.find_masks, t.as_bytes()),
+                Value::Array(items) => items.iter().any(|v| holds(s, v)),
+                Value::Object(map) => map.iter().any(|(k, v)| {
+                    Secrets::may_hold(&s.find_masks, k.as_bytes()) || holds(s, v)
+                }),
+                _ => false,
+            }
+        }
+        if self.masks.is_empty() || !holds(self, value) {
+            return value.clone();
+        }
+        let mut v = (**value).clone();
+        self.redact_value(&mut v);
+        std::sync::Arc::new(v)
+    }
+
     /// Masks secret values anywhere inside a JSON value (strings and keys).
     pub fn redact_value(&self, value: &mut Value) {
         if !self.masks.is_empty() {
@@ -306,22 +345,38 @@ impl Secrets {
         }
     }
 
-    /// Replaces secret values inside a JSON value by `{{secrets.NAME}}`, so what is
-    /// stored (the run journal) holds no secret yet can be restored by [`Self::restore_value`].
-    /// Text that already held a literal `{{secrets.` is escaped first, so restoring it
-    /// gives the same text back and never a secret: data does not become a reference.
-    pub fn to_references(&self, value: &mut Value) {
-        map_strings(value, &|s| self.referenced(s));
+    /// `value` in the form it is kept in outside a run (the journal): secret values as
+    /// `{{secrets.NAME}}`, other encodings of them masked, and text that already held a
+    /// literal `{{secrets.` escaped, so [`Self::restore`] gives the same text back and
+    /// never a secret: data does not become a reference.
+    pub fn store(&self, value: &Value) -> Stored {
+        let mut v = value.clone();
+        map_strings(&mut v, &|s| self.referenced(s, true));
+        Stored(v)
+    }
+
+    /// `stored` with the values of these secrets (a rotation since it was stored) written
+    /// as references too; what is already a reference or escaped is left as it is.
+    pub fn store_more(&self, stored: Stored) -> Stored {
+        let mut v = stored.0;
+        map_strings(&mut v, &|s| self.referenced(s, false));
+        Stored(v)
     }
 
     /// `s` with secret values written as `{{secrets.NAME}}` (and literal references escaped).
     pub fn reference_text<'a>(&self, s: &'a str) -> Cow<'a, str> {
-        self.referenced(s)
+        self.referenced(s, true)
     }
 
-    fn referenced<'a>(&self, s: &'a str) -> Cow<'a, str> {
-        let mut out = escape_literal_refs(s);
-        if !Self::may_hold(&self.find_exact, s.as_bytes()) {
+    /// Secret values as references, then whatever other encoding of one is left masked;
+    /// with `escape`, literal `{{secrets.` in the text is escaped first.
+    fn referenced<'a>(&self, s: &'a str, escape: bool) -> Cow<'a, str> {
+        let mut out = if escape {
+            escape_literal_refs(s)
+        } else {
+            Cow::Borrowed(s)
+        };
+        if !Self::may_hold(&self.find_masks, s.as_bytes()) {
             return out;
         }
         for (secret, name) in &self.exact {
@@ -331,39 +386,86 @@ impl Secrets {
                 out = Cow::Owned(replaced);
             }
         }
+        if Self::may_hold(&self.find_masks, out.as_bytes()) {
+            for m in &self.encodings_only {
+                if let Some(replaced) = replace_standalone(&out, m, MASK) {
+                    out = Cow::Owned(replaced);
+                }
+            }
+        }
         out
     }
 
-    /// [`Self::to_references`] on a shared value: the same `Arc` when nothing in it needs
-    /// rewriting (the usual case), so journaling an output does not copy it.
-    pub fn with_references(&self, value: &std::sync::Arc<Value>) -> std::sync::Arc<Value> {
-        if !self.needs_rewrite(value) {
+    /// A stage output in its stored form ([`Self::store`]), sharing the `Arc` when nothing
+    /// in it needs rewriting (the usual case), so journaling an output does not copy it.
+    pub fn store_shared(&self, value: &std::sync::Arc<Value>) -> std::sync::Arc<Value> {
+        self.rewritten(value, true)
+    }
+
+    /// [`Self::store_more`] on a shared stored value.
+    pub fn store_more_shared(&self, value: &std::sync::Arc<Value>) -> std::sync::Arc<Value> {
+        self.rewritten(value, false)
+    }
+
+    fn rewritten(&self, value: &std::sync::Arc<Value>, escape: bool) -> std::sync::Arc<Value> {
+        if !self.needs_rewrite(value, escape) {
             return value.clone();
         }
         let mut v = (**value).clone();
-        self.to_references(&mut v);
+        map_strings(&mut v, &|s| self.referenced(s, escape));
         std::sync::Arc::new(v)
     }
 
-    fn needs_rewrite(&self, value: &Value) -> bool {
-        let hit = |s: &str| matches!(self.referenced(s), Cow::Owned(_));
+    fn needs_rewrite(&self, value: &Value, escape: bool) -> bool {
+        let hit = |s: &str| matches!(self.referenced(s, escape), Cow::Owned(_));
         match value {
             Value::String(s) => hit(s),
-            Value::Array(items) => items.iter().any(|v| self.needs_rewrite(v)),
-            Value::Object(map) => map.iter().any(|(k, v)| hit(k) || self.needs_rewrite(v)),
+            Value::Array(items) => items.iter().any(|v| self.needs_rewrite(v, escape)),
+            Value::Object(map) => map
+                .iter()
+                .any(|(k, v)| hit(k) || self.needs_rewrite(v, escape)),
             _ => false,
         }
     }
 
-    /// Puts the current secret values back where [`Self::to_references`] left references,
-    /// and unescapes what it escaped.
-    pub fn restore_value(&self, value: &mut Value) {
-        map_strings(value, &|s| {
+    /// The data a stored value stood for: the current secret values back where
+    /// [`Self::store`] left references, and what it escaped unescaped. The only place
+    /// that reads `{{` in data, and only this fixed pattern of it.
+    pub fn restore(&self, stored: &Stored) -> Value {
+        self.restore_raw(stored.0.clone())
+    }
+
+    /// [`Self::restore`] on a value read from storage as a plain JSON value (a stage's
+    /// output in a journaled report).
+    pub fn restore_raw(&self, mut value: Value) -> Value {
+        map_strings(&mut value, &|s| {
             if !s.contains("{{") {
                 return Cow::Borrowed(s);
             }
             Cow::Owned(restore_text(s, &|name| self.get(name)))
         });
+        value
+    }
+}
+
+/// A JSON value in the form kept outside a run, made by [`Secrets::store`] and turned
+/// back into data only by [`Secrets::restore`]: secret values are `{{secrets.NAME}}`
+/// references, literal references in the data escaped. Run inputs and webhook payloads
+/// are journaled as this type, so no path can write one unmasked or read one back as
+/// data without restoring it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Stored(Value);
+
+impl Stored {
+    /// The stored form itself, to show (`runs show`) or write to storage.
+    pub fn as_value(&self) -> &Value {
+        &self.0
+    }
+
+    /// A value read back from storage, which holds only what [`Secrets::store`] made.
+    pub fn from_storage(value: Value) -> Stored {
+        Stored(value)
     }
 }
 
@@ -623,14 +725,12 @@ mod tests {
     fn references_stand_in_for_values_and_restore_them() {
         let s = Secrets::from_pairs([("URL", "http://10.0.0.7:9000"), ("KEY", "sk-secret-9")]);
         let original = json!({"api": "http://10.0.0.7:9000/v1", "echo": ["Bearer sk-secret-9"]});
-        let mut stored = original.clone();
-        s.to_references(&mut stored);
+        let stored = s.store(&original);
         assert_eq!(
-            stored,
-            json!({"api": "{{secrets.URL}}/v1", "echo": ["Bearer {{secrets.KEY}}"]})
+            stored.as_value(),
+            &json!({"api": "{{secrets.URL}}/v1", "echo": ["Bearer {{secrets.KEY}}"]})
         );
-        s.restore_value(&mut stored);
-        assert_eq!(stored, original);
+        assert_eq!(s.restore(&stored), original);
     }
 
     #[test]
@@ -642,14 +742,29 @@ mod tests {
         assert!(!s.redact(&text).contains("sk"), "{}", s.redact(&text));
         // Data that looks like a reference comes back as the same text, never a secret.
         let original = json!({"id": "{{secrets.KEY}}", "x": "{{!secrets.KEY}} and sk live/9+x"});
-        let mut stored = original.clone();
-        s.to_references(&mut stored);
+        let stored = s.store(&original);
         assert_eq!(
-            stored,
-            json!({"id": "{{!secrets.KEY}}", "x": "{{!!secrets.KEY}} and {{secrets.KEY}}"})
+            stored.as_value(),
+            &json!({"id": "{{!secrets.KEY}}", "x": "{{!!secrets.KEY}} and {{secrets.KEY}}"})
         );
-        s.restore_value(&mut stored);
-        assert_eq!(stored, original);
+        assert_eq!(s.restore(&stored), original);
+        // Other encodings of a value cannot be restored, so they are masked.
+        let echoed = json!({"b": format!("basic {b64}"), "q": "q=sk%20live%2F9%2Bx"});
+        assert_eq!(
+            s.store(&echoed).as_value(),
+            &json!({"b": "basic ***", "q": "q=***"})
+        );
+        // A rotation adds its values as references without escaping twice.
+        let rotated = Secrets::from_pairs([("KEY", "sk live/9+x"), ("NEW", "new-value-1")]);
+        let more = rotated.store_more(s.store(&json!(["{{secrets.KEY}} new-value-1 sk live/9+x"])));
+        assert_eq!(
+            more.as_value(),
+            &json!(["{{!secrets.KEY}} {{secrets.NEW}} {{secrets.KEY}}"])
+        );
+        assert_eq!(
+            rotated.restore(&more),
+            json!(["{{secrets.KEY}} new-value-1 sk live/9+x"])
+        );
         let mut bytes = b"echo sk live/9+x".to_vec();
         s.redact_bytes(&mut bytes);
         assert_eq!(bytes, b"echo ***");

@@ -321,7 +321,8 @@ async fn one(plan: &Arc<Plan>, plugin: &str, run: &RunDetail, granted: &[String]
         ..RunOptions::default()
     };
     let stages: Vec<String> = Vec::new();
-    let report = match engine.run(plan.clone(), run.input.clone(), opts).await {
+    let input = engine.secrets().restore(&run.input);
+    let report = match engine.run(plan.clone(), input, opts).await {
         Ok(r) => r,
         Err(e) => {
             return RunResult {
@@ -377,6 +378,13 @@ fn judge(
         run.stage(&s.id)
             .is_some_and(|r| r.report.status == StageStatus::Succeeded)
     });
+    // The recording as the shadow run's report shows it: the journal's references to
+    // (placeholder) secrets restored, then masked as every report leaving a run is.
+    let as_reported = |stored: &Value| {
+        let mut v = secrets.restore_raw(stored.clone());
+        secrets.redact_value(&mut v);
+        v
+    };
     let mut differences = Vec::new();
     for s in &ran {
         let before = run
@@ -384,22 +392,19 @@ fn judge(
             .filter(|r| r.report.status == StageStatus::Succeeded)
             .and_then(|r| r.report.output.clone());
         if let (Some(before), Some(after)) = (before, &s.output) {
-            let after = secrets.with_references(after);
             diff(
                 &format!("stages.{}", s.id),
-                &before,
-                &after,
+                &as_reported(&before),
+                after,
                 &mut differences,
             );
         }
     }
     if recorded_ok && shadow_ok {
-        let mut after = report.output.clone().unwrap_or(Value::Null);
-        secrets.to_references(&mut after);
         diff(
             "output",
-            run.output.as_ref().unwrap_or(&Value::Null),
-            &after,
+            &as_reported(run.output.as_ref().unwrap_or(&Value::Null)),
+            report.output.as_ref().unwrap_or(&Value::Null),
             &mut differences,
         );
     }

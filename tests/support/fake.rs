@@ -22,6 +22,8 @@ pub struct Reply {
     pub delay: Duration,
     /// Send the headers, then stall the body this long.
     pub stall_body: Option<Duration>,
+    /// Answer with the request itself: `{method, path, query, headers, body}` as JSON.
+    pub echo: bool,
 }
 
 impl Reply {
@@ -32,6 +34,14 @@ impl Reply {
             body: body.to_string().into_bytes(),
             delay: Duration::ZERO,
             stall_body: None,
+            echo: false,
+        }
+    }
+    /// 200 with the request echoed back (an upstream that reflects what it was sent).
+    pub fn echo() -> Reply {
+        Reply {
+            echo: true,
+            ..Reply::json(200, Value::Null)
         }
     }
     pub fn status(status: u16) -> Reply {
@@ -171,6 +181,15 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         .await
         .unwrap_or_default();
     let path = parts.uri.path().to_string();
+    let echoed = serde_json::json!({
+        "method": parts.method.as_str(),
+        "path": &path,
+        "query": parts.uri.query().unwrap_or(""),
+        "headers": parts.headers.iter()
+            .map(|(k, v)| (k.to_string(), Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned())))
+            .collect::<serde_json::Map<_, _>>(),
+        "body": String::from_utf8_lossy(&body),
+    });
     inner.seen.lock().unwrap().push(Seen {
         at,
         method: parts.method.clone(),
@@ -186,12 +205,15 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             None => None,
         }
     };
-    let reply = reply.unwrap_or_else(|| {
+    let mut reply = reply.unwrap_or_else(|| {
         Reply::json(
             404,
             serde_json::json!({"error": format!("no route {path}")}),
         )
     });
+    if reply.echo {
+        reply.body = echoed.to_string().into_bytes();
+    }
     let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     inner.max_in_flight.fetch_max(now, Ordering::SeqCst);
     tokio::time::sleep(reply.delay).await;

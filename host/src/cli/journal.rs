@@ -391,7 +391,7 @@ fn show_run(d: &RunDetail) {
             }
         }
     }
-    println!("input: {}", one_line(&d.input, 300));
+    println!("input: {}", one_line(d.input.as_value(), 300));
     println!();
     println!(
         "{:<24} {:<10} {:>8} {:>8} {:>9}  COMPONENT",
@@ -770,7 +770,7 @@ pub async fn dlq(state: &Path, cmd: DlqCommand) -> u8 {
                     if let Some(by) = &e.resolved_by {
                         println!("resolved by:    {by}");
                     }
-                    println!("input:          {}", one_line(&e.input, 2000));
+                    println!("input:          {}", one_line(e.input.as_value(), 2000));
                 }
                 0
             }
@@ -1008,6 +1008,13 @@ fn write_recording(
             json!(crate::testing::placeholder(secret, &urls)),
         );
     }
+    // The input as the run had it, with the placeholders where it held secret values.
+    let input = crate::secrets::Secrets::from_pairs(
+        secrets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())),
+    )
+    .restore(&run.input);
     let mut mocks = stage_mocks;
     if !http.is_empty() {
         mocks.insert(
@@ -1032,7 +1039,7 @@ fn write_recording(
         "name": name,
         "pipeline": pipeline_name,
         "description": format!("recorded from run {} ({}) by fmhost record", run.summary.run_id, run.summary.started_at),
-        "tests": [{"name": format!("replays run {}", run.summary.run_id), "input": run.input,
+        "tests": [{"name": format!("replays run {}", run.summary.run_id), "input": input,
                    "secrets": secrets, "mocks": mocks, "assertions": assertions}]
     });
     let path = out.join(format!("{stem}.test.json"));

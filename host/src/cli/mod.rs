@@ -1131,7 +1131,7 @@ async fn run(args: RunArgs, state: &Path) -> u8 {
                     ),
                     "cli",
                     crate::journal::OWNER_CLI,
-                    &input,
+                    engine.secrets().store(&input),
                 );
                 Some(crate::journal::RunJournal::following(
                     journal, start, &engine,

@@ -324,7 +324,7 @@ impl RunCtx {
     fn assemble(&self, view: &frame::View) -> Result<Value, StageError> {
         let plan = &view.plan;
         let out = |s: usize| view.output(s).cloned().unwrap_or(Value::Null);
-        let mut value = match plan.sinks.as_slice() {
+        let value = match plan.sinks.as_slice() {
             [one] => out(*one),
             many => Value::Object(
                 many.iter()
@@ -332,7 +332,6 @@ impl RunCtx {
                     .collect(),
             ),
         };
-        self.engine.secrets().redact_value(&mut value);
         self.check_output(plan, value)
     }
 
@@ -528,8 +527,7 @@ impl Engine {
                         ),
                     ));
                 }
-                (Ok(()), Some(mut value)) => {
-                    self.secrets().redact_value(&mut value);
+                (Ok(()), Some(value)) => {
                     match run.check_output(&plan, value) {
                         Ok(v) => output = Some(v),
                         Err(e) => failure = Some((RunStatus::Failed, e.message)),
@@ -588,7 +586,7 @@ impl Engine {
             }
         }
         let stages = std::mem::take(&mut run.reports.lock().expect("reports").list);
-        Ok(RunReport {
+        let mut report = RunReport {
             run_id: run_id.to_string(),
             pipeline: plan.name.to_string(),
             status,
@@ -599,7 +597,11 @@ impl Engine {
             failed_stage,
             stages,
             trace: Some(run.trace.clone()),
-        })
+        };
+        // What leaves the engine leaves the process (stdout, report files, API answers,
+        // traces): an upstream that echoed a credential does not hand it back here.
+        report.redact(&self.secrets());
+        Ok(report)
     }
 
     fn retry_policy(

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use std::borrow::Cow;
+
 use crate::error::StageError;
+use crate::secrets::Secrets;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -104,6 +107,41 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// Makes the report fit to leave the process (a command's stdout, a report file, an
+    /// API answer, a trace exporter): every secret value, and each encoding of one, masked
+    /// in the output, each stage's output, error and checkpoint, and the run's error.
+    /// [`crate::engine::Engine::run`] returns reports redacted; the journal, which must
+    /// restore what stages produced, stores them as references instead
+    /// ([`Secrets::store`]) from what its observer saw while the run went on.
+    pub fn redact(&mut self, secrets: &Secrets) {
+        if let Some(out) = self.output.as_mut() {
+            secrets.redact_value(out);
+        }
+        if let Some(e) = self.error.as_mut()
+            && let Cow::Owned(masked) = secrets.redact(e)
+        {
+            *e = masked;
+        }
+        for s in &mut self.stages {
+            if let Some(out) = &s.output {
+                s.output = Some(secrets.redact_shared(out));
+            }
+            if let Some(err) = s.error.as_mut() {
+                if let Cow::Owned(masked) = secrets.redact(&err.message) {
+                    err.message = masked;
+                }
+                if let Some(c) = err.checkpoint.as_mut() {
+                    secrets.redact_value(c);
+                }
+            }
+            if let Some(why) = s.skipped_because.as_mut()
+                && let Cow::Owned(masked) = secrets.redact(why)
+            {
+                *why = masked;
+            }
+        }
+    }
+
     pub fn stage(&self, id: &str) -> Option<&StageReport> {
         self.stages.iter().find(|s| s.id == id)
     }

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::engine::{RunObserver, RunReport, RunStatus, StageReport, StageStatus};
 use crate::http::Attempt;
-use crate::secrets::Secrets;
+use crate::secrets::{Secrets, Stored};
 
 /// This machine's name, recorded with each run so a process's liveness is only judged
 /// here. Read once per process.
@@ -125,8 +125,8 @@ pub struct RunStart {
     /// `cli`, `api`, `webhook`, `replay`, `resume`, `dlq-retry`.
     pub trigger: String,
     pub owner: String,
-    /// The run's input; journaled with `{{secrets.NAME}}` in place of secret values.
-    pub input: Value,
+    /// The run's input as journaled: `{{secrets.NAME}}` in place of secret values.
+    pub input: Stored,
     pub replay_of: Option<String>,
     pub replay_from: Option<String>,
     pub started_at: i64,
@@ -142,7 +142,7 @@ impl RunStart {
         rerun: Rerun,
         trigger: &str,
         owner: &str,
-        input: &Value,
+        input: Stored,
     ) -> RunStart {
         RunStart {
             trace: crate::trace::RunTrace::start(&run_id, None),
@@ -151,7 +151,7 @@ impl RunStart {
             rerun,
             trigger: trigger.to_string(),
             owner: owner.to_string(),
-            input: input.clone(),
+            input,
             replay_of: None,
             replay_from: None,
             started_at: unix_ms(SystemTime::now()),
@@ -192,7 +192,8 @@ pub struct Delivery {
     pub event_id: String,
     pub path: String,
     pub received_at: i64,
-    pub payload: Value,
+    /// As journaled ([`Secrets::store`]); the run gets [`Secrets::restore`] of it.
+    pub payload: Stored,
     /// The run that processes it (assigned when it is accepted).
     pub run_id: String,
     /// The sender's W3C `traceparent`, so the run joins its trace.
@@ -304,7 +305,8 @@ pub struct RunDetail {
     /// How many times a restarted server resumed it.
     pub resumed: u32,
     pub finished_at: Option<String>,
-    pub input: Value,
+    /// As journaled: [`Secrets::restore`] gives the input the run had.
+    pub input: Stored,
     pub output: Option<Value>,
     /// The open dead-letter entry for this run, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -341,7 +343,7 @@ impl RunDetail {
                 self.rerun.clone(),
                 &self.summary.trigger,
                 owner,
-                &self.input,
+                self.input.clone(),
             )
         }
     }
@@ -380,7 +382,7 @@ pub struct DeadLetter {
     pub updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resolved_by: Option<String>,
-    pub input: Value,
+    pub input: Stored,
 }
 
 /// A journal store. Writes come from one thread, a batch at a time; reads from another
@@ -801,8 +803,7 @@ pub struct RunJournal {
 }
 
 impl RunJournal {
-    pub fn new(journal: Journal, mut start: RunStart, secrets: Arc<Secrets>) -> Arc<RunJournal> {
-        secrets.to_references(&mut start.input);
+    pub fn new(journal: Journal, start: RunStart, secrets: Arc<Secrets>) -> Arc<RunJournal> {
         Arc::new(RunJournal {
             journal,
             start,
@@ -815,11 +816,10 @@ impl RunJournal {
     /// start and as they are when it writes.
     pub fn following(
         journal: Journal,
-        mut start: RunStart,
+        start: RunStart,
         engine: &crate::engine::Engine,
     ) -> Arc<RunJournal> {
         let secrets = engine.secrets();
-        secrets.to_references(&mut start.input);
         Arc::new(RunJournal {
             journal,
             start,
@@ -834,11 +834,12 @@ impl RunJournal {
         (!Arc::ptr_eq(&now, &self.secrets)).then_some(now)
     }
 
-    fn mask(&self, v: &mut Value) {
-        self.secrets.to_references(v);
+    fn mask(&self, v: &Value) -> Value {
+        let mut stored = self.secrets.store(v);
         if let Some(now) = self.rotated() {
-            now.to_references(v);
+            stored = now.store_more(stored);
         }
+        stored.as_value().clone()
     }
 
     pub fn start(&self) -> &RunStart {
@@ -853,14 +854,14 @@ impl RunJournal {
     fn stage(&self, run_id: &str, position: u32, stage: &StageReport) {
         let mut stage = stage.clone();
         if let Some(out) = &stage.output {
-            let mut masked = self.secrets.with_references(out);
+            let mut masked = self.secrets.store_shared(out);
             if let Some(now) = self.rotated() {
-                masked = now.with_references(&masked);
+                masked = now.store_more_shared(&masked);
             }
             stage.output = Some(masked);
         }
         if let Some(c) = stage.error.as_mut().and_then(|e| e.checkpoint.as_mut()) {
-            self.mask(c);
+            **c = self.mask(c);
         }
         self.journal.record(Record::Stage {
             run_id: run_id.to_string(),
@@ -872,10 +873,7 @@ impl RunJournal {
     /// Records how the run ended (dead-lettering a failure) and waits until the whole
     /// run is committed to stable storage.
     pub async fn finish(&self, report: &RunReport) -> Result<(), JournalError> {
-        let mut output = report.output.clone();
-        if let Some(v) = output.as_mut() {
-            self.mask(v);
-        }
+        let output = report.output.as_ref().map(|v| self.mask(v));
         self.end(
             report.status,
             report.error.clone(),

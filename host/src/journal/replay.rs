@@ -73,14 +73,16 @@ pub fn reuse_except(
             .as_ref()
             .filter(|_| s.report.status == StageStatus::Succeeded && s.report.error.is_none())
         {
-            let mut out = (**out).clone();
-            secrets.restore_value(&mut out);
-            outputs.insert(s.report.id.clone(), Arc::new(out));
+            outputs.insert(
+                s.report.id.clone(),
+                Arc::new(secrets.restore_raw((**out).clone())),
+            );
         }
         if let Some(c) = s.report.error.as_ref().and_then(|e| e.checkpoint.as_ref()) {
-            let mut c = (**c).clone();
-            secrets.restore_value(&mut c);
-            checkpoints.insert(s.report.id.clone(), Arc::new(c));
+            checkpoints.insert(
+                s.report.id.clone(),
+                Arc::new(secrets.restore_raw((**c).clone())),
+            );
         }
     }
     Reuse {
@@ -125,11 +127,7 @@ pub fn prepare(
         },
         _ => reuse(plan, original, from, secrets)?,
     };
-    let input = input.unwrap_or_else(|| {
-        let mut input = original.input.clone();
-        secrets.restore_value(&mut input);
-        input
-    });
+    let input = input.unwrap_or_else(|| secrets.restore(&original.input));
     crate::engine::Engine::check_input(plan, &input).map_err(|e| e.to_string())?;
     Ok(Replay {
         start: super::RunStart {
@@ -141,7 +139,7 @@ pub fn prepare(
                 original.rerun.clone(),
                 trigger,
                 owner,
-                &input,
+                secrets.store(&input),
             )
         },
         input,

@@ -16,6 +16,7 @@ use super::{
 };
 use crate::engine::{StageReport, StageStatus};
 use crate::http::Attempt;
+use crate::secrets::Stored;
 
 /// Versioned migrations: `(version, name, sql)`. Never edit one that has shipped; add one.
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -323,7 +324,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 s.rerun.pipeline_file,
                 s.trigger,
                 s.owner,
-                json_text(&s.input),
+                json_text(s.input.as_value()),
                 s.started_at,
                 s.replay_of,
                 s.replay_from,
@@ -483,7 +484,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 d.event_id,
                 d.path,
                 d.received_at,
-                json_text(&d.payload),
+                json_text(d.payload.as_value()),
                 d.run_id,
                 d.traceparent
             ])?,
@@ -566,7 +567,7 @@ fn dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
         created_at: super::rfc3339(r.get(10)?),
         updated_at: super::rfc3339(r.get(11)?),
         resolved_by: r.get(12)?,
-        input: parse_json(r.get(13)?).unwrap_or(Value::Null),
+        input: Stored::from_storage(parse_json(r.get(13)?).unwrap_or(Value::Null)),
     })
 }
 
@@ -716,7 +717,7 @@ impl SqliteBackend {
             replayed_by,
             resumed,
             finished_at: finished.map(super::rfc3339),
-            input: parse_value(&input).unwrap_or(Value::Null),
+            input: Stored::from_storage(parse_value(&input).unwrap_or(Value::Null)),
             output: parse_json(output),
             dead_letter,
             trace,
@@ -878,7 +879,9 @@ impl Backend for SqliteBackend {
                     event_id: r.get(1)?,
                     path: r.get(2)?,
                     received_at: r.get(3)?,
-                    payload: parse_value(&r.get::<_, String>(4)?).unwrap_or(Value::Null),
+                    payload: Stored::from_storage(
+                        parse_value(&r.get::<_, String>(4)?).unwrap_or(Value::Null),
+                    ),
                     run_id: r.get(5)?,
                     traceparent: r.get(6)?,
                 })

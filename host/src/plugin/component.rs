@@ -114,9 +114,10 @@ impl Component for WasmComponent {
             deadline: ctx.deadline,
             observer: ctx.observer.clone(),
         });
-        // serde_json's writer, not `Display`, which goes through `fmt` a piece at a time.
-        let config_text = serde_json::to_string(&config).unwrap_or_default();
-        let input_text = serde_json::to_string(&*upstream).unwrap_or_default();
+        // What the stage hands over may hold a secret an upstream echoed (data, never a
+        // reference): masked, so a plugin sees no secret value by any path.
+        let config_text = ctx.secrets.masked_json(&config);
+        let input_text = ctx.secrets.masked_json(&upstream);
         drop(config);
         let deadline = ctx
             .deadline

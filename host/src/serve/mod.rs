@@ -534,7 +534,7 @@ impl App {
             self.rerun(&plan.name),
             trigger,
             OWNER_SERVE,
-            input,
+            self.engine.secrets().store(input),
         )
     }
 
@@ -1438,7 +1438,7 @@ async fn fallback(
         event_id: event_id.clone(),
         path: trigger.path.clone(),
         received_at: unix_ms(SystemTime::now()),
-        payload,
+        payload: app.engine.secrets().store(&payload),
         run_id: new_run_id(),
         traceparent: headers
             .get("traceparent")
@@ -1447,9 +1447,7 @@ async fn fallback(
             .map(str::to_string),
     };
     // Acknowledged only once it is in the journal, synced to disk (secret values as references).
-    let mut stored = delivery.clone();
-    app.engine.secrets().to_references(&mut stored.payload);
-    match app.journal.accept_delivery(stored).await {
+    match app.journal.accept_delivery(delivery.clone()).await {
         Ok(false) => Json(json!({"event_id": event_id, "duplicate": true})).into_response(),
         Ok(true) => {
             {
@@ -1469,7 +1467,7 @@ async fn fallback(
             .announce();
             let app2 = app.clone();
             app.tracker
-                .spawn(async move { process_delivery(app2, delivery).await });
+                .spawn(async move { process_delivery(app2, delivery, payload).await });
             (
                 StatusCode::ACCEPTED,
                 Json(json!({"event_id": event_id, "run_id": run_id})),
@@ -1497,25 +1495,25 @@ fn delivery_start(app: &App, d: &Delivery) -> RunStart {
             app.rerun(&d.pipeline),
             "webhook",
             OWNER_SERVE,
-            &d.payload,
+            d.payload.clone(),
         )
     }
 }
 
-/// Runs an accepted delivery; one that cannot run (its pipeline is gone, its payload
+/// Runs an accepted delivery with its `payload` (restored from its stored form); one that cannot run (its pipeline is gone, its payload
 /// does not match the input schema) is dead-lettered with the reason.
-async fn process_delivery(app: Arc<App>, d: Delivery) {
+async fn process_delivery(app: Arc<App>, d: Delivery, payload: Value) {
     let plan = app.pipelines.get(&d.pipeline).cloned();
     let problem = match &plan {
         None => Some(format!("pipeline \"{}\" is not served here", d.pipeline)),
-        Some(plan) => Engine::check_input(plan, &d.payload)
+        Some(plan) => Engine::check_input(plan, &payload)
             .err()
             .map(|e| e.to_string()),
     };
     let start = delivery_start(&app, &d);
     match (plan, problem) {
         (Some(plan), None) => {
-            let _ = execute(&app, plan, d.payload, start, None).await;
+            let _ = execute(&app, plan, payload, start, None).await;
         }
         (_, why) => {
             let why = why.unwrap_or_default();

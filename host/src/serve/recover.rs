@@ -39,8 +39,7 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
                     run_id: start.run_id.clone(),
                 });
                 let app2 = app.clone();
-                let mut input = run.input.clone();
-                app.engine.secrets().restore_value(&mut input);
+                let input = app.engine.secrets().restore(&run.input);
                 app.tracker.spawn(async move {
                     let _ = execute(&app2, plan, input, start, Some(reuse)).await;
                 });
@@ -67,15 +66,15 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
         }
     }
     // Accepted, but the server stopped before their run was journaled as started.
-    for mut d in app.journal.pending_deliveries().await? {
+    for d in app.journal.pending_deliveries().await? {
         if handled.contains(&d.run_id) || app.journal.run(&d.run_id).await?.is_some() {
             continue;
         }
-        app.engine.secrets().restore_value(&mut d.payload);
+        let payload = app.engine.secrets().restore(&d.payload);
         tracing::info!(target: "fmhost::serve", event_id = %d.event_id, pipeline = %d.pipeline, "processing accepted delivery {} for {}", d.event_id, d.pipeline);
         let app2 = app.clone();
         app.tracker
-            .spawn(async move { process_delivery(app2, d).await });
+            .spawn(async move { process_delivery(app2, d, payload).await });
     }
     Ok(())
 }
