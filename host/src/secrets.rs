@@ -324,9 +324,9 @@ impl Secrets {
             match v {
                 Value::String(t) => Secrets::may_hold(&s.find_masks, t.as_bytes()),
                 Value::Array(items) => items.iter().any(|v| holds(s, v)),
-                Value::Object(map) => map.iter().any(|(k, v)| {
-                    Secrets::may_hold(&s.find_masks, k.as_bytes()) || holds(s, v)
-                }),
+                Value::Object(map) => map
+                    .iter()
+                    .any(|(k, v)| Secrets::may_hold(&s.find_masks, k.as_bytes()) || holds(s, v)),
                 _ => false,
             }
         }

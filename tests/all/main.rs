@@ -13,6 +13,7 @@ mod journal;
 mod observe;
 mod plugins;
 mod resilience;
+mod secrecy;
 mod security;
 mod serve;
 mod testing;

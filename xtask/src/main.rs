@@ -71,7 +71,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .args(extra))
 }
 
-/// Runs the generated-input tests (parser, validator, renderer) for `--minutes N`
+/// Runs the generated-input tests (parser, validator, renderer, and the secrets property
+/// over every replay path of the real binary and server) for `--minutes N`
 /// (default 5), round after round with fresh seeds, printing a line per round.
 fn fuzz(root: &Path, args: &[String]) -> Result<()> {
     let minutes: u64 = match args {
@@ -90,13 +91,11 @@ fn fuzz(root: &Path, args: &[String]) -> Result<()> {
             .saturating_duration_since(std::time::Instant::now())
             .as_secs();
         eprintln!("fuzz round {round}: {cases} cases per property ({left} s left)");
+        let seed = (round * 7919 + std::process::id() as u64).to_string();
         run(cargo()
             .current_dir(root)
             .env("PROPTEST_CASES", cases.to_string())
-            .env(
-                "PROPTEST_RNG_SEED",
-                (round * 7919 + std::process::id() as u64).to_string(),
-            )
+            .env("PROPTEST_RNG_SEED", &seed)
             .args([
                 "test",
                 "--quiet",
@@ -104,6 +103,20 @@ fn fuzz(root: &Path, args: &[String]) -> Result<()> {
                 "fmhost",
                 "--lib",
                 "template::proptests",
+            ]))?;
+        // Secrets never leak from data: the real binary and server, every replay path.
+        run(cargo()
+            .current_dir(root)
+            .env("PROPTEST_CASES", cases.to_string())
+            .env("PROPTEST_RNG_SEED", &seed)
+            .args([
+                "test",
+                "--quiet",
+                "-p",
+                "fmhost",
+                "--test",
+                "all",
+                "secrecy::data_that_looks_like_a_secret_reference",
             ]))?;
     }
     eprintln!(

@@ -527,12 +527,10 @@ impl Engine {
                         ),
                     ));
                 }
-                (Ok(()), Some(value)) => {
-                    match run.check_output(&plan, value) {
-                        Ok(v) => output = Some(v),
-                        Err(e) => failure = Some((RunStatus::Failed, e.message)),
-                    }
-                }
+                (Ok(()), Some(value)) => match run.check_output(&plan, value) {
+                    Ok(v) => output = Some(v),
+                    Err(e) => failure = Some((RunStatus::Failed, e.message)),
+                },
                 (Ok(()), None) => match run.assemble(&end.view) {
                     Ok(v) => output = Some(v),
                     Err(e) => failure = Some((RunStatus::Failed, e.message)),
