@@ -115,8 +115,10 @@ impl Component for WasmComponent {
             observer: ctx.observer.clone(),
         });
         // What the stage hands over may hold a secret an upstream echoed (data, never a
-        // reference): masked, so a plugin sees no secret value by any path.
-        let config_text = ctx.secrets.masked_json(&config);
+        // reference): masked, so a plugin sees no secret value by any path. Its config
+        // was masked where data was substituted into it (`template`, `keep_secrets`);
+        // what the pipeline's author wrote there literally is handed over as written.
+        let config_text = serde_json::to_string(&config).unwrap_or_default();
         let input_text = ctx.secrets.masked_json(&upstream);
         drop(config);
         let deadline = ctx

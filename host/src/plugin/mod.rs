@@ -42,6 +42,11 @@ pub const DESCRIBE_DEADLINE: Duration = Duration::from_secs(5);
 pub const SERVER_INSTANCES: u32 = 1000;
 /// Plugin instances the pool of a one-run command (`fmhost run`, `validate`, ...) holds.
 pub const CLI_INSTANCES: u32 = 256;
+/// What one plugin component may hold (its own and its nested components' core
+/// instances, linear memories and tables); a component beyond one is refused at load.
+pub const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+pub const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
+pub const MAX_TABLES_PER_COMPONENT: u32 = 16;
 /// Bytes of each pooled linear memory kept resident between instances.
 const KEEP_RESIDENT: usize = 8 << 20;
 /// Idle pool slots that keep a plugin's memory image (and their resident pages).
@@ -146,15 +151,21 @@ impl PluginRuntime {
             .and_then(|v| v.parse().ok())
             .unwrap_or(instances)
             .max(1);
+        // Every total is `instances` times what one component may hold, so any component
+        // that loads (wasmtime checks the per-component caps when it compiles one, and
+        // the error names its count and the cap) can always be instantiated by a caller
+        // holding one of `slots`: a componentize-py component holds a dozen core
+        // instances, a Rust one three. Core instances are only counted; memory and
+        // table slots are address space, reserved and not touched until used.
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
             .total_stacks(instances)
-            .total_core_instances(instances * 4)
-            .total_memories(instances * 2)
-            .total_tables(instances * 4)
-            .max_memories_per_component(4)
-            .max_core_instances_per_component(64)
-            .max_tables_per_component(16)
+            .total_core_instances(instances * MAX_CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(instances * MAX_MEMORIES_PER_COMPONENT)
+            .total_tables(instances * MAX_TABLES_PER_COMPONENT)
+            .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
+            .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+            .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
             .max_component_instance_size(1 << 20)
             .max_core_instance_size(1 << 20)
             .max_memory_size(memory_limit.max(DEFAULT_MEMORY_LIMIT));

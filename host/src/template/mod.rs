@@ -143,7 +143,13 @@ impl Template {
             if *reads_secrets && scope.keep_secrets {
                 return kept_secret(expr, scope);
             }
-            return eval::eval(expr, scope).map(Cow::into_owned);
+            let mut v = eval::eval(expr, scope)?.into_owned();
+            if scope.keep_secrets {
+                // Data bound for a plugin may hold a secret an upstream echoed: masked
+                // as it is substituted, while what the pipeline's author wrote stays.
+                scope.secrets.redact_value(&mut v);
+            }
+            return Ok(v);
         }
         let mut out = String::new();
         for part in &self.parts {
@@ -154,6 +160,9 @@ impl Template {
                     reads_secrets: true,
                     ..
                 } if scope.keep_secrets => out.push_str(&to_text(&kept_secret(expr, scope)?)),
+                Part::Expr { expr, .. } if scope.keep_secrets => {
+                    out.push_str(&scope.secrets.redact(&to_text(&*eval::eval(expr, scope)?)))
+                }
                 Part::Expr { expr, .. } => out.push_str(&to_text(&*eval::eval(expr, scope)?)),
             }
         }
@@ -645,5 +654,17 @@ mod tests {
             .unwrap();
         assert!(t.plugin_secret_forms().is_err());
         assert!(t.render(&scope).is_err());
+        // Data substituted into a plugin's config is masked; the author's text is not.
+        let input = json!({"echo": "got s3cr3t-value", "whole": {"k": "s3cr3t-value"}});
+        let scope = Scope {
+            input: &input,
+            ..scope
+        };
+        let t = Template::parse("s3cr3t-value: {{input.echo}}")
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.render(&scope).unwrap(), json!("s3cr3t-value: got ***"));
+        let t = Template::parse("{{input.whole}}").unwrap().unwrap();
+        assert_eq!(t.render(&scope).unwrap(), json!({"k": "***"}));
     }
 }
