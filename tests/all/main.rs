@@ -12,6 +12,7 @@ mod examples;
 mod journal;
 mod observe;
 mod plugins;
+mod polyglot;
 mod resilience;
 mod secrecy;
 mod security;

@@ -43,6 +43,8 @@ pub struct StageContext {
     pub secret_grants: Arc<[String]>,
     /// Whether the config's `base_url` was written by the pipeline author (its host is granted).
     pub trusted_base_url: bool,
+    /// The `base_url` of the declared service the stage names (its origin is granted).
+    pub service_base_url: Option<Arc<str>>,
     /// When the stage's own timeout expires.
     pub deadline: Option<Instant>,
     /// Retries made so far, across all outbound calls of this stage.
@@ -73,6 +75,7 @@ impl StageContext {
             allowed_hosts: Arc::from(Vec::new()),
             secret_grants: Arc::from(Vec::new()),
             trusted_base_url: false,
+            service_base_url: None,
             deadline: None,
             retries: AtomicU32::new(0),
             observer: None,

@@ -468,6 +468,7 @@ fn start_stage(
         allowed_hosts: stage.allowed_hosts.clone(),
         secret_grants: stage.secret_grants.clone(),
         trusted_base_url: stage.trusted_base_url,
+        service_base_url: stage.service_base_url.clone(),
         deadline: stage.timeout.map(|t| Instant::now() + t),
         retries: AtomicU32::new(0),
         trace: run.trace.stage_span(id.as_str()),

@@ -339,6 +339,9 @@ pub struct PlannedStage {
     pub secret_grants: Arc<[String]>,
     /// Whether the config's `base_url` comes from the pipeline file, not from data.
     pub trusted_base_url: bool,
+    /// The `base_url` (as written) of the declared service the stage names: its origin
+    /// is granted to the stage's plugin.
+    pub service_base_url: Option<Arc<str>>,
     /// The stage's own request budget.
     pub budget: Option<crate::http::budget::BudgetSpec>,
 }

@@ -106,6 +106,9 @@ struct StageDoc {
     /// The stage's request budget.
     #[serde(default)]
     budget: Option<Value>,
+    /// A service in the pipeline's `services` whose origin the stage's plugin may reach.
+    #[serde(default)]
+    service: Option<String>,
 }
 
 struct Parsed {
@@ -258,6 +261,23 @@ pub fn compile_in(
             ));
         } else {
             index.insert(&p.doc.id, i);
+        }
+    }
+    for p in parsed.iter().flatten() {
+        if let Some(name) = &p.doc.service
+            && !services.iter().any(|(n, _)| n == name)
+        {
+            diags.push(Diagnostic::new(
+                format!("{}: service", p.loc),
+                if services.is_empty() {
+                    format!("unknown service \"{name}\" (the pipeline declares no `services`)")
+                } else {
+                    format!(
+                        "unknown service \"{name}\"{}",
+                        suggest(name, services.iter().map(|(n, _)| n.as_str()))
+                    )
+                },
+            ));
         }
     }
     let mut deps: Vec<Vec<usize>> = vec![Vec::new(); parsed.len()];
@@ -522,6 +542,7 @@ pub fn compile_in(
                 allowed_hosts: p.doc.allowed_hosts.clone().into(),
                 secret_grants: secret_grants.into(),
                 trusted_base_url: trusted_base_url(&p.config),
+                service_base_url: service_base_url(&p.doc, &p.config, &services),
                 budget: p
                     .doc
                     .budget
@@ -701,6 +722,26 @@ fn parse_stage(i: usize, raw: &Value, diags: &mut Vec<Diagnostic>) -> Option<Par
         config,
         retry,
     })
+}
+
+/// The `base_url` of the service a stage names, as the pipeline wrote it: the stage's
+/// `service`, or its config's `service` when that is literal text naming a declared
+/// service (a name taken from data names nothing). The service is written in the
+/// pipeline file, so its origin is the pipeline's grant to the stage's plugin.
+fn service_base_url(
+    doc: &StageDoc,
+    config: &Value,
+    services: &[(String, crate::http::ServicePolicy)],
+) -> Option<Arc<str>> {
+    let name = doc
+        .service
+        .as_deref()
+        .or_else(|| config.get("service").and_then(Value::as_str))?;
+    services
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, policy)| policy.base_url.as_deref())
+        .map(Arc::from)
 }
 
 /// Whether the config's `base_url` was chosen by the pipeline file itself (literal text,

@@ -105,6 +105,7 @@ impl Component for WasmComponent {
                         .get("base_url")
                         .and_then(Value::as_str)
                         .filter(|_| ctx.trusted_base_url),
+                    service_base_url: ctx.service_base_url.as_deref(),
                 },
                 &ctx.secrets,
                 &runtime.policy(),

@@ -6,8 +6,9 @@
 //!
 //! - hosts: the stage's `allowed_hosts`, the host of its config's `base_url` when the
 //!   pipeline file wrote it (a literal URL or `{{secrets.NAME}}`, not a value taken from
-//!   data), the host of a granted secret that holds a URL, and what the operator's
-//!   policy grants the plugin;
+//!   data), the origin of the declared service the stage names (`"service"`), the host
+//!   of a granted secret that holds a URL, and what the operator's policy grants the
+//!   plugin;
 //! - secrets: the `{{secrets.NAME}}` references in the stage's config and its `secrets`
 //!   list (bound to the stage's hosts), and the policy's secrets (bound to the
 //!   policy's hosts).
@@ -98,6 +99,8 @@ pub struct StageGrants<'a> {
     pub secrets: &'a [String],
     /// The config's `base_url` as the pipeline wrote it: a literal URL or a secret reference.
     pub base_url: Option<&'a str>,
+    /// The `base_url` of the service the stage names, as the pipeline declared it.
+    pub service_base_url: Option<&'a str>,
 }
 
 impl Grant {
@@ -114,7 +117,10 @@ impl Grant {
             .iter()
             .filter_map(|h| HostPattern::parse(h))
             .collect();
-        if let Some(base) = stage.base_url {
+        for base in [stage.base_url, stage.service_base_url]
+            .into_iter()
+            .flatten()
+        {
             let url = match secret_token(base) {
                 Some((name, len)) if len == base.len() => secrets.get(name).map(str::to_string),
                 Some(_) => None,
@@ -208,7 +214,7 @@ impl Grant {
             )
         };
         Err(format!(
-            "host {host}{} is not granted (granted: {}){asked}; add it to the stage's allowed_hosts if it should be",
+            "host {host}{} is not granted (granted: {}){asked}; if it should be, add it to the stage's allowed_hosts (`host`, `*.domain`, or `host:port`; a host without a port matches every port) or name the declared service it belongs to in the stage's \"service\"",
             port.map(|p| format!(":{p}")).unwrap_or_default(),
             if shown.is_empty() {
                 "none".to_string()
@@ -359,6 +365,7 @@ mod tests {
                 allowed_hosts: &allowed,
                 secrets: &secrets_list,
                 base_url: base,
+                service_base_url: None,
             },
             secrets,
             &Policy::default(),

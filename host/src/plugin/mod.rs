@@ -297,7 +297,7 @@ impl PluginRuntime {
             return Err(load_err(
                 path,
                 format!(
-                    "imports {http}, which fmhost does not grant; make HTTP calls through fmhost:plugin/http (for componentize-js, build with --disable http)"
+                    "imports {http}, which fmhost does not grant; make HTTP calls through fmhost:plugin/http (for componentize-js, build with --disable http fetch-event)"
                 ),
             ));
         }
