@@ -72,8 +72,36 @@ struct PluginName {
     plugin: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabels {
+    pipeline: String,
+    trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    pipeline: String,
+    on: String,
+    outcome: String,
+}
+
+/// What a trigger counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerCount {
+    /// A run started by a schedule, poll, file or message.
+    Fired,
+    /// A schedule's fire not run because the previous run was still running.
+    Skipped,
+    /// A schedule's fire missed while the server was down, outside its catch-up.
+    Missed,
+    /// A file trigger's `expect_every` passed without a file.
+    NoFile,
+}
+
 pub struct Metrics {
     registry: Registry,
+    triggers: [Family<TriggerLabels, Counter>; 4],
+    alerts: Family<AlertLabels, Counter>,
     plugin_invocations: Family<PluginOutcome, Counter>,
     plugin_latency: Family<PluginLabels, Histogram, fn() -> Histogram>,
     plugin_runs: Family<PluginOutcome, Counter>,
@@ -251,8 +279,25 @@ impl Metrics {
             "Canaries promoted or rolled back, by plugin and decision",
             canary_decisions.clone(),
         );
+        let triggers: [Family<TriggerLabels, Counter>; 4] = Default::default();
+        for (family, (name, help)) in triggers.iter().zip([
+            ("trigger_fires", "Runs started by schedules, polls and files, by pipeline and trigger"),
+            ("schedule_skipped", "Schedule fires not run because the previous run was still running (overlap: skip)"),
+            ("schedule_missed", "Schedule fires missed while the server was down, outside the catch-up"),
+            ("trigger_no_file", "Times a file trigger's expect_every passed without a file"),
+        ]) {
+            registry.register(name, help, family.clone());
+        }
+        let alerts = Family::<AlertLabels, Counter>::default();
+        registry.register(
+            "alerts",
+            "Alerts by pipeline, condition and outcome (sent, failed, suppressed by the cool-down)",
+            alerts.clone(),
+        );
         Metrics {
             registry,
+            triggers,
+            alerts,
             plugin_invocations,
             plugin_latency,
             plugin_runs,
@@ -333,6 +378,25 @@ impl Metrics {
             .get_or_create(&CanaryLabels {
                 plugin: plugin.into(),
                 decision: decision.into(),
+            })
+            .inc();
+    }
+
+    pub fn record_trigger(&self, what: TriggerCount, pipeline: &str, trigger: &str, n: u64) {
+        self.triggers[what as usize]
+            .get_or_create(&TriggerLabels {
+                pipeline: pipeline.into(),
+                trigger: trigger.into(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn record_alert(&self, pipeline: &str, on: &str, outcome: &str) {
+        self.alerts
+            .get_or_create(&AlertLabels {
+                pipeline: pipeline.into(),
+                on: on.into(),
+                outcome: outcome.into(),
             })
             .inc();
     }

@@ -18,5 +18,6 @@ mod secrecy;
 mod security;
 mod serve;
 mod testing;
+mod triggers;
 mod validate;
 mod vendor;

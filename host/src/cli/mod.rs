@@ -3,6 +3,7 @@
 //! pipeline, input or usage, 130 interrupted.
 
 mod journal;
+mod triggers;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -69,6 +70,12 @@ enum Command {
     /// `fmhost test DIR` passes offline: its upstream calls become mocks, its output and
     /// stage statuses assertions.
     Record(journal::RecordArgs),
+    /// Schedules of served pipelines: next fire times, skipped and missed fires.
+    #[command(subcommand)]
+    Schedules(triggers::SchedulesCommand),
+    /// Poll triggers' cursors: show one, or set it to rewind (replay as a parameter).
+    #[command(subcommand)]
+    Cursors(triggers::CursorsCommand),
     /// The dead-letter queue: failed runs and unprocessable webhook deliveries.
     #[command(subcommand)]
     Dlq(journal::DlqCommand),
@@ -396,6 +403,8 @@ pub fn main() -> ExitCode {
             Command::Replay(args) => journal::replay_cmd(&state, args).await,
             Command::Record(args) => journal::record_cmd(&state, args).await,
             Command::Dlq(cmd) => journal::dlq(&state, cmd).await,
+            Command::Schedules(cmd) => triggers::schedules(&state, cmd).await,
+            Command::Cursors(cmd) => triggers::cursors(&state, cmd).await,
         }
     });
     crate::otel::shutdown();

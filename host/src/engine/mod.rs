@@ -85,6 +85,9 @@ pub struct RunOptions {
     /// What `now()` gives in this run, unless the engine pins it (`FMHOST_NOW`): a
     /// shadow replay gives the recorded run's time.
     pub now: Option<Arc<str>>,
+    /// What `{{trigger.*}}` reads: what fired the run (journaled runs get it from their
+    /// journal entry); else `{type: "manual", id, fired_at}` of the run itself.
+    pub trigger: Option<Value>,
 }
 
 /// Why a run could not start.
@@ -441,7 +444,15 @@ impl Engine {
         }
         let run = Arc::new(RunCtx {
             engine,
-            run_value: json!({"id": &*run_id, "pipeline": &*plan.name}),
+            run_value: json!({
+                "id": &*run_id,
+                "pipeline": &*plan.name,
+                "trigger": opts.trigger.clone().unwrap_or_else(|| json!({
+                    "type": "manual",
+                    "id": &*run_id,
+                    "fired_at": &started_at,
+                })),
+            }),
             run_id: run_id.clone(),
             observer: opts.observer.clone(),
             reuse: opts.reuse.clone(),

@@ -362,6 +362,17 @@ pub struct Outbound {
     pub offline: Option<Arc<dyn Offline>>,
     /// The shapes of recorded answers, per service endpoint, for schema drift.
     pub shapes: Arc<drift::Shapes>,
+    /// Every change of a circuit breaker's state, to whoever listens (`serve`'s alerts).
+    pub breaker_events: tokio::sync::broadcast::Sender<BreakerEvent>,
+}
+
+/// A circuit breaker changed state on an attempt of this run and stage.
+#[derive(Debug, Clone)]
+pub struct BreakerEvent {
+    pub service: String,
+    pub state: service::BreakerState,
+    pub run_id: String,
+    pub stage_id: String,
 }
 
 /// What answers requests when nothing may be sent (a pipeline test's `mocks.http`).
@@ -405,6 +416,7 @@ impl Outbound {
             cache: Arc::default(),
             offline: None,
             shapes: Arc::default(),
+            breaker_events: tokio::sync::broadcast::channel(64).0,
         }
     }
 
@@ -765,6 +777,13 @@ impl Outbound {
             if let Some(state) = b.record(t, failed) {
                 self.metrics.set_breaker(&service.name, state);
                 tracing::warn!(target: "fmhost::http", service = %service.name, state = state.as_str(), "circuit for service {} is now {}", service.name, state.as_str());
+                // Nobody listening is fine.
+                let _ = self.breaker_events.send(BreakerEvent {
+                    service: service.name.to_string(),
+                    state,
+                    run_id: ctx.run_id.to_string(),
+                    stage_id: ctx.stage_id.to_string(),
+                });
             }
         }
         result

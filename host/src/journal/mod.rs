@@ -132,6 +132,10 @@ pub struct RunStart {
     pub started_at: i64,
     /// The run's place in a distributed trace: a new trace unless the caller sent one.
     pub trace: crate::trace::RunTrace,
+    /// What `{{trigger.*}}` reads (`type`, `id`, `fired_at`, a poll's `cursor`, ...), as
+    /// journaled; kept by a resume and a replay, so keys derived from it stay the same.
+    #[serde(default)]
+    pub trigger_info: Option<Stored>,
 }
 
 impl RunStart {
@@ -155,8 +159,48 @@ impl RunStart {
             replay_of: None,
             replay_from: None,
             started_at: unix_ms(SystemTime::now()),
+            trigger_info: None,
         }
     }
+
+    /// What the run reads as `{{trigger}}`: what fired it, else `{type, id, fired_at}`
+    /// of the run itself (`api`, `cli`, ...).
+    pub fn trigger_value(&self, secrets: &Secrets) -> Value {
+        match &self.trigger_info {
+            Some(t) => secrets.restore(t),
+            None => serde_json::json!({
+                "type": self.trigger,
+                "id": self.run_id,
+                "fired_at": rfc3339(self.started_at),
+            }),
+        }
+    }
+}
+
+/// A poll trigger's cursor, moved when its run succeeds: in the same transaction as the
+/// run's end, and only if nobody set it since the run read it.
+#[derive(Debug, Clone)]
+pub struct CursorCommit {
+    pub pipeline: String,
+    pub trigger: String,
+    /// What the run started from; the commit applies only while the cursor still is this.
+    pub expected: Value,
+    pub value: Value,
+}
+
+/// What the journal knows of one trigger (`GET /v1/triggers`, `fmhost schedules list`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TriggerRecord {
+    /// The latest scheduled time a schedule fired, was skipped or missed (Unix ms).
+    pub last_fire_ms: Option<i64>,
+    /// Fires that did not run because the previous run was still running.
+    pub skipped: u64,
+    /// Fires missed while the server was down, outside the catch-up.
+    pub missed: u64,
+    pub cursor: Option<Value>,
+    pub cursor_updated_ms: Option<i64>,
+    /// The newest delivery (fire, poll, file): event id, received (Unix ms), run id.
+    pub last: Option<(String, i64, String)>,
 }
 
 /// How a run ended.
@@ -174,6 +218,8 @@ pub struct RunEnd {
     pub replay_of: Option<String>,
     /// Set for a failure that goes to the dead-letter queue.
     pub dead_letter: Option<NewDeadLetter>,
+    /// A succeeded poll run's next cursor.
+    pub cursor: Option<CursorCommit>,
 }
 
 #[derive(Debug, Clone)]
@@ -198,6 +244,9 @@ pub struct Delivery {
     pub run_id: String,
     /// The sender's W3C `traceparent`, so the run joins its trace.
     pub traceparent: Option<String>,
+    /// What its run reads as `{{trigger}}` (as journaled).
+    #[serde(default)]
+    pub trigger_info: Option<Stored>,
 }
 
 /// One write. Records are applied in order, a batch at a time.
@@ -228,6 +277,26 @@ pub enum Record {
     /// Removes a finished run and everything recorded with it (retention).
     Forget {
         run_id: String,
+    },
+    /// A schedule's fire (or a run of missed ones), keyed by (pipeline, trigger,
+    /// scheduled time): `outcome` is `run` (with its delivery, stored in the same
+    /// transaction), `skipped` or `missed`. [`Backend::write`] says whether it is new.
+    Fire {
+        pipeline: String,
+        trigger: String,
+        scheduled_at: i64,
+        /// For `missed`: how many fires, up to and including `last_at`.
+        count: u64,
+        last_at: i64,
+        outcome: &'static str,
+        reason: Option<String>,
+        delivery: Option<Box<Delivery>>,
+    },
+    /// An operator's `fmhost cursors set`.
+    SetCursor {
+        pipeline: String,
+        trigger: String,
+        value: Value,
     },
     /// The pipeline document a run ran, kept once per content (SHA-256).
     Pipeline {
@@ -314,6 +383,9 @@ pub struct RunDetail {
     /// The run's span and the caller's, when it joined a trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<crate::trace::RunTrace>,
+    /// What fired it (`{{trigger}}`), when a trigger did.
+    #[serde(default, rename = "trigger_detail", skip_serializing_if = "Option::is_none")]
+    pub trigger_info: Option<Stored>,
     pub stages: Vec<StageDetail>,
 }
 
@@ -337,6 +409,7 @@ impl RunDetail {
             replay_of: self.summary.replay_of.clone(),
             replay_from: self.replay_from.clone(),
             trace,
+            trigger_info: self.trigger_info.clone(),
             ..RunStart::new(
                 self.summary.run_id.clone(),
                 &self.summary.pipeline,
@@ -396,6 +469,18 @@ pub trait Backend: Send + 'static {
     fn run(&mut self, id: &str) -> Result<Option<RunDetail>, JournalError>;
     /// Accepted deliveries whose run has not finished.
     fn pending_deliveries(&mut self) -> Result<Vec<Delivery>, JournalError>;
+    /// A delivery by its key, and whether its run has finished.
+    fn delivery(
+        &mut self,
+        pipeline: &str,
+        event_id: &str,
+    ) -> Result<Option<(Delivery, bool)>, JournalError>;
+    /// What is journaled of one trigger: fires, skips, misses, cursor, newest delivery.
+    fn trigger_record(
+        &mut self,
+        pipeline: &str,
+        trigger: &str,
+    ) -> Result<TriggerRecord, JournalError>;
     fn dead_letters(&mut self, filter: &DlqFilter) -> Result<Vec<DeadLetter>, JournalError>;
     fn dead_letter(&mut self, id: i64) -> Result<Option<DeadLetter>, JournalError>;
     /// The pipeline document run `run_id` ran, by its content hash.
@@ -563,6 +648,24 @@ impl Journal {
 
     pub async fn pending_deliveries(&self) -> Result<Vec<Delivery>, JournalError> {
         self.read(|b| b.pending_deliveries()).await
+    }
+
+    pub async fn delivery(
+        &self,
+        pipeline: &str,
+        event_id: &str,
+    ) -> Result<Option<(Delivery, bool)>, JournalError> {
+        let (p, e) = (pipeline.to_string(), event_id.to_string());
+        self.read(move |b| b.delivery(&p, &e)).await
+    }
+
+    pub async fn trigger_record(
+        &self,
+        pipeline: &str,
+        trigger: &str,
+    ) -> Result<TriggerRecord, JournalError> {
+        let (p, t) = (pipeline.to_string(), trigger.to_string());
+        self.read(move |b| b.trigger_record(&p, &t)).await
     }
 
     pub async fn dead_letters(&self, filter: DlqFilter) -> Result<Vec<DeadLetter>, JournalError> {
@@ -800,6 +903,8 @@ pub struct RunJournal {
     /// The engine's current secrets: a file rotated while the run goes on brings new
     /// values, which are masked too.
     live: Option<Arc<arc_swap::ArcSwap<Secrets>>>,
+    /// A poll run's cursor: moved when the run succeeds (see [`CursorCommit`]).
+    cursor: std::sync::OnceLock<(String, crate::pipeline::triggers::CursorSpec, Value)>,
 }
 
 impl RunJournal {
@@ -809,6 +914,7 @@ impl RunJournal {
             start,
             secrets,
             live: None,
+            cursor: Default::default(),
         })
     }
 
@@ -825,6 +931,7 @@ impl RunJournal {
             start,
             secrets,
             live: Some(engine.secrets_handle()),
+            cursor: Default::default(),
         })
     }
 
@@ -844,6 +951,19 @@ impl RunJournal {
 
     pub fn start(&self) -> &RunStart {
         &self.start
+    }
+
+    /// Commits the cursor the run's output holds at `spec.from_output`, with the run's
+    /// end, if it succeeds and the cursor of `trigger` is still `expected`.
+    pub fn commit_cursor(
+        &self,
+        trigger: &str,
+        spec: &crate::pipeline::triggers::CursorSpec,
+        expected: Value,
+    ) {
+        let _ = self
+            .cursor
+            .set((trigger.to_string(), spec.clone(), expected));
     }
 
     /// Records the run as started before the engine does (so it can be looked up at once).
@@ -874,12 +994,30 @@ impl RunJournal {
     /// run is committed to stable storage.
     pub async fn finish(&self, report: &RunReport) -> Result<(), JournalError> {
         let output = report.output.as_ref().map(|v| self.mask(v));
+        let cursor = match (self.cursor.get(), &output) {
+            (Some((trigger, spec, expected)), Some(out)) if report.status == RunStatus::Succeeded => {
+                match spec.read(out) {
+                    Some(next) => Some(CursorCommit {
+                        pipeline: self.start.pipeline.clone(),
+                        trigger: trigger.clone(),
+                        expected: expected.clone(),
+                        value: next.clone(),
+                    }),
+                    None => {
+                        tracing::warn!(target: "fmhost::journal", run_id = %report.run_id, "run {} succeeded without `{}` in its output; the cursor of trigger {trigger} stays where it was", report.run_id, spec.from_output);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         self.end(
             report.status,
             report.error.clone(),
             run_error_kind(report),
             output,
             report.duration_ms,
+            cursor,
         )
         .await
     }
@@ -901,6 +1039,7 @@ impl RunJournal {
             Some(kind.to_string()),
             None,
             0,
+            None,
         )
         .await
     }
@@ -913,6 +1052,7 @@ impl RunJournal {
         error_kind: Option<String>,
         output: Option<Value>,
         duration_ms: u64,
+        cursor: Option<CursorCommit>,
     ) -> Result<(), JournalError> {
         let failed = matches!(status, RunStatus::Failed | RunStatus::TimedOut);
         let dead_letter = failed.then(|| NewDeadLetter {
@@ -937,6 +1077,7 @@ impl RunJournal {
                 finished_at: unix_ms(SystemTime::now()),
                 replay_of: self.start.replay_of.clone(),
                 dead_letter,
+                cursor,
             }))
             .await
             .map(drop)
@@ -1012,6 +1153,7 @@ pub async fn run_journaled(
         opts.observer = Some(j.clone());
         opts.trace = Some(j.start.trace.clone());
         opts.started_at_ms = Some(j.start.started_at);
+        opts.trigger = Some(j.start.trigger_value(&engine.secrets()));
     }
     let started = opts.started_at_ms.map_or_else(SystemTime::now, |ms| {
         SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)

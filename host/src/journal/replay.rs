@@ -133,6 +133,7 @@ pub fn prepare(
         start: super::RunStart {
             replay_of: Some(original.summary.run_id.clone()),
             replay_from: from.map(str::to_string),
+            trigger_info: original.trigger_info.clone(),
             ..super::RunStart::new(
                 crate::engine::new_run_id(),
                 &plan.name,

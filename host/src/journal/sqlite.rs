@@ -149,6 +149,35 @@ CREATE TABLE pipelines (
 ALTER TABLE runs ADD COLUMN pipeline_hash TEXT;
 "#,
     ),
+    (
+        5,
+        "triggers: what fired a run, schedule fires, poll cursors",
+        r#"
+ALTER TABLE runs ADD COLUMN trigger_info TEXT;
+ALTER TABLE deliveries ADD COLUMN trigger_info TEXT;
+CREATE INDEX deliveries_by_path ON deliveries (pipeline, path, received_at);
+CREATE TABLE fires (
+    pipeline     TEXT NOT NULL,
+    trigger      TEXT NOT NULL,
+    scheduled_at INTEGER NOT NULL,
+    last_at      INTEGER NOT NULL,
+    count        INTEGER NOT NULL,
+    outcome      TEXT NOT NULL,
+    reason       TEXT,
+    event_id     TEXT,
+    at           INTEGER NOT NULL,
+    PRIMARY KEY (pipeline, trigger, scheduled_at)
+) WITHOUT ROWID;
+CREATE TABLE cursors (
+    pipeline   TEXT NOT NULL,
+    trigger    TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    run_id     TEXT,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (pipeline, trigger)
+) WITHOUT ROWID;
+"#,
+    ),
 ];
 
 pub struct SqliteBackend {
@@ -288,6 +317,22 @@ fn json_text(v: &Value) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
+fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
+    Ok(Delivery {
+        pipeline: r.get(0)?,
+        event_id: r.get(1)?,
+        path: r.get(2)?,
+        received_at: r.get(3)?,
+        payload: Stored::from_storage(parse_value(&r.get::<_, String>(4)?).unwrap_or(Value::Null)),
+        run_id: r.get(5)?,
+        traceparent: r.get(6)?,
+        trigger_info: r
+            .get::<_, Option<String>>(7)?
+            .and_then(|t| parse_value(&t))
+            .map(Stored::from_storage),
+    })
+}
+
 fn parse_json(text: Option<String>) -> Option<Value> {
     text.and_then(|t| parse_value(&t))
 }
@@ -311,8 +356,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
         Record::RunStarted(s) => tx
             .prepare_cached(
                 "INSERT INTO runs (id, pipeline, pipeline_file, plugin_dirs, secrets_file, status, trigger, owner,
-                     host, pid, input, started_at, replay_of, replay_from, trace_id, trace_span, trace_parent)
-                 VALUES (?1, ?2, ?3, ?10, ?11, 'running', ?4, ?5, ?12, ?13, ?6, ?7, ?8, ?9, ?14, ?15, ?16)
+                     host, pid, input, started_at, replay_of, replay_from, trace_id, trace_span, trace_parent,
+                     trigger_info)
+                 VALUES (?1, ?2, ?3, ?10, ?11, 'running', ?4, ?5, ?12, ?13, ?6, ?7, ?8, ?9, ?14, ?15, ?16, ?17)
                  ON CONFLICT (id) DO UPDATE SET status = 'running', error = NULL, error_kind = NULL,
                      finished_at = NULL, host = excluded.host, pid = excluded.pid,
                      trace_id = excluded.trace_id, trace_span = excluded.trace_span,
@@ -335,6 +381,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 s.trace.trace_id,
                 s.trace.span_id,
                 s.trace.parent_span_id,
+                s.trigger_info.as_ref().map(|t| json_text(t.as_value())),
             ])?,
         Record::Stage {
             run_id,
@@ -417,6 +464,23 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 ])?;
             tx.prepare_cached("UPDATE deliveries SET status = 'done' WHERE run_id = ?1")?
                 .execute(params![end.run_id])?;
+            if let Some(c) = &end.cursor {
+                // Compare-and-set: a cursor an operator set while the run went on stays.
+                tx.prepare_cached(
+                    "INSERT INTO cursors (pipeline, trigger, value, run_id, updated_at) VALUES (?1, ?2, ?3, ?4, ?6)
+                     ON CONFLICT (pipeline, trigger) DO UPDATE SET value = excluded.value,
+                         run_id = excluded.run_id, updated_at = excluded.updated_at
+                     WHERE cursors.value = ?5",
+                )?
+                .execute(params![
+                    c.pipeline,
+                    c.trigger,
+                    json_text(&c.value),
+                    end.run_id,
+                    json_text(&c.expected),
+                    now
+                ])?;
+            }
             // A run finished without its stages (dead-lettered after an interruption):
             // none of them is left looking as if it were still running.
             let stopped = crate::error::StageError::new(
@@ -476,8 +540,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
         Record::Delivery(d) => tx
             .prepare_cached(
                 "INSERT OR IGNORE INTO deliveries (pipeline, event_id, path, received_at, payload, run_id, status,
-                     traceparent)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7)",
+                     traceparent, trigger_info)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8)",
             )?
             .execute(params![
                 d.pipeline,
@@ -486,8 +550,54 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 d.received_at,
                 json_text(d.payload.as_value()),
                 d.run_id,
-                d.traceparent
+                d.traceparent,
+                d.trigger_info.as_ref().map(|t| json_text(t.as_value())),
             ])?,
+        Record::Fire {
+            pipeline,
+            trigger,
+            scheduled_at,
+            count,
+            last_at,
+            outcome,
+            reason,
+            delivery,
+        } => {
+            let new = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO fires (pipeline, trigger, scheduled_at, last_at, count, outcome, reason,
+                         event_id, at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
+                    pipeline,
+                    trigger,
+                    scheduled_at,
+                    last_at,
+                    count,
+                    outcome,
+                    reason,
+                    delivery.as_ref().map(|d| &d.event_id),
+                    now
+                ])?;
+            if new > 0
+                && let Some(d) = delivery
+            {
+                apply(tx, &Record::Delivery((**d).clone()))?;
+            }
+            new
+        }
+        Record::SetCursor {
+            pipeline,
+            trigger,
+            value,
+        } => tx
+            .prepare_cached(
+                "INSERT INTO cursors (pipeline, trigger, value, run_id, updated_at) VALUES (?1, ?2, ?3, NULL, ?4)
+                 ON CONFLICT (pipeline, trigger) DO UPDATE SET value = excluded.value, run_id = NULL,
+                     updated_at = excluded.updated_at",
+            )?
+            .execute(params![pipeline, trigger, json_text(value), now])?,
         Record::RunResumed { run_id } => tx
             .prepare_cached("UPDATE runs SET resumed = resumed + 1 WHERE id = ?1")?
             .execute(params![run_id])?,
@@ -592,11 +702,12 @@ impl SqliteBackend {
             secrets_file,
             trace_span,
             trace_parent,
+            trigger_info,
         )) = conn
             .query_row(
                 &format!(
                     "SELECT {SUMMARY_COLUMNS}, owner, pipeline_file, replay_from, resumed, finished_at, input, output,
-                         plugin_dirs, secrets_file, trace_span, trace_parent
+                         plugin_dirs, secrets_file, trace_span, trace_parent, trigger_info
                      FROM runs WHERE id = ?1"
                 ),
                 params![id],
@@ -614,6 +725,7 @@ impl SqliteBackend {
                         r.get::<_, Option<String>>(18)?,
                         r.get::<_, Option<String>>(19)?,
                         r.get::<_, Option<String>>(20)?,
+                        r.get::<_, Option<String>>(21)?,
                     ))
                 },
             )
@@ -718,6 +830,9 @@ impl SqliteBackend {
             resumed,
             finished_at: finished.map(super::rfc3339),
             input: Stored::from_storage(parse_value(&input).unwrap_or(Value::Null)),
+            trigger_info: trigger_info
+                .and_then(|t| parse_value(&t))
+                .map(Stored::from_storage),
             output: parse_json(output),
             dead_letter,
             trace,
@@ -870,23 +985,69 @@ impl Backend for SqliteBackend {
     fn pending_deliveries(&mut self) -> Result<Vec<Delivery>, JournalError> {
         let read = || -> rusqlite::Result<Vec<Delivery>> {
             let mut stmt = self.conn.prepare(
-                "SELECT pipeline, event_id, path, received_at, payload, run_id, traceparent FROM deliveries
-                 WHERE status = 'pending' ORDER BY received_at, rowid",
+                "SELECT pipeline, event_id, path, received_at, payload, run_id, traceparent, trigger_info
+                 FROM deliveries WHERE status = 'pending' ORDER BY received_at, rowid",
             )?;
-            stmt.query_map([], |r| {
-                Ok(Delivery {
-                    pipeline: r.get(0)?,
-                    event_id: r.get(1)?,
-                    path: r.get(2)?,
-                    received_at: r.get(3)?,
-                    payload: Stored::from_storage(
-                        parse_value(&r.get::<_, String>(4)?).unwrap_or(Value::Null),
-                    ),
-                    run_id: r.get(5)?,
-                    traceparent: r.get(6)?,
-                })
-            })?
-            .collect()
+            stmt.query_map([], delivery_row)?.collect()
+        };
+        read().map_err(|e| self.err(e))
+    }
+
+    fn delivery(
+        &mut self,
+        pipeline: &str,
+        event_id: &str,
+    ) -> Result<Option<(Delivery, bool)>, JournalError> {
+        self.conn
+            .query_row(
+                "SELECT pipeline, event_id, path, received_at, payload, run_id, traceparent, trigger_info, status
+                 FROM deliveries WHERE pipeline = ?1 AND event_id = ?2",
+                params![pipeline, event_id],
+                |r| Ok((delivery_row(r)?, r.get::<_, String>(8)? == "done")),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    fn trigger_record(
+        &mut self,
+        pipeline: &str,
+        trigger: &str,
+    ) -> Result<super::TriggerRecord, JournalError> {
+        let read = || -> rusqlite::Result<super::TriggerRecord> {
+            let (last_fire_ms, skipped, missed) = self.conn.query_row(
+                "SELECT MAX(last_at),
+                     COALESCE(SUM(CASE outcome WHEN 'skipped' THEN count ELSE 0 END), 0),
+                     COALESCE(SUM(CASE outcome WHEN 'missed' THEN count ELSE 0 END), 0)
+                 FROM fires WHERE pipeline = ?1 AND trigger = ?2",
+                params![pipeline, trigger],
+                |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+            )?;
+            let cursor = self
+                .conn
+                .query_row(
+                    "SELECT value, updated_at FROM cursors WHERE pipeline = ?1 AND trigger = ?2",
+                    params![pipeline, trigger],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+                )
+                .optional()?;
+            let last = self
+                .conn
+                .query_row(
+                    "SELECT event_id, received_at, run_id FROM deliveries WHERE pipeline = ?1 AND path = ?2
+                     ORDER BY received_at DESC, rowid DESC LIMIT 1",
+                    params![pipeline, trigger],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            Ok(super::TriggerRecord {
+                last_fire_ms,
+                skipped: skipped as u64,
+                missed: missed as u64,
+                cursor_updated_ms: cursor.as_ref().map(|c| c.1),
+                cursor: cursor.and_then(|(v, _)| parse_value(&v)),
+                last,
+            })
         };
         read().map_err(|e| self.err(e))
     }

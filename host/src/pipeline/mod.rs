@@ -6,6 +6,7 @@
 
 pub mod control;
 mod graph;
+pub mod triggers;
 mod validate;
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use crate::schema::Validator;
 use crate::template::{Template, ValueTemplate};
 
 pub use control::Block;
+pub use triggers::{Alert, AlertOn, Signature, Trigger, TriggerKind, Webhook};
 pub use validate::{compile, compile_in};
 
 /// One problem in a pipeline, with where it is.
@@ -243,37 +245,6 @@ fn default_multiplier() -> f64 {
     2.0
 }
 
-/// How a webhook trigger's deliveries are signed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Signature {
-    /// `Stripe-Signature: t=...,v1=...`, HMAC-SHA256 over `t.body`, with a timestamp tolerance.
-    Stripe,
-    /// `X-Hub-Signature-256: sha256=...`, HMAC-SHA256 over the raw body.
-    Github,
-}
-
-/// Something that starts runs from outside: `{"type": "webhook", "path": "/hooks/stripe", ...}`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Trigger {
-    /// Only `webhook` for now.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The URL path `fmhost serve` receives deliveries on.
-    pub path: String,
-    /// The signing secret, normally `{{secrets.NAME}}`.
-    pub secret: String,
-    pub signature: Signature,
-    /// How far a Stripe signature's timestamp may be from now.
-    #[serde(default = "default_tolerance")]
-    pub tolerance_seconds: u64,
-}
-
-fn default_tolerance() -> u64 {
-    300
-}
-
 /// A stage's retry block with its condition parsed.
 #[derive(Debug, Clone)]
 pub struct RetryPlan {
@@ -299,8 +270,10 @@ pub struct Plan {
     pub index: HashMap<Arc<str>, usize>,
     /// Policies for the services this pipeline calls, applied when a run starts.
     pub services: Vec<(String, crate::http::ServicePolicy)>,
-    /// Webhook triggers, served by `fmhost serve`.
+    /// What starts runs from outside, served by `fmhost serve`.
     pub triggers: Vec<Trigger>,
+    /// Whom to tell when a run fails, a breaker opens, a file or a fire is missing.
+    pub alerts: Vec<Alert>,
     /// The whole run's request budget.
     pub budget: Option<crate::http::budget::BudgetSpec>,
     /// Record every outbound exchange in the journal (`fmhost record`).

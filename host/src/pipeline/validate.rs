@@ -58,6 +58,9 @@ struct PipelineDoc {
     /// What starts runs from outside (`fmhost serve`): webhooks.
     #[serde(default)]
     triggers: Vec<Value>,
+    /// Whom to tell when something goes wrong (`fmhost serve`).
+    #[serde(default)]
+    alerts: Vec<Value>,
     /// The whole run's request budget.
     #[serde(default)]
     budget: Option<Value>,
@@ -204,43 +207,8 @@ pub fn compile_in(
         .budget
         .as_ref()
         .and_then(|b| budget_of(b, "budget", &mut diags));
-    let mut triggers = Vec::new();
-    for (i, raw) in doc.triggers.iter().enumerate() {
-        match serde_path_to_error::deserialize::<_, super::Trigger>(raw) {
-            Ok(t) => {
-                if t.kind != "webhook" {
-                    diags.push(Diagnostic::new(
-                        format!("triggers[{i}].type"),
-                        format!("unknown trigger type \"{}\" (expected webhook)", t.kind),
-                    ));
-                }
-                if !t.path.starts_with('/') || t.path.starts_with("/v1/") || t.path == "/metrics" {
-                    diags.push(Diagnostic::new(
-                        format!("triggers[{i}].path"),
-                        "must start with / and not clash with /v1/ or /metrics",
-                    ));
-                }
-                match Template::parse(&t.secret) {
-                    Ok(Some(tpl)) if tpl.paths().iter().any(|p| p.root != "secrets") => {
-                        diags.push(Diagnostic::new(
-                            format!("triggers[{i}].secret"),
-                            "may only reference {{secrets.NAME}}",
-                        ))
-                    }
-                    Err(e) => diags.push(Diagnostic::new(format!("triggers[{i}].secret"), e)),
-                    _ => {}
-                }
-                triggers.push(t);
-            }
-            Err(e) => {
-                let at = error_at(e.path(), ".");
-                diags.push(Diagnostic::new(
-                    format!("triggers[{i}]{at}"),
-                    e.inner().to_string(),
-                ));
-            }
-        }
-    }
+    let triggers = super::triggers::parse(&doc.triggers, origin.dir.as_deref(), &mut diags);
+    let alerts = super::triggers::parse_alerts(&doc.alerts, &mut diags);
     let input_schema = compile_schema(doc.input.as_ref(), "input", &mut diags);
     let output_schema = compile_schema(doc.output.as_ref(), "output", &mut diags);
 
@@ -593,6 +561,7 @@ pub fn compile_in(
         index,
         services,
         triggers,
+        alerts,
         budget,
         record: doc.record,
         source,
@@ -767,7 +736,7 @@ fn check_reference(
     own_id: &str,
 ) -> Result<(), String> {
     match path.root.as_str() {
-        "input" | "run" => Ok(()),
+        "input" | "run" | "trigger" => Ok(()),
         "output" if allow_output => Ok(()),
         "output" => Err(format!(
             "`{path}`: `output` is only available in a retry condition"

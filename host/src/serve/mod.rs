@@ -6,6 +6,7 @@
 //! ([`webhooks`], deliveries stored in the journal), recovery at start ([`recover`])
 //! and shutdown.
 
+mod alerts;
 mod auth;
 mod conn;
 mod console;
@@ -13,6 +14,7 @@ pub mod plugins;
 pub use auth::{admin_token_from_file, default_token_file};
 pub use conn::ConnLimits;
 mod recover;
+mod triggers;
 pub mod webhooks;
 
 use std::collections::HashMap;
@@ -35,7 +37,7 @@ use crate::journal::{
     Delivery, DlqFilter, Journal, OWNER_SERVE, RunFilter, RunJournal, RunStart, run_journaled,
     unix_ms,
 };
-use crate::pipeline::{Plan, Trigger};
+use crate::pipeline::{Plan, TriggerKind, Webhook};
 use crate::plugin::PluginRuntime;
 use crate::secrets::Secrets;
 use plugins::PluginRegistry;
@@ -112,7 +114,11 @@ struct App {
     pipelines: HashMap<String, Arc<Plan>>,
     /// Each pipeline's file, with the plugin directories and secrets file, recorded with its runs.
     reruns: HashMap<String, crate::journal::Rerun>,
-    hooks: HashMap<String, (String, Trigger)>,
+    /// Webhook paths: the pipeline, the trigger's name and its settings.
+    hooks: HashMap<String, (String, String, Webhook)>,
+    /// Every trigger of every served pipeline, with what it is doing.
+    triggers: Vec<Arc<triggers::TriggerState>>,
+    alerter: alerts::Alerter,
     plugins: Arc<PluginRegistry>,
     journal: Journal,
     tracker: TaskTracker,
@@ -218,6 +224,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let mut pipelines = HashMap::new();
     let mut reruns = HashMap::new();
     let mut hooks = HashMap::new();
+    let mut all_triggers = Vec::new();
     let mut problems = Vec::new();
     let mut order: Vec<String> = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&opts.pipelines)
@@ -232,13 +239,17 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 let name = plan.name.to_string();
                 order.push(name.clone());
                 for t in &plan.triggers {
-                    if let Some((other, _)) =
-                        hooks.insert(t.path.clone(), (name.clone(), t.clone()))
+                    all_triggers.push(triggers::TriggerState::new(&name, t.clone()));
+                    let TriggerKind::Webhook(w) = &t.kind else {
+                        continue;
+                    };
+                    if let Some((other, _, _)) =
+                        hooks.insert(w.path.clone(), (name.clone(), t.name.clone(), w.clone()))
                     {
                         problems.push(format!(
                             "{}: trigger path {} is also used by pipeline {other}",
                             file.display(),
-                            t.path
+                            w.path
                         ));
                     }
                 }
@@ -299,6 +310,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         pipelines,
         reruns,
         hooks,
+        triggers: all_triggers,
+        alerter: alerts::Alerter::default(),
         plugins: registry.clone(),
         journal,
         tracker: TaskTracker::new(),
@@ -350,6 +363,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     // Runs and deliveries a crash or a drain timeout left unfinished.
     recover::recover(&app, opts.on_interrupted).await?;
+    // Schedules, polls and file drops start runs from now on; breakers raise alerts.
+    triggers::start(&app);
+    watch_breakers(&app);
 
     // A rotated secrets file applies from the next stage that starts; no restart.
     let _secrets_watch = match &opts.secrets {
@@ -576,17 +592,36 @@ async fn execute_kept(
         json!({"type": "run", "run_id": run_id, "pipeline": pipeline, "status": "running"}),
     );
     let watcher = RunJournal::following(app.journal.clone(), start, &app.engine);
+    triggers::prepare_run(app, &plan, &watcher);
     let opts = RunOptions {
         reuse: reuse.map(Arc::new),
         ..RunOptions::default()
     };
-    let result = run_journaled(&app.engine, plan, input, opts, Some(watcher))
+    let result = run_journaled(&app.engine, plan, input, opts, Some(watcher.clone()))
         .await
         .map_err(|e| e.to_string());
     let status = match &result {
         Ok((report, _)) => report.status.as_str(),
         Err(_) => "failed",
     };
+    match &result {
+        Ok((report, _)) => after_run(
+            app,
+            watcher.start(),
+            report.status,
+            report.error.as_deref(),
+            crate::journal::run_error_kind(report).as_deref(),
+            report.failed_stage.as_deref(),
+        ),
+        Err(e) => after_run(
+            app,
+            watcher.start(),
+            RunStatus::Failed,
+            Some(e),
+            Some("validation"),
+            None,
+        ),
+    }
     app.announce(json!({"type": "run", "run_id": run_id, "pipeline": pipeline, "status": status}));
     result
 }
@@ -1244,7 +1279,10 @@ async fn list_pipelines(State(app): State<Arc<App>>) -> Response {
                 "version": p.version,
                 "description": p.description,
                 "stages": p.stages.len(),
-                "triggers": p.triggers.iter().map(|t| &t.path).collect::<Vec<_>>(),
+                "triggers": p.triggers.iter().map(|t| match &t.kind {
+                    TriggerKind::Webhook(w) => w.path.clone(),
+                    _ => format!("{}:{}", t.type_name(), t.name),
+                }).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -1293,14 +1331,13 @@ async fn list_services(State(app): State<Arc<App>>) -> Response {
 
 /// `GET /v1/triggers`: the webhook paths and the pipelines they start.
 async fn list_triggers(State(app): State<Arc<App>>) -> Response {
-    let mut list: Vec<Value> = app
-        .hooks
-        .iter()
-        .map(|(path, (pipeline, t))| {
-            json!({"path": path, "pipeline": pipeline, "type": t.kind, "signature": t.signature})
-        })
-        .collect();
-    list.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
+    let mut list = Vec::with_capacity(app.triggers.len());
+    for t in &app.triggers {
+        list.push(t.describe(&app).await);
+    }
+    list.sort_by(|a, b| {
+        (a["pipeline"].as_str(), a["name"].as_str()).cmp(&(b["pipeline"].as_str(), b["name"].as_str()))
+    });
     Json(list).into_response()
 }
 
@@ -1359,7 +1396,7 @@ async fn fallback(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some((pipeline, trigger)) = app.hooks.get(uri.path()).cloned() else {
+    let Some((pipeline, trigger_name, trigger)) = app.hooks.get(uri.path()).cloned() else {
         return problem(
             StatusCode::NOT_FOUND,
             "not found",
@@ -1433,11 +1470,20 @@ async fn fallback(
         tracing::info!(target: "fmhost::serve", path = %trigger.path, "delivery {event_id} repeats the signed body of {first}; not run again");
         return Json(json!({"event_id": first, "duplicate": true})).into_response();
     }
+    let received_at = unix_ms(SystemTime::now());
+    let info = json!({
+        "type": "webhook",
+        "name": trigger_name,
+        "id": event_id,
+        "fired_at": crate::journal::rfc3339(received_at),
+        "path": trigger.path,
+    });
     let delivery = Delivery {
         pipeline: pipeline.clone(),
         event_id: event_id.clone(),
         path: trigger.path.clone(),
-        received_at: unix_ms(SystemTime::now()),
+        received_at,
+        trigger_info: Some(app.engine.secrets().store(&info)),
         payload: app.engine.secrets().store(&payload),
         run_id: new_run_id(),
         traceparent: headers
@@ -1487,17 +1533,123 @@ async fn fallback(
 
 /// The journal entry of the run that processes a delivery.
 fn delivery_start(app: &App, d: &Delivery) -> RunStart {
+    let trigger = d
+        .trigger_info
+        .as_ref()
+        .and_then(|t| t.as_value()["type"].as_str())
+        .unwrap_or("webhook");
     RunStart {
         trace: crate::otel::run_trace(&d.run_id, d.traceparent.as_deref()),
+        trigger_info: d.trigger_info.clone(),
         ..RunStart::new(
             d.run_id.clone(),
             &d.pipeline,
             app.rerun(&d.pipeline),
-            "webhook",
+            trigger,
             OWNER_SERVE,
             d.payload.clone(),
         )
     }
+}
+
+/// What follows every run the server journals, whatever started it: a file trigger's
+/// file is settled, and a failure raises the pipeline's `run_failed` and
+/// `dead_lettered` alerts.
+fn after_run(
+    app: &App,
+    start: &RunStart,
+    status: RunStatus,
+    error: Option<&str>,
+    error_kind: Option<&str>,
+    stage: Option<&str>,
+) {
+    triggers::finish_run(start, status == RunStatus::Succeeded);
+    if !matches!(status, RunStatus::Failed | RunStatus::TimedOut) {
+        return;
+    }
+    let Some(plan) = app.pipelines.get(&start.pipeline) else {
+        return;
+    };
+    let fields = json!({
+        "run_id": start.run_id,
+        "stage": stage,
+        "error_kind": error_kind,
+        "error": error.map(|e| app.engine.secrets().redact(e).into_owned()),
+        "correlation_id": start.run_id,
+        "trigger": start.trigger,
+    });
+    let at = stage.map(|s| format!(" at stage {s}")).unwrap_or_default();
+    let kind = error_kind.map(|k| format!(" ({k})")).unwrap_or_default();
+    for (on, what) in [
+        (crate::pipeline::AlertOn::RunFailed, "failed"),
+        (crate::pipeline::AlertOn::DeadLettered, "was dead-lettered"),
+    ] {
+        app.alerter.raise(
+            &app.engine,
+            plan,
+            &alerts::Event {
+                on,
+                subject: stage.unwrap_or("").to_string(),
+                text: format!("run {} {what}{at}{kind}", start.run_id),
+                fields: fields.clone(),
+            },
+        );
+    }
+}
+
+/// Tells the alerts of every pipeline that declares a service when its circuit opens.
+fn watch_breakers(app: &Arc<App>) {
+    if !app.pipelines.values().any(|p| {
+        p.alerts
+            .iter()
+            .any(|a| a.on == crate::pipeline::AlertOn::BreakerOpen)
+    }) {
+        return;
+    }
+    let mut rx = app.engine.outbound.breaker_events.subscribe();
+    let app = app.clone();
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                e = rx.recv() => e,
+                _ = app.closing.cancelled() => return,
+            };
+            let event = match event {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            };
+            if event.state != crate::http::service::BreakerState::Open
+                || event.run_id.starts_with("alert_")
+            {
+                continue;
+            }
+            for plan in app.pipelines.values() {
+                if !plan.services.iter().any(|(name, _)| *name == event.service) {
+                    continue;
+                }
+                app.alerter.raise(
+                    &app.engine,
+                    plan,
+                    &alerts::Event {
+                        on: crate::pipeline::AlertOn::BreakerOpen,
+                        subject: event.service.clone(),
+                        text: format!(
+                            "the circuit for service {} opened (run {}, stage {})",
+                            event.service, event.run_id, event.stage_id
+                        ),
+                        fields: json!({
+                            "service": event.service,
+                            "run_id": event.run_id,
+                            "stage": event.stage_id,
+                            "error_kind": "circuit_open",
+                            "correlation_id": event.run_id,
+                        }),
+                    },
+                );
+            }
+        }
+    });
 }
 
 /// Runs an accepted delivery with its `payload` (restored from its stored form); one that cannot run (its pipeline is gone, its payload
@@ -1527,6 +1679,7 @@ async fn process_delivery(app: Arc<App>, d: Delivery, payload: Value) {
             if let Err(e) = watcher.reject(&why, kind, true).await {
                 tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "journal: {e}");
             }
+            after_run(&app, watcher.start(), RunStatus::Failed, Some(&why), Some(kind), None);
         }
     }
 }

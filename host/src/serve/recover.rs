@@ -40,7 +40,10 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
                 });
                 let app2 = app.clone();
                 let input = app.engine.secrets().restore(&run.input);
+                // A schedule or poll sees its resumed run as running.
+                let guard = app.trigger_guard(&start);
                 app.tracker.spawn(async move {
+                    let _guard = guard;
                     let _ = execute(&app2, plan, input, start, Some(reuse)).await;
                 });
             }
@@ -59,9 +62,17 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
                     "interrupted by a restart (--on-interrupted dead-letter)".to_string()
                 };
                 tracing::warn!(target: "fmhost::serve", run_id = %start.run_id, "run {} dead-lettered: {why}", start.run_id);
-                RunJournal::following(app.journal.clone(), start, &app.engine)
+                RunJournal::following(app.journal.clone(), start.clone(), &app.engine)
                     .reject(&why, "interrupted", false)
                     .await?;
+                super::after_run(
+                    app,
+                    &start,
+                    crate::engine::RunStatus::Failed,
+                    Some(&why),
+                    Some("interrupted"),
+                    None,
+                );
             }
         }
     }
@@ -73,8 +84,11 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
         let payload = app.engine.secrets().restore(&d.payload);
         tracing::info!(target: "fmhost::serve", event_id = %d.event_id, pipeline = %d.pipeline, "processing accepted delivery {} for {}", d.event_id, d.pipeline);
         let app2 = app.clone();
-        app.tracker
-            .spawn(async move { process_delivery(app2, d, payload).await });
+        let guard = app.trigger_guard(&super::delivery_start(app, &d));
+        app.tracker.spawn(async move {
+            let _guard = guard;
+            process_delivery(app2, d, payload).await
+        });
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 
-use crate::pipeline::{Signature, Trigger};
+use crate::pipeline::{Signature, Webhook as Trigger};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -167,7 +167,6 @@ mod tests {
 
     fn trigger(signature: Signature) -> Trigger {
         Trigger {
-            kind: "webhook".into(),
             path: "/hooks/x".into(),
             secret: "s".into(),
             signature,

@@ -81,6 +81,8 @@ fn resolve<'a>(path: &'a Path, scope: &Scope<'a>) -> Result<&'a Value, String> {
             None => return Err("`output` is only available in a retry condition".into()),
         },
         "run" => (scope.run, &path.segments[..]),
+        // What fired the run; the engine keeps it beside the run's id.
+        "trigger" => (&scope.run["trigger"], &path.segments[..]),
         "context" => {
             let name = match path.segments.first() {
                 Some(Segment::Field(name)) => name,
