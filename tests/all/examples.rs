@@ -43,6 +43,18 @@ const EXERCISED: &[(&str, &str)] = &[
         "control::one_sub_pipeline_serves_two_pipelines",
     ),
     (
+        "scheduled-inventory.pipeline.json",
+        "triggers::the_triggered_examples_run_as_written",
+    ),
+    (
+        "incremental-sync.pipeline.json",
+        "triggers::the_triggered_examples_run_as_written",
+    ),
+    (
+        "partner-files.pipeline.json",
+        "triggers::the_triggered_examples_run_as_written",
+    ),
+    (
         "order-intake.pipeline.json",
         "control::one_sub_pipeline_serves_two_pipelines",
     ),

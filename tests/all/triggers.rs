@@ -393,3 +393,71 @@ async fn an_alert_webhook_gets_one_message_when_a_breaker_opens() {
     // Idempotency key on the alert, so a retried post is one message.
     assert!(fake.seen("/slack")[0].header("idempotency-key").is_some());
 }
+
+/// The three triggered examples in `pipelines/`, served as written against fake vendors:
+/// the partner's CSV is imported and kept in `done/`, the incremental sync's first poll
+/// commits the CRM's cursor, and the inventory schedule fires on the quarter hour.
+#[tokio::test]
+async fn the_triggered_examples_run_as_written() {
+    let fake = Fake::start().await;
+    fake.route("/orders/orders/import", vec![Reply::json(200, json!({"imported": true}))]);
+    fake.route(
+        "/crm/contacts",
+        vec![Reply::json(200, json!({"contacts": [{"id": 1}], "next_cursor": "2026-12-07T06:00:00Z"}))],
+    );
+    fake.route("/warehouse/contacts/upsert", vec![Reply::json(200, json!({"ok": true}))]);
+    fake.route("/inventory/stock", vec![Reply::json(200, json!({"items": [{"sku": "A", "qty": 3}]}))]);
+    fake.route("/storefront/inventory/levels", vec![Reply::json(200, json!({"ok": true}))]);
+    let dir = support::scratch("trigger-examples");
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    for name in ["scheduled-inventory", "incremental-sync", "partner-files"] {
+        let file = format!("{name}.pipeline.json");
+        std::fs::copy(support::root().join("pipelines").join(&file), pipelines.join(&file)).unwrap();
+    }
+    let secrets = json!({
+        "ORDERS_API": fake.url("/orders"), "CRM_API": fake.url("/crm"),
+        "WAREHOUSE_API": fake.url("/warehouse"), "INVENTORY_API": fake.url("/inventory"),
+        "STOREFRONT_API": fake.url("/storefront"), "SLACK_WEBHOOK": fake.url("/slack"),
+    });
+    let server = Server::start(&dir, &pipelines, &dir.join("no-plugins"), &secrets);
+
+    let inbox = pipelines.join("inbox/partner-orders");
+    wait_for("the inbox", &server, Duration::from_secs(10), || inbox.join(".processing").exists()).await;
+    std::fs::write(inbox.join("2026-12-07.csv"), "order,sku,qty\n100,A,1\n101,B,2\n").unwrap();
+    wait_for("the file in done/", &server, Duration::from_secs(20), || {
+        inbox.join("done/2026-12-07.csv").exists()
+    })
+    .await;
+    let import: Value = serde_json::from_slice(&fake.seen("/orders/orders/import")[0].body).unwrap();
+    assert_eq!(import["orders"][1], json!({"order": "101", "sku": "B", "qty": "2"}));
+
+    wait_for("the first poll's cursor", &server, Duration::from_secs(20), || {
+        !fake.seen("/warehouse/contacts/upsert").is_empty()
+    })
+    .await;
+    assert_eq!(fake.seen("/crm/contacts")[0].query, "updated_after=1970-01-01T00:00:00Z&limit=100");
+    let listed = triggers(&server).await;
+    let poll = listed.iter().find(|t| t["pipeline"] == "incremental-sync").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut poll = poll.clone();
+    while poll["cursor"] != "2026-12-07T06:00:00Z" && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        poll = triggers(&server).await.into_iter().find(|t| t["pipeline"] == "incremental-sync").unwrap();
+    }
+    assert_eq!(poll["cursor"], "2026-12-07T06:00:00Z", "{poll}");
+
+    let schedule = listed.iter().find(|t| t["pipeline"] == "scheduled-inventory").unwrap();
+    let next = unix_ms(schedule["next_fire_at"].as_str().unwrap());
+    assert_eq!(next % (15 * 60 * 1000), 0, "fires on the quarter hour: {schedule}");
+    // Its stages as a fire runs them (started over the API here, not to wait 15 minutes).
+    let (status, report) =
+        crate::serve::post_run(&support::api_client(), &server.url, "scheduled-inventory", &json!({"window_minutes": 15})).await;
+    assert_eq!(status, 200, "{report}");
+    let push: Value = serde_json::from_slice(&fake.seen("/storefront/inventory/levels")[0].body).unwrap();
+    assert_eq!(push["levels"], json!([{"sku": "A", "qty": 3}]));
+    assert!(fake.seen("/storefront/inventory/levels")[0]
+        .header("idempotency-key")
+        .unwrap()
+        .starts_with("inventory-run_"));
+}
