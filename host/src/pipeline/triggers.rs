@@ -23,7 +23,7 @@ pub struct Trigger {
 #[derive(Debug, Clone)]
 pub enum TriggerKind {
     Webhook(Webhook),
-    Schedule(Schedule),
+    Schedule(Box<Schedule>),
     Poll(Poll),
     File(FileDrop),
 }
@@ -317,7 +317,7 @@ pub fn parse(raw: &[Value], dir: Option<&Path>, diags: &mut Vec<Diagnostic>) -> 
             }),
             "schedule" => typed::<ScheduleDoc>(&rest, &at, diags)
                 .and_then(|d| schedule(d, &at, diags))
-                .map(TriggerKind::Schedule),
+                .map(|s| TriggerKind::Schedule(Box::new(s))),
             "poll" => typed::<PollDoc>(&rest, &at, diags)
                 .and_then(|d| poll(d, &at, diags))
                 .map(TriggerKind::Poll),

@@ -236,7 +236,7 @@ pub(super) fn start(app: &Arc<App>) {
         match st.trigger.kind.clone() {
             TriggerKind::Webhook(_) => {}
             TriggerKind::Schedule(s) => {
-                tokio::spawn(async move { schedule_loop(app, st, s).await });
+                tokio::spawn(async move { schedule_loop(app, st, *s).await });
             }
             TriggerKind::Poll(p) => {
                 tokio::spawn(async move { poll_loop(app, st, p).await });
