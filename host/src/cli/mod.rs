@@ -1142,6 +1142,13 @@ async fn run(args: RunArgs, state: &Path) -> u8 {
                     crate::journal::OWNER_CLI,
                     engine.secrets().store(&input),
                 );
+                // On record before the first stage can reach a vendor: a run killed
+                // after that is found (and dead-lettered) by the next command.
+                journal.record(crate::journal::Record::RunStarted(start.clone()));
+                if let Err(e) = journal.commit(false).await {
+                    eprintln!("error: {e}");
+                    return EXIT_FAILED;
+                }
                 Some(crate::journal::RunJournal::following(
                     journal, start, &engine,
                 ))
