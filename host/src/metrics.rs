@@ -281,10 +281,22 @@ impl Metrics {
         );
         let triggers: [Family<TriggerLabels, Counter>; 4] = Default::default();
         for (family, (name, help)) in triggers.iter().zip([
-            ("trigger_fires", "Runs started by schedules, polls and files, by pipeline and trigger"),
-            ("schedule_skipped", "Schedule fires not run because the previous run was still running (overlap: skip)"),
-            ("schedule_missed", "Schedule fires missed while the server was down, outside the catch-up"),
-            ("trigger_no_file", "Times a file trigger's expect_every passed without a file"),
+            (
+                "trigger_fires",
+                "Runs started by schedules, polls and files, by pipeline and trigger",
+            ),
+            (
+                "schedule_skipped",
+                "Schedule fires not run because the previous run was still running (overlap: skip)",
+            ),
+            (
+                "schedule_missed",
+                "Schedule fires missed while the server was down, outside the catch-up",
+            ),
+            (
+                "trigger_no_file",
+                "Times a file trigger's expect_every passed without a file",
+            ),
         ]) {
             registry.register(name, help, family.clone());
         }

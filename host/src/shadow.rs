@@ -318,7 +318,10 @@ async fn one(plan: &Arc<Plan>, plugin: &str, run: &RunDetail, granted: &[String]
         now: Some(Arc::from(
             humantime::format_rfc3339_seconds(now).to_string(),
         )),
-        trigger: run.trigger_info.as_ref().map(|t| engine.secrets().restore(t)),
+        trigger: run
+            .trigger_info
+            .as_ref()
+            .map(|t| engine.secrets().restore(t)),
         ..RunOptions::default()
     };
     let stages: Vec<String> = Vec::new();

@@ -15,13 +15,21 @@ use crate::support::{self, Fake, Reply};
 async fn wait_for(what: &str, server: &Server, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{}", server.log());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{}",
+            server.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 async fn triggers(server: &Server) -> Vec<Value> {
-    let v = get_json(&support::api_client(), format!("{}/v1/triggers", server.url)).await;
+    let v = get_json(
+        &support::api_client(),
+        format!("{}/v1/triggers", server.url),
+    )
+    .await;
     v.as_array().cloned().unwrap_or_default()
 }
 
@@ -70,7 +78,10 @@ async fn a_schedule_fires_once_per_time_across_kill_9_and_catches_up_what_it_mis
     );
     let plugins = dir.join("no-plugins");
     let mut server = Server::start(&dir, &pipelines, &plugins, &json!({}));
-    wait_for("three fires", &server, Duration::from_secs(20), || ticks(&fake).len() >= 3).await;
+    wait_for("three fires", &server, Duration::from_secs(20), || {
+        ticks(&fake).len() >= 3
+    })
+    .await;
     let listed = triggers(&server).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["type"], "schedule");
@@ -82,9 +93,12 @@ async fn a_schedule_fires_once_per_time_across_kill_9_and_catches_up_what_it_mis
 
     let server = Server::start(&dir, &pipelines, &plugins, &json!({}));
     let resumed_at = Instant::now();
-    wait_for("fires after the restart", &server, Duration::from_secs(20), || {
-        ticks(&fake).len() >= before + 6 && resumed_at.elapsed() > Duration::from_secs(2)
-    })
+    wait_for(
+        "fires after the restart",
+        &server,
+        Duration::from_secs(20),
+        || ticks(&fake).len() >= before + 6 && resumed_at.elapsed() > Duration::from_secs(2),
+    )
     .await;
     let seen = ticks(&fake);
     let times: Vec<i64> = seen.keys().copied().collect();
@@ -96,16 +110,28 @@ async fn a_schedule_fires_once_per_time_across_kill_9_and_catches_up_what_it_mis
             server.log()
         );
         // Sent again only by a resumed run, under its own key; never by a second run.
-        assert_eq!(seen[&t].len(), 1, "the fire at {t} ran as more than one run: {:?}", seen[&t]);
+        assert_eq!(
+            seen[&t].len(),
+            1,
+            "the fire at {t} ran as more than one run: {:?}",
+            seen[&t]
+        );
     }
     let bodies: Vec<Value> = fake
         .seen("/tick")
         .iter()
         .map(|s| serde_json::from_slice(&s.body).unwrap())
         .collect();
-    assert!(bodies.iter().all(|b| b["source"] == "cron" && b["id"].as_str().unwrap().starts_with("schedule@")));
+    assert!(
+        bodies
+            .iter()
+            .all(|b| b["source"] == "cron" && b["id"].as_str().unwrap().starts_with("schedule@"))
+    );
     let listed = triggers(&server).await;
-    assert_eq!(listed[0]["missed"], 0, "every missed fire was inside the window: {listed:?}");
+    assert_eq!(
+        listed[0]["missed"], 0,
+        "every missed fire was inside the window: {listed:?}"
+    );
     let metrics = support::api_client()
         .get(format!("{}/metrics", server.url))
         .send()
@@ -114,7 +140,10 @@ async fn a_schedule_fires_once_per_time_across_kill_9_and_catches_up_what_it_mis
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("fmhost_trigger_fires_total{pipeline=\"ticks\",trigger=\"schedule\"}"), "{metrics}");
+    assert!(
+        metrics.contains("fmhost_trigger_fires_total{pipeline=\"ticks\",trigger=\"schedule\"}"),
+        "{metrics}"
+    );
 
     // `fmhost schedules list` reads the same journal and the pipeline files.
     let out = support::output({
@@ -127,7 +156,11 @@ async fn a_schedule_fires_once_per_time_across_kill_9_and_catches_up_what_it_mis
         c
     })
     .await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed[0]["trigger"], "schedule");
     assert_eq!(listed[0]["next_fire_at"].as_array().unwrap().len(), 3);
@@ -162,7 +195,10 @@ async fn a_schedule_slower_than_its_period_skips_fires_and_accounts_for_every_on
         )],
     );
     let server = Server::start(&dir, &pipelines, &dir.join("no-plugins"), &json!({}));
-    wait_for("three slow runs", &server, Duration::from_secs(30), || fake.seen("/slow").len() >= 3).await;
+    wait_for("three slow runs", &server, Duration::from_secs(30), || {
+        fake.seen("/slow").len() >= 3
+    })
+    .await;
     // Let the third run finish, so what follows is settled.
     tokio::time::sleep(Duration::from_millis(2700)).await;
     let listed = triggers(&server).await;
@@ -171,7 +207,13 @@ async fn a_schedule_slower_than_its_period_skips_fires_and_accounts_for_every_on
     let runs: Vec<i64> = fake
         .seen("/slow")
         .iter()
-        .map(|s| unix_ms(serde_json::from_slice::<Value>(&s.body).unwrap()["at"].as_str().unwrap()))
+        .map(|s| {
+            unix_ms(
+                serde_json::from_slice::<Value>(&s.body).unwrap()["at"]
+                    .as_str()
+                    .unwrap(),
+            )
+        })
         .collect();
     let skipped = t["skipped"].as_u64().unwrap();
     let last = unix_ms(t["last_fire_at"].as_str().unwrap());
@@ -196,7 +238,11 @@ async fn a_schedule_slower_than_its_period_skips_fires_and_accounts_for_every_on
         )),
         "{metrics}"
     );
-    assert!(server.log().contains("skipped: the previous run is still running"));
+    assert!(
+        server
+            .log()
+            .contains("skipped: the previous run is still running")
+    );
 }
 
 /// A poll trigger walks a paged API by cursor; a failed run leaves the cursor, so the next
@@ -204,12 +250,21 @@ async fn a_schedule_slower_than_its_period_skips_fires_and_accounts_for_every_on
 #[tokio::test]
 async fn a_poll_walks_pages_by_cursor_and_a_failed_run_does_not_move_it() {
     let fake = Fake::start().await;
-    fake.route("/items/start", vec![Reply::json(200, json!({"items": [1, 2], "next": "c2"}))]);
+    fake.route(
+        "/items/start",
+        vec![Reply::json(200, json!({"items": [1, 2], "next": "c2"}))],
+    );
     fake.route(
         "/items/c2",
-        vec![Reply::status(500), Reply::json(200, json!({"items": [3], "next": "c3"}))],
+        vec![
+            Reply::status(500),
+            Reply::json(200, json!({"items": [3], "next": "c3"})),
+        ],
     );
-    fake.route("/items/c3", vec![Reply::json(200, json!({"items": [], "next": "c3"}))]);
+    fake.route(
+        "/items/c3",
+        vec![Reply::json(200, json!({"items": [], "next": "c3"}))],
+    );
     let dir = support::scratch("trigger-poll");
     let pipelines = pipelines_dir(
         &dir,
@@ -226,11 +281,18 @@ async fn a_poll_walks_pages_by_cursor_and_a_failed_run_does_not_move_it() {
     );
     let server = Server::start(&dir, &pipelines, &dir.join("no-plugins"), &json!({}));
     let paths = || -> Vec<String> {
-        fake.all_seen().into_iter().map(|s| s.path).filter(|p| p.starts_with("/items/")).collect()
+        fake.all_seen()
+            .into_iter()
+            .map(|s| s.path)
+            .filter(|p| p.starts_with("/items/"))
+            .collect()
     };
-    wait_for("the last page twice", &server, Duration::from_secs(20), || {
-        paths().iter().filter(|p| *p == "/items/c3").count() >= 2
-    })
+    wait_for(
+        "the last page twice",
+        &server,
+        Duration::from_secs(20),
+        || paths().iter().filter(|p| *p == "/items/c3").count() >= 2,
+    )
     .await;
     let walked = paths();
     assert_eq!(
@@ -250,11 +312,18 @@ async fn a_poll_walks_pages_by_cursor_and_a_failed_run_does_not_move_it() {
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["cursor"], "c3");
     let out = support::output(cli(&["cursors", "set", "sync", "start"])).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let n = paths().len();
-    wait_for("a poll from the rewound cursor", &server, Duration::from_secs(10), || {
-        paths()[n..].iter().any(|p| p == "/items/start")
-    })
+    wait_for(
+        "a poll from the rewound cursor",
+        &server,
+        Duration::from_secs(10),
+        || paths()[n..].iter().any(|p| p == "/items/start"),
+    )
     .await;
     // The failed poll's run is dead-lettered like any other.
     let dlq = get_json(&support::api_client(), format!("{}/v1/dlq", server.url)).await;
@@ -292,7 +361,12 @@ async fn files_are_read_whole_once_per_content_and_a_bad_row_is_named() {
     let server = Server::start(&dir, &pipelines, &dir.join("no-plugins"), &json!({}));
     // Written in pieces, 300 ms apart: never read half-written.
     let good = inbox.join("orders.csv");
-    let pieces = ["id,sku,qty\n1,A-1,2\n", "2,B-7,1\n", "3,C-", "9,5\n4,D-2,1\n"];
+    let pieces = [
+        "id,sku,qty\n1,A-1,2\n",
+        "2,B-7,1\n",
+        "3,C-",
+        "9,5\n4,D-2,1\n",
+    ];
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&good).unwrap();
@@ -303,37 +377,65 @@ async fn files_are_read_whole_once_per_content_and_a_bad_row_is_named() {
         }
     }
     let done = inbox.join("done/orders.csv");
-    wait_for("orders.csv in done/", &server, Duration::from_secs(20), || wait_file(&done)).await;
+    wait_for(
+        "orders.csv in done/",
+        &server,
+        Duration::from_secs(20),
+        || wait_file(&done),
+    )
+    .await;
     let imports = fake.seen("/import");
     assert_eq!(imports.len(), 1, "read once");
     let body: Value = serde_json::from_slice(&imports[0].body).unwrap();
     assert_eq!(body["file"], "orders.csv");
     assert_eq!(body["records"].as_array().unwrap().len(), 4, "{body}");
-    assert_eq!(body["records"][2], json!({"id": "3", "sku": "C-9", "qty": "5"}));
-    assert_eq!(std::fs::read_to_string(&done).unwrap(), pieces.concat(), "the raw file is kept");
+    assert_eq!(
+        body["records"][2],
+        json!({"id": "3", "sku": "C-9", "qty": "5"})
+    );
+    assert_eq!(
+        std::fs::read_to_string(&done).unwrap(),
+        pieces.concat(),
+        "the raw file is kept"
+    );
 
     // A bad row: the run fails naming the place, the file goes to failed/.
     std::fs::write(inbox.join("broken.csv"), "id,sku,qty\n1,A-1,2\n2,B-7\n").unwrap();
     let failed = inbox.join("failed/broken.csv");
-    wait_for("broken.csv in failed/", &server, Duration::from_secs(20), || wait_file(&failed)).await;
+    wait_for(
+        "broken.csv in failed/",
+        &server,
+        Duration::from_secs(20),
+        || wait_file(&failed),
+    )
+    .await;
     let client = support::api_client();
     let dlq = get_json(&client, format!("{}/v1/dlq", server.url)).await;
     let entries = dlq.as_array().unwrap();
     assert_eq!(entries.len(), 1, "{dlq}");
     assert_eq!(
-        entries[0]["reason"], "broken.csv line 3 column 3: the row has 2 field(s), the header row 3",
+        entries[0]["reason"],
+        "broken.csv line 3 column 3: the row has 2 field(s), the header row 3",
         "{dlq}"
     );
 
     // The same content again, under another name: settled by the first run, not run.
     std::fs::write(inbox.join("orders-again.csv"), pieces.concat()).unwrap();
     let again = inbox.join("done/orders-again.csv");
-    wait_for("orders-again.csv in done/", &server, Duration::from_secs(20), || wait_file(&again)).await;
+    wait_for(
+        "orders-again.csv in done/",
+        &server,
+        Duration::from_secs(20),
+        || wait_file(&again),
+    )
+    .await;
     assert_eq!(fake.seen("/import").len(), 1, "the same content ran once");
     let listed = triggers(&server).await;
     assert_eq!(listed[0]["type"], "file");
     assert!(listed[0]["last_file"].is_object(), "{listed:?}");
-    let leftovers: Vec<_> = std::fs::read_dir(inbox.join(".processing")).unwrap().collect();
+    let leftovers: Vec<_> = std::fs::read_dir(inbox.join(".processing"))
+        .unwrap()
+        .collect();
     assert!(leftovers.is_empty(), "nothing is left claimed");
 }
 
@@ -367,10 +469,14 @@ async fn an_alert_webhook_gets_one_message_when_a_breaker_opens() {
     let server = Server::start(&dir, &pipelines, &dir.join("no-plugins"), &secrets);
     let client = support::api_client();
     for _ in 0..5 {
-        let (status, _) = crate::serve::post_run(&client, &server.url, "accounts", &json!({})).await;
+        let (status, _) =
+            crate::serve::post_run(&client, &server.url, "accounts", &json!({})).await;
         assert_eq!(status, 502);
     }
-    wait_for("two alerts", &server, Duration::from_secs(10), || fake.seen("/slack").len() >= 2).await;
+    wait_for("two alerts", &server, Duration::from_secs(10), || {
+        fake.seen("/slack").len() >= 2
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let alerts: Vec<Value> = fake
         .seen("/slack")
@@ -378,18 +484,37 @@ async fn an_alert_webhook_gets_one_message_when_a_breaker_opens() {
         .map(|s| serde_json::from_slice(&s.body).unwrap())
         .collect();
     let by_kind: HashMap<String, Vec<&Value>> = alerts.iter().fold(HashMap::new(), |mut m, a| {
-        m.entry(a["fmhost"]["on"].as_str().unwrap().to_string()).or_default().push(a);
+        m.entry(a["fmhost"]["on"].as_str().unwrap().to_string())
+            .or_default()
+            .push(a);
         m
     });
-    assert_eq!(by_kind["breaker_open"].len(), 1, "one alert per cool-down: {alerts:?}");
-    assert_eq!(by_kind["run_failed"].len(), 1, "one alert per cool-down: {alerts:?}");
+    assert_eq!(
+        by_kind["breaker_open"].len(),
+        1,
+        "one alert per cool-down: {alerts:?}"
+    );
+    assert_eq!(
+        by_kind["run_failed"].len(),
+        1,
+        "one alert per cool-down: {alerts:?}"
+    );
     let open = by_kind["breaker_open"][0];
     assert_eq!(open["fmhost"]["service"], "crm");
     assert_eq!(open["fmhost"]["pipeline"], "accounts");
-    assert!(open["text"].as_str().unwrap().contains("circuit for service crm opened"), "{open}");
+    assert!(
+        open["text"]
+            .as_str()
+            .unwrap()
+            .contains("circuit for service crm opened"),
+        "{open}"
+    );
     let failed = by_kind["run_failed"][0];
     assert_eq!(failed["fmhost"]["stage"], "fetch");
-    assert!(failed["fmhost"]["run_id"].is_string() && failed["fmhost"]["correlation_id"] == failed["fmhost"]["run_id"]);
+    assert!(
+        failed["fmhost"]["run_id"].is_string()
+            && failed["fmhost"]["correlation_id"] == failed["fmhost"]["run_id"]
+    );
     // Idempotency key on the alert, so a retried post is one message.
     assert!(fake.seen("/slack")[0].header("idempotency-key").is_some());
 }
@@ -400,20 +525,39 @@ async fn an_alert_webhook_gets_one_message_when_a_breaker_opens() {
 #[tokio::test]
 async fn the_triggered_examples_run_as_written() {
     let fake = Fake::start().await;
-    fake.route("/orders/orders/import", vec![Reply::json(200, json!({"imported": true}))]);
+    fake.route(
+        "/orders/orders/import",
+        vec![Reply::json(200, json!({"imported": true}))],
+    );
     fake.route(
         "/crm/contacts",
-        vec![Reply::json(200, json!({"contacts": [{"id": 1}], "next_cursor": "2026-12-07T06:00:00Z"}))],
+        vec![Reply::json(
+            200,
+            json!({"contacts": [{"id": 1}], "next_cursor": "2026-12-07T06:00:00Z"}),
+        )],
     );
-    fake.route("/warehouse/contacts/upsert", vec![Reply::json(200, json!({"ok": true}))]);
-    fake.route("/inventory/stock", vec![Reply::json(200, json!({"items": [{"sku": "A", "qty": 3}]}))]);
-    fake.route("/storefront/inventory/levels", vec![Reply::json(200, json!({"ok": true}))]);
+    fake.route(
+        "/warehouse/contacts/upsert",
+        vec![Reply::json(200, json!({"ok": true}))],
+    );
+    fake.route(
+        "/inventory/stock",
+        vec![Reply::json(200, json!({"items": [{"sku": "A", "qty": 3}]}))],
+    );
+    fake.route(
+        "/storefront/inventory/levels",
+        vec![Reply::json(200, json!({"ok": true}))],
+    );
     let dir = support::scratch("trigger-examples");
     let pipelines = dir.join("pipelines");
     std::fs::create_dir_all(&pipelines).unwrap();
     for name in ["scheduled-inventory", "incremental-sync", "partner-files"] {
         let file = format!("{name}.pipeline.json");
-        std::fs::copy(support::root().join("pipelines").join(&file), pipelines.join(&file)).unwrap();
+        std::fs::copy(
+            support::root().join("pipelines").join(&file),
+            pipelines.join(&file),
+        )
+        .unwrap();
     }
     let secrets = json!({
         "ORDERS_API": fake.url("/orders"), "CRM_API": fake.url("/crm"),
@@ -423,41 +567,83 @@ async fn the_triggered_examples_run_as_written() {
     let server = Server::start(&dir, &pipelines, &dir.join("no-plugins"), &secrets);
 
     let inbox = pipelines.join("inbox/partner-orders");
-    wait_for("the inbox", &server, Duration::from_secs(10), || inbox.join(".processing").exists()).await;
-    std::fs::write(inbox.join("2026-12-07.csv"), "order,sku,qty\n100,A,1\n101,B,2\n").unwrap();
-    wait_for("the file in done/", &server, Duration::from_secs(20), || {
-        inbox.join("done/2026-12-07.csv").exists()
+    wait_for("the inbox", &server, Duration::from_secs(10), || {
+        inbox.join(".processing").exists()
     })
     .await;
-    let import: Value = serde_json::from_slice(&fake.seen("/orders/orders/import")[0].body).unwrap();
-    assert_eq!(import["orders"][1], json!({"order": "101", "sku": "B", "qty": "2"}));
+    std::fs::write(
+        inbox.join("2026-12-07.csv"),
+        "order,sku,qty\n100,A,1\n101,B,2\n",
+    )
+    .unwrap();
+    wait_for(
+        "the file in done/",
+        &server,
+        Duration::from_secs(20),
+        || inbox.join("done/2026-12-07.csv").exists(),
+    )
+    .await;
+    let import: Value =
+        serde_json::from_slice(&fake.seen("/orders/orders/import")[0].body).unwrap();
+    assert_eq!(
+        import["orders"][1],
+        json!({"order": "101", "sku": "B", "qty": "2"})
+    );
 
-    wait_for("the first poll's cursor", &server, Duration::from_secs(20), || {
-        !fake.seen("/warehouse/contacts/upsert").is_empty()
-    })
+    wait_for(
+        "the first poll's cursor",
+        &server,
+        Duration::from_secs(20),
+        || !fake.seen("/warehouse/contacts/upsert").is_empty(),
+    )
     .await;
-    assert_eq!(fake.seen("/crm/contacts")[0].query, "updated_after=1970-01-01T00:00:00Z&limit=100");
+    assert_eq!(
+        fake.seen("/crm/contacts")[0].query,
+        "updated_after=1970-01-01T00:00:00Z&limit=100"
+    );
     let listed = triggers(&server).await;
-    let poll = listed.iter().find(|t| t["pipeline"] == "incremental-sync").unwrap();
+    let poll = listed
+        .iter()
+        .find(|t| t["pipeline"] == "incremental-sync")
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut poll = poll.clone();
     while poll["cursor"] != "2026-12-07T06:00:00Z" && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        poll = triggers(&server).await.into_iter().find(|t| t["pipeline"] == "incremental-sync").unwrap();
+        poll = triggers(&server)
+            .await
+            .into_iter()
+            .find(|t| t["pipeline"] == "incremental-sync")
+            .unwrap();
     }
     assert_eq!(poll["cursor"], "2026-12-07T06:00:00Z", "{poll}");
 
-    let schedule = listed.iter().find(|t| t["pipeline"] == "scheduled-inventory").unwrap();
+    let schedule = listed
+        .iter()
+        .find(|t| t["pipeline"] == "scheduled-inventory")
+        .unwrap();
     let next = unix_ms(schedule["next_fire_at"].as_str().unwrap());
-    assert_eq!(next % (15 * 60 * 1000), 0, "fires on the quarter hour: {schedule}");
+    assert_eq!(
+        next % (15 * 60 * 1000),
+        0,
+        "fires on the quarter hour: {schedule}"
+    );
     // Its stages as a fire runs them (started over the API here, not to wait 15 minutes).
-    let (status, report) =
-        crate::serve::post_run(&support::api_client(), &server.url, "scheduled-inventory", &json!({"window_minutes": 15})).await;
+    let (status, report) = crate::serve::post_run(
+        &support::api_client(),
+        &server.url,
+        "scheduled-inventory",
+        &json!({"window_minutes": 15}),
+    )
+    .await;
     assert_eq!(status, 200, "{report}");
-    let push: Value = serde_json::from_slice(&fake.seen("/storefront/inventory/levels")[0].body).unwrap();
+    let push: Value =
+        serde_json::from_slice(&fake.seen("/storefront/inventory/levels")[0].body).unwrap();
     assert_eq!(push["levels"], json!([{"sku": "A", "qty": 3}]));
-    assert!(fake.seen("/storefront/inventory/levels")[0]
-        .header("idempotency-key")
-        .unwrap()
-        .starts_with("inventory-run_"));
+    assert!(
+        fake.seen("/storefront/inventory/levels")[0]
+            .header("idempotency-key")
+            .unwrap()
+            .starts_with("inventory-run_")
+    );
 }

@@ -230,7 +230,9 @@ pub async fn cursors(state: &Path, cmd: CursorsCommand) -> u8 {
             };
             match journal.record_durably(record).await {
                 Ok(_) => {
-                    println!("cursor of {pipeline} trigger {trigger} set to {value}; the next poll starts from it");
+                    println!(
+                        "cursor of {pipeline} trigger {trigger} set to {value}; the next poll starts from it"
+                    );
                     0
                 }
                 Err(e) => {

@@ -384,7 +384,11 @@ pub struct RunDetail {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<crate::trace::RunTrace>,
     /// What fired it (`{{trigger}}`), when a trigger did.
-    #[serde(default, rename = "trigger_detail", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "trigger_detail",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub trigger_info: Option<Stored>,
     pub stages: Vec<StageDetail>,
 }
@@ -995,7 +999,9 @@ impl RunJournal {
     pub async fn finish(&self, report: &RunReport) -> Result<(), JournalError> {
         let output = report.output.as_ref().map(|v| self.mask(v));
         let cursor = match (self.cursor.get(), &output) {
-            (Some((trigger, spec, expected)), Some(out)) if report.status == RunStatus::Succeeded => {
+            (Some((trigger, spec, expected)), Some(out))
+                if report.status == RunStatus::Succeeded =>
+            {
                 match spec.read(out) {
                     Some(next) => Some(CursorCommit {
                         pipeline: self.start.pipeline.clone(),

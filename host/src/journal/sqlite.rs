@@ -1021,7 +1021,13 @@ impl Backend for SqliteBackend {
                      COALESCE(SUM(CASE outcome WHEN 'missed' THEN count ELSE 0 END), 0)
                  FROM fires WHERE pipeline = ?1 AND trigger = ?2",
                 params![pipeline, trigger],
-                |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, Option<i64>>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
             )?;
             let cursor = self
                 .conn

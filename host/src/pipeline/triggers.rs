@@ -479,9 +479,12 @@ fn webhook(t: &Webhook, at: &str, diags: &mut Vec<Diagnostic>) {
         ));
     }
     match crate::template::Template::parse(&t.secret) {
-        Ok(Some(tpl)) if tpl.paths().iter().any(|p| p.root != "secrets") => diags.push(
-            Diagnostic::new(format!("{at}.secret"), "may only reference {{secrets.NAME}}"),
-        ),
+        Ok(Some(tpl)) if tpl.paths().iter().any(|p| p.root != "secrets") => {
+            diags.push(Diagnostic::new(
+                format!("{at}.secret"),
+                "may only reference {{secrets.NAME}}",
+            ))
+        }
         Err(e) => diags.push(Diagnostic::new(format!("{at}.secret"), e)),
         _ => {}
     }
@@ -613,7 +616,13 @@ fn file(d: FileDoc, dir: Option<&Path>, at: &str, diags: &mut Vec<Diagnostic>) -
     }
     let expect_every = match &d.expect_every {
         None => Some(None),
-        Some(v) => duration(Some(v), Duration::ZERO, &format!("{at}.expect_every"), diags).map(Some),
+        Some(v) => duration(
+            Some(v),
+            Duration::ZERO,
+            &format!("{at}.expect_every"),
+            diags,
+        )
+        .map(Some),
     };
     let settle = duration(
         d.settle.as_ref(),
@@ -640,7 +649,10 @@ mod tests {
     fn problems(raw: Value) -> Vec<String> {
         let mut diags = Vec::new();
         parse(raw.as_array().unwrap(), None, &mut diags);
-        diags.into_iter().map(|d| format!("{}: {}", d.location, d.message)).collect()
+        diags
+            .into_iter()
+            .map(|d| format!("{}: {}", d.location, d.message))
+            .collect()
     }
 
     #[test]
@@ -702,14 +714,19 @@ mod tests {
         let TriggerKind::Schedule(s) = &t[0].kind else {
             panic!()
         };
-        let ms = |rfc: &str| chrono::DateTime::parse_from_rfc3339(rfc).unwrap().timestamp_millis();
+        let ms = |rfc: &str| {
+            chrono::DateTime::parse_from_rfc3339(rfc)
+                .unwrap()
+                .timestamp_millis()
+        };
         let at = |ms: i64| {
             chrono::DateTime::from_timestamp_millis(ms)
                 .unwrap()
                 .to_rfc3339()
         };
         // 2026-03-29: 02:00 CET becomes 03:00 CEST.
-        let (spring, _) = s.fires_between(ms("2026-03-28T12:00:00Z"), ms("2026-03-30T12:00:00Z"), 10);
+        let (spring, _) =
+            s.fires_between(ms("2026-03-28T12:00:00Z"), ms("2026-03-30T12:00:00Z"), 10);
         assert_eq!(
             spring.iter().map(|&m| at(m)).collect::<Vec<_>>(),
             ["2026-03-29T01:00:00+00:00", "2026-03-30T00:30:00+00:00"]

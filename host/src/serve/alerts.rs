@@ -43,7 +43,10 @@ impl Alerter {
             let metrics = engine.outbound.metrics.clone();
             {
                 let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
-                if sent.get(&key).is_some_and(|at| at.elapsed() < alert.cooldown) {
+                if sent
+                    .get(&key)
+                    .is_some_and(|at| at.elapsed() < alert.cooldown)
+                {
                     metrics.record_alert(&plan.name, event.on.as_str(), "suppressed");
                     tracing::debug!(target: "fmhost::alerts", pipeline = %plan.name, on = event.on.as_str(), "alert {} for {} suppressed (cool-down)", event.on.as_str(), event.subject);
                     continue;

@@ -1336,7 +1336,8 @@ async fn list_triggers(State(app): State<Arc<App>>) -> Response {
         list.push(t.describe(&app).await);
     }
     list.sort_by(|a, b| {
-        (a["pipeline"].as_str(), a["name"].as_str()).cmp(&(b["pipeline"].as_str(), b["name"].as_str()))
+        (a["pipeline"].as_str(), a["name"].as_str())
+            .cmp(&(b["pipeline"].as_str(), b["name"].as_str()))
     });
     Json(list).into_response()
 }
@@ -1679,7 +1680,14 @@ async fn process_delivery(app: Arc<App>, d: Delivery, payload: Value) {
             if let Err(e) = watcher.reject(&why, kind, true).await {
                 tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "journal: {e}");
             }
-            after_run(&app, watcher.start(), RunStatus::Failed, Some(&why), Some(kind), None);
+            after_run(
+                &app,
+                watcher.start(),
+                RunStatus::Failed,
+                Some(&why),
+                Some(kind),
+                None,
+            );
         }
     }
 }

@@ -122,9 +122,9 @@ impl TriggerState {
             .trigger_record(&self.pipeline, &t.name)
             .await
             .unwrap_or_default();
-        let last = record.last.as_ref().map(|(event_id, at, run_id)| {
-            json!({"id": event_id, "at": rfc3339(*at), "run_id": run_id})
-        });
+        let last = record.last.as_ref().map(
+            |(event_id, at, run_id)| json!({"id": event_id, "at": rfc3339(*at), "run_id": run_id}),
+        );
         match &t.kind {
             TriggerKind::Webhook(w) => {
                 v["path"] = json!(w.path);
@@ -182,7 +182,8 @@ impl App {
     /// The trigger a resumed or recovered run belongs to counts it as running.
     pub(super) fn trigger_guard(&self, start: &RunStart) -> Option<Active> {
         let (_, name) = trigger_of(start)?;
-        self.trigger_state(&start.pipeline, &name).map(|t| t.enter())
+        self.trigger_state(&start.pipeline, &name)
+            .map(|t| t.enter())
     }
 }
 
@@ -223,7 +224,11 @@ pub(super) fn finish_run(start: &RunStart, succeeded: bool) {
     if kind != "file" || start.replay_of.is_some() {
         return;
     }
-    let info = start.trigger_info.as_ref().expect("checked above").as_value();
+    let info = start
+        .trigger_info
+        .as_ref()
+        .expect("checked above")
+        .as_value();
     if let Some(path) = info["file"]["path"].as_str() {
         settle_file(Path::new(path), succeeded);
     }
@@ -262,7 +267,13 @@ async fn sleep_until(app: &App, at_ms: i64) -> bool {
 }
 
 /// A delivery for a fire, poll or file of `st`.
-fn delivery(app: &App, st: &TriggerState, event_id: String, payload: &Value, info: Value) -> Delivery {
+fn delivery(
+    app: &App,
+    st: &TriggerState,
+    event_id: String,
+    payload: &Value,
+    info: Value,
+) -> Delivery {
     let secrets = app.engine.secrets();
     Delivery {
         pipeline: st.pipeline.clone(),
@@ -284,10 +295,12 @@ fn run_delivery(
     payload: Value,
 ) -> tokio::task::JoinHandle<()> {
     let guard = st.enter();
-    app.engine
-        .outbound
-        .metrics
-        .record_trigger(TriggerCount::Fired, &st.pipeline, &st.trigger.name, 1);
+    app.engine.outbound.metrics.record_trigger(
+        TriggerCount::Fired,
+        &st.pipeline,
+        &st.trigger.name,
+        1,
+    );
     let app2 = app.clone();
     app.tracker.spawn(async move {
         let _guard = guard;
@@ -313,7 +326,11 @@ fn raise(app: &App, st: &TriggerState, on: AlertOn, text: String, fields: Value)
 // ---- schedules ----
 
 async fn schedule_loop(app: Arc<App>, st: Arc<TriggerState>, s: Schedule) {
-    let record = match app.journal.trigger_record(&st.pipeline, &st.trigger.name).await {
+    let record = match app
+        .journal
+        .trigger_record(&st.pipeline, &st.trigger.name)
+        .await
+    {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(target: "fmhost::triggers", pipeline = %st.pipeline, trigger = %st.trigger.name, "schedule stopped: cannot read its fires from the journal: {e}");
@@ -363,7 +380,13 @@ async fn fire(app: &Arc<App>, st: &Arc<TriggerState>, s: &Schedule, t: i64) {
                 .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok();
         if !buffer {
-            skip(app, st, t, "the previous run is still running (overlap: skip)").await;
+            skip(
+                app,
+                st,
+                t,
+                "the previous run is still running (overlap: skip)",
+            )
+            .await;
             return;
         }
         // Journaled now, so a restart runs it; started when the running one ends.
@@ -478,7 +501,10 @@ async fn catch_up(app: &Arc<App>, st: &Arc<TriggerState>, s: &Schedule, last: i6
                 } else {
                     "these are outside the catch-up window"
                 },
-                serde_json::to_value(s.catch_up).unwrap_or_default().as_str().unwrap_or(""),
+                serde_json::to_value(s.catch_up)
+                    .unwrap_or_default()
+                    .as_str()
+                    .unwrap_or(""),
                 humantime::format_duration(s.catch_up_window)
             ),
         };
@@ -541,7 +567,11 @@ async fn poll_loop(app: Arc<App>, st: Arc<TriggerState>, p: Poll) {
         if app.closing.is_cancelled() {
             return;
         }
-        let cursor = match app.journal.trigger_record(&st.pipeline, &st.trigger.name).await {
+        let cursor = match app
+            .journal
+            .trigger_record(&st.pipeline, &st.trigger.name)
+            .await
+        {
             Ok(r) => r
                 .cursor
                 .or_else(|| p.cursor.as_ref().map(|c| c.initial.clone()))
@@ -610,7 +640,10 @@ async fn file_loop(app: Arc<App>, st: Arc<TriggerState>, f: FileDrop) {
         take(&app, &st, &f, path).await;
     }
     let mut last_file_at = Instant::now();
-    if let Ok(r) = app.journal.trigger_record(&st.pipeline, &st.trigger.name).await
+    if let Ok(r) = app
+        .journal
+        .trigger_record(&st.pipeline, &st.trigger.name)
+        .await
         && let Some((_, at, _)) = r.last
     {
         let ago = Duration::from_millis((now_ms() - at).max(0) as u64);
@@ -635,7 +668,10 @@ async fn file_loop(app: Arc<App>, st: Arc<TriggerState>, f: FileDrop) {
                 continue;
             }
             present.insert(name.clone());
-            let (len, mtime) = (meta.len(), meta.modified().unwrap_or(SystemTime::UNIX_EPOCH));
+            let (len, mtime) = (
+                meta.len(),
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            );
             let still = mtime.elapsed().unwrap_or_default() >= f.settle;
             match seen.get(&name) {
                 Some(&(l, m, since)) if l == len && m == mtime => {
@@ -762,11 +798,22 @@ async fn take(app: &Arc<App>, st: &Arc<TriggerState>, f: &FileDrop, path: PathBu
             // The run fails at once, dead-lettered with the place of the problem.
             tracing::error!(target: "fmhost::triggers", pipeline = %st.pipeline, trigger = %st.trigger.name, run_id = %d.run_id, "{why}; moved to failed/");
             let start = super::delivery_start(app, &d);
-            let watcher = crate::journal::RunJournal::following(app.journal.clone(), start.clone(), &app.engine);
+            let watcher = crate::journal::RunJournal::following(
+                app.journal.clone(),
+                start.clone(),
+                &app.engine,
+            );
             if let Err(e) = watcher.reject(&why, "validation", true).await {
                 tracing::error!(target: "fmhost::triggers", "journal: {e}");
             }
-            super::after_run(app, &start, crate::engine::RunStatus::Failed, Some(&why), Some("validation"), None);
+            super::after_run(
+                app,
+                &start,
+                crate::engine::RunStatus::Failed,
+                Some(&why),
+                Some("validation"),
+                None,
+            );
         }
     }
 }
@@ -788,12 +835,15 @@ fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, String> {
 /// NDJSON as a list. An error names the file, line and column.
 pub fn parse_records(bytes: &[u8], format: FileFormat, name: &str) -> Result<Value, String> {
     match format {
-        FileFormat::Json => serde_json::from_slice(bytes).map_err(|e| {
-            format!("{name} line {} column {}: {e}", e.line(), e.column())
-        }),
+        FileFormat::Json => serde_json::from_slice(bytes)
+            .map_err(|e| format!("{name} line {} column {}: {e}", e.line(), e.column())),
         FileFormat::Ndjson => {
             let text = std::str::from_utf8(bytes).map_err(|e| {
-                let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+                let line = bytes[..e.valid_up_to()]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1;
                 format!("{name} line {line}: not UTF-8")
             })?;
             let mut out = Vec::new();
@@ -801,9 +851,10 @@ pub fn parse_records(bytes: &[u8], format: FileFormat, name: &str) -> Result<Val
                 if line.trim().is_empty() {
                     continue;
                 }
-                out.push(serde_json::from_str(line).map_err(|e| {
-                    format!("{name} line {} column {}: {e}", i + 1, e.column())
-                })?);
+                out.push(
+                    serde_json::from_str(line)
+                        .map_err(|e| format!("{name} line {} column {}: {e}", i + 1, e.column()))?,
+                );
             }
             Ok(Value::Array(out))
         }
@@ -856,7 +907,10 @@ fn settle_file(path: &Path, succeeded: bool) {
         return;
     }
     let to = dir.join(if succeeded { "done" } else { "failed" });
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let (stem, ext) = match name.rsplit_once('.') {
         Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
         _ => (name.clone(), String::new()),
@@ -886,7 +940,8 @@ mod tests {
         );
         let ok = parse_records(b"id,name\n1,Ada\n", FileFormat::Csv, "p.csv").unwrap();
         assert_eq!(ok, json!([{"id": "1", "name": "Ada"}]));
-        let err = parse_records(b"{\"a\":1}\n{\"a\":\n", FileFormat::Ndjson, "e.ndjson").unwrap_err();
+        let err =
+            parse_records(b"{\"a\":1}\n{\"a\":\n", FileFormat::Ndjson, "e.ndjson").unwrap_err();
         assert!(err.starts_with("e.ndjson line 2 column"), "{err}");
     }
 }
