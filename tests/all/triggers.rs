@@ -33,6 +33,12 @@ async fn triggers(server: &Server) -> Vec<Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
+async fn metrics(server: &Server) -> String {
+    let url = format!("{}/metrics", server.url);
+    let resp = support::api_client().get(url).send().await.unwrap();
+    resp.text().await.unwrap()
+}
+
 fn unix_ms(rfc: &str) -> i64 {
     humantime::parse_rfc3339(rfc)
         .unwrap()
@@ -132,14 +138,7 @@ async fn a_schedule_fires_once_per_time_across_kill_9_and_catches_up_what_it_mis
         listed[0]["missed"], 0,
         "every missed fire was inside the window: {listed:?}"
     );
-    let metrics = support::api_client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&server).await;
     assert!(
         metrics.contains("fmhost_trigger_fires_total{pipeline=\"ticks\",trigger=\"schedule\"}"),
         "{metrics}"
@@ -224,14 +223,7 @@ async fn a_schedule_slower_than_its_period_skips_fires_and_accounts_for_every_on
         seconds,
         "every second from the first fire to the last is a run or a skip: {runs:?}, {t}"
     );
-    let metrics = support::api_client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&server).await;
     assert!(
         metrics.contains(&format!(
             "fmhost_schedule_skipped_total{{pipeline=\"slow\",trigger=\"every-second\"}} {skipped}"

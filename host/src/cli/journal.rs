@@ -148,7 +148,7 @@ pub enum DlqCommand {
     },
 }
 
-async fn open(state: &Path, write: bool) -> Result<Journal, u8> {
+pub(super) async fn open(state: &Path, write: bool) -> Result<Journal, u8> {
     let journal = if write {
         Journal::open(state)
     } else {

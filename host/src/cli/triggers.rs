@@ -175,17 +175,9 @@ pub async fn schedules(state: &Path, cmd: SchedulesCommand) -> u8 {
 
 pub async fn cursors(state: &Path, cmd: CursorsCommand) -> u8 {
     let write = matches!(cmd, CursorsCommand::Set { .. });
-    let journal = if write {
-        Journal::open(state)
-    } else {
-        Journal::open_for_reading(state)
-    };
-    let journal = match journal {
+    let journal = match super::journal::open(state, write).await {
         Ok(j) => j,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_FAILED;
-        }
+        Err(code) => return code,
     };
     match cmd {
         CursorsCommand::Show {

@@ -177,6 +177,9 @@ impl RunStart {
     }
 }
 
+/// The largest cursor committed, as JSON text.
+pub const MAX_CURSOR_BYTES: usize = 64 << 10;
+
 /// A poll trigger's cursor, moved when its run succeeds: in the same transaction as the
 /// run's end, and only if nobody set it since the run read it.
 #[derive(Debug, Clone)]
@@ -1003,6 +1006,12 @@ impl RunJournal {
                 if report.status == RunStatus::Succeeded =>
             {
                 match spec.read(out) {
+                    // A vendor's answer decides the cursor: one that could not be a
+                    // position (larger than 64 KiB as JSON) is not kept.
+                    Some(next) if next.to_string().len() > MAX_CURSOR_BYTES => {
+                        tracing::warn!(target: "fmhost::journal", run_id = %report.run_id, "run {} returned a cursor larger than {MAX_CURSOR_BYTES} bytes at `{}`; the cursor of trigger {trigger} stays where it was", report.run_id, spec.from_output);
+                        None
+                    }
                     Some(next) => Some(CursorCommit {
                         pipeline: self.start.pipeline.clone(),
                         trigger: trigger.clone(),

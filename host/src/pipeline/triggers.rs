@@ -102,8 +102,9 @@ pub struct Schedule {
     pub catch_up_window: Duration,
 }
 
-/// Most fires looked at when counting what a stopped server missed.
-pub const MAX_FIRES_COUNTED: usize = 1_000_000;
+/// Most fires looked at when counting what a stopped server missed (a day of a
+/// once-a-second schedule); beyond it, the count says "or more".
+pub const MAX_FIRES_COUNTED: usize = 100_000;
 
 impl Schedule {
     /// The first fire strictly after `after` (Unix ms), in Unix ms.

@@ -1663,31 +1663,39 @@ async fn process_delivery(app: Arc<App>, d: Delivery, payload: Value) {
             .err()
             .map(|e| e.to_string()),
     };
-    let start = delivery_start(&app, &d);
     match (plan, problem) {
         (Some(plan), None) => {
+            let start = delivery_start(&app, &d);
             let _ = execute(&app, plan, payload, start, None).await;
         }
         (_, why) => {
             let why = why.unwrap_or_default();
-            tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "delivery {} for {} cannot run, dead-lettered: {why}", d.event_id, d.pipeline);
-            let watcher = RunJournal::following(app.journal.clone(), start, &app.engine);
             let kind = if why.contains("input schema") {
                 "validation"
             } else {
                 "config"
             };
-            if let Err(e) = watcher.reject(&why, kind, true).await {
-                tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "journal: {e}");
-            }
-            after_run(
-                &app,
-                watcher.start(),
-                RunStatus::Failed,
-                Some(&why),
-                Some(kind),
-                None,
-            );
+            reject_delivery(&app, &d, &why, kind).await;
         }
     }
+}
+
+/// Fails an accepted delivery that cannot run (its pipeline is gone, its payload does
+/// not fit, its file cannot be parsed): journaled as a failed run and dead-lettered
+/// with the reason, then handled as every run's end is.
+async fn reject_delivery(app: &App, d: &Delivery, why: &str, kind: &str) {
+    tracing::error!(target: "fmhost::serve", event_id = %d.event_id, run_id = %d.run_id, "delivery {} for {} cannot run, dead-lettered: {why}", d.event_id, d.pipeline);
+    let start = delivery_start(app, d);
+    let watcher = RunJournal::following(app.journal.clone(), start, &app.engine);
+    if let Err(e) = watcher.reject(why, kind, true).await {
+        tracing::error!(target: "fmhost::serve", event_id = %d.event_id, "journal: {e}");
+    }
+    after_run(
+        app,
+        watcher.start(),
+        RunStatus::Failed,
+        Some(why),
+        Some(kind),
+        None,
+    );
 }

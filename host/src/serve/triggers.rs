@@ -253,6 +253,9 @@ pub(super) fn start(app: &Arc<App>) {
     }
 }
 
+/// Most missed fires one start catches up (`catch_up: all`); older ones count as missed.
+const MAX_CAUGHT_UP: usize = 1_000;
+
 fn now_ms() -> i64 {
     unix_ms(SystemTime::now())
 }
@@ -407,17 +410,28 @@ async fn fire(app: &Arc<App>, st: &Arc<TriggerState>, s: &Schedule, t: i64) {
     }
 }
 
-async fn skip(app: &App, st: &TriggerState, t: i64, why: &str) {
-    let record = Record::Fire {
+/// The journal's record of fires from `first` to `last` (`count` of them).
+fn fire_record(
+    st: &TriggerState,
+    (first, last, count): (i64, i64, u64),
+    outcome: &'static str,
+    reason: Option<String>,
+    delivery: Option<Delivery>,
+) -> Record {
+    Record::Fire {
         pipeline: st.pipeline.clone(),
         trigger: st.trigger.name.clone(),
-        scheduled_at: t,
-        count: 1,
-        last_at: t,
-        outcome: "skipped",
-        reason: Some(why.to_string()),
-        delivery: None,
-    };
+        scheduled_at: first,
+        count,
+        last_at: last,
+        outcome,
+        reason,
+        delivery: delivery.map(Box::new),
+    }
+}
+
+async fn skip(app: &App, st: &TriggerState, t: i64, why: &str) {
+    let record = fire_record(st, (t, t, 1), "skipped", Some(why.to_string()), None);
     match app.journal.record_durably(record).await {
         Ok(true) => {
             app.engine.outbound.metrics.record_trigger(
@@ -452,16 +466,7 @@ async fn accept_fire(
         "scheduled_at": rfc3339(t),
     });
     let d = delivery(app, st, event_id, &s.input, info);
-    let record = Record::Fire {
-        pipeline: st.pipeline.clone(),
-        trigger: st.trigger.name.clone(),
-        scheduled_at: t,
-        count: 1,
-        last_at: t,
-        outcome: "run",
-        reason: None,
-        delivery: Some(Box::new(d.clone())),
-    };
+    let record = fire_record(st, (t, t, 1), "run", None, Some(d.clone()));
     match app.journal.record_durably(record).await {
         Ok(true) => {
             tracing::info!(target: "fmhost::triggers", pipeline = %st.pipeline, trigger = %st.trigger.name, run_id = %d.run_id, "schedule fire at {}: run {}", rfc3339(t), d.run_id);
@@ -482,14 +487,15 @@ async fn catch_up(app: &Arc<App>, st: &Arc<TriggerState>, s: &Schedule, last: i6
     if due.is_empty() {
         return;
     }
+    // Fires inside the window are a suffix of `due`; the ones caught up are its tail.
     let window_start = now - s.catch_up_window.as_millis() as i64;
-    let inside: Vec<i64> = due.iter().copied().filter(|&t| t >= window_start).collect();
-    let run: Vec<i64> = match s.catch_up {
-        CatchUp::None => Vec::new(),
-        CatchUp::Last => inside.last().copied().into_iter().collect(),
-        CatchUp::All => inside,
+    let inside = due.len() - due.partition_point(|&t| t < window_start);
+    let caught = match s.catch_up {
+        CatchUp::None => 0,
+        CatchUp::Last => inside.min(1),
+        CatchUp::All => inside.min(MAX_CAUGHT_UP),
     };
-    let missed: Vec<i64> = due.iter().copied().filter(|t| !run.contains(t)).collect();
+    let (missed, run) = due.split_at(due.len() - caught);
     if let (Some(&first), Some(&last_missed)) = (missed.first(), missed.last()) {
         let count = missed.len() as u64;
         let why = match s.catch_up {
@@ -508,16 +514,13 @@ async fn catch_up(app: &Arc<App>, st: &Arc<TriggerState>, s: &Schedule, last: i6
                 humantime::format_duration(s.catch_up_window)
             ),
         };
-        let record = Record::Fire {
-            pipeline: st.pipeline.clone(),
-            trigger: st.trigger.name.clone(),
-            scheduled_at: first,
-            count,
-            last_at: last_missed,
-            outcome: "missed",
-            reason: Some(why.clone()),
-            delivery: None,
-        };
+        let record = fire_record(
+            st,
+            (first, last_missed, count),
+            "missed",
+            Some(why.clone()),
+            None,
+        );
         match app.journal.record_durably(record).await {
             Ok(_) => {
                 app.engine.outbound.metrics.record_trigger(
@@ -546,7 +549,7 @@ async fn catch_up(app: &Arc<App>, st: &Arc<TriggerState>, s: &Schedule, last: i6
             }
         }
     }
-    for t in run {
+    for &t in run {
         if s.overlap != Overlap::Allow {
             st.until_idle().await;
         }
@@ -737,7 +740,19 @@ async fn take(app: &Arc<App>, st: &Arc<TriggerState>, f: &FileDrop, path: PathBu
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let bytes = match read_capped(&path, f.max_bytes) {
+    // Reading, hashing and parsing a large file are kept off the server's threads.
+    let read = {
+        let (path, max) = (path.clone(), f.max_bytes);
+        tokio::task::spawn_blocking(move || {
+            read_capped(&path, max).map(|b| {
+                let sha = hex::encode(sha2::Sha256::digest(&b));
+                (b, sha)
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+    };
+    let (bytes, sha) = match read {
         Ok(b) => b,
         Err(why) => {
             tracing::error!(target: "fmhost::triggers", pipeline = %st.pipeline, trigger = %st.trigger.name, "{name}: {why}; moved to failed/");
@@ -745,7 +760,6 @@ async fn take(app: &Arc<App>, st: &Arc<TriggerState>, f: &FileDrop, path: PathBu
             return;
         }
     };
-    let sha = hex::encode(sha2::Sha256::digest(&bytes));
     let event_id = format!("{}:sha256:{sha}", st.trigger.name);
     match app.journal.delivery(&st.pipeline, &event_id).await {
         Ok(Some((d, done))) => {
@@ -778,8 +792,17 @@ async fn take(app: &Arc<App>, st: &Arc<TriggerState>, f: &FileDrop, path: PathBu
         "file": file,
     });
     st.update(|l| l.last_file = Some(json!({"name": name, "at": rfc3339(fired), "sha256": sha})));
-    let parsed = parse_records(&bytes, f.format, &name);
-    let payload = json!({"file": file, "records": parsed.as_ref().ok()});
+    let parsed = {
+        let (format, name) = (f.format, name.clone());
+        tokio::task::spawn_blocking(move || parse_records(&bytes, format, &name))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
+    };
+    let (records, problem) = match parsed {
+        Ok(records) => (records, None),
+        Err(why) => (Value::Null, Some(why)),
+    };
+    let payload = json!({"file": file, "records": records});
     let d = delivery(app, st, event_id, &payload, info);
     match app.journal.accept_delivery(d.clone()).await {
         Ok(true) => {}
@@ -789,32 +812,14 @@ async fn take(app: &Arc<App>, st: &Arc<TriggerState>, f: &FileDrop, path: PathBu
             return;
         }
     }
-    match parsed {
-        Ok(_) => {
+    match problem {
+        None => {
             tracing::info!(target: "fmhost::triggers", pipeline = %st.pipeline, trigger = %st.trigger.name, run_id = %d.run_id, "{name}: run {}", d.run_id);
             run_delivery(app, st, d, payload);
         }
-        Err(why) => {
-            // The run fails at once, dead-lettered with the place of the problem.
-            tracing::error!(target: "fmhost::triggers", pipeline = %st.pipeline, trigger = %st.trigger.name, run_id = %d.run_id, "{why}; moved to failed/");
-            let start = super::delivery_start(app, &d);
-            let watcher = crate::journal::RunJournal::following(
-                app.journal.clone(),
-                start.clone(),
-                &app.engine,
-            );
-            if let Err(e) = watcher.reject(&why, "validation", true).await {
-                tracing::error!(target: "fmhost::triggers", "journal: {e}");
-            }
-            super::after_run(
-                app,
-                &start,
-                crate::engine::RunStatus::Failed,
-                Some(&why),
-                Some("validation"),
-                None,
-            );
-        }
+        // The run fails at once, dead-lettered with the place of the problem; the
+        // file goes to failed/ with that run's end.
+        Some(why) => super::reject_delivery(app, &d, &why, "validation").await,
     }
 }
 
