@@ -59,6 +59,23 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
         }
     }
+
+    /// Whether a run that failed with this kind (as journaled, `as_str`) may succeed if
+    /// it is simply tried again later: the upstream was down, slow, busy or cut off.
+    pub fn is_transient(kind: &str) -> bool {
+        [
+            ErrorKind::Timeout,
+            ErrorKind::Connect,
+            ErrorKind::Http5xx,
+            ErrorKind::RateLimited,
+            ErrorKind::CircuitOpen,
+            ErrorKind::Cancelled,
+        ]
+        .iter()
+        .any(|k| k.as_str() == kind)
+            // A run the host stopped during (`serve` dead-letters it at start).
+            || kind == "interrupted"
+    }
 }
 
 #[cfg(test)]

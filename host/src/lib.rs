@@ -16,6 +16,7 @@ pub mod http;
 pub mod journal;
 pub mod logging;
 pub mod metrics;
+pub mod nats;
 pub mod otel;
 pub mod pipeline;
 pub mod plugin;

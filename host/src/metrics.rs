@@ -96,11 +96,17 @@ pub enum TriggerCount {
     Missed,
     /// A file trigger's `expect_every` passed without a file.
     NoFile,
+    /// A queue message acknowledged: its run is journaled as succeeded (or settled).
+    NatsAcked,
+    /// A queue message negatively acknowledged after a transient failure, to come back.
+    NatsNacked,
+    /// A queue message terminated: dead-lettered, not to be delivered again.
+    NatsTerminated,
 }
 
 pub struct Metrics {
     registry: Registry,
-    triggers: [Family<TriggerLabels, Counter>; 4],
+    triggers: [Family<TriggerLabels, Counter>; 7],
     alerts: Family<AlertLabels, Counter>,
     plugin_invocations: Family<PluginOutcome, Counter>,
     plugin_latency: Family<PluginLabels, Histogram, fn() -> Histogram>,
@@ -279,11 +285,11 @@ impl Metrics {
             "Canaries promoted or rolled back, by plugin and decision",
             canary_decisions.clone(),
         );
-        let triggers: [Family<TriggerLabels, Counter>; 4] = Default::default();
+        let triggers: [Family<TriggerLabels, Counter>; 7] = Default::default();
         for (family, (name, help)) in triggers.iter().zip([
             (
                 "trigger_fires",
-                "Runs started by schedules, polls and files, by pipeline and trigger",
+                "Runs started by schedules, polls, files and queue messages, by pipeline and trigger",
             ),
             (
                 "schedule_skipped",
@@ -296,6 +302,18 @@ impl Metrics {
             (
                 "trigger_no_file",
                 "Times a file trigger's expect_every passed without a file",
+            ),
+            (
+                "nats_acked",
+                "NATS messages acknowledged after their run was journaled",
+            ),
+            (
+                "nats_nacked",
+                "NATS messages negatively acknowledged after a transient failure (redelivered with backoff)",
+            ),
+            (
+                "nats_terminated",
+                "NATS messages terminated: dead-lettered, poison or out of deliveries",
             ),
         ]) {
             registry.register(name, help, family.clone());

@@ -266,6 +266,18 @@ impl Secrets {
         self.values.get(name).and_then(Value::as_str)
     }
 
+    /// A setting written as a literal or as a whole `{{secrets.NAME}}`: its value now
+    /// (`what` names the setting when the secret is not set).
+    pub fn resolve(&self, setting: &str, what: &str) -> Result<String, String> {
+        match secret_token(setting) {
+            Some((name, len)) if len == setting.len() => self
+                .get(name)
+                .map(str::to_string)
+                .ok_or_else(|| format!("secret {name} ({what}) is not set")),
+            _ => Ok(setting.to_string()),
+        }
+    }
+
     /// Masks every secret value, and its URL, base64 and JSON encodings, that occurs in `text`.
     pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
         let mut out = Cow::Borrowed(text);

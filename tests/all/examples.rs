@@ -7,6 +7,10 @@ use crate::support::{self, Fake, Reply};
 /// Example pipelines and the test that runs each one.
 const EXERCISED: &[(&str, &str)] = &[
     (
+        "order-events.pipeline.json",
+        "queue::a_thousand_messages_run_once_each_across_kills_of_both_servers",
+    ),
+    (
         "customer-360-connectors.pipeline.json",
         "plugins::customer_360_with_connector_plugins_gives_the_same_output",
     ),

@@ -13,6 +13,7 @@ mod journal;
 mod observe;
 mod plugins;
 mod polyglot;
+mod queue;
 mod resilience;
 mod secrecy;
 mod security;

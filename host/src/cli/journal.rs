@@ -717,6 +717,7 @@ pub async fn dlq(state: &Path, cmd: DlqCommand) -> u8 {
                 pipeline,
                 status: (!all).then(|| "open".to_string()),
                 limit: 0,
+                ..DlqFilter::default()
             };
             let entries = match journal.dead_letters(filter).await {
                 Ok(e) => e,

@@ -9,6 +9,7 @@ pub mod control;
 pub mod flow;
 mod http_request;
 mod logger;
+mod nats_publish;
 mod operators;
 pub mod paginate;
 mod schema_validate;
@@ -203,6 +204,7 @@ impl Registry {
         r.register(Arc::new(http_request::HttpRequest));
         r.register(Arc::new(schema_validate::SchemaValidate));
         r.register(Arc::new(logger::Logger));
+        r.register(Arc::new(nats_publish::NatsPublish::default()));
         r.register(Arc::new(control::Conditional));
         r.register(Arc::new(control::Router));
         r.register(Arc::new(control::Foreach));

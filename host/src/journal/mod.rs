@@ -434,6 +434,8 @@ pub struct DlqFilter {
     pub pipeline: Option<String>,
     /// `open` (the default), `resolved`, `dropped`; `None` for all.
     pub status: Option<String>,
+    /// Only the entry of this delivery (`Delivery::event_id`).
+    pub event_id: Option<String>,
     pub limit: usize,
 }
 

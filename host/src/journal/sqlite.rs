@@ -178,6 +178,13 @@ CREATE TABLE cursors (
 ) WITHOUT ROWID;
 "#,
     ),
+    (
+        6,
+        "dead letters found by their delivery (a redelivered queue message)",
+        r#"
+CREATE INDEX dead_letters_by_event ON dead_letters (pipeline, event_id, status);
+"#,
+    ),
 ];
 
 pub struct SqliteBackend {
@@ -1062,13 +1069,15 @@ impl Backend for SqliteBackend {
         let read = || -> rusqlite::Result<Vec<DeadLetter>> {
             let mut stmt = self.conn.prepare(&format!(
                 "{DEAD_LETTER_SELECT} WHERE (?1 IS NULL OR d.pipeline = ?1) AND (?2 IS NULL OR d.status = ?2)
+                     AND (?4 IS NULL OR d.event_id = ?4)
                  ORDER BY d.id DESC LIMIT ?3"
             ))?;
             stmt.query_map(
                 params![
                     f.pipeline,
                     f.status,
-                    if f.limit == 0 { -1 } else { f.limit as i64 }
+                    if f.limit == 0 { -1 } else { f.limit as i64 },
+                    f.event_id
                 ],
                 dead_letter,
             )?

@@ -26,6 +26,7 @@ pub enum TriggerKind {
     Schedule(Box<Schedule>),
     Poll(Poll),
     File(FileDrop),
+    Nats(Box<Nats>),
 }
 
 impl Trigger {
@@ -35,6 +36,7 @@ impl Trigger {
             TriggerKind::Schedule(_) => "schedule",
             TriggerKind::Poll(_) => "poll",
             TriggerKind::File(_) => "file",
+            TriggerKind::Nats(_) => "nats",
         }
     }
 }
@@ -188,6 +190,32 @@ pub struct FileDrop {
     pub max_bytes: u64,
 }
 
+/// `{"type": "nats", "url": "nats://...", "stream": "ORDERS", "subject": "orders.>", ...}`:
+/// a JetStream durable pull consumer.
+#[derive(Debug, Clone)]
+pub struct Nats {
+    /// `nats://host:port` (a comma-separated list for a cluster), or `{{secrets.NAME}}`
+    /// holding it (credentials in the URL stay out of the pipeline file).
+    pub url: String,
+    /// A token for the server, normally `{{secrets.NAME}}`.
+    pub token: Option<String>,
+    /// The stream read; created (file storage, taking `subject`) when it does not exist.
+    pub stream: String,
+    /// The consumer's filter subject (wildcards allowed).
+    pub subject: String,
+    /// The durable consumer's name; `fmhost-PIPELINE-TRIGGER` by default.
+    pub durable: Option<String>,
+    /// Deliveries of one message before it stays dead-lettered (terminated).
+    pub max_deliver: u32,
+    /// How long the server waits for an ack before it redelivers; the host extends it
+    /// while the message's run goes on.
+    pub ack_wait: Duration,
+    /// The first redelivery delay after a retryable failure; doubled each time, at most 5 min.
+    pub backoff: Duration,
+    /// Messages run at once.
+    pub max_in_flight: usize,
+}
+
 /// When an alert is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -265,6 +293,26 @@ struct FileDoc {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct NatsDoc {
+    url: String,
+    #[serde(default)]
+    token: Option<String>,
+    stream: String,
+    subject: String,
+    #[serde(default)]
+    durable: Option<String>,
+    #[serde(default)]
+    max_deliver: Option<u32>,
+    #[serde(default)]
+    ack_wait: Option<Value>,
+    #[serde(default)]
+    backoff: Option<Value>,
+    #[serde(default)]
+    max_in_flight: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AlertDoc {
     on: AlertOn,
     webhook: String,
@@ -272,7 +320,7 @@ struct AlertDoc {
     cooldown: Option<Value>,
 }
 
-const TYPES: &str = "webhook, schedule, poll or file";
+const TYPES: &str = "webhook, schedule, poll, file or nats";
 
 /// Parses `triggers`; `dir` is the pipeline file's directory (for a file trigger's `dir`).
 pub fn parse(raw: &[Value], dir: Option<&Path>, diags: &mut Vec<Diagnostic>) -> Vec<Trigger> {
@@ -325,13 +373,9 @@ pub fn parse(raw: &[Value], dir: Option<&Path>, diags: &mut Vec<Diagnostic>) -> 
             "file" => typed::<FileDoc>(&rest, &at, diags)
                 .and_then(|d| file(d, dir, &at, diags))
                 .map(TriggerKind::File),
-            "nats" => {
-                diags.push(Diagnostic::new(
-                    format!("{at}.type"),
-                    "the nats trigger is not available in this build yet (expected webhook, schedule, poll or file)",
-                ));
-                None
-            }
+            "nats" => typed::<NatsDoc>(&rest, &at, diags)
+                .and_then(|d| nats(d, &at, diags))
+                .map(|n| TriggerKind::Nats(Box::new(n))),
             other => {
                 diags.push(Diagnostic::new(
                     format!("{at}.type"),
@@ -571,6 +615,116 @@ fn poll(d: PollDoc, at: &str, diags: &mut Vec<Diagnostic>) -> Option<Poll> {
     })
 }
 
+/// A JetStream stream or consumer name: no whitespace, `.`, `*`, `>`, `/` or `\\`.
+fn nats_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(c))
+}
+
+/// A NATS subject: dot-separated tokens, `*` a whole token, `>` only the last.
+fn nats_subject(s: &str) -> bool {
+    let tokens: Vec<&str> = s.split('.').collect();
+    !s.is_empty()
+        && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+        && tokens.iter().enumerate().all(|(i, t)| {
+            !t.is_empty()
+                && (!t.contains('*') || *t == "*")
+                && (!t.contains('>') || (*t == ">" && i == tokens.len() - 1))
+        })
+}
+
+fn nats(d: NatsDoc, at: &str, diags: &mut Vec<Diagnostic>) -> Option<Nats> {
+    let before = diags.len();
+    let whole_secret =
+        |v: &str| crate::secrets::secret_token(v).is_some_and(|(_, len)| len == v.len());
+    let url_ok = whole_secret(&d.url)
+        || (!d.url.contains("{{")
+            && d.url.split(',').all(|u| {
+                let u = u.trim();
+                ["nats://", "tls://", "ws://", "wss://"]
+                    .iter()
+                    .any(|scheme| u.len() > scheme.len() && u.starts_with(scheme))
+            }));
+    if !url_ok {
+        diags.push(Diagnostic::new(
+            format!("{at}.url"),
+            format!(
+                "\"{}\": expected nats://host:port (several separated by commas), or {{{{secrets.NAME}}}} holding it",
+                d.url
+            ),
+        ));
+    }
+    if let Some(t) = &d.token
+        && !whole_secret(t)
+    {
+        diags.push(Diagnostic::new(
+            format!("{at}.token"),
+            "expected {{secrets.NAME}} (a token is a credential: keep it in secrets)",
+        ));
+    }
+    if !nats_name(&d.stream) {
+        diags.push(Diagnostic::new(
+            format!("{at}.stream"),
+            format!("\"{}\": a stream name cannot be empty or hold whitespace, '.', '*', '>', '/' or '\\'", d.stream),
+        ));
+    }
+    if !nats_subject(&d.subject) {
+        diags.push(Diagnostic::new(
+            format!("{at}.subject"),
+            format!("\"{}\": expected dot-separated tokens, with '*' as a whole token and '>' only last", d.subject),
+        ));
+    }
+    if let Some(name) = &d.durable
+        && !nats_name(name)
+    {
+        diags.push(Diagnostic::new(
+            format!("{at}.durable"),
+            format!("\"{name}\": a consumer name cannot be empty or hold whitespace, '.', '*', '>', '/' or '\\'"),
+        ));
+    }
+    if d.max_deliver == Some(0) {
+        diags.push(Diagnostic::new(
+            format!("{at}.max_deliver"),
+            "must be at least 1",
+        ));
+    }
+    if matches!(d.max_in_flight, Some(n) if n == 0 || n > 1024) {
+        diags.push(Diagnostic::new(
+            format!("{at}.max_in_flight"),
+            "must be between 1 and 1024",
+        ));
+    }
+    let ack_wait = duration(
+        d.ack_wait.as_ref(),
+        Duration::from_secs(30),
+        &format!("{at}.ack_wait"),
+        diags,
+    );
+    let backoff = duration(
+        d.backoff.as_ref(),
+        Duration::from_secs(1),
+        &format!("{at}.backoff"),
+        diags,
+    );
+    if diags.len() > before {
+        return None;
+    }
+    Some(Nats {
+        url: d.url,
+        token: d.token,
+        stream: d.stream,
+        subject: d.subject,
+        durable: d.durable,
+        max_deliver: d.max_deliver.unwrap_or(5),
+        ack_wait: ack_wait?,
+        backoff: backoff?,
+        max_in_flight: d.max_in_flight.unwrap_or(16),
+    })
+}
+
 fn file(d: FileDoc, dir: Option<&Path>, at: &str, diags: &mut Vec<Diagnostic>) -> Option<FileDrop> {
     let pattern = d.pattern.unwrap_or_else(|| "*".into());
     let matcher = match globset::Glob::new(&pattern) {
@@ -665,6 +819,8 @@ mod tests {
             {"type": "file", "dir": "in", "pattern": "*.txt"},
             {"type": "ftp"},
             {"type": "schedule", "cron": "* * * * *", "overlap": "queue"},
+            {"type": "nats", "url": "http://x", "stream": "A.B", "subject": "a.>.b", "token": "t0ps3cret", "max_deliver": 0, "ack_wait": "0s"},
+            {"type": "nats", "url": "{{secrets.NATS_URL}}", "stream": "ORDERS", "subject": "orders.*", "durable": "sync"},
         ]));
         let text = p.join("\n");
         for want in [
@@ -675,9 +831,16 @@ mod tests {
             "triggers[3].format: cannot tell",
             "triggers[4].type: unknown trigger type \"ftp\"",
             "triggers[5].overlap: unknown variant `queue`",
+            "triggers[6].url: \"http://x\": expected nats://",
+            "triggers[6].token: expected {{secrets.NAME}}",
+            "triggers[6].stream: \"A.B\"",
+            "triggers[6].subject: \"a.>.b\"",
+            "triggers[6].max_deliver: must be at least 1",
+            "triggers[6].ack_wait: must be more than zero",
         ] {
             assert!(text.contains(want), "{want:?} not in:\n{text}");
         }
+        assert!(!text.contains("triggers[7]"), "{text}");
     }
 
     #[test]

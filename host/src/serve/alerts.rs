@@ -89,13 +89,7 @@ impl Alerter {
 /// Posts `body` to the alert's webhook (a URL or `{{secrets.NAME}}`).
 async fn send(engine: &Engine, webhook: &str, body: &Value) -> Result<u16, String> {
     let secrets = engine.secrets();
-    let url = match crate::secrets::secret_token(webhook) {
-        Some((name, len)) if len == webhook.len() => secrets
-            .get(name)
-            .map(str::to_string)
-            .ok_or_else(|| format!("secret {name} (the alert's webhook) is not set"))?,
-        _ => webhook.to_string(),
-    };
+    let url = secrets.resolve(webhook, "the alert's webhook")?;
     let id = format!("alert_{:016x}", rand::random::<u64>());
     let retries = std::sync::atomic::AtomicU32::new(0);
     let ctx = crate::http::CallContext {

@@ -10,6 +10,7 @@ mod alerts;
 mod auth;
 mod conn;
 mod console;
+mod nats;
 pub mod plugins;
 pub use auth::{admin_token_from_file, default_token_file};
 pub use conn::ConnLimits;
@@ -965,6 +966,7 @@ async fn list_dlq(
     let filter = DlqFilter {
         pipeline: q.get("pipeline").cloned(),
         status,
+        event_id: q.get("event_id").cloned(),
         limit: q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0),
     };
     match app.journal.dead_letters(filter).await {

@@ -51,6 +51,8 @@ struct Live {
     last_file: Option<Value>,
     /// Files seen but not yet settled.
     waiting: usize,
+    /// Messages in the stream the consumer has not been given yet.
+    lag: Option<u64>,
     problem: Option<String>,
 }
 
@@ -101,6 +103,18 @@ impl TriggerState {
 
     fn update(&self, f: impl FnOnce(&mut Live)) {
         f(&mut self.live.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    pub(super) fn set_state(&self, state: &'static str) {
+        self.update(|l| l.state = state);
+    }
+
+    pub(super) fn set_problem(&self, problem: Option<String>) {
+        self.update(|l| l.problem = problem);
+    }
+
+    pub(super) fn set_lag(&self, lag: u64) {
+        self.update(|l| l.lag = Some(lag));
     }
 
     /// Its entry in `GET /v1/triggers`.
@@ -157,6 +171,13 @@ impl TriggerState {
                 v["last_file"] = live.last_file.clone().unwrap_or(json!(last));
                 // Files in the directory not yet settled and taken.
                 v["lag"] = json!(live.waiting);
+            }
+            TriggerKind::Nats(n) => {
+                v["stream"] = json!(n.stream);
+                v["subject"] = json!(n.subject);
+                // Messages not yet delivered to this consumer, as of its last message.
+                v["lag"] = json!(live.lag);
+                v["last_message"] = json!(last);
             }
         }
         v
@@ -234,7 +255,7 @@ pub(super) fn finish_run(start: &RunStart, succeeded: bool) {
     }
 }
 
-/// Starts every schedule, poll and file trigger of the served pipelines.
+/// Starts every schedule, poll, file and nats trigger of the served pipelines.
 pub(super) fn start(app: &Arc<App>) {
     for st in &app.triggers {
         let (app, st) = (app.clone(), st.clone());
@@ -248,6 +269,9 @@ pub(super) fn start(app: &Arc<App>) {
             }
             TriggerKind::File(f) => {
                 tokio::spawn(async move { file_loop(app, st, f).await });
+            }
+            TriggerKind::Nats(n) => {
+                tokio::spawn(async move { super::nats::consume(app, st, *n).await });
             }
         }
     }
@@ -269,8 +293,8 @@ async fn sleep_until(app: &App, at_ms: i64) -> bool {
     }
 }
 
-/// A delivery for a fire, poll or file of `st`.
-fn delivery(
+/// A delivery for a fire, poll, file or message of `st`.
+pub(super) fn delivery(
     app: &App,
     st: &TriggerState,
     event_id: String,
@@ -291,7 +315,7 @@ fn delivery(
 }
 
 /// Runs an accepted delivery of `st` as a tracked task, counted as the trigger's.
-fn run_delivery(
+pub(super) fn run_delivery(
     app: &Arc<App>,
     st: &Arc<TriggerState>,
     d: Delivery,

@@ -1,0 +1,90 @@
+//! Connections to NATS servers, for the `nats` trigger (`serve/nats.rs`) and the
+//! `nats-publish` built-in. The host owns them: a plugin never sees a NATS connection.
+//!
+//! A URL setting is a literal (`nats://host:4222`, several separated by commas) or a
+//! whole `{{secrets.NAME}}` holding it, so credentials in the URL stay in secrets.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::secrets::Secrets;
+
+/// How long one attempt to reach a server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to `url` (secrets resolved), as client `name`. Once connected, the client
+/// reconnects by itself for as long as it lives.
+pub async fn connect(
+    secrets: &Secrets,
+    url: &str,
+    token: Option<&str>,
+    name: &str,
+) -> Result<async_nats::Client, String> {
+    let resolved = secrets.resolve(url, "the NATS URL")?;
+    let addrs = resolved
+        .split(',')
+        .map(|u| {
+            u.trim()
+                .parse::<async_nats::ServerAddr>()
+                .map_err(|e| format!("NATS URL {}: {e}", secrets.redact(u.trim())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .max_reconnects(None);
+    if let Some(token) = token {
+        options = options.token(secrets.resolve(token, "the NATS token")?);
+    }
+    options
+        .connect(addrs)
+        .await
+        .map_err(|e| secrets.redact(&format!("cannot reach NATS at {url}: {e}")).into_owned())
+}
+
+/// Clients by URL and token setting, kept for the process's life (a stage publishing
+/// once per run must not connect once per run).
+#[derive(Default)]
+pub struct Clients {
+    clients: tokio::sync::Mutex<HashMap<(String, Option<String>), async_nats::Client>>,
+    /// Failed settings and when they failed: a dead server is not dialled by every stage.
+    failures: Mutex<HashMap<(String, Option<String>), (std::time::Instant, String)>>,
+}
+
+impl Clients {
+    pub async fn get(
+        &self,
+        secrets: &Secrets,
+        url: &str,
+        token: Option<&str>,
+    ) -> Result<async_nats::Client, String> {
+        let key = (url.to_string(), token.map(str::to_string));
+        if let Some((at, why)) = self
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return Err(why.clone());
+        }
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        match connect(secrets, url, token, "fmhost-publish").await {
+            Ok(c) => {
+                clients.insert(key, c.clone());
+                Ok(c)
+            }
+            Err(why) => {
+                self.failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, (std::time::Instant::now(), why.clone()));
+                Err(why)
+            }
+        }
+    }
+}
