@@ -37,19 +37,23 @@ pub async fn connect(
     if let Some(token) = token {
         options = options.token(secrets.resolve(token, "the NATS token")?);
     }
-    options
-        .connect(addrs)
-        .await
-        .map_err(|e| secrets.redact(&format!("cannot reach NATS at {url}: {e}")).into_owned())
+    options.connect(addrs).await.map_err(|e| {
+        secrets
+            .redact(&format!("cannot reach NATS at {url}: {e}"))
+            .into_owned()
+    })
 }
+
+/// A URL setting and a token setting, as written.
+type Key = (String, Option<String>);
 
 /// Clients by URL and token setting, kept for the process's life (a stage publishing
 /// once per run must not connect once per run).
 #[derive(Default)]
 pub struct Clients {
-    clients: tokio::sync::Mutex<HashMap<(String, Option<String>), async_nats::Client>>,
+    clients: tokio::sync::Mutex<HashMap<Key, async_nats::Client>>,
     /// Failed settings and when they failed: a dead server is not dialled by every stage.
-    failures: Mutex<HashMap<(String, Option<String>), (std::time::Instant, String)>>,
+    failures: Mutex<HashMap<Key, (std::time::Instant, String)>>,
 }
 
 impl Clients {

@@ -62,7 +62,14 @@ impl NatsServer {
             .open(self.dir.join("nats-server.log"))
             .unwrap();
         let child = Command::new(&self.bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(self.dir.join("jetstream"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -90,7 +97,12 @@ impl Drop for NatsServer {
     }
 }
 
-async fn wait_until(what: &str, server: &Server, timeout: Duration, mut ok: impl AsyncFnMut() -> bool) {
+async fn wait_until(
+    what: &str,
+    server: &Server,
+    timeout: Duration,
+    mut ok: impl AsyncFnMut() -> bool,
+) {
     let deadline = Instant::now() + timeout;
     while !ok().await {
         assert!(
@@ -198,13 +210,24 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
 
     // 1,000 orders, two that always fail upstream, one that is not JSON; each with its
     // own message id. The stream is created by the trigger when it first connects.
-    wait_until("the triggers' streams", &server, Duration::from_secs(20), async || {
-        js.get_stream("ORDERS").await.is_ok() && js.get_stream("SHOP_ORDERS").await.is_ok()
-    })
+    wait_until(
+        "the triggers' streams",
+        &server,
+        Duration::from_secs(20),
+        async || {
+            js.get_stream("ORDERS").await.is_ok() && js.get_stream("SHOP_ORDERS").await.is_ok()
+        },
+    )
     .await;
     for (id, order) in [
-        ("shop-1", json!({"order_id": "A-1", "items": [{"sku": "X", "qty": 1}]})),
-        ("shop-2", json!({"order_id": "A-2", "items": [{"sku": "Y", "qty": 2}]})),
+        (
+            "shop-1",
+            json!({"order_id": "A-1", "items": [{"sku": "X", "qty": 1}]}),
+        ),
+        (
+            "shop-2",
+            json!({"order_id": "A-2", "items": [{"sku": "Y", "qty": 2}]}),
+        ),
         ("shop-3", json!({"order": "not an order"})),
     ] {
         let mut headers = async_nats::HeaderMap::new();
@@ -270,7 +293,9 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
             let dlq = get_json(&api, format!("{url}/v1/dlq?pipeline=orders")).await;
             orders(&fake).len() == 1000
                 && dlq.as_array().is_some_and(|d| {
-                    d.len() == 3 && d.iter().all(|e| e["error_kind"] != "http-5xx" || e["retries"] == 2)
+                    d.len() == 3
+                        && d.iter()
+                            .all(|e| e["error_kind"] != "http-5xx" || e["retries"] == 2)
                 })
         },
     )
@@ -280,7 +305,12 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
     let seen = orders(&fake);
     for i in 0..1000 {
         let keys = &seen[&format!("o{i}")];
-        assert_eq!(keys.len(), 1, "order o{i} was run as {} runs: {keys:?}", keys.len());
+        assert_eq!(
+            keys.len(),
+            1,
+            "order o{i} was run as {} runs: {keys:?}",
+            keys.len()
+        );
     }
     let bodies: Vec<Value> = fake
         .seen("/ok")
@@ -289,7 +319,8 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
         .collect();
     assert!(bodies.iter().all(|b| b["type"] == "nats"
         && b["subject"].as_str().unwrap().starts_with("orders.eu.")
-        && b["message"].as_str().unwrap() == format!("nats:msg:order-{}", &b["id"].as_str().unwrap()[1..])));
+        && b["message"].as_str().unwrap()
+            == format!("nats:msg:order-{}", &b["id"].as_str().unwrap()[1..])));
 
     // The two that always failed: three deliveries each, then terminated; the one
     // that is not JSON: dead-lettered at once, naming where the JSON broke.
@@ -298,10 +329,23 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
     let by_kind = |k: &str| dlq.iter().filter(|e| e["error_kind"] == k).count();
     assert_eq!(by_kind("http-5xx"), 2, "{dlq:?}");
     assert_eq!(by_kind("validation"), 1, "{dlq:?}");
-    let bad = dlq.iter().find(|e| e["error_kind"] == "validation").unwrap();
+    let bad = dlq
+        .iter()
+        .find(|e| e["error_kind"] == "validation")
+        .unwrap();
     assert_eq!(bad["event_id"], "nats:msg:order-1002");
-    assert!(bad["reason"].as_str().unwrap().contains("not JSON (line 1 column"), "{bad}");
-    assert!(fake.seen("/down").len() >= 6, "{}", fake.seen("/down").len());
+    assert!(
+        bad["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON (line 1 column"),
+        "{bad}"
+    );
+    assert!(
+        fake.seen("/down").len() >= 6,
+        "{}",
+        fake.seen("/down").len()
+    );
 
     // The events: one per order, whatever was resent (the stream drops a duplicate id).
     let client = async_nats::connect(nats.url()).await.unwrap();
@@ -316,10 +360,15 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
         .get_consumer("fmhost-orders-nats")
         .await
         .unwrap();
-    wait_until("the consumer to drain", &server, Duration::from_secs(20), async || {
-        let info = consumer.info().await.unwrap();
-        info.num_pending == 0 && info.num_ack_pending == 0
-    })
+    wait_until(
+        "the consumer to drain",
+        &server,
+        Duration::from_secs(20),
+        async || {
+            let info = consumer.info().await.unwrap();
+            info.num_pending == 0 && info.num_ack_pending == 0
+        },
+    )
     .await;
 
     // The example: two orders booked and announced once each, the third dead-lettered
@@ -332,15 +381,27 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
         .into_iter()
         .collect();
     assert_eq!(booked.len(), 2, "{booked:?}");
-    assert!(booked.contains(&"shipment-nats:msg:shop-1".to_string()), "{booked:?}");
+    assert!(
+        booked.contains(&"shipment-nats:msg:shop-1".to_string()),
+        "{booked:?}"
+    );
     let mut shipments = js.get_stream("SHOP_SHIPMENTS").await.unwrap();
     assert_eq!(shipments.info().await.unwrap().state.messages, 2);
     let example_dlq = get_json(&api, format!("{url}/v1/dlq?pipeline=order-events")).await;
     assert_eq!(example_dlq.as_array().unwrap().len(), 1, "{example_dlq}");
-    assert!(example_dlq[0]["reason"].as_str().unwrap().contains("order_id"), "{example_dlq}");
-    wait_until("the dead-letter alert", &server, Duration::from_secs(10), async || {
-        !fake.seen("/slack").is_empty()
-    })
+    assert!(
+        example_dlq[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("order_id"),
+        "{example_dlq}"
+    );
+    wait_until(
+        "the dead-letter alert",
+        &server,
+        Duration::from_secs(10),
+        async || !fake.seen("/slack").is_empty(),
+    )
     .await;
 
     let listed = get_json(&api, format!("{url}/v1/triggers")).await;
@@ -361,7 +422,10 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("fmhost_nats_terminated_total{pipeline=\"orders\",trigger=\"nats\"}"), "{metrics}");
+    assert!(
+        metrics.contains("fmhost_nats_terminated_total{pipeline=\"orders\",trigger=\"nats\"}"),
+        "{metrics}"
+    );
     eprintln!(
         "nats: 1000 orders, {at_kill} before fmhost was killed, {at_nats_kill} before nats-server was; {} requests to the vendor, {} to the failing route",
         fake.seen("/ok").len(),

@@ -62,7 +62,9 @@ impl Component for NatsPublish {
             .integer("timeout", 1);
         if let Some(Value::String(s)) = config.get("subject")
             && !s.contains("{{")
-            && (s.is_empty() || s.contains(['*', '>', ' ', '\t']) || s.split('.').any(str::is_empty))
+            && (s.is_empty()
+                || s.contains(['*', '>', ' ', '\t'])
+                || s.split('.').any(str::is_empty))
         {
             c.problem(
                 ".subject",

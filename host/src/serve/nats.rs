@@ -128,11 +128,7 @@ async fn pause(app: &App, d: Duration) -> bool {
 
 /// The stream (created when missing, taking `subject`), the durable consumer (created,
 /// or updated to this config), and its message flow.
-async fn open(
-    js: &jetstream::Context,
-    n: &Nats,
-    durable: &str,
-) -> Result<pull::Stream, String> {
+async fn open(js: &jetstream::Context, n: &Nats, durable: &str) -> Result<pull::Stream, String> {
     let stream = js
         .get_or_create_stream(jetstream::stream::Config {
             name: n.stream.clone(),
@@ -151,14 +147,14 @@ async fn open(
         max_ack_pending: n.max_in_flight as i64,
         ..Default::default()
     };
-    let consumer: jetstream::consumer::PullConsumer =
-        match stream.create_consumer(config).await {
-            Ok(c) => c,
-            // An older server that cannot update a consumer in place keeps its own.
-            Err(create) => stream.get_consumer(durable).await.map_err(|e| {
-                format!("consumer {durable} on stream {}: {create}; {e}", n.stream)
-            })?,
-        };
+    let consumer: jetstream::consumer::PullConsumer = match stream.create_consumer(config).await {
+        Ok(c) => c,
+        // An older server that cannot update a consumer in place keeps its own.
+        Err(create) => stream
+            .get_consumer(durable)
+            .await
+            .map_err(|e| format!("consumer {durable} on stream {}: {create}; {e}", n.stream))?,
+    };
     consumer
         .messages()
         .await
@@ -221,7 +217,11 @@ struct Claim(Busy, String);
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.0.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+        self.0
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
     }
 }
 
@@ -379,7 +379,8 @@ async fn settle(app: &Arc<App>, st: &Arc<TriggerState>, n: &Nats, m: &Incoming) 
             let (payload, problem) = match serde_json::from_slice::<Value>(&m.payload) {
                 Ok(v) => (v, None),
                 Err(e) => {
-                    let raw = String::from_utf8_lossy(&m.payload[..m.payload.len().min(MAX_KEPT_RAW)]);
+                    let raw =
+                        String::from_utf8_lossy(&m.payload[..m.payload.len().min(MAX_KEPT_RAW)]);
                     (
                         json!({"raw": raw}),
                         Some(format!(
