@@ -223,6 +223,8 @@ pub struct RunEnd {
     pub dead_letter: Option<NewDeadLetter>,
     /// A succeeded poll run's next cursor.
     pub cursor: Option<CursorCommit>,
+    /// The pipeline document it ran (`pipelines.hash`).
+    pub pipeline_hash: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -301,9 +303,9 @@ pub enum Record {
         trigger: String,
         value: Value,
     },
-    /// The pipeline document a run ran, kept once per content (SHA-256).
+    /// A pipeline document, kept once per content (SHA-256); a run names the one it
+    /// ran with its end (`RunEnd::pipeline_hash`).
     Pipeline {
-        run_id: String,
         hash: String,
         document: String,
     },
@@ -530,6 +532,8 @@ struct Inner {
     reader: Mutex<Option<Box<dyn Backend>>>,
     open_reader: OpenReader,
     path: PathBuf,
+    /// Pipeline documents (by hash) this handle has queued: each is sent once.
+    documents: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Journal {
@@ -580,6 +584,7 @@ impl Journal {
                 reader: Mutex::new(None),
                 open_reader,
                 path,
+                documents: Mutex::default(),
             }),
         }
     }
@@ -622,6 +627,21 @@ impl Journal {
             .send(Msg::Commit { durable, reply })
             .map_err(|_| JournalError::Closed)?;
         rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Queues a pipeline document unless this handle already has; runs name it by hash.
+    pub fn store_document(&self, document: &crate::pipeline::Document) {
+        let mut sent = self
+            .inner
+            .documents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if sent.insert(document.hash.clone()) {
+            self.record(Record::Pipeline {
+                hash: document.hash.clone(),
+                document: document.text.clone(),
+            });
+        }
     }
 
     /// Stores an accepted webhook delivery durably; `false` if it was already known.
@@ -914,6 +934,8 @@ pub struct RunJournal {
     live: Option<Arc<arc_swap::ArcSwap<Secrets>>>,
     /// A poll run's cursor: moved when the run succeeds (see [`CursorCommit`]).
     cursor: std::sync::OnceLock<(String, crate::pipeline::triggers::CursorSpec, Value)>,
+    /// The hash of the pipeline document the run runs, recorded with its end.
+    pipeline_hash: std::sync::OnceLock<String>,
 }
 
 impl RunJournal {
@@ -924,6 +946,7 @@ impl RunJournal {
             secrets,
             live: None,
             cursor: Default::default(),
+            pipeline_hash: Default::default(),
         })
     }
 
@@ -941,6 +964,7 @@ impl RunJournal {
             secrets,
             live: Some(engine.secrets_handle()),
             cursor: Default::default(),
+            pipeline_hash: Default::default(),
         })
     }
 
@@ -1095,6 +1119,7 @@ impl RunJournal {
                 replay_of: self.start.replay_of.clone(),
                 dead_letter,
                 cursor,
+                pipeline_hash: self.pipeline_hash.get().cloned(),
             }))
             .await
             .map(drop)
@@ -1180,20 +1205,15 @@ pub async fn run_journaled(
     if let Some(s) = &spans {
         opts.observer = Some(s.clone());
     }
-    let document = journal
-        .as_ref()
-        .and_then(|_| serde_json::to_string(&plan.source).ok());
+    // The document as it runs, so a replay runs it again even after the file changed.
+    if let Some(j) = &journal {
+        let document = plan.document();
+        j.journal.store_document(document);
+        let _ = j.pipeline_hash.set(document.hash.clone());
+    }
     let report = engine.run(plan, input, opts).await?;
     if let Some(s) = spans {
         s.finish(&report);
-    }
-    // The document as it ran, so a replay runs it again even after the file changed.
-    if let (Some(j), Some(document)) = (&journal, document) {
-        j.journal.record(Record::Pipeline {
-            run_id: report.run_id.clone(),
-            hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(document.as_bytes())),
-            document,
-        });
     }
     let committed = match &journal {
         Some(j) => j.finish(&report).await,

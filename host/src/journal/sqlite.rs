@@ -458,7 +458,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
             let n = tx
                 .prepare_cached(
                     "UPDATE runs SET status = ?2, error = ?3, error_kind = ?4, output = ?5, duration_ms = ?6,
-                         finished_at = ?7 WHERE id = ?1",
+                         finished_at = ?7, pipeline_hash = COALESCE(?8, pipeline_hash) WHERE id = ?1",
                 )?
                 .execute(params![
                     end.run_id,
@@ -467,7 +467,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                     end.error_kind,
                     end.output.as_ref().map(json_text),
                     end.duration_ms,
-                    end.finished_at
+                    end.finished_at,
+                    end.pipeline_hash
                 ])?;
             tx.prepare_cached("UPDATE deliveries SET status = 'done' WHERE run_id = ?1")?
                 .execute(params![end.run_id])?;
@@ -613,18 +614,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 "UPDATE dead_letters SET status = 'dropped', updated_at = ?2 WHERE id = ?1 AND status = 'open'",
             )?
             .execute(params![id, now])?,
-        Record::Pipeline {
-            run_id,
-            hash,
-            document,
-        } => {
-            tx.prepare_cached(
+        Record::Pipeline { hash, document } => tx
+            .prepare_cached(
                 "INSERT OR IGNORE INTO pipelines (hash, document, first_seen) VALUES (?1, ?2, ?3)",
             )?
-            .execute(params![hash, document, now])?;
-            tx.prepare_cached("UPDATE runs SET pipeline_hash = ?2 WHERE id = ?1")?
-                .execute(params![run_id, hash])?
-        }
+            .execute(params![hash, document, now])?,
         Record::Forget { run_id } => {
             // Checked again here, in the writer: the run may have been resumed since.
             let removable: bool = tx

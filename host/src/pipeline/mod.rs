@@ -280,6 +280,27 @@ pub struct Plan {
     pub record: bool,
     /// The document as written, for journaling and display.
     pub source: Value,
+    /// `source` as journaled, made on first use.
+    pub document: std::sync::OnceLock<Arc<Document>>,
+}
+
+/// A pipeline document as the journal keeps it: its text and that text's SHA-256.
+pub struct Document {
+    pub hash: String,
+    pub text: String,
+}
+
+impl Plan {
+    /// The document as the journal keeps it, serialised and hashed once per plan.
+    pub fn document(&self) -> &Arc<Document> {
+        self.document.get_or_init(|| {
+            let text = serde_json::to_string(&self.source).unwrap_or_default();
+            Arc::new(Document {
+                hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())),
+                text,
+            })
+        })
+    }
 }
 
 pub struct PlannedStage {

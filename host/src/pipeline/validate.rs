@@ -565,6 +565,7 @@ pub fn compile_in(
         budget,
         record: doc.record,
         source,
+        document: Default::default(),
     })
 }
 
