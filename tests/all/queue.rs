@@ -131,6 +131,7 @@ fn orders(fake: &Fake) -> HashMap<String, HashSet<String>> {
 /// exactly once per its id (the vendor sees one idempotency key per order, the
 /// published events are 1,000), none is lost, a message whose run keeps failing is
 /// dead-lettered after `max_deliver` deliveries and a message that is not JSON at once,
+/// one that fails once is retried on its redelivery and its dead letter resolved,
 /// and the consumer is left with nothing pending.
 #[tokio::test]
 async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
@@ -150,6 +151,11 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
         vec![Reply::json(200, json!({"ok": true})).delay(Duration::from_millis(3))],
     );
     fake.route("/down", vec![Reply::status(503)]);
+    // Down for the first delivery, up for the next.
+    fake.route(
+        "/flaky",
+        vec![Reply::status(503), Reply::json(200, json!({"ok": true}))],
+    );
     fake.route(
         "/fulfilment/shipments",
         vec![Reply::json(201, json!({"shipment_id": "sh-1"}))],
@@ -261,6 +267,12 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
             .await
             .unwrap();
     }
+    let (headers, body) = publish(1003, "flaky");
+    js.publish_with_headers("orders.flaky", headers, body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     drop(js);
 
     // fmhost is killed with SIGKILL a third of the way through.
@@ -291,7 +303,15 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
         Duration::from_secs(120),
         async || {
             let dlq = get_json(&api, format!("{url}/v1/dlq?pipeline=orders")).await;
+            let healed = get_json(
+                &api,
+                format!(
+                    "{url}/v1/dlq?pipeline=orders&status=resolved&event_id=nats:msg:order-1003"
+                ),
+            )
+            .await;
             orders(&fake).len() == 1000
+                && healed.as_array().is_some_and(|h| h.len() == 1)
                 && dlq.as_array().is_some_and(|d| {
                     d.len() == 3
                         && d.iter()
@@ -346,16 +366,25 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
         "{}",
         fake.seen("/down").len()
     );
+    // The one that failed once: nacked, delivered again, retried from its failed stage
+    // under the same key, and its dead letter resolved by that retry.
+    let flaky = fake.seen("/flaky");
+    assert_eq!(flaky.len(), 2, "{flaky:?}");
+    assert_eq!(
+        flaky[0].header("idempotency-key"),
+        flaky[1].header("idempotency-key")
+    );
 
-    // The events: one per order, whatever was resent (the stream drops a duplicate id).
+    // The events: one per order (and the healed one), whatever was resent (the stream
+    // drops a duplicate id).
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client);
     let mut processed = js.get_stream("PROCESSED").await.unwrap();
-    assert_eq!(processed.info().await.unwrap().state.messages, 1000);
+    assert_eq!(processed.info().await.unwrap().state.messages, 1001);
 
     // Nothing left for the consumer: all acknowledged or terminated.
     let mut orders_stream = js.get_stream("ORDERS").await.unwrap();
-    assert_eq!(orders_stream.info().await.unwrap().state.messages, 1003);
+    assert_eq!(orders_stream.info().await.unwrap().state.messages, 1004);
     let mut consumer: jetstream::consumer::PullConsumer = orders_stream
         .get_consumer("fmhost-orders-nats")
         .await

@@ -504,16 +504,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                  WHERE run_id = ?1 AND status IN ('running', 'pending')",
             )?
             .execute(params![end.run_id, serde_json::to_string(&stopped).unwrap_or_default()])?;
-            if let Some(original) = end
-                .replay_of
-                .as_ref()
-                .filter(|_| end.status == crate::engine::RunStatus::Succeeded)
-            {
-                tx.prepare_cached(
-                    "UPDATE dead_letters SET status = 'resolved', resolved_by = ?2, updated_at = ?3
-                     WHERE run_id = ?1 AND status = 'open'",
-                )?
-                .execute(params![original, end.run_id, now])?;
+            if end.status == crate::engine::RunStatus::Succeeded {
+                // The failure it replays, or its own when it ran again in place (a
+                // queue message delivered again), is dealt with.
+                for failed in [end.replay_of.as_ref(), Some(&end.run_id)].into_iter().flatten() {
+                    tx.prepare_cached(
+                        "UPDATE dead_letters SET status = 'resolved', resolved_by = ?2, updated_at = ?3
+                         WHERE run_id = ?1 AND status = 'open'",
+                    )?
+                    .execute(params![failed, end.run_id, now])?;
+                }
             }
             if let Some(dl) = &end.dead_letter {
                 let moved = match &end.replay_of {
@@ -525,6 +525,17 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                         )?
                         .execute(params![original, end.run_id, dl.reason, dl.error_kind, now])?,
                     None => 0,
+                };
+                // A run that failed again in place keeps its one entry, counted.
+                let moved = match moved {
+                    0 => tx
+                        .prepare_cached(
+                            "UPDATE dead_letters SET retries = retries + 1, reason = ?2, error_kind = ?3,
+                                 updated_at = ?4
+                             WHERE run_id = ?1 AND status = 'open'",
+                        )?
+                        .execute(params![end.run_id, dl.reason, dl.error_kind, now])?,
+                    n => n,
                 };
                 if moved == 0 {
                     tx.prepare_cached(

@@ -6,8 +6,8 @@
 //! retrying cannot mend (terminated, dead-lettered), or as failed for a transient one
 //! (negatively acknowledged with a growing delay, so the stream delivers it again). A
 //! redelivery of a message that already ran does not run it again: one whose run
-//! succeeded is acknowledged, one whose run failed transiently is retried as the
-//! dead-letter queue retries (a replay from the failed stage, same `{{trigger.id}}`),
+//! succeeded is acknowledged, one whose run failed transiently is run again in place
+//! (the same run id and idempotency keys, its succeeded stages kept, as a resume),
 //! and after `max_deliver` deliveries it is terminated and stays in the dead-letter
 //! queue. A message found while its run is under way (resumed after a crash) waits for
 //! that run. While a run goes on, the host tells the server it is still working, so
@@ -464,7 +464,9 @@ async fn outcome(app: &App, st: &TriggerState, event_id: &str) -> Verdict {
     }
 }
 
-/// Replays the open dead letter of `event_id` from its failed stage, as a DLQ retry.
+/// Runs the failed run of `event_id` again in place, as a resumed run: the same run
+/// id (so the same idempotency keys), its succeeded stages kept, from its failed stage.
+/// Its end resolves the dead letter, or counts one more retry on it.
 async fn retry(app: &Arc<App>, st: &Arc<TriggerState>, event_id: &str) -> Verdict {
     let open = app
         .journal
@@ -478,7 +480,23 @@ async fn retry(app: &Arc<App>, st: &Arc<TriggerState>, event_id: &str) -> Verdic
     let Some(dl) = open.ok().and_then(|e| e.into_iter().next()) else {
         return outcome(app, st, event_id).await;
     };
-    tracing::info!(target: "fmhost::triggers", pipeline = %st.pipeline, trigger = %st.trigger.name, "{event_id}: delivered again; retrying run {} (dead letter {})", dl.run_id, dl.id);
+    let run = match app.journal.run(&dl.run_id).await {
+        Ok(Some(run)) => run,
+        Ok(None) => return Verdict::Fatal(format!("run {} is not in the journal", dl.run_id)),
+        Err(e) => return Verdict::Unknown(format!("the journal cannot be read: {e}")),
+    };
+    let Some(plan) = app.pipelines.get(&run.summary.pipeline).cloned() else {
+        return Verdict::Fatal("its pipeline is no longer served".into());
+    };
+    let secrets = app.engine.secrets();
+    let reuse = match crate::journal::replay::reuse(&plan, &run, None, &secrets) {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::error!(target: "fmhost::triggers", pipeline = %st.pipeline, "{event_id}: cannot run {} again: {why}", dl.run_id);
+            return Verdict::Fatal("replay".into());
+        }
+    };
+    tracing::info!(target: "fmhost::triggers", pipeline = %st.pipeline, trigger = %st.trigger.name, run_id = %dl.run_id, "{event_id}: delivered again; running {} again from its failed stage ({} completed stage(s) kept; dead letter {})", dl.run_id, reuse.outputs.len(), dl.id);
     let _guard = st.enter();
     app.engine.outbound.metrics.record_trigger(
         TriggerCount::Fired,
@@ -486,19 +504,9 @@ async fn retry(app: &Arc<App>, st: &Arc<TriggerState>, event_id: &str) -> Verdic
         &st.trigger.name,
         1,
     );
-    if let Err(resp) = super::replay(app, &dl.run_id, None, None, "dlq-retry", false).await {
-        let status = resp.status();
-        let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
-            .await
-            .unwrap_or_default();
-        let why = format!(
-            "cannot retry run {}: {status} {}",
-            dl.run_id,
-            String::from_utf8_lossy(&body)
-        );
-        tracing::error!(target: "fmhost::triggers", pipeline = %st.pipeline, "{event_id}: {why}");
-        return Verdict::Fatal("replay".into());
-    }
+    let input = secrets.restore(&run.input);
+    let start = run.restart(crate::journal::OWNER_SERVE);
+    let _ = super::execute(app, plan, input, start, Some(reuse)).await;
     outcome(app, st, event_id).await
 }
 
