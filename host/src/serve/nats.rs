@@ -480,11 +480,26 @@ async fn retry(app: &Arc<App>, st: &Arc<TriggerState>, event_id: &str) -> Verdic
     let Some(dl) = open.ok().and_then(|e| e.into_iter().next()) else {
         return outcome(app, st, event_id).await;
     };
-    let run = match app.journal.run(&dl.run_id).await {
-        Ok(Some(run)) => run,
-        Ok(None) => return Verdict::Fatal(format!("run {} is not in the journal", dl.run_id)),
-        Err(e) => return Verdict::Unknown(format!("the journal cannot be read: {e}")),
+    let mut waited = false;
+    let run = loop {
+        match app.journal.run(&dl.run_id).await {
+            // Running again already (resumed at start after a crash during a retry):
+            // its end decides.
+            Ok(Some(run)) if run.summary.status == "running" => {
+                if app.closing.is_cancelled() {
+                    return Verdict::Unknown("the server is closing".into());
+                }
+                waited = true;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // That run was this delivery's attempt.
+            Ok(Some(_)) if waited => return outcome(app, st, event_id).await,
+            Ok(Some(run)) => break run,
+            Ok(None) => return Verdict::Fatal(format!("run {} is not in the journal", dl.run_id)),
+            Err(e) => return Verdict::Unknown(format!("the journal cannot be read: {e}")),
+        }
     };
+
     let Some(plan) = app.pipelines.get(&run.summary.pipeline).cloned() else {
         return Verdict::Fatal("its pipeline is no longer served".into());
     };
