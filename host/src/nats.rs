@@ -4,9 +4,9 @@
 //! A URL setting is a literal (`nats://host:4222`, several separated by commas) or a
 //! whole `{{secrets.NAME}}` holding it, so credentials in the URL stay in secrets.
 
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::secrets::Secrets;
 
@@ -47,13 +47,26 @@ pub async fn connect(
 /// A URL setting and a token setting, as written.
 type Key = (String, Option<String>);
 
+/// Most servers kept connected at once, and most failures remembered: settings rendered
+/// from data cannot make the process hold a connection per value.
+const MAX_CLIENTS: usize = 32;
+
 /// Clients by URL and token setting, kept for the process's life (a stage publishing
-/// once per run must not connect once per run).
-#[derive(Default)]
+/// once per run must not connect once per run); the least recently used goes first.
 pub struct Clients {
-    clients: tokio::sync::Mutex<HashMap<Key, async_nats::Client>>,
+    clients: tokio::sync::Mutex<lru::LruCache<Key, async_nats::Client>>,
     /// Failed settings and when they failed: a dead server is not dialled by every stage.
-    failures: Mutex<HashMap<Key, (std::time::Instant, String)>>,
+    failures: Mutex<lru::LruCache<Key, (Instant, String)>>,
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        let cap = NonZeroUsize::new(MAX_CLIENTS).unwrap_or(NonZeroUsize::MIN);
+        Clients {
+            clients: tokio::sync::Mutex::new(lru::LruCache::new(cap)),
+            failures: Mutex::new(lru::LruCache::new(cap)),
+        }
+    }
 }
 
 impl Clients {
@@ -79,16 +92,27 @@ impl Clients {
         }
         match connect(secrets, url, token, "fmhost-publish").await {
             Ok(c) => {
-                clients.insert(key, c.clone());
+                clients.put(key, c.clone());
                 Ok(c)
             }
             Err(why) => {
                 self.failures
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, (std::time::Instant::now(), why.clone()));
+                    .put(key, (Instant::now(), why.clone()));
                 Err(why)
             }
         }
     }
+}
+
+/// Why `subject` cannot be published to (empty tokens, wildcards, whitespace), if it cannot.
+pub fn publish_subject_problem(subject: &str) -> Option<String> {
+    let bad = subject.is_empty()
+        || subject.split('.').any(str::is_empty)
+        || subject.contains(['*', '>'])
+        || subject.chars().any(|c| c.is_whitespace() || c.is_control());
+    bad.then(|| {
+        format!("\"{subject}\": a published subject is dot-separated tokens, without wildcards")
+    })
 }

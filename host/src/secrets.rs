@@ -18,6 +18,11 @@ const SHORT: usize = 4;
 /// literal `{{secrets.`, so a stored value never turns data into a reference on restore.
 const ESCAPE: char = '!';
 
+/// The secret's name when `s` is exactly one `{{secrets.NAME}}` and nothing else.
+pub fn whole_secret(s: &str) -> Option<&str> {
+    secret_token(s).and_then(|(name, len)| (len == s.len()).then_some(name))
+}
+
 /// `{{secrets.NAME}}` (spaces allowed inside the braces) at the start of `s`:
 /// the name and the length of the token. A fixed pattern, not a template.
 pub fn secret_token(s: &str) -> Option<(&str, usize)> {
@@ -269,12 +274,12 @@ impl Secrets {
     /// A setting written as a literal or as a whole `{{secrets.NAME}}`: its value now
     /// (`what` names the setting when the secret is not set).
     pub fn resolve(&self, setting: &str, what: &str) -> Result<String, String> {
-        match secret_token(setting) {
-            Some((name, len)) if len == setting.len() => self
+        match whole_secret(setting) {
+            Some(name) => self
                 .get(name)
                 .map(str::to_string)
                 .ok_or_else(|| format!("secret {name} ({what}) is not set")),
-            _ => Ok(setting.to_string()),
+            None => Ok(setting.to_string()),
         }
     }
 

@@ -443,14 +443,7 @@ async fn a_thousand_messages_run_once_each_across_kills_of_both_servers() {
     assert_eq!(t["type"], "nats", "{listed}");
     assert_eq!(t["state"], "consuming", "{listed}");
     assert_eq!(t["stream"], "ORDERS");
-    let metrics = support::api_client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::triggers::metrics(&server).await;
     assert!(
         metrics.contains("fmhost_nats_terminated_total{pipeline=\"orders\",trigger=\"nats\"}"),
         "{metrics}"

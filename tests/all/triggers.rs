@@ -33,7 +33,7 @@ async fn triggers(server: &Server) -> Vec<Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
-async fn metrics(server: &Server) -> String {
+pub(crate) async fn metrics(server: &Server) -> String {
     let url = format!("{}/metrics", server.url);
     let resp = support::api_client().get(url).send().await.unwrap();
     resp.text().await.unwrap()

@@ -5,6 +5,7 @@
 //! across retries and a resumed run), so the stream's duplicate window drops a second
 //! publish of the same event. Output `{stream, seq, duplicate, subject, msg_id}`.
 
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -62,14 +63,16 @@ impl Component for NatsPublish {
             .integer("timeout", 1);
         if let Some(Value::String(s)) = config.get("subject")
             && !s.contains("{{")
-            && (s.is_empty()
-                || s.contains(['*', '>', ' ', '\t'])
-                || s.split('.').any(str::is_empty))
+            && let Some(why) = crate::nats::publish_subject_problem(s)
         {
-            c.problem(
-                ".subject",
-                format!("\"{s}\": a published subject is dot-separated tokens, without wildcards"),
-            );
+            c.problem(".subject", why);
+        }
+        if let Some(Value::Object(headers)) = config.get("headers") {
+            for name in headers.keys().filter(|k| !k.contains("{{")) {
+                if let Err(e) = async_nats::HeaderName::from_str(name) {
+                    c.problem(&format!(".headers.{name}"), e.to_string());
+                }
+            }
         }
         c.finish()
     }
@@ -91,9 +94,15 @@ impl Component for NatsPublish {
             .msg_id
             .clone()
             .unwrap_or_else(|| default_idempotency_key(&ctx.run_id, &ctx.stage_id));
+        // Rendered from data, the subject and header names are checked again here.
+        if let Some(why) = crate::nats::publish_subject_problem(&config.subject) {
+            return Err(StageError::validation(format!("config.subject: {why}")));
+        }
         let mut headers = async_nats::HeaderMap::new();
         for (k, v) in &config.headers {
-            headers.insert(k.as_str(), crate::template::to_text(v).as_ref());
+            let name = async_nats::HeaderName::from_str(k)
+                .map_err(|e| StageError::validation(format!("config.headers.{k}: {e}")))?;
+            headers.insert(name, crate::template::to_text(v).as_ref());
         }
         headers.insert("Nats-Msg-Id", msg_id.as_str());
         headers.insert("X-Correlation-Id", ctx.run_id.as_ref());
@@ -158,4 +167,21 @@ fn publish_error(subject: &str, e: async_nats::jetstream::context::PublishError)
         _ => ErrorKind::Connect,
     };
     StageError::new(kind, format!("publishing to {subject}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_header_name_or_subject_is_a_problem_not_a_panic() {
+        let problems = NatsPublish::default().check_config(&json!({
+            "url": "nats://127.0.0.1:4222", "subject": "a.*",
+            "headers": {"X-Ok": "1", "bad:name": "2"}
+        }));
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, [".subject", ".headers.bad:name"], "{problems:?}");
+        assert!(crate::nats::publish_subject_problem("orders.created").is_none());
+        assert!(crate::nats::publish_subject_problem("orders. created").is_some());
+    }
 }

@@ -414,8 +414,7 @@ pub fn parse_alerts(raw: &[Value], diags: &mut Vec<Diagnostic>) -> Vec<Alert> {
         let Some(doc) = typed::<AlertDoc>(raw, &at, diags) else {
             continue;
         };
-        let whole_secret = crate::secrets::secret_token(&doc.webhook)
-            .is_some_and(|(_, len)| len == doc.webhook.len());
+        let whole_secret = crate::secrets::whole_secret(&doc.webhook).is_some();
         let url = !doc.webhook.contains("{{")
             && (doc.webhook.starts_with("https://") || doc.webhook.starts_with("http://"));
         let ok = whole_secret || url;
@@ -638,8 +637,7 @@ fn nats_subject(s: &str) -> bool {
 
 fn nats(d: NatsDoc, at: &str, diags: &mut Vec<Diagnostic>) -> Option<Nats> {
     let before = diags.len();
-    let whole_secret =
-        |v: &str| crate::secrets::secret_token(v).is_some_and(|(_, len)| len == v.len());
+    let whole_secret = |v: &str| crate::secrets::whole_secret(v).is_some();
     let url_ok = whole_secret(&d.url)
         || (!d.url.contains("{{")
             && d.url.split(',').all(|u| {

@@ -130,6 +130,9 @@ struct App {
     /// Runs started over the API and not finished; beyond `max_runs`, new ones get 429.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     max_runs: usize,
+    /// The largest delivery a trigger takes (`--max-webhook-bytes`): a webhook body, a
+    /// queue message with its headers.
+    max_delivery_bytes: usize,
     /// What changed (a run started or ended, a dead letter, a plugin), for `/v1/events`.
     events: tokio::sync::broadcast::Sender<Value>,
     /// Cancelled at shutdown: ends the event streams so connections can drain.
@@ -320,6 +323,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         recent: std::sync::Mutex::default(),
         in_flight: Arc::default(),
         max_runs: opts.max_runs,
+        max_delivery_bytes: opts.limits.webhook,
         events: tokio::sync::broadcast::channel(256).0,
         closing: tokio_util::sync::CancellationToken::new(),
     });
@@ -1421,11 +1425,8 @@ async fn fallback(
             "retry later",
         );
     }
-    let secret = match crate::plugin::secret_token(&trigger.secret) {
-        Some((name, len)) if len == trigger.secret.len() => {
-            app.engine.secrets().get(name).map(str::to_string)
-        }
-        Some(_) => None,
+    let secret = match crate::secrets::whole_secret(&trigger.secret) {
+        Some(name) => app.engine.secrets().get(name).map(str::to_string),
         None if !trigger.secret.contains("{{") => Some(trigger.secret.clone()),
         None => None,
     };

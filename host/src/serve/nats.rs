@@ -20,10 +20,12 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
+use sha2::Digest;
 
 use super::App;
 use super::triggers::{TriggerState, delivery, run_delivery};
-use crate::journal::{DlqFilter, rfc3339, unix_ms};
+use crate::error::ErrorKind;
+use crate::journal::{DeadLetter, DlqFilter, rfc3339, unix_ms};
 use crate::metrics::TriggerCount;
 use crate::pipeline::triggers::Nats;
 
@@ -32,13 +34,28 @@ use crate::pipeline::triggers::Nats;
 enum Verdict {
     /// Its run succeeded (or its dead letter was settled by hand): acknowledge.
     Done,
-    /// Its run failed transiently (kind): deliver again later, up to `max_deliver`.
-    Retry(String),
+    /// Its run failed transiently: deliver again later, up to `max_deliver`; the open
+    /// dead letter says which run and why.
+    Retry(Box<DeadLetter>),
     /// It cannot run, or failed for a reason a retry cannot mend: terminate.
     Fatal(String),
     /// The journal could not say; deliver again later.
     Unknown(String),
 }
+
+impl Verdict {
+    /// The error kind a failed run's answer is for.
+    fn kind(&self) -> &str {
+        match self {
+            Verdict::Retry(dl) => dl.error_kind.as_deref().unwrap_or("failed"),
+            Verdict::Fatal(kind) => kind,
+            Verdict::Done | Verdict::Unknown(_) => "",
+        }
+    }
+}
+
+/// The longest `Nats-Msg-Id` used as it is in a delivery's key.
+const MAX_MSG_ID: usize = 256;
 
 /// Most of a non-JSON payload kept in its dead letter.
 const MAX_KEPT_RAW: usize = 64 * 1024;
@@ -259,13 +276,16 @@ async fn handle(
             (k.to_string(), Value::String(v))
         })
         .collect();
-    let key = headers
+    let key = match headers
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("Nats-Msg-Id"))
         .and_then(|(_, v)| v.as_str())
-        .filter(|v| !v.is_empty())
-        .map(|v| format!("msg:{v}"))
-        .unwrap_or_else(|| format!("seq:{}:{seq}", n.stream));
+    {
+        None | Some("") => format!("seq:{}:{seq}", n.stream),
+        Some(id) if id.len() <= MAX_MSG_ID => format!("msg:{id}"),
+        // A key stays a key: a longer id is known by its digest.
+        Some(id) => format!("msg:sha256:{}", hex::encode(sha2::Sha256::digest(id))),
+    };
     let event_id = format!("{}:{key}", st.trigger.name);
     let message = Incoming {
         event_id: event_id.clone(),
@@ -314,13 +334,15 @@ async fn handle(
             count(TriggerCount::NatsAcked);
             msg.double_ack().await
         }
-        Verdict::Retry(kind) if delivered < n.max_deliver => {
+        Verdict::Retry(_) if delivered < n.max_deliver => {
+            let kind = verdict.kind();
             let delay = backoff(n.backoff, delivered);
             tracing::warn!(target: "fmhost::triggers", pipeline = %st.pipeline, trigger = %st.trigger.name, "{event_id}: run failed ({kind}) on delivery {delivered} of {}; delivered again in {} ms", n.max_deliver, delay.as_millis());
             count(TriggerCount::NatsNacked);
             msg.ack_with(AckKind::Nak(Some(delay))).await
         }
-        Verdict::Retry(kind) | Verdict::Fatal(kind) => {
+        Verdict::Retry(_) | Verdict::Fatal(_) => {
+            let kind = verdict.kind();
             tracing::error!(target: "fmhost::triggers", pipeline = %st.pipeline, trigger = %st.trigger.name, "{event_id}: failed ({kind}) on delivery {delivered} of {}; terminated, it stays in the dead-letter queue", n.max_deliver);
             count(TriggerCount::NatsTerminated);
             msg.double_ack_with(AckKind::Term).await
@@ -376,21 +398,34 @@ async fn settle(app: &Arc<App>, st: &Arc<TriggerState>, n: &Nats, m: &Incoming) 
                 "stream": n.stream,
                 "sequence": m.seq,
             });
-            let (payload, problem) = match serde_json::from_slice::<Value>(&m.payload) {
+            let size = m.payload.len()
+                + m.headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+                    .sum::<usize>();
+            let parsed = if size > app.max_delivery_bytes {
+                Err(format!(
+                    "message {} on {}: {size} bytes with its headers, over the {}-byte limit for deliveries (--max-webhook-bytes)",
+                    m.event_id, m.subject, app.max_delivery_bytes
+                ))
+            } else {
+                // serde_json's default depth limit (128) bounds the nesting.
+                serde_json::from_slice::<Value>(&m.payload).map_err(|e| {
+                    format!(
+                        "message {} on {}: the payload is not JSON (line {} column {}: {e})",
+                        m.event_id,
+                        m.subject,
+                        e.line(),
+                        e.column()
+                    )
+                })
+            };
+            let (payload, problem) = match parsed {
                 Ok(v) => (v, None),
-                Err(e) => {
+                Err(why) => {
                     let raw =
                         String::from_utf8_lossy(&m.payload[..m.payload.len().min(MAX_KEPT_RAW)]);
-                    (
-                        json!({"raw": raw}),
-                        Some(format!(
-                            "message {} on {}: the payload is not JSON (line {} column {}: {e})",
-                            m.event_id,
-                            m.subject,
-                            e.line(),
-                            e.column()
-                        )),
-                    )
+                    (json!({"raw": raw}), Some(why))
                 }
             };
             let d = delivery(app, st, m.event_id.clone(), &payload, info);
@@ -410,8 +445,8 @@ async fn settle(app: &Arc<App>, st: &Arc<TriggerState>, n: &Nats, m: &Incoming) 
         }
         Ok(Some((_, false))) => finished(app, st, &m.event_id).await,
         Ok(Some((_, true))) => match outcome(app, st, &m.event_id).await {
-            // Delivered again after a transient failure: retried as the DLQ retries.
-            Verdict::Retry(_) => retry(app, st, &m.event_id).await,
+            // Delivered again after a transient failure: its run runs again.
+            Verdict::Retry(dl) => retry(app, st, &m.event_id, &dl).await,
             v => v,
         },
     }
@@ -434,10 +469,11 @@ async fn finished(app: &Arc<App>, st: &TriggerState, event_id: &str) -> Verdict 
 
 /// What the journal says of a finished delivery: its open dead letter, if any, decides.
 async fn outcome(app: &App, st: &TriggerState, event_id: &str) -> Verdict {
+    const UNREADABLE: &str = "the journal cannot be read";
     match app.journal.delivery(&st.pipeline, event_id).await {
         Ok(Some((_, true))) => {}
         Ok(_) => return Verdict::Unknown("its run has not been journaled as finished".into()),
-        Err(e) => return Verdict::Unknown(format!("the journal cannot be read: {e}")),
+        Err(e) => return Verdict::Unknown(format!("{UNREADABLE}: {e}")),
     }
     let open = app
         .journal
@@ -448,38 +484,20 @@ async fn outcome(app: &App, st: &TriggerState, event_id: &str) -> Verdict {
             limit: 1,
         })
         .await;
-    match open {
-        Err(e) => Verdict::Unknown(format!("the journal cannot be read: {e}")),
-        Ok(entries) => match entries.first() {
-            None => Verdict::Done,
-            Some(dl) => {
-                let kind = dl.error_kind.clone().unwrap_or_else(|| "failed".into());
-                if crate::error::ErrorKind::is_transient(&kind) {
-                    Verdict::Retry(kind)
-                } else {
-                    Verdict::Fatal(kind)
-                }
-            }
-        },
+    match open.map(|entries| entries.into_iter().next()) {
+        Err(e) => Verdict::Unknown(format!("{UNREADABLE}: {e}")),
+        Ok(None) => Verdict::Done,
+        Ok(Some(dl)) if ErrorKind::is_transient(dl.error_kind.as_deref().unwrap_or("")) => {
+            Verdict::Retry(Box::new(dl))
+        }
+        Ok(Some(dl)) => Verdict::Fatal(dl.error_kind.unwrap_or_else(|| "failed".into())),
     }
 }
 
-/// Runs the failed run of `event_id` again in place, as a resumed run: the same run
-/// id (so the same idempotency keys), its succeeded stages kept, from its failed stage.
-/// Its end resolves the dead letter, or counts one more retry on it.
-async fn retry(app: &Arc<App>, st: &Arc<TriggerState>, event_id: &str) -> Verdict {
-    let open = app
-        .journal
-        .dead_letters(DlqFilter {
-            pipeline: Some(st.pipeline.clone()),
-            status: Some("open".into()),
-            event_id: Some(event_id.to_string()),
-            limit: 1,
-        })
-        .await;
-    let Some(dl) = open.ok().and_then(|e| e.into_iter().next()) else {
-        return outcome(app, st, event_id).await;
-    };
+/// Runs the failed run of `dl` again in place, as a resumed run: the same run id (so
+/// the same idempotency keys), its succeeded stages kept, from its failed stage. Its
+/// end resolves the dead letter, or counts one more retry on it.
+async fn retry(app: &Arc<App>, st: &Arc<TriggerState>, event_id: &str, dl: &DeadLetter) -> Verdict {
     let mut waited = false;
     let run = loop {
         match app.journal.run(&dl.run_id).await {
@@ -499,13 +517,11 @@ async fn retry(app: &Arc<App>, st: &Arc<TriggerState>, event_id: &str) -> Verdic
             Err(e) => return Verdict::Unknown(format!("the journal cannot be read: {e}")),
         }
     };
-
     let Some(plan) = app.pipelines.get(&run.summary.pipeline).cloned() else {
         return Verdict::Fatal("its pipeline is no longer served".into());
     };
-    let secrets = app.engine.secrets();
-    let reuse = match crate::journal::replay::reuse(&plan, &run, None, &secrets) {
-        Ok(r) => r,
+    let (input, reuse) = match super::recover::again(app, &plan, &run) {
+        Ok(parts) => parts,
         Err(why) => {
             tracing::error!(target: "fmhost::triggers", pipeline = %st.pipeline, "{event_id}: cannot run {} again: {why}", dl.run_id);
             return Verdict::Fatal("replay".into());
@@ -519,7 +535,6 @@ async fn retry(app: &Arc<App>, st: &Arc<TriggerState>, event_id: &str) -> Verdic
         &st.trigger.name,
         1,
     );
-    let input = secrets.restore(&run.input);
     let start = run.restart(crate::journal::OWNER_SERVE);
     let _ = super::execute(app, plan, input, start, Some(reuse)).await;
     outcome(app, st, event_id).await

@@ -10,6 +10,19 @@ use crate::journal::{OWNER_SERVE, RunFilter, RunJournal, replay};
 /// How many times a run is resumed after the server stopped during it.
 const MAX_RESUMES: u32 = 1;
 
+/// What running a journaled run again in place takes (a resume, under its own run id,
+/// so with its own idempotency keys): its input, and the outputs of the stages that
+/// succeeded, kept.
+pub(super) fn again(
+    app: &App,
+    plan: &crate::pipeline::Plan,
+    run: &crate::journal::RunDetail,
+) -> Result<(serde_json::Value, crate::engine::Reuse), String> {
+    let secrets = app.engine.secrets();
+    let reuse = replay::reuse(plan, run, None, &secrets)?;
+    Ok((secrets.restore(&run.input), reuse))
+}
+
 pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Result<()> {
     let interrupted = app
         .journal
@@ -32,14 +45,12 @@ pub(super) async fn recover(app: &Arc<App>, policy: Interrupted) -> anyhow::Resu
         let crash_loop = run.resumed >= MAX_RESUMES;
         match (policy, plan) {
             (Interrupted::Resume, Some(plan)) if !crash_loop => {
-                let reuse = replay::reuse(&plan, &run, None, &app.engine.secrets())
-                    .map_err(anyhow::Error::msg)?;
+                let (input, reuse) = again(app, &plan, &run).map_err(anyhow::Error::msg)?;
                 tracing::info!(target: "fmhost::serve", run_id = %start.run_id, reused = reuse.outputs.len(), "resuming interrupted run {} of {} ({} completed stage(s) kept)", start.run_id, plan.name, reuse.outputs.len());
                 app.journal.record(crate::journal::Record::RunResumed {
                     run_id: start.run_id.clone(),
                 });
                 let app2 = app.clone();
-                let input = app.engine.secrets().restore(&run.input);
                 // A schedule or poll sees its resumed run as running.
                 let guard = app.trigger_guard(&start);
                 app.tracker.spawn(async move {
