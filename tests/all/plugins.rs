@@ -309,10 +309,8 @@ async fn duplicate_plugin_names_name_both_files_and_the_cache_is_reused() {
             .unwrap()
             .map(|e| e.unwrap().path())
             .filter(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with(&hash[..32])
+                let name = p.file_name().unwrap().to_string_lossy().to_string();
+                name.starts_with(&hash[..32]) && name.ends_with(".cwasm")
             })
             .collect::<Vec<_>>()
     };
@@ -336,6 +334,67 @@ async fn duplicate_plugin_names_name_both_files_and_the_cache_is_reused() {
             .unwrap(),
         before,
         "not recompiled"
+    );
+
+    // Beside it, what the component described itself as: a run that names no plugin
+    // loads none, yet every file on the path is still known by name, so the duplicate
+    // is still refused, now from the cache.
+    let described: Vec<_> = std::fs::read_dir(cache.join("components"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(&hash[..32]) && n.ends_with(".describe.json"))
+        .collect();
+    assert_eq!(described.len(), 1, "{described:?}");
+    let p = support::write_json(
+        &dir,
+        "logs.json",
+        &json!({"name": "logs", "stages": [{"id": "a", "component": "logger", "config": {"message": "x"}}]}),
+    );
+    let mut cmd = support::fmhost();
+    cmd.env("FMHOST_CACHE_DIR", &cache)
+        .current_dir(&dir)
+        .arg("run")
+        .arg(&p)
+        .args(["--no-journal", "--plugins"])
+        .arg(&a)
+        .arg("--plugins")
+        .arg(&b);
+    let ran: support::Ran = support::output(cmd).await.into();
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("two plugins are named \"stripe\""),
+        "{}",
+        ran.stderr
+    );
+    // With one of them, the run goes ahead; a pipeline naming the plugin gets it
+    // (here: a config the plugin's cached schema refuses, found before any run).
+    let mut cmd = support::fmhost();
+    cmd.env("FMHOST_CACHE_DIR", &cache)
+        .current_dir(&dir)
+        .arg("run")
+        .arg(&p)
+        .args(["--no-journal", "--plugins"])
+        .arg(&a);
+    let ran: support::Ran = support::output(cmd).await.into();
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let p = support::write_json(
+        &dir,
+        "charge.json",
+        &json!({"name": "charge", "stages": [{"id": "s", "component": "stripe", "config": {"no_such_field": 1}}]}),
+    );
+    let mut cmd = support::fmhost();
+    cmd.env("FMHOST_CACHE_DIR", &cache)
+        .current_dir(&dir)
+        .arg("run")
+        .arg(&p)
+        .args(["--no-journal", "--plugins"])
+        .arg(&a);
+    let ran: support::Ran = support::output(cmd).await.into();
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("stage \"s\"") && !ran.stderr.contains("unknown component"),
+        "{}",
+        ran.stderr
     );
 
     let junk = dir.join("junk");

@@ -413,8 +413,25 @@ pub fn main() -> ExitCode {
 
 /// The built-ins plus every plugin found on the search path.
 async fn registry(args: &PluginArgs) -> Result<Registry, String> {
+    registry_of(args, None).await
+}
+
+/// The built-ins plus the plugins of the search path named in `wanted` (canonical
+/// names), or all of them.
+async fn registry_of(
+    args: &PluginArgs,
+    wanted: Option<&std::collections::BTreeSet<String>>,
+) -> Result<Registry, String> {
     let mut registry = Registry::builtins();
-    for p in discover(args).await? {
+    let runtime = cli_runtime(args.policy.as_deref())?;
+    let found = match wanted {
+        None => runtime.discover(&args.plugins).await,
+        Some(names) => {
+            let wanted = |name: &str| names.contains(&crate::component::canonical_name(name));
+            runtime.discover_wanted(&args.plugins, &wanted).await
+        }
+    };
+    for p in found.map_err(|e| plugin_errors(&e))? {
         if registry.get(&p.name).is_some() {
             return Err(format!(
                 "plugin {}: \"{}\" is the name of a built-in component",
@@ -439,13 +456,19 @@ fn cli_runtime(policy: Option<&Path>) -> Result<Arc<PluginRuntime>, String> {
 
 async fn discover(args: &PluginArgs) -> Result<Vec<Arc<Plugin>>, String> {
     let runtime = cli_runtime(args.policy.as_deref())?;
-    runtime.discover(&args.plugins).await.map_err(|errors| {
-        errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\nerror: ")
-    })
+    runtime
+        .discover(&args.plugins)
+        .await
+        .map_err(|e| plugin_errors(&e))
+}
+
+/// Every problem of a plugin search, one `error:` line each.
+fn plugin_errors(errors: &[crate::plugin::PluginError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\nerror: ")
 }
 
 fn plugin_json(p: &Plugin) -> Value {
@@ -753,6 +776,31 @@ async fn plugins(cmd: PluginsCommand, state: &Path) -> u8 {
     }
 }
 
+/// Compiles the pipeline at `path` with a registry of the built-ins and only the
+/// plugins it names; a pipeline with a problem is compiled again with every plugin
+/// known, so its diagnostics (suggested names) are those of the whole search path.
+async fn registry_and_plan(
+    args: &PluginArgs,
+    path: &Path,
+) -> Result<(Registry, pipeline::Plan), u8> {
+    let failed = |e: String| {
+        eprintln!("error: {e}");
+        EXIT_INVALID
+    };
+    let named = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| pipeline::components_named(&text));
+    if let Some(names) = named {
+        let registry = registry_of(args, Some(&names)).await.map_err(failed)?;
+        if let Ok(plan) = pipeline::load(path, &registry) {
+            return Ok((registry, plan));
+        }
+    }
+    let registry = registry(args).await.map_err(failed)?;
+    let plan = load_plan(path, &registry)?;
+    Ok((registry, plan))
+}
+
 fn load_plan(path: &Path, registry: &Registry) -> Result<pipeline::Plan, u8> {
     pipeline::load(path, registry).map_err(|e| {
         for line in e.lines() {
@@ -804,15 +852,8 @@ async fn validate(args: ValidateArgs) -> u8 {
 }
 
 async fn graph(args: GraphArgs) -> u8 {
-    let registry = match registry(&args.plugins).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_INVALID;
-        }
-    };
-    let plan = match load_plan(&args.pipeline, &registry) {
-        Ok(plan) => plan,
+    let plan = match registry_and_plan(&args.plugins, &args.pipeline).await {
+        Ok((_, plan)) => plan,
         Err(code) => return code,
     };
     let dag = crate::draw::dag(&plan);
@@ -882,15 +923,8 @@ async fn secrets_cmd(cmd: SecretsCommand) -> u8 {
         plugins,
         json,
     } = cmd;
-    let registry = match registry(&plugins).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_INVALID;
-        }
-    };
-    let plan = match load_plan(&pipeline, &registry) {
-        Ok(plan) => plan,
+    let plan = match registry_and_plan(&plugins, &pipeline).await {
+        Ok((_, plan)) => plan,
         Err(code) => return code,
     };
     let loaded = match Secrets::load(secrets.as_deref()) {
@@ -1092,15 +1126,8 @@ fn report_outcome(
 }
 
 async fn run(args: RunArgs, state: &Path) -> u8 {
-    let registry = match registry(&args.plugins).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_INVALID;
-        }
-    };
-    let plan = match load_plan(&args.pipeline, &registry) {
-        Ok(p) => Arc::new(p),
+    let (registry, plan) = match registry_and_plan(&args.plugins, &args.pipeline).await {
+        Ok((r, p)) => (r, Arc::new(p)),
         Err(code) => return code,
     };
     let input = match read_input(&args) {

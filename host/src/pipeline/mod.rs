@@ -78,6 +78,31 @@ impl LoadError {
     }
 }
 
+/// The canonical names of every component a pipeline document names, wherever a
+/// `component` or `component_type` appears in it, so a one-run command can load only
+/// those plugins. `None` when that cannot be known from the document alone: it is not
+/// JSON, or it runs a sub-pipeline (whose components are known once that is loaded).
+pub fn components_named(text: &str) -> Option<std::collections::BTreeSet<String>> {
+    fn walk(v: &Value, names: &mut std::collections::BTreeSet<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    if let ("component" | "component_type", Value::String(name)) = (k.as_str(), v) {
+                        names.insert(crate::component::canonical_name(name));
+                    }
+                    walk(v, names);
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, names)),
+            _ => {}
+        }
+    }
+    let doc: Value = serde_json::from_str(text).ok()?;
+    let mut names = std::collections::BTreeSet::new();
+    walk(&doc, &mut names);
+    (!names.contains("subpipeline")).then_some(names)
+}
+
 /// Reads and compiles a pipeline file.
 pub fn load(path: &Path, registry: &Registry) -> Result<Plan, LoadError> {
     load_from(path, registry, &[])

@@ -1,5 +1,7 @@
 //! Compiled components cached on disk, keyed by content hash and engine settings,
-//! so a second `fmhost run` deserialises instead of compiling.
+//! so a second `fmhost run` deserialises instead of compiling; beside each, what the
+//! component said of itself in `describe()`, so a command can know every plugin's name
+//! on its search path without deserialising or instantiating any of them.
 
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
@@ -67,6 +69,50 @@ impl CompileCache {
         }
         // SAFETY: `compiled` was just produced by this engine.
         unsafe { Component::deserialize(engine, &compiled) }
+    }
+}
+
+/// A component's `describe()`, as the host accepted it at load (see `load_bytes`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Described {
+    pub name: String,
+    pub version: String,
+    /// What it describes itself as: `transform` or `connector`.
+    pub kind: super::World,
+    pub description: String,
+    /// JSON text; "" for none.
+    pub config_schema: String,
+    pub allowed_hosts: Vec<String>,
+}
+
+impl CompileCache {
+    fn described_path(&self, hash: &str) -> Option<PathBuf> {
+        let dir = self.dir.as_ref()?;
+        Some(dir.join(format!(
+            "{}-{:016x}.describe.json",
+            &hash[..32],
+            self.engine_key
+        )))
+    }
+
+    /// The descriptor stored for the component with this hash by a load that accepted
+    /// it, under this engine and fmhost version; `None` when there is none (or it is
+    /// unreadable: the component is then loaded and described again).
+    pub fn described(&self, hash: &str) -> Option<Described> {
+        let bytes = std::fs::read(self.described_path(hash)?).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn store_described(&self, hash: &str, d: &Described) {
+        let (Some(dir), Some(path)) = (&self.dir, self.described_path(hash)) else {
+            return;
+        };
+        let Ok(text) = serde_json::to_vec(d) else {
+            return;
+        };
+        if let Err(e) = write_atomically(dir, &path, &text) {
+            tracing::warn!(target: "fmhost::plugin", dir = %dir.display(), "cannot write the compile cache: {e}");
+        }
     }
 }
 

@@ -192,26 +192,45 @@ impl Maker {
         input: String,
     ) -> Result<Outcome, String> {
         let mut spare = spares.take();
-        if self.transform && spare.is_some() && spares.trusted() {
+        // A spare, else a free pool place to instantiate in on this thread.
+        let inline = match (self.transform && spares.trusted(), spare.take()) {
+            (false, s) => {
+                spare = s;
+                None
+            }
+            (true, Some(f)) => Some(Ok(f)),
+            (true, None) => self.runtime.slots.clone().try_acquire_owned().ok().map(Err),
+        };
+        if let Some(source) = inline {
             // Called inline, on the stage's own thread: no hand-off there and back. The
-            // guest keeps the thread at most until its first epoch yield (one tick);
-            // if it has not finished by then it goes on on the plugin threads, and this
-            // version must earn its inline calls again, twice as long as before.
-            let mut fresh = spare.take().expect("checked above");
-            fresh.store.data_mut().bind(call);
-            fresh.store.set_epoch_deadline(1);
+            // guest (and its instantiation, when there was no spare: a component may
+            // run start functions then) keeps the thread at most until its first epoch
+            // yield (one tick); if it has not finished by then it goes on on the plugin
+            // threads, and this version must earn its inline calls again, twice as long
+            // as before.
+            let maker = self.clone();
             let mut run = Box::pin(async move {
+                let mut fresh = match source {
+                    Ok(f) => f,
+                    Err(slot) => maker
+                        .make(slot)
+                        .await
+                        .map_err(|e| format!("cannot be instantiated: {}", super::chain(&e)))?,
+                };
+                fresh.store.data_mut().bind(call);
+                fresh.store.set_epoch_deadline(1);
                 let result = fresh
                     .bindings
                     .fmhost_plugin_plugin()
                     .call_invoke(&mut fresh.store, &config, &input)
                     .await;
-                (fresh, result)
+                Ok((fresh, result))
             });
+            let started = std::time::Instant::now();
             let first = futures::poll!(run.as_mut());
             let (maker, spares) = (self.clone(), spares.clone());
             return match first {
-                std::task::Poll::Ready((fresh, result)) => {
+                std::task::Poll::Ready(Ok((fresh, result))) => {
                     let outcome = Outcome::of(fresh.store.data(), result);
                     // The instance's teardown and the next spare are the plugin
                     // threads' work, not this stage's.
@@ -221,11 +240,19 @@ impl Maker {
                     });
                     Ok(outcome)
                 }
+                std::task::Poll::Ready(Err(why)) => Err(why),
                 std::task::Poll::Pending => {
-                    spares.demote();
-                    tracing::info!(target: "fmhost::plugin", plugin = &*maker.plugin,
-                        "{}: an inline call did not finish within one epoch tick; it runs on the plugin threads from now on", maker.plugin);
-                    on_plugin_threads(spares, maker, async move { Ok(run.await) }).await
+                    // The tick is a global clock: a quick call can meet it a moment
+                    // after it began. One that met it within `FAST` must only earn its
+                    // inline calls again; one that was slow as well is demoted.
+                    if started.elapsed() > FAST {
+                        spares.demote();
+                        tracing::info!(target: "fmhost::plugin", plugin = &*maker.plugin,
+                            "{}: an inline call did not finish within one epoch tick; it runs on the plugin threads from now on", maker.plugin);
+                    } else {
+                        spares.streak.store(0, Ordering::Relaxed);
+                    }
+                    on_plugin_threads(spares, maker, run).await
                 }
             };
         }

@@ -73,7 +73,7 @@ pub enum PluginError {
 }
 
 /// Which world a component was built against, judged by its imports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum World {
     Transform,
@@ -287,6 +287,19 @@ impl PluginRuntime {
         bytes: &[u8],
     ) -> Result<Plugin, PluginError> {
         let hash = content_hash(bytes);
+        let described = self.cache.described(&hash);
+        self.load_hashed(path, bytes, hash, described).await
+    }
+
+    /// Loads a component whose hash is known; `described` is its cached `describe()`,
+    /// which saves instantiating it (every check below is made either way).
+    async fn load_hashed(
+        self: &Arc<Self>,
+        path: &Path,
+        bytes: &[u8],
+        hash: String,
+        described: Option<cache::Described>,
+    ) -> Result<Plugin, PluginError> {
         // Refuse what fmhost never grants before paying for a compile (seconds for a
         // large component, such as a JavaScript one that bundles an engine).
         if let Some(http) = top_level_imports(bytes)
@@ -351,34 +364,12 @@ impl PluginRuntime {
             )
         })?;
 
-        let mut state = PluginState::new(Arc::from("?"), self.memory_limit);
-        state.cpu_deadline = Instant::now() + DESCRIBE_DEADLINE;
-        let store = self.store(state);
-        let describe_pre = pre.clone();
-        let mut held = Held {
-            _slot: self.instance_slot().await,
-            store,
+        let fresh = described.is_none();
+        let d = match described {
+            Some(d) => d,
+            None => self.describe(path, &pre).await?,
         };
-        let task = executor().spawn(async move {
-            let store = &mut held.store;
-            let instance = describe_pre
-                .instantiate_async(&mut *store)
-                .await
-                .map_err(|e| format!("cannot be instantiated: {}", chain(&e)))?;
-            instance
-                .fmhost_plugin_plugin()
-                .call_describe(&mut *store)
-                .await
-                .map_err(|e| format!("describe() failed: {}", chain(&e)))
-        });
-        let d = tokio_util::task::AbortOnDropHandle::new(task)
-            .await
-            .map_err(|e| load_err(path, format!("describe() did not finish: {e}")))?
-            .map_err(|e| load_err(path, e))?;
-        let kind = match d.kind {
-            bindings::PluginKind::Transform => World::Transform,
-            bindings::PluginKind::Connector => World::Connector,
-        };
+        let kind = d.kind;
         if kind == World::Transform && world == World::Connector {
             return Err(load_err(
                 path,
@@ -388,33 +379,7 @@ impl PluginRuntime {
                 ),
             ));
         }
-        if d.name.is_empty()
-            || d.name.len() > 64
-            || !d
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(load_err(
-                path,
-                format!(
-                    "describe() gave an invalid name {:?}: use letters, digits, '-' and '_'",
-                    d.name
-                ),
-            ));
-        }
-        if crate::component::Registry::builtins()
-            .get(&d.name)
-            .is_some()
-        {
-            return Err(load_err(
-                path,
-                format!(
-                    "\"{}\" is the name of a built-in component; a plugin cannot take it",
-                    d.name
-                ),
-            ));
-        }
+        check_name(path, &d.name)?;
         let (config_schema, validator) = if d.config_schema.trim().is_empty() {
             (None, None)
         } else {
@@ -439,6 +404,9 @@ impl PluginRuntime {
                 ));
             }
         }
+        if fresh {
+            self.cache.store_described(&hash, &d);
+        }
         let maker = instance::Maker {
             plugin: Arc::from(d.name.as_str()),
             transform: kind == World::Transform,
@@ -460,6 +428,49 @@ impl PluginRuntime {
             pre,
             runtime: self.clone(),
             spares: instance::Spares::new(),
+        })
+    }
+
+    /// Instantiates a component once to ask it what it is.
+    async fn describe(
+        &self,
+        path: &Path,
+        pre: &bindings::ConnectorPre<PluginState>,
+    ) -> Result<cache::Described, PluginError> {
+        let mut state = PluginState::new(Arc::from("?"), self.memory_limit);
+        state.cpu_deadline = Instant::now() + DESCRIBE_DEADLINE;
+        let store = self.store(state);
+        let describe_pre = pre.clone();
+        let mut held = Held {
+            _slot: self.instance_slot().await,
+            store,
+        };
+        let task = executor().spawn(async move {
+            let store = &mut held.store;
+            let instance = describe_pre
+                .instantiate_async(&mut *store)
+                .await
+                .map_err(|e| format!("cannot be instantiated: {}", chain(&e)))?;
+            instance
+                .fmhost_plugin_plugin()
+                .call_describe(&mut *store)
+                .await
+                .map_err(|e| format!("describe() failed: {}", chain(&e)))
+        });
+        let d = tokio_util::task::AbortOnDropHandle::new(task)
+            .await
+            .map_err(|e| load_err(path, format!("describe() did not finish: {e}")))?
+            .map_err(|e| load_err(path, e))?;
+        Ok(cache::Described {
+            name: d.name,
+            version: d.version,
+            kind: match d.kind {
+                bindings::PluginKind::Transform => World::Transform,
+                bindings::PluginKind::Connector => World::Connector,
+            },
+            description: d.description,
+            config_schema: d.config_schema,
+            allowed_hosts: d.allowed_hosts,
         })
     }
 
@@ -487,7 +498,7 @@ impl PluginRuntime {
         self: &Arc<Self>,
         explicit: &[PathBuf],
     ) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
-        self.discover_with(explicit, true).await
+        self.discover_with(explicit, true, None).await
     }
 
     /// Finds plugins: each `--plugins` dir, then `FMHOST_PLUGIN_PATH`, then `./target/plugins`.
@@ -496,13 +507,26 @@ impl PluginRuntime {
         self: &Arc<Self>,
         explicit: &[PathBuf],
     ) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
-        self.discover_with(explicit, false).await
+        self.discover_with(explicit, false, None).await
+    }
+
+    /// Like [`discover`](Self::discover), but loads only the plugins whose names `wanted`
+    /// accepts. Every file on the path is still checked against the others (duplicates,
+    /// clashes, built-in names): a file whose `describe()` is in the compile cache is
+    /// known by it without being deserialised or instantiated.
+    pub async fn discover_wanted(
+        self: &Arc<Self>,
+        explicit: &[PathBuf],
+        wanted: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
+        self.discover_with(explicit, false, Some(wanted)).await
     }
 
     async fn discover_with(
         self: &Arc<Self>,
         explicit: &[PathBuf],
         newest_wins: bool,
+        wanted: Option<&(dyn Fn(&str) -> bool + Sync)>,
     ) -> Result<Vec<Arc<Plugin>>, Vec<PluginError>> {
         let mut dirs: Vec<(PathBuf, bool)> = explicit.iter().map(|d| (d.clone(), true)).collect();
         if let Some(path) = std::env::var_os("FMHOST_PLUGIN_PATH") {
@@ -511,7 +535,7 @@ impl PluginRuntime {
         dirs.push((PathBuf::from("target/plugins"), false));
         let mut errors = Vec::new();
         let mut seen_dirs = Vec::new();
-        let mut plugins: Vec<Arc<Plugin>> = Vec::new();
+        let mut found: Vec<Found> = Vec::new();
         for (dir, explicit) in dirs {
             let canonical = dir.canonicalize().unwrap_or_else(|_| dir.clone());
             if seen_dirs.contains(&canonical) {
@@ -535,47 +559,121 @@ impl PluginRuntime {
                 .collect();
             files.sort();
             for file in files {
-                match self.load_file(&file).await {
-                    Ok(p) => {
-                        let mtime =
-                            |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                        let canonical = crate::component::canonical_name(&p.name);
-                        let clash = plugins.iter().find(|q| {
-                            q.name != p.name
-                                && crate::component::canonical_name(&q.name) == canonical
-                        });
-                        if let Some(other) = clash {
-                            errors.push(PluginError::Clash {
-                                first: format!("\"{}\" ({})", other.name, other.path.display()),
-                                second: format!("\"{}\" ({})", p.name, file.display()),
-                            });
-                        } else if let Some(i) = plugins
-                            .iter()
-                            .position(|q| q.name == p.name)
-                            .filter(|_| newest_wins)
-                        {
-                            if mtime(&p.path) > mtime(&plugins[i].path) {
-                                tracing::info!(target: "fmhost::plugin", "{}: {} is newer than {}; using it", p.name, p.path.display(), plugins[i].path.display());
-                                plugins[i] = Arc::new(p);
+                let bytes = match std::fs::read(&file) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        errors.push(load_err(&file, e.to_string()));
+                        continue;
+                    }
+                };
+                let hash = content_hash(&bytes);
+                let described = self.cache.described(&hash);
+                let p = match (wanted, described) {
+                    (Some(_), Some(d)) => match check_name(&file, &d.name) {
+                        Ok(()) => Found::Described {
+                            d,
+                            path: file,
+                            bytes,
+                            hash,
+                        },
+                        Err(e) => {
+                            errors.push(e);
+                            continue;
+                        }
+                    },
+                    (_, described) => {
+                        match self.load_hashed(&file, &bytes, hash, described).await {
+                            Ok(p) => Found::Loaded(Arc::new(p)),
+                            Err(e) => {
+                                errors.push(e);
+                                continue;
                             }
-                        } else if let Some(first) = plugins.iter().find(|q| q.name == p.name) {
-                            errors.push(PluginError::Duplicate {
-                                name: p.name.clone(),
-                                first: first.path.display().to_string(),
-                                second: file.display().to_string(),
-                            });
-                        } else {
-                            plugins.push(Arc::new(p));
                         }
                     }
-                    Err(e) => errors.push(e),
+                };
+                let mtime = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                let canonical = crate::component::canonical_name(p.name());
+                let clash = found.iter().find(|q| {
+                    q.name() != p.name() && crate::component::canonical_name(q.name()) == canonical
+                });
+                if let Some(other) = clash {
+                    errors.push(PluginError::Clash {
+                        first: format!("\"{}\" ({})", other.name(), other.path().display()),
+                        second: format!("\"{}\" ({})", p.name(), p.path().display()),
+                    });
+                } else if let Some(i) = found
+                    .iter()
+                    .position(|q| q.name() == p.name())
+                    .filter(|_| newest_wins)
+                {
+                    if mtime(p.path()) > mtime(found[i].path()) {
+                        tracing::info!(target: "fmhost::plugin", "{}: {} is newer than {}; using it", p.name(), p.path().display(), found[i].path().display());
+                        found[i] = p;
+                    }
+                } else if let Some(first) = found.iter().find(|q| q.name() == p.name()) {
+                    errors.push(PluginError::Duplicate {
+                        name: p.name().to_string(),
+                        first: first.path().display().to_string(),
+                        second: p.path().display().to_string(),
+                    });
+                } else {
+                    found.push(p);
                 }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut plugins = Vec::new();
+        for p in found {
+            if !wanted.is_none_or(|w| w(p.name())) {
+                continue;
+            }
+            match p {
+                Found::Loaded(p) => plugins.push(p),
+                Found::Described {
+                    d,
+                    path,
+                    bytes,
+                    hash,
+                } => match self.load_hashed(&path, &bytes, hash, Some(d)).await {
+                    Ok(p) => plugins.push(Arc::new(p)),
+                    Err(e) => errors.push(e),
+                },
             }
         }
         if errors.is_empty() {
             Ok(plugins)
         } else {
             Err(errors)
+        }
+    }
+}
+
+/// A plugin file on the search path: loaded, or known by its cached `describe()` until
+/// a command needs it.
+enum Found {
+    Loaded(Arc<Plugin>),
+    Described {
+        d: cache::Described,
+        path: PathBuf,
+        bytes: Vec<u8>,
+        hash: String,
+    },
+}
+
+impl Found {
+    fn name(&self) -> &str {
+        match self {
+            Found::Loaded(p) => &p.name,
+            Found::Described { d, .. } => &d.name,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Found::Loaded(p) => &p.path,
+            Found::Described { path, .. } => path,
         }
     }
 }
@@ -680,6 +778,28 @@ pub(crate) fn executor() -> &'static tokio::runtime::Handle {
             .expect("the plugin threads start")
     })
     .handle()
+}
+
+/// A plugin's name must be one pipelines can write and no built-in's.
+fn check_name(path: &Path, name: &str) -> Result<(), PluginError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(load_err(
+            path,
+            format!("describe() gave an invalid name {name:?}: use letters, digits, '-' and '_'"),
+        ));
+    }
+    if crate::component::Registry::builtins().get(name).is_some() {
+        return Err(load_err(
+            path,
+            format!("\"{name}\" is the name of a built-in component; a plugin cannot take it"),
+        ));
+    }
+    Ok(())
 }
 
 fn load_err(path: &Path, message: String) -> PluginError {
