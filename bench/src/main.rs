@@ -578,48 +578,49 @@ async fn main() {
         )
         .unwrap();
         let server = serve(&dir);
-        std::fs::write(dir.join("post.lua"), format!("wrk.method = \"POST\"\nwrk.body = '{{\"n\": 1}}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer {BENCH_TOKEN}\"\n")).unwrap();
-        let wrk = Command::new("wrk")
-            .args(["-t2", "-c32", &format!("-d{}s", secs), "--latency", "-s"])
-            .arg(dir.join("post.lua"))
-            .arg(format!("{}/v1/pipelines/one/runs", server.1))
-            .output();
-        match wrk {
-            Ok(o) if o.status.success() => out.insert(
-                "serve_run_wrk".into(),
-                parse_wrk(&String::from_utf8_lossy(&o.stdout)),
-            ),
-            _ => out.insert(
-                "serve_run_wrk".into(),
-                json!({"skipped": "wrk is not installed (apt-get install wrk)"}),
-            ),
+        // A separate process, as a client on another machine would be; on these two
+        // cores it takes one of them (one runtime thread), the server has the rest.
+        let generate = |path: &str, args: &[&str]| -> Value {
+            let o = Command::new(bin("fmhost-load"))
+                .arg(format!("{}{path}", server.1))
+                .args(["--connections", "32", "--seconds", &secs.to_string()])
+                .args(args)
+                .output()
+                .expect("fmhost-load is built with the bench binaries");
+            assert!(
+                o.status.success(),
+                "fmhost-load: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let v: Value = serde_json::from_slice(&o.stdout).expect("fmhost-load prints JSON");
+            assert_eq!(
+                v["unexpected"], 0,
+                "fmhost-load got unexpected answers: {v}"
+            );
+            v
         };
+        let auth = format!("Authorization: Bearer {BENCH_TOKEN}");
+        out.insert(
+            "serve_run".into(),
+            generate(
+                "/v1/pipelines/one/runs",
+                &[
+                    "--body",
+                    r#"{"n": 1}"#,
+                    "--header",
+                    &auth,
+                    "--expect",
+                    "200",
+                ],
+            ),
+        );
         // Webhooks: every delivery unique and signed, so each is verified, fsync'd and run.
-        let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (c, u) = (client.clone(), server.1.clone());
         out.insert(
             "serve_webhook".into(),
-            load(32, Duration::from_secs(secs), move || {
-                let (c, u, counter) = (c.clone(), u.clone(), counter.clone());
-                async move {
-                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let body = json!({"n": n}).to_string();
-                    let sig = fmhost::serve::webhooks::github_signature(
-                        "bench-hook-secret",
-                        body.as_bytes(),
-                    );
-                    let r = c
-                        .post(format!("{u}/hooks/one"))
-                        .header("X-Hub-Signature-256", sig)
-                        .header("X-GitHub-Delivery", format!("d-{n}"))
-                        .body(body)
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status(), 202);
-                }
-            })
-            .await,
+            generate(
+                "/hooks/one",
+                &["--github-secret", "bench-hook-secret", "--expect", "202"],
+            ),
         );
     }
 
@@ -719,25 +720,4 @@ async fn main() {
         "{}",
         serde_json::to_string_pretty(&Value::Object(out)).unwrap()
     );
-}
-
-fn parse_wrk(text: &str) -> Value {
-    let field = |prefix: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
-    };
-    let to_ms = |s: String| -> f64 {
-        let (num, unit) = s.split_at(s.find(|c: char| c.is_alphabetic()).unwrap_or(s.len()));
-        let v: f64 = num.parse().unwrap_or(0.0);
-        match unit {
-            "us" => v / 1000.0,
-            "s" => v * 1000.0,
-            _ => v,
-        }
-    };
-    json!({
-        "requests_per_s": field("Requests/sec:").and_then(|s| s.parse::<f64>().ok()),
-        "p50_ms": field("50%").map(to_ms),
-        "p99_ms": field("99%").map(to_ms),
-    })
 }

@@ -641,24 +641,25 @@ async fn webhooks_verify_signatures_persist_and_run_once() {
     assert_eq!(dup.json::<Value>().await.unwrap()["duplicate"], true);
 
     let gh_body = json!({"action": "opened", "number": 7}).to_string();
-    let gh = |sig: &str| {
+    let gh = |sig: &str, delivery: &str| {
         client
             .post(format!("{}/hooks/github", server.url))
-            .header("X-GitHub-Delivery", "d-42")
+            .header("X-GitHub-Delivery", delivery.to_string())
             .header("X-Hub-Signature-256", sig.to_string())
             .body(gh_body.clone())
             .send()
     };
-    assert_eq!(gh("sha256=00").await.unwrap().status(), 401);
+    let gh_sig = fmhost::serve::webhooks::github_signature("gh-secret-98765", gh_body.as_bytes());
+    assert_eq!(gh("sha256=00", "d-42").await.unwrap().status(), 401);
+    assert_eq!(gh(&gh_sig, "d-42").await.unwrap().status(), 202);
+    // The same signed body re-sent under a new delivery id is the same delivery.
+    let again = gh(&gh_sig, "d-43").await.unwrap();
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
     assert_eq!(
-        gh(&fmhost::serve::webhooks::github_signature(
-            "gh-secret-98765",
-            gh_body.as_bytes()
-        ))
-        .await
-        .unwrap()
-        .status(),
-        202
+        (again["duplicate"].clone(), again["event_id"].clone()),
+        (json!(true), json!("d-42")),
+        "{again}"
     );
 
     let deadline = Instant::now() + Duration::from_secs(10);

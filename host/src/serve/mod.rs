@@ -126,7 +126,7 @@ struct App {
     draining: AtomicBool,
     /// Digests of signed deliveries accepted recently, per path: a signed body re-sent
     /// under a new delivery id within the signature's tolerance is the same delivery.
-    recent: std::sync::Mutex<HashMap<(String, String), (std::time::Instant, String)>>,
+    recent: std::sync::Mutex<Recent>,
     /// Runs started over the API and not finished; beyond `max_runs`, new ones get 429.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     max_runs: usize,
@@ -762,6 +762,39 @@ async fn start_run(
 
 /// Names taken from a request path (plugin names, run ids) are checked against a strict
 /// pattern before they are used anywhere, the filesystem included.
+/// The signed bodies accepted within their signature's tolerance: (path, digest) → the
+/// first delivery id and when it stops counting. Expired entries are swept at most once
+/// a second, so accepting a delivery costs the same with 100,000 in the window as with one.
+#[derive(Default)]
+struct Recent {
+    seen: HashMap<(String, String), (std::time::Instant, String)>,
+    swept: Option<std::time::Instant>,
+}
+
+impl Recent {
+    /// Signed bodies remembered at most: beyond them, a repeat is found by its event id.
+    const MAX: usize = 100_000;
+
+    fn first(&self, key: &(String, String)) -> Option<&str> {
+        let (until, first) = self.seen.get(key)?;
+        (*until > std::time::Instant::now()).then_some(first.as_str())
+    }
+
+    fn insert(&mut self, key: (String, String), window: Duration, event_id: &str) {
+        let now = std::time::Instant::now();
+        if self
+            .swept
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            self.seen.retain(|_, (until, _)| *until > now);
+            self.swept = Some(now);
+        }
+        if self.seen.len() < Self::MAX {
+            self.seen.insert(key, (now + window, event_id.to_string()));
+        }
+    }
+}
+
 fn checked_name(what: &str, name: &str) -> Result<(), Response> {
     let ok = !name.is_empty()
         && name.len() <= 128
@@ -1463,13 +1496,14 @@ async fn fallback(
     let digest = crate::plugin::content_hash(&body);
     let window = Duration::from_secs(trigger.tolerance_seconds);
     let key = (trigger.path.clone(), digest);
-    if let Some((at, first)) = app
+    let first = app
         .recent
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        && at.elapsed() < window
-        && *first != event_id
+        .first(&key)
+        .map(str::to_string);
+    if let Some(first) = first
+        && first != event_id
     {
         tracing::info!(target: "fmhost::serve", path = %trigger.path, "delivery {event_id} repeats the signed body of {first}; not run again");
         return Json(json!({"event_id": first, "duplicate": true})).into_response();
@@ -1501,11 +1535,10 @@ async fn fallback(
         Ok(false) => Json(json!({"event_id": event_id, "duplicate": true})).into_response(),
         Ok(true) => {
             {
-                let mut recent = app.recent.lock().unwrap_or_else(|e| e.into_inner());
-                recent.retain(|_, (at, _)| at.elapsed() < window);
-                if recent.len() < 100_000 {
-                    recent.insert(key, (std::time::Instant::now(), event_id.clone()));
-                }
+                app.recent
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, window, &event_id);
             }
             let run_id = delivery.run_id.clone();
             // Its run can be looked up as soon as the sender has the run id.
