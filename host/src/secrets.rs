@@ -200,6 +200,10 @@ struct MaskFinder {
 impl MaskFinder {
     /// Searches before the DFA is built.
     const DFA_AFTER: u32 = 4096;
+    /// Needle bytes beyond which the DFA is never built: its table grows with them
+    /// (states × byte classes), and a secrets file with thousands of long values would
+    /// make it tens of MiB; the NFA stays.
+    const DFA_MAX_NEEDLE_BYTES: usize = 64 << 10;
 
     fn new(needles: &[String]) -> Option<MaskFinder> {
         if needles.is_empty() {
@@ -226,10 +230,15 @@ impl MaskFinder {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if searches >= Self::DFA_AFTER {
             let dfa = self.dfa.get_or_init(|| {
-                aho_corasick::AhoCorasick::builder()
-                    .kind(Some(aho_corasick::AhoCorasickKind::DFA))
-                    .build(&self.needles)
-                    .ok()
+                let bytes: usize = self.needles.iter().map(String::len).sum();
+                (bytes <= Self::DFA_MAX_NEEDLE_BYTES)
+                    .then(|| {
+                        aho_corasick::AhoCorasick::builder()
+                            .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+                            .build(&self.needles)
+                            .ok()
+                    })
+                    .flatten()
             });
             if let Some(dfa) = dfa {
                 return dfa.is_match(text);
@@ -793,7 +802,10 @@ mod tests {
         for _ in 0..=MaskFinder::DFA_AFTER {
             assert!(!finder.is_match(b"nothing to see here"));
         }
-        assert!(matches!(finder.dfa.get(), Some(Some(_))), "the DFA is built");
+        assert!(
+            matches!(finder.dfa.get(), Some(Some(_))),
+            "the DFA is built"
+        );
         assert_eq!(s.redact(&text), masked);
         assert_eq!(s.clone().redact(&text), masked, "a clone shares the finder");
     }

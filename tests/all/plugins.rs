@@ -345,21 +345,24 @@ async fn duplicate_plugin_names_name_both_files_and_the_cache_is_reused() {
         .filter(|n| n.starts_with(&hash[..32]) && n.ends_with(".describe.json"))
         .collect();
     assert_eq!(described.len(), 1, "{described:?}");
+    let run = |pipeline: &std::path::Path, dirs: &[&std::path::Path]| {
+        let mut cmd = support::fmhost();
+        cmd.env("FMHOST_CACHE_DIR", &cache)
+            .current_dir(&dir)
+            .arg("run")
+            .arg(pipeline)
+            .arg("--no-journal");
+        for d in dirs {
+            cmd.arg("--plugins").arg(d);
+        }
+        async move { support::Ran::from(support::output(cmd).await) }
+    };
     let p = support::write_json(
         &dir,
         "logs.json",
         &json!({"name": "logs", "stages": [{"id": "a", "component": "logger", "config": {"message": "x"}}]}),
     );
-    let mut cmd = support::fmhost();
-    cmd.env("FMHOST_CACHE_DIR", &cache)
-        .current_dir(&dir)
-        .arg("run")
-        .arg(&p)
-        .args(["--no-journal", "--plugins"])
-        .arg(&a)
-        .arg("--plugins")
-        .arg(&b);
-    let ran: support::Ran = support::output(cmd).await.into();
+    let ran = run(&p, &[&a, &b]).await;
     assert_eq!(ran.code, 2, "{}", ran.stderr);
     assert!(
         ran.stderr.contains("two plugins are named \"stripe\""),
@@ -368,28 +371,14 @@ async fn duplicate_plugin_names_name_both_files_and_the_cache_is_reused() {
     );
     // With one of them, the run goes ahead; a pipeline naming the plugin gets it
     // (here: a config the plugin's cached schema refuses, found before any run).
-    let mut cmd = support::fmhost();
-    cmd.env("FMHOST_CACHE_DIR", &cache)
-        .current_dir(&dir)
-        .arg("run")
-        .arg(&p)
-        .args(["--no-journal", "--plugins"])
-        .arg(&a);
-    let ran: support::Ran = support::output(cmd).await.into();
+    let ran = run(&p, &[&a]).await;
     assert_eq!(ran.code, 0, "{}", ran.stderr);
     let p = support::write_json(
         &dir,
         "charge.json",
         &json!({"name": "charge", "stages": [{"id": "s", "component": "stripe", "config": {"no_such_field": 1}}]}),
     );
-    let mut cmd = support::fmhost();
-    cmd.env("FMHOST_CACHE_DIR", &cache)
-        .current_dir(&dir)
-        .arg("run")
-        .arg(&p)
-        .args(["--no-journal", "--plugins"])
-        .arg(&a);
-    let ran: support::Ran = support::output(cmd).await.into();
+    let ran = run(&p, &[&a]).await;
     assert_eq!(ran.code, 2, "{}", ran.stderr);
     assert!(
         ran.stderr.contains("stage \"s\"") && !ran.stderr.contains("unknown component"),

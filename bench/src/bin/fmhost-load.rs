@@ -75,15 +75,21 @@ fn options() -> Options {
 }
 
 /// One connection's loop: its latencies in µs and the answers that were not `expect`.
-async fn connection(o: Arc<Options>, counter: Arc<AtomicU64>, until: Instant) -> (Vec<u32>, u64) {
-    let authority = o.url.authority().expect("an http URL has one").clone();
+async fn connection(
+    o: Arc<Options>,
+    counter: Arc<AtomicU64>,
+    until: Instant,
+) -> Result<(Vec<u32>, u64), String> {
+    let Some(authority) = o.url.authority().cloned() else {
+        return Err(format!("{}: no host:port", o.url));
+    };
     let stream = tokio::net::TcpStream::connect(authority.as_str())
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to {authority}: {e}"));
+        .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
     stream.set_nodelay(true).ok();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .expect("HTTP/1.1 handshake");
+        .map_err(|e| format!("{authority}: HTTP/1.1 handshake: {e}"))?;
     tokio::spawn(conn);
     let path = o
         .url
@@ -113,7 +119,7 @@ async fn connection(o: Arc<Options>, counter: Arc<AtomicU64>, until: Instant) ->
         let req = req
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
-            .expect("a valid request");
+            .map_err(|e| format!("cannot build the request: {e}"))?;
         let t = Instant::now();
         if sender.ready().await.is_err() {
             break;
@@ -129,7 +135,7 @@ async fn connection(o: Arc<Options>, counter: Arc<AtomicU64>, until: Instant) ->
             unexpected += 1;
         }
     }
-    (latencies, unexpected)
+    Ok((latencies, unexpected))
 }
 
 fn main() {
@@ -148,9 +154,16 @@ fn main() {
             .collect();
         let (mut all, mut unexpected) = (Vec::new(), 0);
         for t in tasks {
-            let (l, u) = t.await.expect("a connection's task");
-            all.extend(l);
-            unexpected += u;
+            match t.await.map_err(|e| e.to_string()).and_then(|r| r) {
+                Ok((l, u)) => {
+                    all.extend(l);
+                    unexpected += u;
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
+            }
         }
         let elapsed = start.elapsed().as_secs_f64();
         all.sort_unstable();

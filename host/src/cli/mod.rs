@@ -423,15 +423,7 @@ async fn registry_of(
     wanted: Option<&std::collections::BTreeSet<String>>,
 ) -> Result<Registry, String> {
     let mut registry = Registry::builtins();
-    let runtime = cli_runtime(args.policy.as_deref())?;
-    let found = match wanted {
-        None => runtime.discover(&args.plugins).await,
-        Some(names) => {
-            let wanted = |name: &str| names.contains(&crate::component::canonical_name(name));
-            runtime.discover_wanted(&args.plugins, &wanted).await
-        }
-    };
-    for p in found.map_err(|e| plugin_errors(&e))? {
+    for p in discover_of(args, wanted).await? {
         if registry.get(&p.name).is_some() {
             return Err(format!(
                 "plugin {}: \"{}\" is the name of a built-in component",
@@ -455,11 +447,24 @@ fn cli_runtime(policy: Option<&Path>) -> Result<Arc<PluginRuntime>, String> {
 }
 
 async fn discover(args: &PluginArgs) -> Result<Vec<Arc<Plugin>>, String> {
+    discover_of(args, None).await
+}
+
+/// The plugins of the search path named in `wanted` (canonical names), or all of them;
+/// every file is checked against the others either way.
+async fn discover_of(
+    args: &PluginArgs,
+    wanted: Option<&std::collections::BTreeSet<String>>,
+) -> Result<Vec<Arc<Plugin>>, String> {
     let runtime = cli_runtime(args.policy.as_deref())?;
-    runtime
-        .discover(&args.plugins)
-        .await
-        .map_err(|e| plugin_errors(&e))
+    let found = match wanted {
+        None => runtime.discover(&args.plugins).await,
+        Some(names) => {
+            let wanted = |name: &str| names.contains(&crate::component::canonical_name(name));
+            runtime.discover_wanted(&args.plugins, &wanted).await
+        }
+    };
+    found.map_err(|e| plugin_errors(&e))
 }
 
 /// Every problem of a plugin search, one `error:` line each.
