@@ -67,7 +67,11 @@ impl Outcome {
 /// A plugin version's spare instances, and its record of finishing fast.
 pub(crate) struct Spares {
     queue: Mutex<Vec<Fresh>>,
-    filling: AtomicBool,
+    /// Called instances waiting to be dropped, off the stage's path.
+    retired: Mutex<Vec<Fresh>>,
+    /// A plugin thread is dropping the retired and making spares: another call's
+    /// leftovers join its queue instead of waking a second thread.
+    tending: AtomicBool,
     want: usize,
     /// Calls in a row that finished within [`FAST`] on the plugin threads.
     streak: AtomicU32,
@@ -94,7 +98,8 @@ impl Spares {
             .min(64);
         Arc::new(Spares {
             queue: Mutex::new(Vec::new()),
-            filling: AtomicBool::new(false),
+            retired: Mutex::new(Vec::new()),
+            tending: AtomicBool::new(false),
             want,
             streak: AtomicU32::new(0),
             demotions: AtomicU32::new(0),
@@ -132,26 +137,59 @@ impl Spares {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Tops the spares up, on the plugin thread that calls it, unless another is
-    /// already at it. A spare takes a pool place only if one is free: spares never make
-    /// a stage wait.
-    async fn fill(&self, maker: &Maker) {
-        if self.want == 0 || self.filling.swap(true, Ordering::AcqRel) {
+    /// Hands a called instance over for teardown, and has the spares topped up, on a
+    /// plugin thread: one already at it takes this one too, so back-to-back calls wake
+    /// a thread once rather than once each.
+    fn retire(self: &Arc<Self>, fresh: Fresh, maker: &Maker) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(fresh);
+        if self.tending.swap(true, Ordering::AcqRel) {
             return;
         }
-        while self.len() < self.want {
-            let Ok(slot) = maker.runtime.slots.clone().try_acquire_owned() else {
-                break;
-            };
-            match maker.make(slot).await {
-                Ok(f) => self.queue.lock().unwrap_or_else(|e| e.into_inner()).push(f),
-                Err(e) => {
-                    tracing::debug!(target: "fmhost::plugin", plugin = &*maker.plugin, "a spare instance could not be made: {}", super::chain(&e));
+        let (spares, maker) = (self.clone(), maker.clone());
+        executor().spawn(async move { spares.tend(&maker).await });
+    }
+
+    /// Drops what is retired and makes spares until neither is wanted. A spare takes a
+    /// pool place only if one is free: spares never make a stage wait.
+    async fn tend(&self, maker: &Maker) {
+        loop {
+            loop {
+                let done =
+                    std::mem::take(&mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()));
+                if done.is_empty() {
                     break;
                 }
+                drop(done);
+            }
+            while self.want > self.len() && self.retired_is_empty() {
+                let Ok(slot) = maker.runtime.slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                match maker.make(slot).await {
+                    Ok(f) => self.queue.lock().unwrap_or_else(|e| e.into_inner()).push(f),
+                    Err(e) => {
+                        tracing::debug!(target: "fmhost::plugin", plugin = &*maker.plugin, "a spare instance could not be made: {}", super::chain(&e));
+                        break;
+                    }
+                }
+            }
+            self.tending.store(false, Ordering::Release);
+            // A call that retired an instance after the last look, and saw this
+            // thread still tending, left it here: take it, unless another thread has.
+            if self.retired_is_empty() || self.tending.swap(true, Ordering::AcqRel) {
+                return;
             }
         }
-        self.filling.store(false, Ordering::Release);
+    }
+
+    fn retired_is_empty(&self) -> bool {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 }
 
@@ -234,10 +272,7 @@ impl Maker {
                     let outcome = Outcome::of(fresh.store.data(), result);
                     // The instance's teardown and the next spare are the plugin
                     // threads' work, not this stage's.
-                    executor().spawn(async move {
-                        drop(fresh);
-                        spares.fill(&maker).await;
-                    });
+                    spares.retire(fresh, &maker);
                     Ok(outcome)
                 }
                 std::task::Poll::Ready(Err(why)) => Err(why),
@@ -307,8 +342,15 @@ async fn on_plugin_threads(
         match call.await {
             Ok((fresh, result)) => {
                 let _ = answer.send(Ok(Outcome::of(fresh.store.data(), result)));
-                drop(fresh);
-                spares.fill(&maker).await;
+                // Already on a plugin thread: tend here, unless another thread is.
+                spares
+                    .retired
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(fresh);
+                if !spares.tending.swap(true, Ordering::AcqRel) {
+                    spares.tend(&maker).await;
+                }
             }
             Err(why) => {
                 let _ = answer.send(Err(why));
