@@ -141,15 +141,20 @@ impl Spares {
     /// plugin thread: one already at it takes this one too, so back-to-back calls wake
     /// a thread once rather than once each.
     fn retire(self: &Arc<Self>, fresh: Fresh, maker: &Maker) {
+        if self.claim(fresh) {
+            let (spares, maker) = (self.clone(), maker.clone());
+            executor().spawn(async move { spares.tend(&maker).await });
+        }
+    }
+
+    /// Queues `fresh` for teardown; true when the caller is to [`tend`](Self::tend)
+    /// (no plugin thread is at it already).
+    fn claim(&self, fresh: Fresh) -> bool {
         self.retired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(fresh);
-        if self.tending.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let (spares, maker) = (self.clone(), maker.clone());
-        executor().spawn(async move { spares.tend(&maker).await });
+        !self.tending.swap(true, Ordering::AcqRel)
     }
 
     /// Drops what is retired and makes spares until neither is wanted. A spare takes a
@@ -343,12 +348,7 @@ async fn on_plugin_threads(
             Ok((fresh, result)) => {
                 let _ = answer.send(Ok(Outcome::of(fresh.store.data(), result)));
                 // Already on a plugin thread: tend here, unless another thread is.
-                spares
-                    .retired
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(fresh);
-                if !spares.tending.swap(true, Ordering::AcqRel) {
+                if spares.claim(fresh) {
                     spares.tend(&maker).await;
                 }
             }
