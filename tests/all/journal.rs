@@ -38,14 +38,6 @@ async fn fmhost(state: &Path, args: &[&str]) -> Ran {
     support::output(cmd).await.into()
 }
 
-fn journal_bytes(state: &Path) -> Vec<u8> {
-    let mut all = Vec::new();
-    for f in ["journal.db", "journal.db-wal"] {
-        all.extend(std::fs::read(state.join(f)).unwrap_or_default());
-    }
-    all
-}
-
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
@@ -177,7 +169,7 @@ async fn a_failed_run_is_dead_lettered_retried_once_fixed_and_replayed_from_a_mi
 
     // Secrets are never written, even when a vendor echoes one back.
     assert!(
-        !contains(&journal_bytes(&state), TOKEN),
+        !contains(&support::journal_text(&state), TOKEN),
         "the token is in the journal"
     );
     assert_eq!(
@@ -303,7 +295,7 @@ async fn a_failed_run_is_dead_lettered_retried_once_fixed_and_replayed_from_a_mi
     );
     let open = fmhost(&state, &["dlq", "list", "--json"]).await.json();
     assert_eq!(open, json!([]), "both entries resolved");
-    assert!(!contains(&journal_bytes(&state), TOKEN));
+    assert!(!contains(&support::journal_text(&state), TOKEN));
 }
 
 #[tokio::test]
@@ -325,6 +317,30 @@ async fn a_corrupt_or_locked_journal_is_refused_with_a_clear_error() {
 
     let secrets = support::write_json(&dir, "secrets.json", &json!({"ORDERS_TOKEN": TOKEN}));
     let secrets = secrets.to_str().unwrap();
+
+    // A PostgreSQL journal that cannot be reached, or a journal URL of another kind:
+    // named (its password masked), and nothing runs.
+    for (url, says) in [
+        ("postgres://fmhost:hunter2@127.0.0.1:1/journal", "cannot connect"),
+        ("mysql://127.0.0.1/journal", "must be a postgres://"),
+    ] {
+        for args in [
+            vec!["--journal", url, "run", p, "--input-json", &input, "--secrets", secrets],
+            vec!["--journal", url, "runs", "list"],
+        ] {
+            let ran = fmhost(&dir.join("unreachable"), &args).await;
+            assert_eq!(ran.code, 1, "{args:?}: {}", ran.stderr);
+            assert!(ran.stderr.contains("127.0.0.1"), "{}", ran.stderr);
+            assert!(ran.stderr.contains(says), "{}", ran.stderr);
+            assert!(!ran.stderr.contains("hunter2"), "{}", ran.stderr);
+            assert!(!ran.stderr.contains("panicked"), "{}", ran.stderr);
+        }
+    }
+    assert!(fake.seen("/orders/o-1").is_empty());
+    if support::postgres_journal().is_some() {
+        // What follows is about the SQLite file in the state directory.
+        return;
+    }
 
     // Corrupt: named, with what to do, and nothing runs.
     let corrupt = dir.join("corrupt");

@@ -38,8 +38,80 @@ pub fn fmhost() -> Command {
         "FMHOST_STATE",
         root().join("target/test-scratch/shared-state"),
     );
+    if let Some(url) = postgres_journal() {
+        cmd.env("FMHOST_JOURNAL", url);
+    }
     cmd.current_dir(root());
     cmd
+}
+
+/// With `FMHOST_TEST_POSTGRES` (a server URL; `.ci/run` starts one), every `fmhost` a
+/// test starts keeps its journal in PostgreSQL instead of SQLite, in a database of the
+/// test's own (named after the test's thread, dropped and created again at its first
+/// use), so the journal suite runs against both backends.
+pub fn postgres_journal() -> Option<String> {
+    let base = std::env::var("FMHOST_TEST_POSTGRES")
+        .ok()
+        .filter(|u| !u.is_empty())?;
+    let test = std::thread::current().name().unwrap_or("main").to_string();
+    let db = format!("fmhost_t_{:016x}", fnv1a(test.as_bytes()));
+    let mut url = url::Url::parse(&base).expect("FMHOST_TEST_POSTGRES is a URL");
+    url.set_path(&db);
+    static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut created = CREATED.lock().unwrap_or_else(|p| p.into_inner());
+    if !created.contains(&db) {
+        let name = db.clone();
+        // The synchronous client may not run on a tokio test's thread.
+        std::thread::spawn(move || {
+            let mut admin = postgres::Client::connect(&base, postgres::NoTls)
+                .expect("connect to FMHOST_TEST_POSTGRES");
+            for sql in [
+                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                format!("CREATE DATABASE {name}"),
+            ] {
+                admin.batch_execute(&sql).expect("create the test's database");
+            }
+        })
+        .join()
+        .expect("create the test's database");
+        created.push(db);
+    }
+    Some(url.to_string())
+}
+
+/// Everything the test's journal holds, as text: the SQLite files under `state`, or
+/// every row of the PostgreSQL journal (see [`postgres_journal`]).
+pub fn journal_text(state: &Path) -> Vec<u8> {
+    let Some(url) = postgres_journal() else {
+        let mut all = Vec::new();
+        for f in ["journal.db", "journal.db-wal"] {
+            all.extend(std::fs::read(state.join(f)).unwrap_or_default());
+        }
+        return all;
+    };
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        let mut all = Vec::new();
+        for table in [
+            "runs", "stages", "attempts", "deliveries", "dead_letters", "pipelines", "fires", "cursors",
+        ] {
+            for row in c
+                .query(&format!("SELECT t::text FROM {table} t"), &[])
+                .expect("read the journal")
+            {
+                all.extend(row.get::<_, String>(0).into_bytes());
+            }
+        }
+        all
+    })
+    .join()
+    .expect("read the journal")
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The admin token test servers are started with (`FMHOST_API_TOKEN`).

@@ -63,12 +63,25 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// The suite, on the SQLite journal; then, with `FMHOST_TEST_POSTGRES` (a PostgreSQL
+/// server's URL, which `.ci/run` starts), the tests that journal runs again with their
+/// journal in PostgreSQL (each test in a database of its own).
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     plugins(root)?;
     run(cargo()
         .current_dir(root)
+        .env_remove("FMHOST_TEST_POSTGRES")
         .args(["test", "--workspace"])
-        .args(extra))
+        .args(extra))?;
+    let postgres = std::env::var("FMHOST_TEST_POSTGRES").unwrap_or_default();
+    if postgres.is_empty() || !extra.is_empty() {
+        return Ok(());
+    }
+    eprintln!("the journal tests again, with the journal in PostgreSQL ({postgres})");
+    run(cargo().current_dir(root).args([
+        "test", "-p", "fmhost", "--test", "all", "--", "journal::", "serve::", "control::",
+        "triggers::", "change::", "secrecy::",
+    ]))
 }
 
 /// Runs the generated-input tests (parser, validator, renderer, and the secrets property

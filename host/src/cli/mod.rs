@@ -39,6 +39,10 @@ struct Cli {
     /// (default: $XDG_DATA_HOME/fmhost or ~/.local/share/fmhost).
     #[arg(long, global = true, value_name = "DIR", env = "FMHOST_STATE")]
     state: Option<PathBuf>,
+    /// Keep the run journal in PostgreSQL (`postgres://user:password@host:5432/db`)
+    /// instead of SQLite in the state directory; several hosts may share it.
+    #[arg(long, global = true, value_name = "URL", env = "FMHOST_JOURNAL", hide_env_values = true)]
+    journal: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -382,6 +386,9 @@ pub fn main() -> ExitCode {
         .state
         .clone()
         .unwrap_or_else(crate::serve::default_state_dir);
+    if let Some(url) = cli.journal.as_deref().filter(|u| !u.trim().is_empty()) {
+        crate::journal::set_location(url);
+    }
     // Off unless OTEL_EXPORTER_OTLP_ENDPOINT is set; a misconfiguration costs the traces, not the runs.
     match crate::otel::init() {
         Ok(Some(endpoint)) => {

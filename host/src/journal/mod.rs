@@ -10,6 +10,7 @@
 //! [`Backend`] is the small trait a store implements; [`sqlite`] is the default (and
 //! only) one. Its schema is documented in `docs/journal.md`.
 
+pub mod postgres;
 pub mod replay;
 pub mod sqlite;
 
@@ -78,6 +79,56 @@ pub enum JournalError {
     Io { path: PathBuf, why: String },
     #[error("journal: the writer has stopped")]
     Closed,
+}
+
+/// JSON as a journal stores it: text.
+pub(crate) fn json_text(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+pub(crate) fn parse_json(text: Option<String>) -> Option<Value> {
+    text.and_then(|t| parse_value(&t))
+}
+
+/// Reads back a value this journal wrote, at whatever depth it was written: a stage may
+/// nest a parsed body (serde_json's 128 levels) inside its own output, so reading with
+/// the parser's default limit would turn such an output into `null`. The stack grows on
+/// demand instead of overflowing.
+pub(crate) fn parse_value(text: &str) -> Option<Value> {
+    use serde::Deserialize;
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let value = Value::deserialize(serde_stacker::Deserializer::new(&mut de)).ok()?;
+    de.end().ok()?;
+    Some(value)
+}
+
+static LOCATION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Puts the journal in PostgreSQL at `url` for this process (`fmhost --journal URL`);
+/// otherwise `FMHOST_JOURNAL` decides, and without it the journal is SQLite in the state
+/// directory. The first call wins.
+pub fn set_location(url: &str) {
+    let _ = LOCATION.set(url.to_string());
+}
+
+/// The PostgreSQL URL the journal lives at, if one is configured.
+pub fn location() -> Result<Option<String>, JournalError> {
+    let url = match LOCATION.get() {
+        Some(url) => url.clone(),
+        None => match std::env::var("FMHOST_JOURNAL") {
+            Ok(url) if !url.trim().is_empty() => url,
+            _ => return Ok(None),
+        },
+    };
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    if !matches!(scheme, Some("postgres" | "postgresql")) {
+        return Err(JournalError::Io {
+            path: PathBuf::from(postgres::display_url(&url)),
+            why: "--journal (FMHOST_JOURNAL) must be a postgres:// or postgresql:// URL; leave it unset for the SQLite journal in the state directory".into(),
+        });
+    }
+    Ok(Some(url))
 }
 
 /// Who started a run; a server resumes only its own interrupted runs.
@@ -539,13 +590,35 @@ struct Inner {
 impl Journal {
     /// Opens (creating and migrating) the SQLite journal `DIR/journal.db` for reading
     /// and writing; fails if another process holds the write lock too long.
+    /// With a PostgreSQL journal configured ([`set_location`], `FMHOST_JOURNAL`), opens
+    /// that instead, and `dir` holds only the rest of the state.
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
-        Self::open_sqlite(dir, true)
+        match location()? {
+            Some(url) => Self::open_postgres(&url),
+            None => Self::open_sqlite(dir, true),
+        }
     }
 
     /// Opens the journal to read it: works while another process is writing.
     pub fn open_for_reading(dir: &Path) -> Result<Journal, JournalError> {
-        Self::open_sqlite(dir, false)
+        match location()? {
+            Some(url) => Self::open_postgres(&url),
+            None => Self::open_sqlite(dir, false),
+        }
+    }
+
+    /// The PostgreSQL journal at `url`, created and migrated on first use.
+    pub fn open_postgres(url: &str) -> Result<Journal, JournalError> {
+        let writer = postgres::PgBackend::open(url)?;
+        let url = url.to_string();
+        let open_reader: OpenReader = Box::new(move || {
+            Ok(Box::new(postgres::PgBackend::open(&url)?) as Box<dyn Backend>)
+        });
+        Ok(Journal::with_backends(
+            writer.shown().to_path_buf(),
+            Box::new(writer),
+            open_reader,
+        ))
     }
 
     fn open_sqlite(dir: &Path, write: bool) -> Result<Journal, JournalError> {

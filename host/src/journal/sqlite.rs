@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::{
     Backend, DeadLetter, Delivery, DlqFilter, JournalError, Record, RunDetail, RunFilter,
-    RunSummary, StageDetail, unix_ms,
+    RunSummary, StageDetail, json_text, parse_json, parse_value, unix_ms,
 };
 use crate::engine::{StageReport, StageStatus};
 use crate::http::Attempt;
@@ -320,10 +320,6 @@ fn error(path: &Path, busy: Duration, e: rusqlite::Error) -> JournalError {
     }
 }
 
-fn json_text(v: &Value) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
-}
-
 fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
     Ok(Delivery {
         pipeline: r.get(0)?,
@@ -338,23 +334,6 @@ fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
             .and_then(|t| parse_value(&t))
             .map(Stored::from_storage),
     })
-}
-
-fn parse_json(text: Option<String>) -> Option<Value> {
-    text.and_then(|t| parse_value(&t))
-}
-
-/// Reads back a value this journal wrote, at whatever depth it was written: a stage may
-/// nest a parsed body (serde_json's 128 levels) inside its own output, so reading with
-/// the parser's default limit would turn such an output into `null`. The stack grows on
-/// demand instead of overflowing.
-fn parse_value(text: &str) -> Option<Value> {
-    use serde::Deserialize;
-    let mut de = serde_json::Deserializer::from_str(text);
-    de.disable_recursion_limit();
-    let value = Value::deserialize(serde_stacker::Deserializer::new(&mut de)).ok()?;
-    de.end().ok()?;
-    Some(value)
 }
 
 fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bool> {

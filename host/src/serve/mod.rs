@@ -193,6 +193,18 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             lock_path.display()
         );
     }
+    // The same for a shared PostgreSQL journal, until workers lease their runs: a second
+    // server on it would resume the first one's runs as its own.
+    let _journal_lock = match crate::journal::location()? {
+        Some(url) => match crate::journal::postgres::ServerLock::try_take(&url)? {
+            Some(lock) => Some(lock),
+            None => anyhow::bail!(
+                "another fmhost serve is using the journal {}",
+                crate::journal::postgres::display_url(&url)
+            ),
+        },
+        None => None,
+    };
     let journal = Journal::open(&opts.state)?;
     let runtime = PluginRuntime::new()?;
     if let Some(path) = &opts.policy {
