@@ -321,11 +321,23 @@ async fn a_corrupt_or_locked_journal_is_refused_with_a_clear_error() {
     // A PostgreSQL journal that cannot be reached, or a journal URL of another kind:
     // named (its password masked), and nothing runs.
     for (url, says) in [
-        ("postgres://fmhost:hunter2@127.0.0.1:1/journal", "cannot connect"),
+        (
+            "postgres://fmhost:hunter2@127.0.0.1:1/journal",
+            "cannot connect",
+        ),
         ("mysql://127.0.0.1/journal", "must be a postgres://"),
     ] {
         for args in [
-            vec!["--journal", url, "run", p, "--input-json", &input, "--secrets", secrets],
+            vec![
+                "--journal",
+                url,
+                "run",
+                p,
+                "--input-json",
+                &input,
+                "--secrets",
+                secrets,
+            ],
             vec!["--journal", url, "runs", "list"],
         ] {
             let ran = fmhost(&dir.join("unreachable"), &args).await;

@@ -69,7 +69,9 @@ pub fn postgres_journal() -> Option<String> {
                 format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
                 format!("CREATE DATABASE {name}"),
             ] {
-                admin.batch_execute(&sql).expect("create the test's database");
+                admin
+                    .batch_execute(&sql)
+                    .expect("create the test's database");
             }
         })
         .join()
@@ -93,7 +95,14 @@ pub fn journal_text(state: &Path) -> Vec<u8> {
         let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
         let mut all = Vec::new();
         for table in [
-            "runs", "stages", "attempts", "deliveries", "dead_letters", "pipelines", "fires", "cursors",
+            "runs",
+            "stages",
+            "attempts",
+            "deliveries",
+            "dead_letters",
+            "pipelines",
+            "fires",
+            "cursors",
         ] {
             for row in c
                 .query(&format!("SELECT t::text FROM {table} t"), &[])

@@ -79,8 +79,20 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     }
     eprintln!("the journal tests again, with the journal in PostgreSQL ({postgres})");
     run(cargo().current_dir(root).args([
-        "test", "-p", "fmhost", "--test", "all", "--", "journal::", "serve::", "control::",
-        "triggers::", "change::", "secrecy::",
+        "test",
+        "-p",
+        "fmhost",
+        "--test",
+        "all",
+        "--",
+        "journal::",
+        "serve::",
+        "control::",
+        "triggers::",
+        "change::",
+        "secrecy::",
+        "queue::",
+        "observe::",
     ]))
 }
 

@@ -41,7 +41,13 @@ struct Cli {
     state: Option<PathBuf>,
     /// Keep the run journal in PostgreSQL (`postgres://user:password@host:5432/db`)
     /// instead of SQLite in the state directory; several hosts may share it.
-    #[arg(long, global = true, value_name = "URL", env = "FMHOST_JOURNAL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "FMHOST_JOURNAL",
+        hide_env_values = true
+    )]
     journal: Option<String>,
     #[command(subcommand)]
     command: Command,

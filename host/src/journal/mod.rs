@@ -611,9 +611,8 @@ impl Journal {
     pub fn open_postgres(url: &str) -> Result<Journal, JournalError> {
         let writer = postgres::PgBackend::open(url)?;
         let url = url.to_string();
-        let open_reader: OpenReader = Box::new(move || {
-            Ok(Box::new(postgres::PgBackend::open(&url)?) as Box<dyn Backend>)
-        });
+        let open_reader: OpenReader =
+            Box::new(move || Ok(Box::new(postgres::PgBackend::open(&url)?) as Box<dyn Backend>));
         Ok(Journal::with_backends(
             writer.shown().to_path_buf(),
             Box::new(writer),

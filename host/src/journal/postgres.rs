@@ -317,7 +317,10 @@ impl PgBackend {
         let e = |e: postgres::Error| io(&shown, error_text(&e));
         let client = self.client()?;
         // Already migrated (every open but the first): no lock, no transaction.
-        if let Ok(row) = client.query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[]) {
+        if let Ok(row) = client.query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            &[],
+        ) {
             let found: i64 = row.get(0);
             if found == known {
                 return Ok(());
@@ -397,7 +400,11 @@ struct Tx<'a> {
 }
 
 impl Tx<'_> {
-    fn run(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, postgres::Error> {
+    fn run(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
         let stmt = match self.statements.get(sql) {
             Some(s) => s.clone(),
             None => {
@@ -711,8 +718,7 @@ fn run_finished(tx: &mut Tx<'_>, end: &super::RunEnd, now: i64) -> Result<u64, p
     Ok(n)
 }
 
-const SUMMARY_COLUMNS: &str =
-    "id, pipeline, status, trigger, started_at, duration_ms, error, error_kind, replay_of, trace_id";
+const SUMMARY_COLUMNS: &str = "id, pipeline, status, trigger, started_at, duration_ms, error, error_kind, replay_of, trace_id";
 
 fn summary(r: &postgres::Row) -> RunSummary {
     let started: i64 = r.get(4);
@@ -750,7 +756,8 @@ fn delivery_row(r: &postgres::Row) -> Delivery {
     }
 }
 
-const DEAD_LETTER_SELECT: &str = "SELECT d.id, d.kind, d.status, d.pipeline, d.run_id, d.first_run_id, d.event_id,
+const DEAD_LETTER_SELECT: &str =
+    "SELECT d.id, d.kind, d.status, d.pipeline, d.run_id, d.first_run_id, d.event_id,
     d.reason, d.error_kind, d.retries, d.created_at, d.updated_at, d.resolved_by, r.input
     FROM dead_letters d LEFT JOIN runs r ON r.id = d.run_id";
 
