@@ -1,4 +1,4 @@
-//! The PostgreSQL journal backend (`postgres`, the synchronous client of rust-postgres):
+//! The PostgreSQL journal backend (`tokio-postgres`, on a runtime of its own):
 //! the same tables as the SQLite journal in PostgreSQL's dialect, for journals that
 //! several hosts share. A batch is one transaction; a durable one commits with
 //! `synchronous_commit = on` (flushed to the server's WAL before the answer), the others
@@ -8,17 +8,20 @@
 //! one for one; the version applied is the highest in `schema_migrations`, and migrating
 //! holds an advisory lock so workers starting together migrate once.
 //!
-//! The client runs its own small runtime, so it is never created or dropped on a tokio
-//! worker: [`PgBackend::open`] connects on a thread of its own and a backend dropped
-//! inside a runtime hands its connection to a thread to close.
+//! The backend keeps a single-threaded runtime of its own and blocks on it (the writer is
+//! a thread, reads run on the blocking pool), so it is never created or dropped on a
+//! tokio worker: [`PgBackend::open`] connects on a thread of its own and a backend
+//! dropped inside a runtime hands its runtime to a thread to close. A batch's statements
+//! are *pipelined*: every record that is one statement is sent before the first answer is
+//! awaited, so a batch costs a few round trips rather than one per row.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use postgres::types::ToSql;
-use postgres::{Client, NoTls, Statement, Transaction};
 use serde_json::Value;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement};
 
 use super::{
     Backend, DeadLetter, Delivery, DlqFilter, JournalError, Record, RunDetail, RunFilter,
@@ -197,6 +200,11 @@ const MIGRATION_LOCK: i64 = 0x666d_686f_7374_0001;
 /// The advisory lock key a server holds for as long as it runs (see [`ServerLock`]).
 const SERVER_LOCK: i64 = 0x666d_686f_7374_0002;
 
+type PgError = tokio_postgres::Error;
+/// A statement's parameter, owned, so a batch's statements can all be in flight at once.
+type Param = Box<dyn ToSql + Sync + Send>;
+type Statements = HashMap<&'static str, Statement>;
+
 /// `postgres://user:secret@host/db` as it may be shown: the password masked.
 pub fn display_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -211,22 +219,26 @@ pub fn display_url(url: &str) -> String {
 }
 
 pub struct PgBackend {
+    /// Drives the connection while a call blocks on it.
+    rt: Option<tokio::runtime::Runtime>,
     client: Option<Client>,
     url: String,
     shown: PathBuf,
-    statements: HashMap<&'static str, Statement>,
+    /// Prepared once per connection, by their text.
+    statements: Statements,
 }
 
 impl Drop for PgBackend {
     fn drop(&mut self) {
-        // The client owns a runtime, which may not be dropped on a runtime's thread.
-        if let Some(client) = self.client.take() {
+        self.client.take();
+        // A runtime may not be dropped on a runtime's thread.
+        if let Some(rt) = self.rt.take() {
             if tokio::runtime::Handle::try_current().is_ok() {
                 let _ = std::thread::Builder::new()
                     .name("fmhost-pg-close".into())
-                    .spawn(move || drop(client));
+                    .spawn(move || drop(rt));
             } else {
-                drop(client);
+                drop(rt);
             }
         }
     }
@@ -239,21 +251,8 @@ fn io(shown: &std::path::Path, e: impl std::fmt::Display) -> JournalError {
     }
 }
 
-/// Connects on a thread of its own: the synchronous client may not start its runtime
-/// on a tokio worker, which is where `fmhost run` and `serve` open their journal.
-fn connect(url: &str, shown: &std::path::Path) -> Result<Client, JournalError> {
-    let url = url.to_string();
-    let client = std::thread::Builder::new()
-        .name("fmhost-pg-connect".into())
-        .spawn(move || Client::connect(&url, NoTls))
-        .map_err(|e| io(shown, e))?
-        .join()
-        .map_err(|_| io(shown, "the connecting thread panicked"))?;
-    client.map_err(|e| io(shown, format!("cannot connect: {}", error_text(&e))))
-}
-
 /// A PostgreSQL error with the server's message and detail when there is one.
-fn error_text(e: &postgres::Error) -> String {
+fn error_text(e: &PgError) -> String {
     match e.as_db_error() {
         Some(db) => format!(
             "{}: {}{}",
@@ -273,111 +272,8 @@ fn error_text(e: &postgres::Error) -> String {
     }
 }
 
-impl PgBackend {
-    /// Connects and migrates (creating the tables on first use).
-    pub fn open(url: &str) -> Result<PgBackend, JournalError> {
-        in_own_thread(|| {
-            let shown = PathBuf::from(display_url(url));
-            let client = connect(url, &shown)?;
-            let mut b = PgBackend {
-                client: Some(client),
-                url: url.to_string(),
-                shown,
-                statements: HashMap::new(),
-            };
-            b.migrate()?;
-            Ok(b)
-        })
-    }
-
-    /// The URL as it may be shown (password masked).
-    pub fn shown(&self) -> &std::path::Path {
-        &self.shown
-    }
-
-    fn client(&mut self) -> Result<&mut Client, JournalError> {
-        // A connection the server closed (a restart, a failover) is opened again.
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.statements.clear();
-            let old = self.client.take();
-            let fresh = connect(&self.url, &self.shown);
-            drop(old);
-            self.client = Some(fresh?);
-        }
-        Ok(self.client.as_mut().expect("connected above"))
-    }
-
-    fn err(&self, e: postgres::Error) -> JournalError {
-        io(&self.shown, error_text(&e))
-    }
-
-    fn migrate(&mut self) -> Result<(), JournalError> {
-        let known = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
-        let shown = self.shown.clone();
-        let e = |e: postgres::Error| io(&shown, error_text(&e));
-        let client = self.client()?;
-        // Already migrated (every open but the first): no lock, no transaction.
-        if let Ok(row) = client.query_one(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-            &[],
-        ) {
-            let found: i64 = row.get(0);
-            if found == known {
-                return Ok(());
-            }
-        }
-        let mut tx = client.transaction().map_err(e)?;
-        tx.batch_execute("SET LOCAL client_min_messages = warning")
-            .map_err(e)?;
-        // Workers starting together: one migrates, the others wait and find it done.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .map_err(e)?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                 version    BIGINT PRIMARY KEY,
-                 name       TEXT NOT NULL,
-                 applied_at BIGINT NOT NULL)",
-        )
-        .map_err(e)?;
-        let found: i64 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-                &[],
-            )
-            .map_err(e)?
-            .get(0);
-        if found > known {
-            return Err(JournalError::TooNew {
-                path: shown.clone(),
-                found,
-                known,
-            });
-        }
-        for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > found) {
-            tx.batch_execute(sql).map_err(e)?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
-                &[version, name, &unix_ms(SystemTime::now())],
-            )
-            .map_err(e)?;
-        }
-        tx.commit().map_err(e)
-    }
-
-    /// A statement prepared once per connection.
-    fn prepared(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
-        if let Some(s) = self.statements.get(sql) {
-            return Ok(s.clone());
-        }
-        let client = self.client.as_mut().expect("connected");
-        let s = client.prepare(sql)?;
-        self.statements.insert(sql, s.clone());
-        Ok(s)
-    }
-}
-
-/// Runs `f` where the synchronous client may block: on a thread of its own when the
-/// caller is a tokio worker.
+/// Runs `f` where it may block on a runtime of its own: on a thread of its own when the
+/// caller is a tokio worker (where `fmhost run` and `serve` open their journal).
 fn in_own_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     if tokio::runtime::Handle::try_current().is_err() {
         return f();
@@ -392,39 +288,199 @@ fn in_own_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// Statements are prepared on the connection before the transaction starts (a
-/// transaction borrows the client), keyed by their text.
-struct Tx<'a> {
-    tx: Transaction<'a>,
-    statements: &'a mut HashMap<&'static str, Statement>,
+fn connect(
+    url: &str,
+    shown: &std::path::Path,
+) -> Result<(tokio::runtime::Runtime, Client), JournalError> {
+    in_own_thread(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| io(shown, e))?;
+        let (client, connection) = rt
+            .block_on(tokio_postgres::connect(url, NoTls))
+            .map_err(|e| io(shown, format!("cannot connect: {}", error_text(&e))))?;
+        rt.spawn(async move {
+            let _ = connection.await;
+        });
+        Ok((rt, client))
+    })
 }
 
-impl Tx<'_> {
-    fn run(
-        &mut self,
-        sql: &'static str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, postgres::Error> {
-        let stmt = match self.statements.get(sql) {
-            Some(s) => s.clone(),
-            None => {
-                let s = self.tx.prepare(sql)?;
-                self.statements.insert(sql, s.clone());
-                s
-            }
+impl PgBackend {
+    /// Connects and migrates (creating the tables on first use).
+    pub fn open(url: &str) -> Result<PgBackend, JournalError> {
+        let shown = PathBuf::from(display_url(url));
+        let (rt, client) = connect(url, &shown)?;
+        let mut b = PgBackend {
+            rt: Some(rt),
+            client: Some(client),
+            url: url.to_string(),
+            shown,
+            statements: HashMap::new(),
         };
-        self.tx.execute(&stmt, params)
+        in_own_thread(|| b.migrate())?;
+        Ok(b)
     }
+
+    /// The URL as it may be shown (password masked).
+    pub fn shown(&self) -> &std::path::Path {
+        &self.shown
+    }
+
+    /// The runtime, the client and the statement cache; a connection the server closed
+    /// (a restart, a failover) is opened again first.
+    fn parts(
+        &mut self,
+    ) -> Result<(&tokio::runtime::Runtime, &Client, &mut Statements), JournalError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.statements.clear();
+            self.client.take();
+            let (rt, client) = connect(&self.url, &self.shown)?;
+            if let Some(old) = self.rt.replace(rt) {
+                drop(old);
+            }
+            self.client = Some(client);
+        }
+        Ok((
+            self.rt.as_ref().expect("connected"),
+            self.client.as_ref().expect("connected"),
+            &mut self.statements,
+        ))
+    }
+
+    fn migrate(&mut self) -> Result<(), JournalError> {
+        let known = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        let shown = self.shown.clone();
+        let (rt, client, _) = self.parts()?;
+        let found = rt
+            .block_on(async {
+                // Already migrated (every open but the first): no lock, no transaction.
+                if let Ok(row) = client
+                    .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+                    .await
+                    && row.get::<_, i64>(0) == known
+                {
+                    return Ok(known);
+                }
+                client
+                    .batch_execute("BEGIN; SET LOCAL client_min_messages = warning")
+                    .await?;
+                let migrated = async {
+                    // Workers starting together: one migrates, the others wait and find it done.
+                    client
+                        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                        .await?;
+                    client
+                        .batch_execute(
+                            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                                 version    BIGINT PRIMARY KEY,
+                                 name       TEXT NOT NULL,
+                                 applied_at BIGINT NOT NULL)",
+                        )
+                        .await?;
+                    let found: i64 = client
+                        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+                        .await?
+                        .get(0);
+                    if found > known {
+                        return Ok(found);
+                    }
+                    for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > found) {
+                        client.batch_execute(sql).await?;
+                        client
+                            .execute(
+                                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+                                &[version, name, &unix_ms(SystemTime::now())],
+                            )
+                            .await?;
+                    }
+                    Ok::<i64, PgError>(found)
+                }
+                .await;
+                finish(client, migrated).await
+            })
+            .map_err(|e| io(&shown, error_text(&e)))?;
+        if found > known {
+            return Err(JournalError::TooNew {
+                path: shown,
+                found,
+                known,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Commits the transaction `result` ran in, or rolls it back if it failed.
+async fn finish<T>(client: &Client, result: Result<T, PgError>) -> Result<T, PgError> {
+    match result {
+        Ok(v) => {
+            client.batch_execute("COMMIT").await?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+async fn prepared(
+    client: &Client,
+    statements: &mut Statements,
+    sql: &'static str,
+) -> Result<Statement, PgError> {
+    if let Some(s) = statements.get(sql) {
+        return Ok(s.clone());
+    }
+    let s = client.prepare(sql).await?;
+    statements.insert(sql, s.clone());
+    Ok(s)
+}
+
+/// Sends every statement before awaiting the first answer (tokio-postgres pipelines
+/// requests in flight together; the server runs them in order). Rows changed, each.
+async fn pipelined(
+    client: &Client,
+    statements: &mut Statements,
+    group: &[(&'static str, Vec<Param>)],
+) -> Result<Vec<u64>, PgError> {
+    let mut prepared_group = Vec::with_capacity(group.len());
+    for (sql, _) in group {
+        prepared_group.push(prepared(client, statements, sql).await?);
+    }
+    futures::future::try_join_all(group.iter().zip(&prepared_group).map(|((_, params), st)| {
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+        async move { client.execute(st, &refs).await }
+    }))
+    .await
+}
+
+async fn exec(
+    client: &Client,
+    statements: &mut Statements,
+    sql: &'static str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, PgError> {
+    let st = prepared(client, statements, sql).await?;
+    client.execute(&st, params).await
+}
+
+fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Param {
+    Box::new(v)
 }
 
 fn opt_i64(v: Option<u64>) -> Option<i64> {
     v.map(|v| v as i64)
 }
 
-fn apply(tx: &mut Tx<'_>, record: &Record) -> Result<bool, postgres::Error> {
-    let now = unix_ms(SystemTime::now());
-    let changed = match record {
-        Record::RunStarted(s) => tx.run(
+/// The one statement a record is, if it is one (most are; a run's end, a fire and a
+/// removal decide as they go).
+fn single(record: &Record, now: i64) -> Option<(&'static str, Vec<Param>)> {
+    Some(match record {
+        Record::RunStarted(s) => (
             "INSERT INTO runs (id, pipeline, pipeline_file, plugin_dirs, secrets_file, status, trigger, owner,
                  host, pid, input, started_at, replay_of, replay_from, trace_id, trace_span, trace_parent,
                  trigger_info)
@@ -433,31 +489,31 @@ fn apply(tx: &mut Tx<'_>, record: &Record) -> Result<bool, postgres::Error> {
                  finished_at = NULL, host = excluded.host, pid = excluded.pid,
                  trace_id = excluded.trace_id, trace_span = excluded.trace_span,
                  trace_parent = excluded.trace_parent",
-            &[
-                &s.run_id,
-                &s.pipeline,
-                &s.rerun.pipeline_file,
-                &s.trigger,
-                &s.owner,
-                &json_text(s.input.as_value()),
-                &s.started_at,
-                &s.replay_of,
-                &s.replay_from,
-                &json_text(&serde_json::json!(s.rerun.plugin_dirs)),
-                &s.rerun.secrets_file,
-                &super::hostname(),
-                &(std::process::id() as i64),
-                &s.trace.trace_id,
-                &s.trace.span_id,
-                &s.trace.parent_span_id,
-                &s.trigger_info.as_ref().map(|t| json_text(t.as_value())),
+            vec![
+                p(s.run_id.clone()),
+                p(s.pipeline.clone()),
+                p(s.rerun.pipeline_file.clone()),
+                p(s.trigger.clone()),
+                p(s.owner.clone()),
+                p(json_text(s.input.as_value())),
+                p(s.started_at),
+                p(s.replay_of.clone()),
+                p(s.replay_from.clone()),
+                p(json_text(&serde_json::json!(s.rerun.plugin_dirs))),
+                p(s.rerun.secrets_file.clone()),
+                p(super::hostname()),
+                p(std::process::id() as i64),
+                p(s.trace.trace_id.clone()),
+                p(s.trace.span_id.clone()),
+                p(s.trace.parent_span_id.clone()),
+                p(s.trigger_info.as_ref().map(|t| json_text(t.as_value()))),
             ],
-        )?,
+        ),
         Record::Stage {
             run_id,
             position,
             stage: s,
-        } => tx.run(
+        } => (
             "INSERT INTO stages (run_id, stage_id, position, component, version, status, optional, started_ms,
                  duration_ms, attempts, error_kind, error, skipped_because, reused_from, output)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
@@ -468,70 +524,137 @@ fn apply(tx: &mut Tx<'_>, record: &Record) -> Result<bool, postgres::Error> {
                  skipped_because = excluded.skipped_because, reused_from = excluded.reused_from,
                  output = excluded.output
              WHERE excluded.status != 'pending' OR stages.status IN ('pending', 'running')",
-            &[
-                run_id,
-                &s.id,
-                &(*position as i64),
-                &s.component,
-                &s.version,
-                &s.status.as_str(),
-                &s.optional,
-                &opt_i64(s.started_ms),
-                &opt_i64(s.duration_ms),
-                &(s.attempts as i64),
-                &s.error.as_ref().map(|e| e.kind.as_str()),
-                &s.error
+            vec![
+                p(run_id.clone()),
+                p(s.id.clone()),
+                p(*position as i64),
+                p(s.component.clone()),
+                p(s.version.clone()),
+                p(s.status.as_str()),
+                p(s.optional),
+                p(opt_i64(s.started_ms)),
+                p(opt_i64(s.duration_ms)),
+                p(s.attempts as i64),
+                p(s.error.as_ref().map(|e| e.kind.as_str().to_string())),
+                p(s.error
                     .as_ref()
-                    .map(|e| serde_json::to_string(e).unwrap_or_default()),
-                &s.skipped_because,
-                &s.reused_from,
-                &s.output.as_deref().map(json_text),
+                    .map(|e| serde_json::to_string(e).unwrap_or_default())),
+                p(s.skipped_because.clone()),
+                p(s.reused_from.clone()),
+                p(s.output.as_deref().map(json_text)),
             ],
-        )?,
+        ),
         Record::Attempt {
             run_id,
             stage_id,
             attempt: a,
-        } => tx.run(
+        } => (
             "INSERT INTO attempts (run_id, stage_id, attempt, service, method, url, status, error_kind,
                  duration_ms, idempotency_key, at, span_id, parent_span_id, recorded)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            &[
-                run_id,
-                stage_id,
-                &(a.attempt as i64),
-                &a.service,
-                &a.method,
-                &a.url,
-                &a.status.map(i64::from),
-                &a.error_kind,
-                &(a.duration_ms as i64),
-                &a.idempotency_key,
-                &a.at_ms,
-                &a.span_id,
-                &a.parent_span_id,
-                &a.recorded
+            vec![
+                p(run_id.clone()),
+                p(stage_id.clone()),
+                p(a.attempt as i64),
+                p(a.service.clone()),
+                p(a.method.clone()),
+                p(a.url.clone()),
+                p(a.status.map(i64::from)),
+                p(a.error_kind.clone()),
+                p(a.duration_ms as i64),
+                p(a.idempotency_key.clone()),
+                p(a.at_ms),
+                p(a.span_id.clone()),
+                p(a.parent_span_id.clone()),
+                p(a.recorded
                     .as_ref()
-                    .map(|r| serde_json::to_string(r).unwrap_or_default()),
+                    .map(|r| serde_json::to_string(r).unwrap_or_default())),
             ],
-        )?,
-        Record::RunFinished(end) => run_finished(tx, end, now)?,
-        Record::Delivery(d) => tx.run(
+        ),
+        Record::Delivery(d) => (
             "INSERT INTO deliveries (pipeline, event_id, path, received_at, payload, run_id, status,
                  traceparent, trigger_info)
              VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8)
              ON CONFLICT DO NOTHING",
-            &[
-                &d.pipeline,
-                &d.event_id,
-                &d.path,
-                &d.received_at,
-                &json_text(d.payload.as_value()),
-                &d.run_id,
-                &d.traceparent,
-                &d.trigger_info.as_ref().map(|t| json_text(t.as_value())),
+            vec![
+                p(d.pipeline.clone()),
+                p(d.event_id.clone()),
+                p(d.path.clone()),
+                p(d.received_at),
+                p(json_text(d.payload.as_value())),
+                p(d.run_id.clone()),
+                p(d.traceparent.clone()),
+                p(d.trigger_info.as_ref().map(|t| json_text(t.as_value()))),
             ],
-        )?,
+        ),
+        Record::SetCursor {
+            pipeline,
+            trigger,
+            value,
+        } => (
+            "INSERT INTO cursors (pipeline, trigger, value, run_id, updated_at) VALUES ($1, $2, $3, NULL, $4)
+             ON CONFLICT (pipeline, trigger) DO UPDATE SET value = excluded.value, run_id = NULL,
+                 updated_at = excluded.updated_at",
+            vec![
+                p(pipeline.clone()),
+                p(trigger.clone()),
+                p(json_text(value)),
+                p(now),
+            ],
+        ),
+        Record::RunResumed { run_id } => (
+            "UPDATE runs SET resumed = resumed + 1 WHERE id = $1",
+            vec![p(run_id.clone())],
+        ),
+        Record::DropDeadLetter { id } => (
+            "UPDATE dead_letters SET status = 'dropped', updated_at = $2 WHERE id = $1 AND status = 'open'",
+            vec![p(*id), p(now)],
+        ),
+        Record::Pipeline { hash, document } => (
+            "INSERT INTO pipelines (hash, document, first_seen) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            vec![p(hash.clone()), p(document.clone()), p(now)],
+        ),
+        Record::RunFinished(_) | Record::Fire { .. } | Record::Forget { .. } => return None,
+    })
+}
+
+/// A batch, in order: runs of single-statement records go out pipelined.
+async fn apply_all(
+    client: &Client,
+    statements: &mut Statements,
+    batch: &[Record],
+) -> Result<Vec<bool>, PgError> {
+    let now = unix_ms(SystemTime::now());
+    let mut changed = Vec::with_capacity(batch.len());
+    let mut i = 0;
+    while i < batch.len() {
+        let group: Vec<_> = batch[i..].iter().map_while(|r| single(r, now)).collect();
+        if !group.is_empty() {
+            i += group.len();
+            changed.extend(
+                pipelined(client, statements, &group)
+                    .await?
+                    .into_iter()
+                    .map(|n| n > 0),
+            );
+            continue;
+        }
+        changed.push(compound(client, statements, &batch[i], now).await? > 0);
+        i += 1;
+    }
+    Ok(changed)
+}
+
+/// The records that are more than one statement: the same statements as SQLite's, in
+/// the same order (see `sqlite::apply`).
+async fn compound(
+    client: &Client,
+    statements: &mut Statements,
+    record: &Record,
+    now: i64,
+) -> Result<u64, PgError> {
+    match record {
+        Record::RunFinished(end) => run_finished(client, statements, end, now).await,
         Record::Fire {
             pipeline,
             trigger,
@@ -542,7 +665,9 @@ fn apply(tx: &mut Tx<'_>, record: &Record) -> Result<bool, postgres::Error> {
             reason,
             delivery,
         } => {
-            let new = tx.run(
+            let new = exec(
+                client,
+                statements,
                 "INSERT INTO fires (pipeline, trigger, scheduled_at, last_at, count, outcome, reason, event_id, at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT DO NOTHING",
@@ -557,148 +682,158 @@ fn apply(tx: &mut Tx<'_>, record: &Record) -> Result<bool, postgres::Error> {
                     &delivery.as_ref().map(|d| d.event_id.as_str()),
                     &now,
                 ],
-            )?;
+            )
+            .await?;
             if new > 0
                 && let Some(d) = delivery
+                && let Some(one) = single(&Record::Delivery((**d).clone()), now)
             {
-                apply(tx, &Record::Delivery((**d).clone()))?;
+                pipelined(client, statements, &[one]).await?;
             }
-            new
+            Ok(new)
         }
-        Record::SetCursor {
-            pipeline,
-            trigger,
-            value,
-        } => tx.run(
-            "INSERT INTO cursors (pipeline, trigger, value, run_id, updated_at) VALUES ($1, $2, $3, NULL, $4)
-             ON CONFLICT (pipeline, trigger) DO UPDATE SET value = excluded.value, run_id = NULL,
-                 updated_at = excluded.updated_at",
-            &[pipeline, trigger, &json_text(value), &now],
-        )?,
-        Record::RunResumed { run_id } => tx.run(
-            "UPDATE runs SET resumed = resumed + 1 WHERE id = $1",
-            &[run_id],
-        )?,
-        Record::DropDeadLetter { id } => tx.run(
-            "UPDATE dead_letters SET status = 'dropped', updated_at = $2 WHERE id = $1 AND status = 'open'",
-            &[id, &now],
-        )?,
-        Record::Pipeline { hash, document } => tx.run(
-            "INSERT INTO pipelines (hash, document, first_seen) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            &[hash, document, &now],
-        )?,
         Record::Forget { run_id } => {
             // Checked again here, in the writer: the run may have been resumed since.
-            let removable: bool = tx
-                .tx
+            let removable: bool = client
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1 AND status != 'running')
                        AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE run_id = $1 AND status = 'open')",
                     &[run_id],
-                )?
+                )
+                .await?
                 .get(0);
             if removable {
-                for sql in [
+                let group: Vec<_> = [
                     "DELETE FROM attempts WHERE run_id = $1",
                     "DELETE FROM stages WHERE run_id = $1",
                     "DELETE FROM deliveries WHERE run_id = $1 AND status = 'done'",
                     "DELETE FROM dead_letters WHERE run_id = $1",
                     "DELETE FROM runs WHERE id = $1",
-                ] {
-                    tx.run(sql, &[run_id])?;
-                }
+                ]
+                .into_iter()
+                .map(|sql| (sql, vec![p(run_id.clone())]))
+                .collect();
+                pipelined(client, statements, &group).await?;
             }
-            u64::from(removable)
+            Ok(u64::from(removable))
         }
-    };
-    Ok(changed > 0)
+        other => match single(other, now) {
+            Some(one) => Ok(pipelined(client, statements, &[one]).await?[0]),
+            None => Ok(0),
+        },
+    }
 }
 
-/// A run's end: the same statements as SQLite's, in the same order (see `sqlite::apply`).
-fn run_finished(tx: &mut Tx<'_>, end: &super::RunEnd, now: i64) -> Result<u64, postgres::Error> {
-    let n = tx.run(
-        "UPDATE runs SET status = $2, error = $3, error_kind = $4, output = $5, duration_ms = $6,
-             finished_at = $7, pipeline_hash = COALESCE($8, pipeline_hash) WHERE id = $1",
-        &[
-            &end.run_id,
-            &end.status.as_str(),
-            &end.error,
-            &end.error_kind,
-            &end.output.as_ref().map(json_text),
-            &(end.duration_ms as i64),
-            &end.finished_at,
-            &end.pipeline_hash,
-        ],
-    )?;
-    tx.run(
-        "UPDATE deliveries SET status = 'done' WHERE run_id = $1 AND status != 'done'",
-        &[&end.run_id],
-    )?;
-    if let Some(c) = &end.cursor {
-        // Compare-and-set: a cursor an operator set while the run went on stays.
-        tx.run(
-            "INSERT INTO cursors (pipeline, trigger, value, run_id, updated_at) VALUES ($1, $2, $3, $4, $6)
-             ON CONFLICT (pipeline, trigger) DO UPDATE SET value = excluded.value,
-                 run_id = excluded.run_id, updated_at = excluded.updated_at
-             WHERE cursors.value = $5",
-            &[
-                &c.pipeline,
-                &c.trigger,
-                &json_text(&c.value),
-                &end.run_id,
-                &json_text(&c.expected),
-                &now,
-            ],
-        )?;
-    }
+/// A run's end. The statements that do not depend on each other go out together; the
+/// dead letter, which depends on what the updates found, follows.
+async fn run_finished(
+    client: &Client,
+    statements: &mut Statements,
+    end: &super::RunEnd,
+    now: i64,
+) -> Result<u64, PgError> {
     let stopped = crate::error::StageError::new(
         crate::error::ErrorKind::Cancelled,
         "interrupted: the host stopped while this stage ran",
     );
-    tx.run(
-        "UPDATE stages SET
-             status = CASE status WHEN 'running' THEN 'failed' ELSE 'skipped' END,
-             error_kind = CASE status WHEN 'running' THEN 'cancelled' ELSE error_kind END,
-             error = CASE status WHEN 'running' THEN $2 ELSE error END,
-             skipped_because = CASE status WHEN 'pending' THEN 'the run was interrupted' ELSE skipped_because END
-         WHERE run_id = $1 AND status IN ('running', 'pending')",
-        &[
-            &end.run_id,
-            &serde_json::to_string(&stopped).unwrap_or_default(),
-        ],
-    )?;
+    let mut group: Vec<(&'static str, Vec<Param>)> = vec![
+        (
+            "UPDATE runs SET status = $2, error = $3, error_kind = $4, output = $5, duration_ms = $6,
+                 finished_at = $7, pipeline_hash = COALESCE($8, pipeline_hash) WHERE id = $1",
+            vec![
+                p(end.run_id.clone()),
+                p(end.status.as_str()),
+                p(end.error.clone()),
+                p(end.error_kind.clone()),
+                p(end.output.as_ref().map(json_text)),
+                p(end.duration_ms as i64),
+                p(end.finished_at),
+                p(end.pipeline_hash.clone()),
+            ],
+        ),
+        (
+            "UPDATE deliveries SET status = 'done' WHERE run_id = $1 AND status != 'done'",
+            vec![p(end.run_id.clone())],
+        ),
+        // A run finished without its stages (dead-lettered after an interruption):
+        // none of them is left looking as if it were still running.
+        (
+            "UPDATE stages SET
+                 status = CASE status WHEN 'running' THEN 'failed' ELSE 'skipped' END,
+                 error_kind = CASE status WHEN 'running' THEN 'cancelled' ELSE error_kind END,
+                 error = CASE status WHEN 'running' THEN $2 ELSE error END,
+                 skipped_because = CASE status WHEN 'pending' THEN 'the run was interrupted' ELSE skipped_because END
+             WHERE run_id = $1 AND status IN ('running', 'pending')",
+            vec![
+                p(end.run_id.clone()),
+                p(serde_json::to_string(&stopped).unwrap_or_default()),
+            ],
+        ),
+    ];
+    if let Some(c) = &end.cursor {
+        // Compare-and-set: a cursor an operator set while the run went on stays.
+        group.push((
+            "INSERT INTO cursors (pipeline, trigger, value, run_id, updated_at) VALUES ($1, $2, $3, $4, $6)
+             ON CONFLICT (pipeline, trigger) DO UPDATE SET value = excluded.value,
+                 run_id = excluded.run_id, updated_at = excluded.updated_at
+             WHERE cursors.value = $5",
+            vec![
+                p(c.pipeline.clone()),
+                p(c.trigger.clone()),
+                p(json_text(&c.value)),
+                p(end.run_id.clone()),
+                p(json_text(&c.expected)),
+                p(now),
+            ],
+        ));
+    }
     if end.status == crate::engine::RunStatus::Succeeded {
+        // The failure it replays, or its own when it ran again in place, is dealt with.
         for failed in [end.replay_of.as_ref(), Some(&end.run_id)]
             .into_iter()
             .flatten()
         {
-            tx.run(
+            group.push((
                 "UPDATE dead_letters SET status = 'resolved', resolved_by = $2, updated_at = $3
                  WHERE run_id = $1 AND status = 'open'",
-                &[failed, &end.run_id, &now],
-            )?;
+                vec![p(failed.clone()), p(end.run_id.clone()), p(now)],
+            ));
         }
     }
+    let n = pipelined(client, statements, &group).await?[0];
     if let Some(dl) = &end.dead_letter {
         let moved = match &end.replay_of {
-            Some(original) => tx.run(
-                "UPDATE dead_letters SET run_id = $2, retries = retries + 1, reason = $3,
-                     error_kind = $4, updated_at = $5
-                 WHERE run_id = $1 AND status = 'open'",
-                &[original, &end.run_id, &dl.reason, &dl.error_kind, &now],
-            )?,
+            Some(original) => {
+                exec(
+                    client,
+                    statements,
+                    "UPDATE dead_letters SET run_id = $2, retries = retries + 1, reason = $3,
+                         error_kind = $4, updated_at = $5
+                     WHERE run_id = $1 AND status = 'open'",
+                    &[original, &end.run_id, &dl.reason, &dl.error_kind, &now],
+                )
+                .await?
+            }
             None => 0,
         };
+        // A run that failed again in place keeps its one entry, counted.
         let moved = match moved {
-            0 => tx.run(
-                "UPDATE dead_letters SET retries = retries + 1, reason = $2, error_kind = $3, updated_at = $4
-                 WHERE run_id = $1 AND status = 'open'",
-                &[&end.run_id, &dl.reason, &dl.error_kind, &now],
-            )?,
+            0 => {
+                exec(
+                    client,
+                    statements,
+                    "UPDATE dead_letters SET retries = retries + 1, reason = $2, error_kind = $3, updated_at = $4
+                     WHERE run_id = $1 AND status = 'open'",
+                    &[&end.run_id, &dl.reason, &dl.error_kind, &now],
+                )
+                .await?
+            }
             n => n,
         };
         if moved == 0 {
-            tx.run(
+            exec(
+                client,
+                statements,
                 "INSERT INTO dead_letters (kind, status, pipeline, run_id, first_run_id, event_id, reason,
                      error_kind, created_at, updated_at)
                  VALUES ($1, 'open', $2, $3, $3,
@@ -712,7 +847,8 @@ fn run_finished(tx: &mut Tx<'_>, end: &super::RunEnd, now: i64) -> Result<u64, p
                     &dl.error_kind,
                     &now,
                 ],
-            )?;
+            )
+            .await?;
         }
     }
     Ok(n)
@@ -720,7 +856,7 @@ fn run_finished(tx: &mut Tx<'_>, end: &super::RunEnd, now: i64) -> Result<u64, p
 
 const SUMMARY_COLUMNS: &str = "id, pipeline, status, trigger, started_at, duration_ms, error, error_kind, replay_of, trace_id";
 
-fn summary(r: &postgres::Row) -> RunSummary {
+fn summary(r: &tokio_postgres::Row) -> RunSummary {
     let started: i64 = r.get(4);
     RunSummary {
         run_id: r.get(0),
@@ -740,7 +876,7 @@ fn summary(r: &postgres::Row) -> RunSummary {
 const DELIVERY_COLUMNS: &str =
     "pipeline, event_id, path, received_at, payload, run_id, traceparent, trigger_info";
 
-fn delivery_row(r: &postgres::Row) -> Delivery {
+fn delivery_row(r: &tokio_postgres::Row) -> Delivery {
     Delivery {
         pipeline: r.get(0),
         event_id: r.get(1),
@@ -761,7 +897,7 @@ const DEAD_LETTER_SELECT: &str =
     d.reason, d.error_kind, d.retries, d.created_at, d.updated_at, d.resolved_by, r.input
     FROM dead_letters d LEFT JOIN runs r ON r.id = d.run_id";
 
-fn dead_letter(r: &postgres::Row) -> DeadLetter {
+fn dead_letter(r: &tokio_postgres::Row) -> DeadLetter {
     let run_id: String = r.get(4);
     DeadLetter {
         id: r.get(0),
@@ -782,185 +918,209 @@ fn dead_letter(r: &postgres::Row) -> DeadLetter {
     }
 }
 
-impl PgBackend {
-    fn read_run(&mut self, id: &str) -> Result<Option<RunDetail>, postgres::Error> {
-        let run = self.prepared(
-            "SELECT id, pipeline, status, trigger, started_at, duration_ms, error, error_kind, replay_of, trace_id,
-                 owner, pipeline_file, replay_from, resumed, finished_at, input, output,
-                 plugin_dirs, secrets_file, trace_span, trace_parent, trigger_info
-             FROM runs WHERE id = $1",
-        )?;
-        let attempts = self.prepared(
-            "SELECT stage_id, attempt, service, method, url, status, error_kind, duration_ms, idempotency_key, at,
-                 span_id, parent_span_id, recorded
-             FROM attempts WHERE run_id = $1 ORDER BY seq",
-        )?;
-        let stages = self.prepared(
-            "SELECT stage_id, component, version, status, optional, started_ms, duration_ms, attempts, error,
-                 skipped_because, reused_from, output
-             FROM stages WHERE run_id = $1
-             ORDER BY position, started_ms NULLS FIRST, stage_id COLLATE \"C\"",
-        )?;
-        let replays =
-            self.prepared("SELECT id FROM runs WHERE replay_of = $1 ORDER BY started_at, seq")?;
-        let open = self.prepared(
-            "SELECT id FROM dead_letters WHERE run_id = $1 AND status = 'open' ORDER BY id LIMIT 1",
-        )?;
-        let client = self.client.as_mut().expect("connected");
-        let Some(r) = client.query_opt(&run, &[&id])? else {
-            return Ok(None);
-        };
-        let mut calls: HashMap<String, Vec<Attempt>> = HashMap::new();
-        for a in client.query(&attempts, &[&id])? {
-            calls.entry(a.get(0)).or_default().push(Attempt {
-                attempt: a.get::<_, i64>(1) as u32,
-                service: a.get(2),
-                method: a.get(3),
-                url: a.get(4),
-                status: a.get::<_, Option<i64>>(5).map(|s| s as u16),
-                error_kind: a.get(6),
-                duration_ms: a.get::<_, i64>(7).max(0) as u64,
-                idempotency_key: a.get(8),
-                at_ms: a.get(9),
-                span_id: a.get(10),
-                parent_span_id: a.get(11),
-                recorded: a
-                    .get::<_, Option<&str>>(12)
-                    .and_then(|t| serde_json::from_str(t).ok()),
-            });
-        }
-        let stages = client
-            .query(&stages, &[&id])?
-            .iter()
-            .map(|s| {
-                let report = StageReport {
-                    id: s.get(0),
-                    component: s.get(1),
-                    version: s.get(2),
-                    status: serde_json::from_value(Value::String(s.get(3)))
-                        .unwrap_or(StageStatus::Pending),
-                    optional: s.get(4),
-                    started_ms: s.get::<_, Option<i64>>(5).map(|v| v.max(0) as u64),
-                    duration_ms: s.get::<_, Option<i64>>(6).map(|v| v.max(0) as u64),
-                    attempts: s.get::<_, i64>(7) as u32,
-                    error: s
-                        .get::<_, Option<&str>>(8)
-                        .and_then(|t| serde_json::from_str(t).ok()),
-                    skipped_because: s.get(9),
-                    reused_from: s.get(10),
-                    output: parse_json(s.get(11)).map(std::sync::Arc::new),
-                };
-                StageDetail {
-                    calls: calls.remove(&report.id).unwrap_or_default(),
-                    report,
-                }
-            })
-            .collect();
-        let replayed_by = client
-            .query(&replays, &[&id])?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let dead_letter = client.query_opt(&open, &[&id])?.map(|r| r.get(0));
-        let summary = summary(&r);
-        let trace = summary
-            .trace_id
-            .clone()
-            .zip(r.get::<_, Option<String>>(19))
-            .map(|(trace_id, span_id)| crate::trace::RunTrace {
-                trace_id,
-                span_id,
-                parent_span_id: r.get(20),
-            });
-        Ok(Some(RunDetail {
-            summary,
-            owner: r.get(10),
-            rerun: super::Rerun {
-                pipeline_file: r.get(11),
-                plugin_dirs: serde_json::from_str(r.get(17)).unwrap_or_default(),
-                secrets_file: r.get(18),
-            },
-            replay_from: r.get(12),
-            replayed_by,
-            resumed: r.get::<_, i64>(13).max(0) as u32,
-            finished_at: r.get::<_, Option<i64>>(14).map(super::rfc3339),
-            input: Stored::from_storage(parse_value(r.get(15)).unwrap_or(Value::Null)),
-            output: parse_json(r.get(16)),
-            dead_letter,
-            trace,
-            trigger_info: r
-                .get::<_, Option<&str>>(21)
-                .and_then(parse_value)
-                .map(Stored::from_storage),
-            stages,
-        }))
+fn attempt_row(a: &tokio_postgres::Row) -> Attempt {
+    Attempt {
+        attempt: a.get::<_, i64>(1) as u32,
+        service: a.get(2),
+        method: a.get(3),
+        url: a.get(4),
+        status: a.get::<_, Option<i64>>(5).map(|s| s as u16),
+        error_kind: a.get(6),
+        duration_ms: a.get::<_, i64>(7).max(0) as u64,
+        idempotency_key: a.get(8),
+        at_ms: a.get(9),
+        span_id: a.get(10),
+        parent_span_id: a.get(11),
+        recorded: a
+            .get::<_, Option<&str>>(12)
+            .and_then(|t| serde_json::from_str(t).ok()),
     }
+}
 
-    /// Runs a read with the connection checked (and opened again if it was lost).
-    fn reading<T>(
+fn stage_row(s: &tokio_postgres::Row) -> StageReport {
+    StageReport {
+        id: s.get(0),
+        component: s.get(1),
+        version: s.get(2),
+        status: serde_json::from_value(Value::String(s.get(3))).unwrap_or(StageStatus::Pending),
+        optional: s.get(4),
+        started_ms: s.get::<_, Option<i64>>(5).map(|v| v.max(0) as u64),
+        duration_ms: s.get::<_, Option<i64>>(6).map(|v| v.max(0) as u64),
+        attempts: s.get::<_, i64>(7) as u32,
+        error: s
+            .get::<_, Option<&str>>(8)
+            .and_then(|t| serde_json::from_str(t).ok()),
+        skipped_because: s.get(9),
+        reused_from: s.get(10),
+        output: parse_json(s.get(11)).map(std::sync::Arc::new),
+    }
+}
+
+/// One run with its stages, attempts, replays and open dead letter: five queries in
+/// flight together.
+async fn read_run(
+    client: &Client,
+    statements: &mut Statements,
+    id: &str,
+) -> Result<Option<RunDetail>, PgError> {
+    let run = prepared(
+        client,
+        statements,
+        "SELECT id, pipeline, status, trigger, started_at, duration_ms, error, error_kind, replay_of, trace_id,
+             owner, pipeline_file, replay_from, resumed, finished_at, input, output,
+             plugin_dirs, secrets_file, trace_span, trace_parent, trigger_info
+         FROM runs WHERE id = $1",
+    )
+    .await?;
+    let attempts = prepared(
+        client,
+        statements,
+        "SELECT stage_id, attempt, service, method, url, status, error_kind, duration_ms, idempotency_key, at,
+             span_id, parent_span_id, recorded
+         FROM attempts WHERE run_id = $1 ORDER BY seq",
+    )
+    .await?;
+    let stages = prepared(
+        client,
+        statements,
+        "SELECT stage_id, component, version, status, optional, started_ms, duration_ms, attempts, error,
+             skipped_because, reused_from, output
+         FROM stages WHERE run_id = $1
+         ORDER BY position, started_ms NULLS FIRST, stage_id COLLATE \"C\"",
+    )
+    .await?;
+    let replays = prepared(
+        client,
+        statements,
+        "SELECT id FROM runs WHERE replay_of = $1 ORDER BY started_at, seq",
+    )
+    .await?;
+    let open = prepared(
+        client,
+        statements,
+        "SELECT id FROM dead_letters WHERE run_id = $1 AND status = 'open' ORDER BY id LIMIT 1",
+    )
+    .await?;
+    let by_id: &[&(dyn ToSql + Sync)] = &[&id];
+    let (r, attempts, stages, replays, open) = tokio::try_join!(
+        client.query_opt(&run, by_id),
+        client.query(&attempts, by_id),
+        client.query(&stages, by_id),
+        client.query(&replays, by_id),
+        client.query_opt(&open, by_id),
+    )?;
+    let Some(r) = r else {
+        return Ok(None);
+    };
+    let mut calls: HashMap<String, Vec<Attempt>> = HashMap::new();
+    for a in &attempts {
+        calls.entry(a.get(0)).or_default().push(attempt_row(a));
+    }
+    let stages = stages
+        .iter()
+        .map(|s| {
+            let report = stage_row(s);
+            StageDetail {
+                calls: calls.remove(&report.id).unwrap_or_default(),
+                report,
+            }
+        })
+        .collect();
+    let summary = summary(&r);
+    let trace = summary
+        .trace_id
+        .clone()
+        .zip(r.get::<_, Option<String>>(19))
+        .map(|(trace_id, span_id)| crate::trace::RunTrace {
+            trace_id,
+            span_id,
+            parent_span_id: r.get(20),
+        });
+    Ok(Some(RunDetail {
+        summary,
+        owner: r.get(10),
+        rerun: super::Rerun {
+            pipeline_file: r.get(11),
+            plugin_dirs: serde_json::from_str(r.get(17)).unwrap_or_default(),
+            secrets_file: r.get(18),
+        },
+        replay_from: r.get(12),
+        replayed_by: replays.iter().map(|r| r.get(0)).collect(),
+        resumed: r.get::<_, i64>(13).max(0) as u32,
+        finished_at: r.get::<_, Option<i64>>(14).map(super::rfc3339),
+        input: Stored::from_storage(parse_value(r.get(15)).unwrap_or(Value::Null)),
+        output: parse_json(r.get(16)),
+        dead_letter: open.map(|r| r.get(0)),
+        trace,
+        trigger_info: r
+            .get::<_, Option<&str>>(21)
+            .and_then(parse_value)
+            .map(Stored::from_storage),
+        stages,
+    }))
+}
+
+impl PgBackend {
+    /// Blocks on `f` with the connection (opened again if it was lost).
+    fn call<T>(
         &mut self,
-        f: impl FnOnce(&mut PgBackend) -> Result<T, postgres::Error>,
+        f: impl AsyncFnOnce(&Client, &mut Statements) -> Result<T, PgError>,
     ) -> Result<T, JournalError> {
-        self.client()?;
-        f(self).map_err(|e| self.err(e))
+        let shown = self.shown.clone();
+        let (rt, client, statements) = self.parts()?;
+        rt.block_on(f(client, statements))
+            .map_err(|e| io(&shown, error_text(&e)))
     }
 }
 
 impl Backend for PgBackend {
     fn write(&mut self, batch: &[Record], durable: bool) -> Result<Vec<bool>, JournalError> {
-        self.client()?;
-        let shown = self.shown.clone();
-        let client = self.client.as_mut().expect("connected above");
-        let mut attempt = || -> Result<Vec<bool>, postgres::Error> {
-            let mut tx = client.transaction()?;
-            if !durable {
-                tx.batch_execute("SET LOCAL synchronous_commit = off")?;
-            }
-            let mut tx = Tx {
-                tx,
-                statements: &mut self.statements,
-            };
+        self.call(async |client, statements| {
+            client
+                .batch_execute(if durable {
+                    "BEGIN"
+                } else {
+                    "BEGIN; SET LOCAL synchronous_commit = off"
+                })
+                .await?;
             let changed = if batch.is_empty() {
                 // Nothing to write, but a durable request still flushes what earlier
                 // asynchronous commits left: a transaction with an id commits through WAL.
-                tx.tx.execute("SELECT txid_current()", &[])?;
-                Vec::new()
+                client
+                    .execute("SELECT txid_current()", &[])
+                    .await
+                    .map(|_| Vec::new())
             } else {
-                batch
-                    .iter()
-                    .map(|r| apply(&mut tx, r))
-                    .collect::<Result<Vec<bool>, postgres::Error>>()?
+                apply_all(client, statements, batch).await
             };
-            tx.tx.commit()?;
-            Ok(changed)
-        };
-        attempt().map_err(|e| io(&shown, error_text(&e)))
+            finish(client, changed).await
+        })
     }
 
     fn runs(&mut self, f: &RunFilter) -> Result<Vec<RunSummary>, JournalError> {
         let mut sql = format!("SELECT {SUMMARY_COLUMNS}, pid FROM runs WHERE true");
-        let mut args: Vec<Box<dyn ToSql + Sync>> = Vec::new();
-        let mut add = |clause: &str, v: Box<dyn ToSql + Sync>| {
+        let mut args: Vec<Param> = Vec::new();
+        let mut add = |clause: &str, v: Param| {
             args.push(v);
             sql.push_str(&format!(" AND {clause} ${}", args.len()));
         };
-        if let Some(p) = &f.pipeline {
-            add("pipeline =", Box::new(p.clone()));
+        if let Some(v) = &f.pipeline {
+            add("pipeline =", p(v.clone()));
         }
-        if let Some(s) = &f.status {
-            add("status =", Box::new(s.clone()));
+        if let Some(v) = &f.status {
+            add("status =", p(v.clone()));
         }
         if let Some(t) = f.since_ms {
-            add("started_at >=", Box::new(t));
+            add("started_at >=", p(t));
         }
         if let Some(t) = f.until_ms {
-            add("started_at <", Box::new(t));
+            add("started_at <", p(t));
         }
         if let Some(o) = &f.owner {
-            add("owner =", Box::new(o.clone()));
+            add("owner =", p(o.clone()));
         }
         if f.abandoned {
-            add("host =", Box::new(super::hostname()));
+            add("host =", p(super::hostname()));
         }
         if f.not_replayed {
             sql.push_str(
@@ -972,11 +1132,12 @@ impl Backend for PgBackend {
             sql.push_str(&format!(" LIMIT {}", f.limit));
         }
         let abandoned = f.abandoned;
-        self.reading(|b| {
-            let client = b.client.as_mut().expect("connected");
-            let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| &**a).collect();
+        self.call(async |client, _| {
+            let params: Vec<&(dyn ToSql + Sync)> =
+                args.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect();
             Ok(client
-                .query(sql.as_str(), &params)?
+                .query(sql.as_str(), &params)
+                .await?
                 .iter()
                 .filter(|r| !abandoned || !super::alive(r.get::<_, i64>(10) as u32))
                 .map(summary)
@@ -985,19 +1146,19 @@ impl Backend for PgBackend {
     }
 
     fn run(&mut self, id: &str) -> Result<Option<RunDetail>, JournalError> {
-        self.reading(|b| b.read_run(id))
+        self.call(async |client, statements| read_run(client, statements, id).await)
     }
 
     fn pending_deliveries(&mut self) -> Result<Vec<Delivery>, JournalError> {
-        self.reading(|b| {
-            let client = b.client.as_mut().expect("connected");
+        self.call(async |client, _| {
             Ok(client
                 .query(
                     &format!(
                         "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE status = 'pending' ORDER BY received_at, seq"
                     ),
                     &[],
-                )?
+                )
+                .await?
                 .iter()
                 .map(delivery_row)
                 .collect())
@@ -1009,15 +1170,15 @@ impl Backend for PgBackend {
         pipeline: &str,
         event_id: &str,
     ) -> Result<Option<(Delivery, bool)>, JournalError> {
-        self.reading(|b| {
-            let client = b.client.as_mut().expect("connected");
+        self.call(async |client, _| {
             Ok(client
                 .query_opt(
                     &format!(
                         "SELECT {DELIVERY_COLUMNS}, status FROM deliveries WHERE pipeline = $1 AND event_id = $2"
                     ),
                     &[&pipeline, &event_id],
-                )?
+                )
+                .await?
                 .map(|r| (delivery_row(&r), r.get::<_, &str>(8) == "done")))
         })
     }
@@ -1027,23 +1188,25 @@ impl Backend for PgBackend {
         pipeline: &str,
         trigger: &str,
     ) -> Result<super::TriggerRecord, JournalError> {
-        self.reading(|b| {
-            let client = b.client.as_mut().expect("connected");
-            let fires = client.query_one(
-                "SELECT MAX(last_at),
-                     COALESCE(SUM(CASE outcome WHEN 'skipped' THEN count ELSE 0 END), 0)::BIGINT,
-                     COALESCE(SUM(CASE outcome WHEN 'missed' THEN count ELSE 0 END), 0)::BIGINT
-                 FROM fires WHERE pipeline = $1 AND trigger = $2",
-                &[&pipeline, &trigger],
-            )?;
-            let cursor = client.query_opt(
-                "SELECT value, updated_at FROM cursors WHERE pipeline = $1 AND trigger = $2",
-                &[&pipeline, &trigger],
-            )?;
-            let last = client.query_opt(
-                "SELECT event_id, received_at, run_id FROM deliveries WHERE pipeline = $1 AND path = $2
-                 ORDER BY received_at DESC, seq DESC LIMIT 1",
-                &[&pipeline, &trigger],
+        self.call(async |client, _| {
+            let keys: &[&(dyn ToSql + Sync)] = &[&pipeline, &trigger];
+            let (fires, cursor, last) = tokio::try_join!(
+                client.query_one(
+                    "SELECT MAX(last_at),
+                         COALESCE(SUM(CASE outcome WHEN 'skipped' THEN count ELSE 0 END), 0)::BIGINT,
+                         COALESCE(SUM(CASE outcome WHEN 'missed' THEN count ELSE 0 END), 0)::BIGINT
+                     FROM fires WHERE pipeline = $1 AND trigger = $2",
+                    keys,
+                ),
+                client.query_opt(
+                    "SELECT value, updated_at FROM cursors WHERE pipeline = $1 AND trigger = $2",
+                    keys,
+                ),
+                client.query_opt(
+                    "SELECT event_id, received_at, run_id FROM deliveries WHERE pipeline = $1 AND path = $2
+                     ORDER BY received_at DESC, seq DESC LIMIT 1",
+                    keys,
+                ),
             )?;
             Ok(super::TriggerRecord {
                 last_fire_ms: fires.get(0),
@@ -1058,8 +1221,7 @@ impl Backend for PgBackend {
 
     fn dead_letters(&mut self, f: &DlqFilter) -> Result<Vec<DeadLetter>, JournalError> {
         let limit = (f.limit > 0).then_some(f.limit as i64);
-        self.reading(|b| {
-            let client = b.client.as_mut().expect("connected");
+        self.call(async |client, _| {
             Ok(client
                 .query(
                     &format!(
@@ -1068,7 +1230,8 @@ impl Backend for PgBackend {
                          ORDER BY d.id DESC LIMIT $3"
                     ),
                     &[&f.pipeline, &f.status, &limit, &f.event_id],
-                )?
+                )
+                .await?
                 .iter()
                 .map(dead_letter)
                 .collect())
@@ -1076,22 +1239,22 @@ impl Backend for PgBackend {
     }
 
     fn dead_letter(&mut self, id: i64) -> Result<Option<DeadLetter>, JournalError> {
-        self.reading(|b| {
-            let client = b.client.as_mut().expect("connected");
+        self.call(async |client, _| {
             Ok(client
-                .query_opt(&format!("{DEAD_LETTER_SELECT} WHERE d.id = $1"), &[&id])?
+                .query_opt(&format!("{DEAD_LETTER_SELECT} WHERE d.id = $1"), &[&id])
+                .await?
                 .map(|r| dead_letter(&r)))
         })
     }
 
     fn pipeline_document(&mut self, run_id: &str) -> Result<Option<String>, JournalError> {
-        self.reading(|b| {
-            let client = b.client.as_mut().expect("connected");
+        self.call(async |client, _| {
             Ok(client
                 .query_opt(
                     "SELECT p.document FROM runs r JOIN pipelines p ON p.hash = r.pipeline_hash WHERE r.id = $1",
                     &[&run_id],
-                )?
+                )
+                .await?
                 .map(|r| r.get(0)))
         })
     }
@@ -1100,15 +1263,15 @@ impl Backend for PgBackend {
         &mut self,
         limit: usize,
     ) -> Result<Vec<(String, String, crate::http::Recorded)>, JournalError> {
-        self.reading(|b| {
-            let client = b.client.as_mut().expect("connected");
+        self.call(async |client, _| {
             let mut out: Vec<_> = client
                 .query(
                     "SELECT service, method, recorded FROM attempts
                      WHERE recorded IS NOT NULL AND status BETWEEN 200 AND 299
                      ORDER BY seq DESC LIMIT $1",
                     &[&(limit as i64)],
-                )?
+                )
+                .await?
                 .iter()
                 .filter_map(|r| {
                     let rec = serde_json::from_str(r.get::<_, &str>(2)).ok()?;
@@ -1123,7 +1286,8 @@ impl Backend for PgBackend {
 
 /// A server's claim on a shared journal: one `fmhost serve` per PostgreSQL journal
 /// until workers lease their runs (issue 28's cluster mode), as `serve.lock` is for a
-/// state directory. Held (a session advisory lock) for as long as this value lives.
+/// state directory. Held (a session advisory lock on a connection of its own) for as
+/// long as this value lives.
 pub struct ServerLock {
     _backend: PgBackend,
 }
@@ -1132,13 +1296,13 @@ impl ServerLock {
     /// `Ok(None)` when another server holds the journal.
     pub fn try_take(url: &str) -> Result<Option<ServerLock>, JournalError> {
         let mut backend = PgBackend::open(url)?;
-        let shown = backend.shown.clone();
-        let taken = in_own_thread(|| -> Result<bool, JournalError> {
-            let client = backend.client()?;
-            let row = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVER_LOCK])
-                .map_err(|e| io(&shown, error_text(&e)))?;
-            Ok(row.get(0))
+        let taken = in_own_thread(|| {
+            backend.call(async |client, _| {
+                Ok(client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVER_LOCK])
+                    .await?
+                    .get::<_, bool>(0))
+            })
         })?;
         Ok(taken.then_some(ServerLock { _backend: backend }))
     }
