@@ -93,10 +93,9 @@ pub async fn schedules(state: &Path, cmd: SchedulesCommand) -> u8 {
         }
     };
     // No journal yet: nothing has fired.
-    let journal = (state.join("journal.db").exists()
-        || matches!(crate::journal::location(), Ok(Some(_))))
-    .then(|| Journal::open_for_reading(state).ok())
-    .flatten();
+    let journal = crate::journal::readable(state)
+        .then(|| Journal::open_for_reading(state).ok())
+        .flatten();
     let now = unix_ms(std::time::SystemTime::now());
     let mut rows = Vec::new();
     for (pipeline, t) in &list {

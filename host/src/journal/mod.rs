@@ -103,6 +103,15 @@ pub(crate) fn parse_value(text: &str) -> Option<Value> {
     Some(value)
 }
 
+/// The columns a run's summary is read from, in [`RunSummary`]'s order (both backends).
+pub(crate) const SUMMARY_COLUMNS: &str = "id, pipeline, status, trigger, started_at, duration_ms, error, error_kind, replay_of, trace_id";
+
+/// A dead letter with its run's input, for both backends to filter further.
+pub(crate) const DEAD_LETTER_SELECT: &str =
+    "SELECT d.id, d.kind, d.status, d.pipeline, d.run_id, d.first_run_id, d.event_id,
+    d.reason, d.error_kind, d.retries, d.created_at, d.updated_at, d.resolved_by, r.input
+    FROM dead_letters d LEFT JOIN runs r ON r.id = d.run_id";
+
 static LOCATION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Puts the journal in PostgreSQL at `url` for this process (`fmhost --journal URL`);
@@ -129,6 +138,12 @@ pub fn location() -> Result<Option<String>, JournalError> {
         });
     }
     Ok(Some(url))
+}
+
+/// Whether there is a journal to read for the state directory `dir`: a PostgreSQL one
+/// is configured, or `DIR/journal.db` exists (reading must not create one).
+pub fn readable(dir: &Path) -> bool {
+    matches!(location(), Ok(Some(_))) || dir.join("journal.db").exists()
 }
 
 /// Who started a run; a server resumes only its own interrupted runs.

@@ -24,8 +24,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::{
-    Backend, DeadLetter, Delivery, DlqFilter, JournalError, Record, RunDetail, RunFilter,
-    RunSummary, StageDetail, json_text, parse_json, parse_value, unix_ms,
+    Backend, DEAD_LETTER_SELECT, DeadLetter, Delivery, DlqFilter, JournalError, Record, RunDetail,
+    RunFilter, RunSummary, SUMMARY_COLUMNS, StageDetail, json_text, parse_json, parse_value,
+    unix_ms,
 };
 use crate::engine::{StageReport, StageStatus};
 use crate::http::Attempt;
@@ -205,12 +206,27 @@ type PgError = tokio_postgres::Error;
 type Param = Box<dyn ToSql + Sync + Send>;
 type Statements = HashMap<&'static str, Statement>;
 
-/// `postgres://user:secret@host/db` as it may be shown: the password masked.
+/// `postgres://user:secret@host/db` as it may be shown: the password masked, in the
+/// user part and in a `?password=` parameter (which the client accepts too).
 pub fn display_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
+            }
+            if u.query_pairs().any(|(k, _)| k == "password") {
+                let masked: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k == "password" {
+                            "***".into()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(masked);
             }
             u.to_string()
         }
@@ -854,8 +870,6 @@ async fn run_finished(
     Ok(n)
 }
 
-const SUMMARY_COLUMNS: &str = "id, pipeline, status, trigger, started_at, duration_ms, error, error_kind, replay_of, trace_id";
-
 fn summary(r: &tokio_postgres::Row) -> RunSummary {
     let started: i64 = r.get(4);
     RunSummary {
@@ -891,11 +905,6 @@ fn delivery_row(r: &tokio_postgres::Row) -> Delivery {
             .map(Stored::from_storage),
     }
 }
-
-const DEAD_LETTER_SELECT: &str =
-    "SELECT d.id, d.kind, d.status, d.pipeline, d.run_id, d.first_run_id, d.event_id,
-    d.reason, d.error_kind, d.retries, d.created_at, d.updated_at, d.resolved_by, r.input
-    FROM dead_letters d LEFT JOIN runs r ON r.id = d.run_id";
 
 fn dead_letter(r: &tokio_postgres::Row) -> DeadLetter {
     let run_id: String = r.get(4);
@@ -1305,5 +1314,20 @@ impl ServerLock {
             })
         })?;
         Ok(taken.then_some(ServerLock { _backend: backend }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_shown_url_holds_no_password() {
+        for url in [
+            "postgres://fmhost:hunter2@db:5432/j",
+            "postgres://fmhost@db/j?sslmode=disable&password=hunter2",
+        ] {
+            let shown = super::display_url(url);
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("db"), "{shown}");
+        }
     }
 }

@@ -11,8 +11,9 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, pa
 use serde_json::Value;
 
 use super::{
-    Backend, DeadLetter, Delivery, DlqFilter, JournalError, Record, RunDetail, RunFilter,
-    RunSummary, StageDetail, json_text, parse_json, parse_value, unix_ms,
+    Backend, DEAD_LETTER_SELECT, DeadLetter, Delivery, DlqFilter, JournalError, Record, RunDetail,
+    RunFilter, RunSummary, SUMMARY_COLUMNS, StageDetail, json_text, parse_json, parse_value,
+    unix_ms,
 };
 use crate::engine::{StageReport, StageStatus};
 use crate::http::Attempt;
@@ -634,8 +635,6 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
     Ok(changed > 0)
 }
 
-const SUMMARY_COLUMNS: &str = "id, pipeline, status, trigger, started_at, duration_ms, error, error_kind, replay_of, trace_id";
-
 fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
     Ok(RunSummary {
         run_id: r.get(0)?,
@@ -671,11 +670,6 @@ fn dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
         input: Stored::from_storage(parse_json(r.get(13)?).unwrap_or(Value::Null)),
     })
 }
-
-const DEAD_LETTER_SELECT: &str =
-    "SELECT d.id, d.kind, d.status, d.pipeline, d.run_id, d.first_run_id, d.event_id,
-    d.reason, d.error_kind, d.retries, d.created_at, d.updated_at, d.resolved_by, r.input
-    FROM dead_letters d LEFT JOIN runs r ON r.id = d.run_id";
 
 impl SqliteBackend {
     fn read_run(&mut self, id: &str) -> rusqlite::Result<Option<RunDetail>> {
