@@ -5,6 +5,7 @@
 mod support;
 
 mod change;
+mod cluster;
 mod console;
 mod control;
 mod engine;

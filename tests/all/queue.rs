@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::serve::{Server, get_json, pipelines_dir};
 use crate::support::{self, Fake, Reply};
 
-fn nats_binary() -> Option<PathBuf> {
+pub(crate) fn nats_binary() -> Option<PathBuf> {
     let candidates = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default()
@@ -27,7 +27,7 @@ fn nats_binary() -> Option<PathBuf> {
 }
 
 /// A `nats-server -js` on a fixed loopback port with its store in `dir`.
-struct NatsServer {
+pub(crate) struct NatsServer {
     bin: PathBuf,
     port: u16,
     dir: PathBuf,
@@ -35,7 +35,7 @@ struct NatsServer {
 }
 
 impl NatsServer {
-    fn start(bin: PathBuf, dir: &Path) -> NatsServer {
+    pub(crate) fn start(bin: PathBuf, dir: &Path) -> NatsServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -51,7 +51,7 @@ impl NatsServer {
         s
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 

@@ -65,7 +65,8 @@ fn cargo() -> Command {
 
 /// The suite, on the SQLite journal; then, with `FMHOST_TEST_POSTGRES` (a PostgreSQL
 /// server's URL, which `.ci/run` starts), the tests that journal runs again with their
-/// journal in PostgreSQL (each test in a database of its own).
+/// journal in PostgreSQL (each test in a database of its own), and the cluster tests,
+/// which need it.
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     plugins(root)?;
     run(cargo()
@@ -93,6 +94,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         "secrecy::",
         "queue::",
         "observe::",
+        "cluster::",
     ]))
 }
 

@@ -148,6 +148,17 @@ struct ServeArgs {
     /// still running or with an open dead letter are kept.
     #[arg(long, value_name = "AGE", value_parser = parse_duration)]
     retain: Option<Duration>,
+    /// Join a cluster of workers sharing work through this NATS JetStream server (or a
+    /// `{{secrets.NAME}}` holding its URL); needs a PostgreSQL journal (docs/scale-out.md).
+    #[arg(long, value_name = "URL", env = "FMHOST_CLUSTER")]
+    cluster: Option<String>,
+    /// In a cluster: how long a worker's runs stay its own without a heartbeat; a dead
+    /// worker's runs are resumed elsewhere after about this long.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    lease: Duration,
+    /// In a cluster: this worker's name (default: host name and process id).
+    #[arg(long, value_name = "NAME")]
+    worker_id: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -526,6 +537,11 @@ async fn serve(args: ServeArgs, state: PathBuf) -> u8 {
         },
         max_runs: args.max_runs,
         retain: args.retain,
+        cluster: args.cluster.map(|url| crate::serve::ClusterOptions {
+            url,
+            lease: args.lease,
+            worker_id: args.worker_id,
+        }),
     };
     match crate::serve::serve(opts).await {
         Ok(()) => 0,

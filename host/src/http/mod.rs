@@ -360,6 +360,8 @@ pub struct Outbound {
     pub cache: Arc<cache::ResponseCache>,
     /// Answers every attempt instead of the network (`fmhost test`): nothing is sent.
     pub offline: Option<Arc<dyn Offline>>,
+    /// The rate limits every worker of a cluster shares, when this process is one.
+    pub quota: Option<Arc<dyn service::SharedQuota>>,
     /// The shapes of recorded answers, per service endpoint, for schema drift.
     pub shapes: Arc<drift::Shapes>,
     /// Every change of a circuit breaker's state, to whoever listens (`serve`'s alerts).
@@ -415,6 +417,7 @@ impl Outbound {
             metrics: Arc::default(),
             cache: Arc::default(),
             offline: None,
+            quota: None,
             shapes: Arc::default(),
             breaker_events: tokio::sync::broadcast::channel(64).0,
         }
@@ -712,7 +715,7 @@ impl Outbound {
         let breaker = service.breaker.as_ref();
         // Waiting for a token or a bulkhead place counts against the stage's deadline.
         let wait = async {
-            service.throttle().await;
+            service.throttle(self.quota.as_deref()).await;
             service.enter().await
         };
         let permit = match ctx.deadline {

@@ -194,11 +194,22 @@ impl Service {
     }
 
     /// Waits for a rate-limit token, and longer when the service reports little headroom.
-    pub async fn throttle(&self) {
+    /// With a `shared` quota (a cluster), the token comes from it, so all workers together
+    /// keep the one limit; if it cannot answer, this process's own limit holds the call.
+    pub async fn throttle(&self, shared: Option<&dyn SharedQuota>) {
         let hold = self.headroom.delay();
         if !hold.is_zero() {
             tracing::debug!(target: "fmhost::http", service = %self.name, hold_ms = hold.as_millis() as u64, "service {}: little rate-limit headroom left; holding a call {} ms", self.name, hold.as_millis());
             tokio::time::sleep(hold).await;
+        }
+        if let (Some(shared), Some(r)) = (shared, &self.policy.rate_limit) {
+            let period = Duration::from_secs_f64(1.0 / r.requests_per_second);
+            match shared.acquire(&self.name, period, r.burst).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(target: "fmhost::http", service = %self.name, "service {}: the shared rate limit cannot answer ({e}); this worker's own limit holds the call", self.name)
+                }
+            }
         }
         if let Some(l) = &self.limiter {
             l.until_ready().await;
@@ -212,6 +223,19 @@ impl Service {
             None => None,
         }
     }
+}
+
+/// A rate limit kept outside this process: every worker of a cluster takes its calls'
+/// places from the same one.
+pub trait SharedQuota: Send + Sync {
+    /// Waits for one call's place in `service`'s limit of one call per `period`, `burst`
+    /// at once.
+    fn acquire<'a>(
+        &'a self,
+        service: &'a str,
+        period: Duration,
+        burst: u32,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>>;
 }
 
 /// Services by name, created on first use.

@@ -140,6 +140,43 @@ pub fn location() -> Result<Option<String>, JournalError> {
     Ok(Some(url))
 }
 
+/// This process as a worker of a cluster (`fmhost serve --cluster`): the runs it starts
+/// are leased to it in the journal, renewed while it lives ([`Record::RenewLeases`]).
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub id: String,
+    /// How long a lease lasts without renewal; a queued run waits as long for a taker.
+    pub lease_ms: i64,
+}
+
+static WORKER: std::sync::OnceLock<Worker> = std::sync::OnceLock::new();
+
+/// Makes this process a cluster worker; the first call wins.
+pub fn set_worker(worker: Worker) {
+    let _ = WORKER.set(worker);
+}
+
+/// This process as a cluster worker, if it is one.
+pub fn worker() -> Option<&'static Worker> {
+    WORKER.get()
+}
+
+/// How long a queued run may wait for a worker, in leases, before the leader queues it
+/// again (its message may have been lost with the worker that was publishing it).
+pub const QUEUED_LEASES: i64 = 6;
+
+/// A run's lease as its start is written at `now`: the worker that runs it (none while
+/// it is queued for any worker to take) and until when, or nothing outside a cluster.
+pub(crate) fn lease_of(start: &RunStart, now: i64) -> (Option<String>, Option<i64>) {
+    match worker() {
+        Some(w) => (
+            (!start.queued).then(|| w.id.clone()),
+            Some(now + w.lease_ms * if start.queued { QUEUED_LEASES } else { 1 }),
+        ),
+        None => (None, None),
+    }
+}
+
 /// Whether there is a journal to read for the state directory `dir`: a PostgreSQL one
 /// is configured, or `DIR/journal.db` exists (reading must not create one).
 pub fn readable(dir: &Path) -> bool {
@@ -202,6 +239,9 @@ pub struct RunStart {
     /// journaled; kept by a resume and a replay, so keys derived from it stay the same.
     #[serde(default)]
     pub trigger_info: Option<Stored>,
+    /// In a cluster: started for any worker to take from the work queue, not by this one.
+    #[serde(default)]
+    pub queued: bool,
 }
 
 impl RunStart {
@@ -226,6 +266,7 @@ impl RunStart {
             replay_from: None,
             started_at: unix_ms(SystemTime::now()),
             trigger_info: None,
+            queued: false,
         }
     }
 
@@ -374,6 +415,11 @@ pub enum Record {
     Pipeline {
         hash: String,
         document: String,
+    },
+    /// A cluster worker's heartbeat: the runs it holds stay its own until `until`.
+    RenewLeases {
+        worker: String,
+        until: i64,
     },
 }
 
@@ -568,6 +614,48 @@ pub trait Backend: Send + 'static {
         &mut self,
         limit: usize,
     ) -> Result<Vec<(String, String, crate::http::Recorded)>, JournalError>;
+    /// A cluster's leases and shared quotas; only a journal several hosts share has them.
+    fn cluster(&mut self) -> Result<&mut dyn ClusterBackend, JournalError> {
+        Err(JournalError::Io {
+            path: PathBuf::from("journal.db"),
+            why: "a cluster needs a PostgreSQL journal (--journal postgres://...)".into(),
+        })
+    }
+}
+
+/// What the workers of a cluster share through the journal: who runs which run (leases,
+/// compared and set in one statement) and each service's rate limit.
+pub trait ClusterBackend {
+    /// Takes queued run `run_id` for `worker` until `until`; false if another worker
+    /// has it or it is not running.
+    fn claim(&mut self, run_id: &str, worker: &str, until: i64) -> Result<bool, JournalError>;
+    /// Up to `limit` running runs whose lease ran out before `now`, with the worker
+    /// that held each (none for a queued run nobody took).
+    fn expired(
+        &mut self,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, Option<String>)>, JournalError>;
+    /// Puts run `run_id` back in the queue until `until`, if its lease is still the
+    /// expired one of `worker`; false if anything changed meanwhile.
+    fn requeue(
+        &mut self,
+        run_id: &str,
+        worker: Option<&str>,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, JournalError>;
+    /// Accepted deliveries received before `before` whose run was never journaled.
+    fn orphaned(&mut self, before: i64) -> Result<Vec<Delivery>, JournalError>;
+    /// One call's place in `service`'s shared rate limit (a GCRA on the database's
+    /// clock: one call per `period_us`, `burst` at once): zero when taken, else how many
+    /// microseconds to wait before asking again.
+    fn take_token(
+        &mut self,
+        service: &str,
+        period_us: i64,
+        burst: u32,
+    ) -> Result<i64, JournalError>;
 }
 
 enum Msg {
@@ -751,6 +839,14 @@ impl Journal {
         })
         .await
         .map_err(|_| JournalError::Closed)?
+    }
+
+    /// A cluster operation on the shared journal ([`ClusterBackend`]).
+    pub async fn cluster<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut dyn ClusterBackend) -> Result<T, JournalError> + Send + 'static,
+    ) -> Result<T, JournalError> {
+        self.read(move |b| f(b.cluster()?)).await
     }
 
     pub async fn runs(&self, filter: RunFilter) -> Result<Vec<RunSummary>, JournalError> {

@@ -15,6 +15,9 @@
 //! are *pipelined*: every record that is one statement is sent before the first answer is
 //! awaited, so a batch costs a few round trips rather than one per row.
 
+mod cluster;
+pub use cluster::{Leadership, ServerLock};
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -194,12 +197,23 @@ CREATE TABLE cursors (
         "dead letters found by their delivery (a redelivered queue message)",
         "CREATE INDEX dead_letters_by_event ON dead_letters (pipeline, event_id, status);",
     ),
+    (
+        7,
+        "cluster: a run's worker and lease, services' shared rate limits",
+        r#"
+ALTER TABLE runs ADD COLUMN worker TEXT;
+ALTER TABLE runs ADD COLUMN lease_until BIGINT;
+CREATE INDEX runs_by_lease ON runs (lease_until) WHERE status = 'running' AND lease_until IS NOT NULL;
+CREATE TABLE quotas (
+    service TEXT PRIMARY KEY,
+    tat     BIGINT NOT NULL
+);
+"#,
+    ),
 ];
 
 /// The advisory lock key migrations hold (any constant no other application uses).
 const MIGRATION_LOCK: i64 = 0x666d_686f_7374_0001;
-/// The advisory lock key a server holds for as long as it runs (see [`ServerLock`]).
-const SERVER_LOCK: i64 = 0x666d_686f_7374_0002;
 
 type PgError = tokio_postgres::Error;
 /// A statement's parameter, owned, so a batch's statements can all be in flight at once.
@@ -499,12 +513,14 @@ fn single(record: &Record, now: i64) -> Option<(&'static str, Vec<Param>)> {
         Record::RunStarted(s) => (
             "INSERT INTO runs (id, pipeline, pipeline_file, plugin_dirs, secrets_file, status, trigger, owner,
                  host, pid, input, started_at, replay_of, replay_from, trace_id, trace_span, trace_parent,
-                 trigger_info)
-             VALUES ($1, $2, $3, $10, $11, 'running', $4, $5, $12, $13, $6, $7, $8, $9, $14, $15, $16, $17)
+                 trigger_info, worker, lease_until)
+             VALUES ($1, $2, $3, $10, $11, 'running', $4, $5, $12, $13, $6, $7, $8, $9, $14, $15, $16, $17,
+                 $18, $19)
              ON CONFLICT (id) DO UPDATE SET status = 'running', error = NULL, error_kind = NULL,
                  finished_at = NULL, host = excluded.host, pid = excluded.pid,
                  trace_id = excluded.trace_id, trace_span = excluded.trace_span,
-                 trace_parent = excluded.trace_parent",
+                 trace_parent = excluded.trace_parent, worker = excluded.worker,
+                 lease_until = excluded.lease_until",
             vec![
                 p(s.run_id.clone()),
                 p(s.pipeline.clone()),
@@ -523,7 +539,13 @@ fn single(record: &Record, now: i64) -> Option<(&'static str, Vec<Param>)> {
                 p(s.trace.span_id.clone()),
                 p(s.trace.parent_span_id.clone()),
                 p(s.trigger_info.as_ref().map(|t| json_text(t.as_value()))),
+                p(super::lease_of(s, now).0),
+                p(super::lease_of(s, now).1),
             ],
+        ),
+        Record::RenewLeases { worker, until } => (
+            "UPDATE runs SET lease_until = $2 WHERE worker = $1 AND status = 'running'",
+            vec![p(worker.clone()), p(*until)],
         ),
         Record::Stage {
             run_id,
@@ -1268,6 +1290,10 @@ impl Backend for PgBackend {
         })
     }
 
+    fn cluster(&mut self) -> Result<&mut dyn super::ClusterBackend, JournalError> {
+        Ok(self)
+    }
+
     fn recorded_answers(
         &mut self,
         limit: usize,
@@ -1290,30 +1316,6 @@ impl Backend for PgBackend {
             out.reverse();
             Ok(out)
         })
-    }
-}
-
-/// A server's claim on a shared journal: one `fmhost serve` per PostgreSQL journal
-/// until workers lease their runs (issue 28's cluster mode), as `serve.lock` is for a
-/// state directory. Held (a session advisory lock on a connection of its own) for as
-/// long as this value lives.
-pub struct ServerLock {
-    _backend: PgBackend,
-}
-
-impl ServerLock {
-    /// `Ok(None)` when another server holds the journal.
-    pub fn try_take(url: &str) -> Result<Option<ServerLock>, JournalError> {
-        let mut backend = PgBackend::open(url)?;
-        let taken = in_own_thread(|| {
-            backend.call(async |client, _| {
-                Ok(client
-                    .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVER_LOCK])
-                    .await?
-                    .get::<_, bool>(0))
-            })
-        })?;
-        Ok(taken.then_some(ServerLock { _backend: backend }))
     }
 }
 

@@ -186,6 +186,19 @@ CREATE TABLE cursors (
 CREATE INDEX dead_letters_by_event ON dead_letters (pipeline, event_id, status);
 "#,
     ),
+    (
+        7,
+        "cluster: a run's worker and lease, services' shared rate limits",
+        r#"
+ALTER TABLE runs ADD COLUMN worker TEXT;
+ALTER TABLE runs ADD COLUMN lease_until INTEGER;
+CREATE INDEX runs_by_lease ON runs (lease_until) WHERE status = 'running' AND lease_until IS NOT NULL;
+CREATE TABLE quotas (
+    service TEXT PRIMARY KEY,
+    tat     INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
+    ),
 ];
 
 pub struct SqliteBackend {
@@ -610,6 +623,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, record: &Record) -> rusqlite::Result<bo
                 "INSERT OR IGNORE INTO pipelines (hash, document, first_seen) VALUES (?1, ?2, ?3)",
             )?
             .execute(params![hash, document, now])?,
+        Record::RenewLeases { worker, until } => tx
+            .prepare_cached(
+                "UPDATE runs SET lease_until = ?2 WHERE worker = ?1 AND status = 'running'",
+            )?
+            .execute(params![worker, until])?,
         Record::Forget { run_id } => {
             // Checked again here, in the writer: the run may have been resumed since.
             let removable: bool = tx

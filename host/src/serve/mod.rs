@@ -8,6 +8,8 @@
 
 mod alerts;
 mod auth;
+mod cluster;
+pub use cluster::ClusterOptions;
 mod conn;
 mod console;
 mod nats;
@@ -69,6 +71,8 @@ pub struct ServeOptions {
     pub max_runs: usize,
     /// Journaled runs older than this are removed, at start and every hour.
     pub retain: Option<Duration>,
+    /// Work with other servers as one (`--cluster`): docs/scale-out.md.
+    pub cluster: Option<ClusterOptions>,
 }
 
 /// Request bodies larger than these are answered 413 without being buffered whole.
@@ -137,6 +141,8 @@ struct App {
     events: tokio::sync::broadcast::Sender<Value>,
     /// Cancelled at shutdown: ends the event streams so connections can drain.
     closing: tokio_util::sync::CancellationToken,
+    /// This server as a worker of a cluster.
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 impl App {
@@ -193,14 +199,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             lock_path.display()
         );
     }
-    // The same for a shared PostgreSQL journal, until workers lease their runs: a second
-    // server on it would resume the first one's runs as its own.
-    let _journal_lock = match crate::journal::location()? {
-        Some(url) => match crate::journal::postgres::ServerLock::try_take(&url)? {
+    // The same for a shared PostgreSQL journal, unless the servers are a cluster's
+    // workers (whose runs are leased): a second server on it would resume the first
+    // one's runs as its own.
+    let journal_url = crate::journal::location()?;
+    let _journal_lock = match journal_url.as_ref().filter(|_| opts.cluster.is_none()) {
+        Some(url) => match crate::journal::postgres::ServerLock::try_take(url)? {
             Some(lock) => Some(lock),
             None => anyhow::bail!(
                 "another fmhost serve is using the journal {}",
-                crate::journal::postgres::display_url(&url)
+                crate::journal::postgres::display_url(url)
             ),
         },
         None => None,
@@ -306,6 +314,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     let mut engine = Engine::new(Secrets::load(opts.secrets.as_deref())?);
     engine.outbound.metrics = shared_metrics;
+    let cluster = match &opts.cluster {
+        Some(c) => {
+            let joined = cluster::Cluster::join(c, &engine.secrets(), journal_url).await?;
+            engine.outbound.quota = Some(Arc::new(cluster::JournalQuota(journal.clone())));
+            Some(Arc::new(joined))
+        }
+        None => None,
+    };
     engine.fixed_now = std::env::var("FMHOST_NOW").ok().map(Arc::from);
     // One live state per service, owned by its first declaration in file order; a
     // conflicting one is reported now rather than discovered under load.
@@ -338,6 +354,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         max_delivery_bytes: opts.limits.webhook,
         events: tokio::sync::broadcast::channel(256).0,
         closing: tokio_util::sync::CancellationToken::new(),
+        cluster,
     });
     // Schema drift keeps comparing with the shapes recorded before this start.
     match app.journal.recorded_answers(5000).await {
@@ -378,10 +395,21 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     runtime.add_own_addr(addr);
 
-    // Runs and deliveries a crash or a drain timeout left unfinished.
-    recover::recover(&app, opts.on_interrupted).await?;
     // Schedules, polls and file drops start runs from now on; breakers raise alerts.
-    triggers::start(&app);
+    let background = match &app.cluster {
+        // A cluster's unfinished runs are its leader's to queue again, as their leases
+        // run out.
+        Some(cluster) => {
+            let mut started = triggers::start(&app, triggers::Part::Worker);
+            started.extend(cluster::start(&app, cluster));
+            started
+        }
+        None => {
+            // Runs and deliveries a crash or a drain timeout left unfinished.
+            recover::recover(&app, opts.on_interrupted).await?;
+            triggers::start(&app, triggers::Part::All)
+        }
+    };
     watch_breakers(&app);
 
     // A rotated secrets file applies from the next stage that starts; no restart.
@@ -452,6 +480,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .route("/v1/pipelines/{name}/graph", get(pipeline_graph))
         .route("/v1/services", get(list_services))
         .route("/v1/triggers", get(list_triggers))
+        .route("/v1/cluster", get(cluster_state))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -514,7 +543,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::warn!(target: "fmhost::serve", "drain timeout: {} background run(s) still running; accepted deliveries will resume at next start", app.tracker.len());
+        if let Some(cluster) = &app.cluster {
+            cluster::release(&app, cluster).await;
+        }
     }
+    background.into_iter().for_each(|t| t.abort());
     if let Err(e) = app.journal.commit(true).await {
         tracing::error!(target: "fmhost::serve", "journal: {e}");
     }
@@ -735,6 +768,17 @@ async fn start_run(
             "invalid mode",
             format!("mode must be sync or async, not {other:?}"),
         );
+    }
+    if let (Some(cluster), Some("async")) = (&app.cluster, mode) {
+        // Any worker of the cluster runs it; on record (synced) before it is answered.
+        start.queued = true;
+        if let Err(refused) = announce_durably(&app, &start).await {
+            return refused;
+        }
+        if let Err(e) = cluster.dispatch(&run_id, 0).await {
+            tracing::warn!(target: "fmhost::serve", %run_id, "run {run_id} is journaled but not yet queued ({e}); the leader queues it");
+        }
+        return (StatusCode::ACCEPTED, Json(json!({"run_id": run_id, "status": "running", "href": format!("/v1/runs/{run_id}")}))).into_response();
     }
     let place = match app.admit() {
         Ok(p) => p,
@@ -1433,6 +1477,18 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
+/// This worker's place in its cluster; 404 for a server on its own.
+async fn cluster_state(State(app): State<Arc<App>>) -> Response {
+    match &app.cluster {
+        Some(c) => Json(c.describe()).into_response(),
+        None => problem(
+            StatusCode::NOT_FOUND,
+            "not in a cluster",
+            "this server runs on its own (fmhost serve --cluster joins one)",
+        ),
+    }
+}
+
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.draining.load(Ordering::SeqCst) {
         problem(StatusCode::SERVICE_UNAVAILABLE, "draining", "shutting down")
@@ -1553,16 +1609,23 @@ async fn fallback(
                     .insert(key, window, &event_id);
             }
             let run_id = delivery.run_id.clone();
-            // Its run can be looked up as soon as the sender has the run id.
-            RunJournal::following(
-                app.journal.clone(),
-                delivery_start(&app, &delivery),
-                &app.engine,
-            )
-            .announce();
-            let app2 = app.clone();
-            app.tracker
-                .spawn(async move { process_delivery(app2, delivery, payload).await });
+            if let Some(cluster) = &app.cluster {
+                // Any worker runs it; the journal has it, whatever becomes of the queue.
+                if let Err(e) = cluster.enqueue(&app, delivery_start(&app, &delivery)).await {
+                    tracing::error!(target: "fmhost::serve", "delivery {event_id} is accepted but its run is not yet journaled ({e}); the leader queues it");
+                }
+            } else {
+                // Its run can be looked up as soon as the sender has the run id.
+                RunJournal::following(
+                    app.journal.clone(),
+                    delivery_start(&app, &delivery),
+                    &app.engine,
+                )
+                .announce();
+                let app2 = app.clone();
+                app.tracker
+                    .spawn(async move { process_delivery(app2, delivery, payload).await });
+            }
             (
                 StatusCode::ACCEPTED,
                 Json(json!({"event_id": event_id, "run_id": run_id})),

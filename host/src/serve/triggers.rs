@@ -255,26 +255,44 @@ pub(super) fn finish_run(start: &RunStart, succeeded: bool) {
     }
 }
 
-/// Starts every schedule, poll, file and nats trigger of the served pipelines.
-pub(super) fn start(app: &Arc<App>) {
+/// Which of the served triggers a server starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Part {
+    /// A server on its own: all of them.
+    All,
+    /// A cluster's leader: schedules and polls, which must fire once for the cluster.
+    Leader,
+    /// Every worker of a cluster: file drops (a directory of its own machine) and
+    /// queues (whose consumer the workers share).
+    Worker,
+}
+
+/// Starts the schedule, poll, file and nats triggers of the served pipelines that
+/// `part` names; the handles stop them (a leader that lost its leadership).
+pub(super) fn start(app: &Arc<App>, part: Part) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut started = Vec::new();
     for st in &app.triggers {
-        let (app, st) = (app.clone(), st.clone());
-        match st.trigger.kind.clone() {
-            TriggerKind::Webhook(_) => {}
-            TriggerKind::Schedule(s) => {
-                tokio::spawn(async move { schedule_loop(app, st, *s).await });
-            }
-            TriggerKind::Poll(p) => {
-                tokio::spawn(async move { poll_loop(app, st, p).await });
-            }
-            TriggerKind::File(f) => {
-                tokio::spawn(async move { file_loop(app, st, f).await });
-            }
-            TriggerKind::Nats(n) => {
-                tokio::spawn(async move { super::nats::consume(app, st, *n).await });
-            }
+        let leads = matches!(
+            st.trigger.kind,
+            TriggerKind::Schedule(_) | TriggerKind::Poll(_)
+        );
+        if (part == Part::Leader && !leads) || (part == Part::Worker && leads) {
+            continue;
         }
+        let (app, st) = (app.clone(), st.clone());
+        started.push(match st.trigger.kind.clone() {
+            TriggerKind::Webhook(_) => continue,
+            TriggerKind::Schedule(s) => {
+                tokio::spawn(async move { schedule_loop(app, st, *s).await })
+            }
+            TriggerKind::Poll(p) => tokio::spawn(async move { poll_loop(app, st, p).await }),
+            TriggerKind::File(f) => tokio::spawn(async move { file_loop(app, st, f).await }),
+            TriggerKind::Nats(n) => {
+                tokio::spawn(async move { super::nats::consume(app, st, *n).await })
+            }
+        });
     }
+    started
 }
 
 /// Most missed fires one start catches up (`catch_up: all`); older ones count as missed.
