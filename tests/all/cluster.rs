@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+use crate::plugins::plugin_file;
 use crate::queue::{NatsServer, nats_binary};
-use crate::serve::{Server, get_json, pipelines_dir};
+use crate::serve::{Server, get_json, pipelines_dir, plugins_dir};
 use crate::support::{self, Fake, Reply};
 
 /// The PostgreSQL journal and a nats-server binary, or why the test cannot run.
@@ -35,12 +36,23 @@ fn prerequisites() -> Option<std::path::PathBuf> {
 
 /// Worker `name` of the cluster at `nats`, with a state directory of its own.
 fn worker(dir: &Path, name: &str, pipelines: &Path, secrets: &Value, nats: &str) -> Server {
+    worker_with(dir, name, pipelines, &dir.join("no-plugins"), secrets, nats)
+}
+
+fn worker_with(
+    dir: &Path,
+    name: &str,
+    pipelines: &Path,
+    plugins: &Path,
+    secrets: &Value,
+    nats: &str,
+) -> Server {
     let own = dir.join(name);
     std::fs::create_dir_all(&own).unwrap();
     Server::start_with(
         &own,
         pipelines,
-        &dir.join("no-plugins"),
+        plugins,
         secrets,
         &["--cluster", nats, "--lease", "2s", "--worker-id", name],
     )
@@ -374,5 +386,89 @@ async fn a_rate_limit_and_a_schedule_hold_for_the_cluster_as_a_whole() {
         "cluster quota: {n} calls from 3 workers in {:.2} s (10/s allowed), at most {busiest} in one second; {} schedule fires, each once",
         span.as_secs_f64(),
         fires.len()
+    );
+}
+
+/// The version of `plugin` each worker serves.
+async fn versions(client: &reqwest::Client, workers: &[&Server], plugin: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in workers {
+        let listed = get_json(client, format!("{}/v1/plugins", w.url)).await;
+        let v = listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == plugin)
+            .map(|p| p["version"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default();
+        out.push(v);
+    }
+    out
+}
+
+async fn wait_versions(client: &reqwest::Client, workers: &[&Server], want: &str) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let now = versions(client, workers, "intercom").await;
+        if now.iter().all(|v| v == want) {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "intercom versions {now:?}, not all {want}:\n{}",
+            workers.last().unwrap().log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A swap uploaded to one worker reaches the others, a worker that starts later serves
+/// the cluster's version, and a rollback on another worker takes them all back.
+#[tokio::test]
+async fn a_swap_on_one_worker_reaches_every_worker_and_so_does_a_rollback() {
+    let Some(bin) = prerequisites() else {
+        return;
+    };
+    let dir = support::scratch("cluster-swap");
+    let nats = NatsServer::start(bin, &dir);
+    let plugins = plugins_dir(&dir);
+    let pipelines = pipelines_dir(
+        &dir,
+        &[(
+            "hello.pipeline.json",
+            json!({"name": "hello", "stages": [{"id": "t", "component": "json-transform",
+                   "config": {"template": {"hi": "{{input.name}}"}}}]}),
+        )],
+    );
+    let s1 = worker_with(&dir, "s1", &pipelines, &plugins, &json!({}), &nats.url());
+    let s2 = worker_with(&dir, "s2", &pipelines, &plugins, &json!({}), &nats.url());
+    let s3 = worker_with(&dir, "s3", &pipelines, &plugins, &json!({}), &nats.url());
+    let client = support::api_client();
+    assert_eq!(versions(&client, &[&s1, &s2, &s3], "intercom").await, ["1.0.0"; 3]);
+
+    let v2 = std::fs::read(plugin_file("target/test-plugins", "intercom-v2")).unwrap();
+    let resp = client
+        .put(format!("{}/v1/plugins/intercom", s1.url))
+        .body(v2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let reached = wait_versions(&client, &[&s1, &s2, &s3], "2.0.0").await;
+
+    let s4 = worker_with(&dir, "s4", &pipelines, &plugins, &json!({}), &nats.url());
+    wait_versions(&client, &[&s4], "2.0.0").await;
+
+    let resp = client
+        .post(format!("{}/v1/plugins/intercom/rollback", s2.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let back = wait_versions(&client, &[&s1, &s2, &s3, &s4], "1.0.0").await;
+    eprintln!(
+        "cluster swap: version 2.0.0 on all three workers {:.2} s after the upload; the rollback on all four {:.2} s after",
+        reached.as_secs_f64(),
+        back.as_secs_f64()
     );
 }

@@ -623,6 +623,19 @@ pub trait Backend: Send + 'static {
     }
 }
 
+/// A plugin change one worker of a cluster made, for the others.
+#[derive(Debug, Clone)]
+pub struct PluginEvent {
+    pub seq: i64,
+    pub name: String,
+    /// `swap` or `rollback`.
+    pub action: String,
+    pub sha256: Option<String>,
+    /// The operator approved hosts or a world beyond the previous version's.
+    pub approve: bool,
+    pub worker: String,
+}
+
 /// What the workers of a cluster share through the journal: who runs which run (leases,
 /// compared and set in one statement) and each service's rate limit.
 pub trait ClusterBackend {
@@ -647,6 +660,20 @@ pub trait ClusterBackend {
     ) -> Result<bool, JournalError>;
     /// Accepted deliveries received before `before` whose run was never journaled.
     fn orphaned(&mut self, before: i64) -> Result<Vec<Delivery>, JournalError>;
+    /// Records a plugin change made on `worker` (`swap` to the component `blob`, kept
+    /// by its SHA-256, or `rollback`) for the other workers to make; returns its number.
+    fn announce_plugin(
+        &mut self,
+        name: &str,
+        action: &str,
+        blob: Option<(&str, &[u8])>,
+        approve: bool,
+        worker: &str,
+    ) -> Result<i64, JournalError>;
+    /// The plugin changes numbered above `after`, in order.
+    fn plugin_events(&mut self, after: i64) -> Result<Vec<PluginEvent>, JournalError>;
+    /// A component kept by [`ClusterBackend::announce_plugin`], by its SHA-256.
+    fn plugin_blob(&mut self, sha256: &str) -> Result<Option<Vec<u8>>, JournalError>;
     /// One call's place in `service`'s shared rate limit (a GCRA on the database's
     /// clock: one call per `period_us`, `burst` at once): zero when taken, else how many
     /// microseconds to wait before asking again.

@@ -199,7 +199,7 @@ CREATE TABLE cursors (
     ),
     (
         7,
-        "cluster: a run's worker and lease, services' shared rate limits",
+        "cluster: a run's worker and lease, services' shared rate limits, plugin versions",
         r#"
 ALTER TABLE runs ADD COLUMN worker TEXT;
 ALTER TABLE runs ADD COLUMN lease_until BIGINT;
@@ -207,6 +207,20 @@ CREATE INDEX runs_by_lease ON runs (lease_until) WHERE status = 'running' AND le
 CREATE TABLE quotas (
     service TEXT PRIMARY KEY,
     tat     BIGINT NOT NULL
+);
+CREATE TABLE plugin_blobs (
+    sha256 TEXT PRIMARY KEY,
+    bytes  BYTEA NOT NULL,
+    at     BIGINT NOT NULL
+);
+CREATE TABLE plugin_events (
+    seq     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name    TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    sha256  TEXT,
+    approve BOOLEAN NOT NULL,
+    worker  TEXT NOT NULL,
+    at      BIGINT NOT NULL
 );
 "#,
     ),

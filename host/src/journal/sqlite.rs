@@ -188,7 +188,7 @@ CREATE INDEX dead_letters_by_event ON dead_letters (pipeline, event_id, status);
     ),
     (
         7,
-        "cluster: a run's worker and lease, services' shared rate limits",
+        "cluster: a run's worker and lease, services' shared rate limits, plugin versions",
         r#"
 ALTER TABLE runs ADD COLUMN worker TEXT;
 ALTER TABLE runs ADD COLUMN lease_until INTEGER;
@@ -197,6 +197,20 @@ CREATE TABLE quotas (
     service TEXT PRIMARY KEY,
     tat     INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE plugin_blobs (
+    sha256 TEXT PRIMARY KEY,
+    bytes  BLOB NOT NULL,
+    at     INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE plugin_events (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    name    TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    sha256  TEXT,
+    approve BOOLEAN NOT NULL,
+    worker  TEXT NOT NULL,
+    at      INTEGER NOT NULL
+);
 "#,
     ),
 ];

@@ -187,7 +187,153 @@ pub(super) fn start(app: &Arc<App>, cluster: &Arc<Cluster>) -> Vec<tokio::task::
         tokio::spawn(pull_work(app.clone(), cluster.clone())),
         tokio::spawn(heartbeat(app.clone(), cluster.clone())),
         tokio::spawn(lead(app.clone(), cluster.clone())),
+        tokio::spawn(follow_plugins(app.clone(), cluster.clone())),
     ]
+}
+
+/// How often a worker looks for plugin changes made on the others.
+const PLUGIN_POLL: Duration = Duration::from_millis(500);
+
+impl Cluster {
+    /// Tells the other workers about a plugin change made here over the API: a swap
+    /// (the component kept in the journal by its SHA-256) or a rollback.
+    pub(super) async fn announce_plugin(
+        &self,
+        app: &App,
+        name: &str,
+        action: &'static str,
+        bytes: Option<Vec<u8>>,
+        approve: bool,
+    ) {
+        let (name2, worker) = (name.to_string(), self.worker.clone());
+        let blob = bytes.map(|b| (crate::plugin::content_hash(&b), b));
+        let announced = app
+            .journal
+            .cluster(move |c| {
+                c.announce_plugin(
+                    &name2,
+                    action,
+                    blob.as_ref().map(|(sha, b)| (sha.as_str(), b.as_slice())),
+                    approve,
+                    &worker,
+                )
+            })
+            .await;
+        match announced {
+            Ok(seq) => {
+                tracing::info!(target: "fmhost::cluster", plugin = name, seq, "plugin {name}: {action} announced to the cluster (change {seq})")
+            }
+            Err(e) => {
+                tracing::error!(target: "fmhost::cluster", plugin = name, "plugin {name}: the {action} was made here but the other workers cannot be told: {e}")
+            }
+        }
+    }
+}
+
+/// The SHA-256 of the version of `name` serving here.
+fn serving(app: &App, name: &str) -> Option<String> {
+    app.plugins
+        .list()
+        .into_iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["sha256"].as_str().map(str::to_string))
+}
+
+/// Makes the plugin changes of the other workers here: first the cluster's current
+/// version of every plugin (a worker that starts late catches up), then each change as
+/// it is announced.
+async fn follow_plugins(app: Arc<App>, cluster: Arc<Cluster>) {
+    let mut last = match app.journal.cluster(|c| c.plugin_events(0)).await {
+        Ok(events) => {
+            let mut current: std::collections::HashMap<String, Vec<(String, bool)>> =
+                Default::default();
+            for e in &events {
+                let stack = current.entry(e.name.clone()).or_default();
+                match (e.action.as_str(), &e.sha256) {
+                    ("swap", Some(sha)) => stack.push((sha.clone(), e.approve)),
+                    ("rollback", _) => {
+                        stack.pop();
+                    }
+                    _ => {}
+                }
+            }
+            for (name, stack) in current {
+                if let Some((sha, approve)) = stack.last()
+                    && serving(&app, &name).as_ref() != Some(sha)
+                {
+                    swap_to(&app, &name, sha, *approve, "the cluster's current version").await;
+                }
+            }
+            events.last().map_or(0, |e| e.seq)
+        }
+        Err(e) => {
+            tracing::error!(target: "fmhost::cluster", "cannot read the cluster's plugin versions: {e}");
+            0
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PLUGIN_POLL) => {}
+            _ = app.closing.cancelled() => return,
+        }
+        let events = match app.journal.cluster(move |c| c.plugin_events(last)).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(target: "fmhost::cluster", "cannot read plugin changes: {e}");
+                continue;
+            }
+        };
+        for e in events {
+            last = e.seq;
+            if e.worker == cluster.worker {
+                continue;
+            }
+            match (e.action.as_str(), &e.sha256) {
+                ("swap", Some(sha)) if serving(&app, &e.name).as_ref() != Some(sha) => {
+                    swap_to(&app, &e.name, sha, e.approve, &format!("worker {}", e.worker)).await
+                }
+                ("rollback", _) => match app.plugins.rollback(&e.name) {
+                    Ok((from, to)) => {
+                        tracing::info!(target: "fmhost::cluster", plugin = %e.name, "plugin {}: rolled back {from} -> {to}, as worker {} did", e.name, e.worker);
+                        app.announce(json!({"type": "plugin", "name": e.name, "version": to}));
+                    }
+                    Err(err) => {
+                        tracing::warn!(target: "fmhost::cluster", plugin = %e.name, "plugin {}: cannot roll back as worker {} did: {err}", e.name, e.worker)
+                    }
+                },
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Switches plugin `name` to the component the journal keeps as `sha`.
+async fn swap_to(app: &App, name: &str, sha: &str, approve: bool, from: &str) {
+    let key = sha.to_string();
+    let bytes = match app.journal.cluster(move |c| c.plugin_blob(&key)).await {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            tracing::error!(target: "fmhost::cluster", plugin = name, "plugin {name}: version {sha} of {from} is not in the journal");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(target: "fmhost::cluster", plugin = name, "plugin {name}: cannot fetch version {sha} of {from}: {e}");
+            return;
+        }
+    };
+    match app
+        .plugins
+        .swap(name, &bytes, &format!("cluster:{sha}"), approve, None)
+        .await
+    {
+        Ok((old, new)) => {
+            tracing::info!(target: "fmhost::cluster", plugin = name, "plugin {name}: {} -> {} ({from})", old.as_deref().unwrap_or("none"), new.version);
+            app.announce(json!({"type": "plugin", "name": name, "version": new.version}));
+        }
+        Err(e) => {
+            tracing::error!(target: "fmhost::cluster", plugin = name, "plugin {name}: cannot switch to {from}'s version {sha}: {e}; this worker keeps its own")
+        }
+    }
 }
 
 /// Renews this worker's leases every third of a lease, until the process ends (a

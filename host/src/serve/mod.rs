@@ -1223,6 +1223,11 @@ async fn put_plugin(
         Ok((old, new)) => {
             match canary {
                 None => {
+                    if let Some(cluster) = &app.cluster {
+                        cluster
+                            .announce_plugin(&app, &name, "swap", Some(body.to_vec()), q.approve)
+                            .await;
+                    }
                     app.announce(json!({"type": "plugin", "name": name, "version": new.version}));
                     Json(json!({"name": name, "previous_version": old, "version": new.version, "sha256": new.hash})).into_response()
                 }
@@ -1254,8 +1259,19 @@ async fn rollback_plugin(State(app): State<Arc<App>>, Path(name): Path<String>) 
     if let Err(r) = checked_name("plugin name", &name) {
         return r;
     }
+    // Ending a canary changes only this worker: a canary is a share of its own runs.
+    let had_canary = app
+        .plugins
+        .list()
+        .iter()
+        .any(|p| p["name"] == name.as_str() && !p["canary"].is_null());
     match app.plugins.rollback(&name) {
         Ok((from, to)) => {
+            if let Some(cluster) = app.cluster.as_ref().filter(|_| !had_canary) {
+                cluster
+                    .announce_plugin(&app, &name, "rollback", None, false)
+                    .await;
+            }
             app.announce(json!({"type": "plugin", "name": name, "version": to}));
             Json(json!({"name": name, "previous_version": from, "version": to})).into_response()
         }
@@ -1354,6 +1370,25 @@ async fn promote_plugin(State(app): State<Arc<App>>, Path(name): Path<String>) -
     }
     match app.plugins.promote(&name) {
         Ok((from, to)) => {
+            // The promoted canary becomes every worker's version.
+            if let Some(cluster) = &app.cluster {
+                let file = app
+                    .plugins
+                    .list()
+                    .into_iter()
+                    .find(|p| p["name"] == name.as_str())
+                    .and_then(|p| p["file"].as_str().map(PathBuf::from));
+                match file.map(std::fs::read) {
+                    Some(Ok(bytes)) => {
+                        cluster
+                            .announce_plugin(&app, &name, "swap", Some(bytes), true)
+                            .await
+                    }
+                    _ => {
+                        tracing::error!(target: "fmhost::serve", plugin = %name, "plugin {name}: promoted here, but its component cannot be read to send to the other workers")
+                    }
+                }
+            }
             Json(json!({"name": name, "previous_version": from, "version": to})).into_response()
         }
         Err(e @ plugins::SwapError::Unknown(_)) => {

@@ -4,7 +4,7 @@
 //! locks for "one server per journal" and "one leader per cluster".
 
 use super::{Delivery, JournalError, PgBackend, delivery_row, in_own_thread};
-use crate::journal::ClusterBackend;
+use crate::journal::{ClusterBackend, PluginEvent, unix_ms};
 
 /// The advisory lock a server outside a cluster holds for as long as it runs.
 const SERVER_LOCK: i64 = 0x666d_686f_7374_0002;
@@ -83,6 +83,67 @@ impl ClusterBackend for PgBackend {
                 .iter()
                 .map(delivery_row)
                 .collect())
+        })
+    }
+
+    fn announce_plugin(
+        &mut self,
+        name: &str,
+        action: &str,
+        blob: Option<(&str, &[u8])>,
+        approve: bool,
+        worker: &str,
+    ) -> Result<i64, JournalError> {
+        let now = unix_ms(std::time::SystemTime::now());
+        self.call(async |client, _| {
+            if let Some((sha, bytes)) = blob {
+                client
+                    .execute(
+                        "INSERT INTO plugin_blobs (sha256, bytes, at) VALUES ($1, $2, $3)
+                         ON CONFLICT DO NOTHING",
+                        &[&sha, &bytes, &now],
+                    )
+                    .await?;
+            }
+            Ok(client
+                .query_one(
+                    "INSERT INTO plugin_events (name, action, sha256, approve, worker, at)
+                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+                    &[&name, &action, &blob.map(|b| b.0), &approve, &worker, &now],
+                )
+                .await?
+                .get(0))
+        })
+    }
+
+    fn plugin_events(&mut self, after: i64) -> Result<Vec<PluginEvent>, JournalError> {
+        self.call(async |client, _| {
+            Ok(client
+                .query(
+                    "SELECT seq, name, action, sha256, approve, worker FROM plugin_events
+                     WHERE seq > $1 ORDER BY seq",
+                    &[&after],
+                )
+                .await?
+                .iter()
+                .map(|r| PluginEvent {
+                    seq: r.get(0),
+                    name: r.get(1),
+                    action: r.get(2),
+                    sha256: r.get(3),
+                    approve: r.get(4),
+                    worker: r.get(5),
+                })
+                .collect())
+        })
+    }
+
+    fn plugin_blob(&mut self, sha256: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        self.call(async |client, _| {
+            Ok(client
+                .query_opt("SELECT bytes FROM plugin_blobs WHERE sha256 = $1", &[&sha256])
+                .await?
+                .map(|r| r.get(0)))
         })
     }
 
