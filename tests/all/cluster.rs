@@ -268,10 +268,11 @@ async fn three_workers_run_each_delivery_once_when_one_is_killed() {
 
 /// Three workers share one rate limit of 10 calls a second (burst 1), each running
 /// fifteen runs that call the vendor at once: the vendor's own clock sees them spread
-/// out as one limit allows, not three. A schedule served by all three fires once per
-/// second, not three times.
+/// out as one limit allows, not three. A circuit that opens on one worker is open on
+/// the others (their runs fail fast, sending nothing). A schedule served by all three
+/// fires once per second, not three times.
 #[tokio::test]
-async fn a_rate_limit_and_a_schedule_hold_for_the_cluster_as_a_whole() {
+async fn a_rate_limit_a_circuit_and_a_schedule_hold_for_the_cluster_as_a_whole() {
     const PER_WORKER: usize = 15;
     let Some(bin) = prerequisites() else {
         return;
@@ -281,9 +282,19 @@ async fn a_rate_limit_and_a_schedule_hold_for_the_cluster_as_a_whole() {
     let fake = Fake::start().await;
     fake.route("/limited", vec![Reply::json(200, json!({"ok": true}))]);
     fake.route("/tick", vec![Reply::json(200, json!({"ok": true}))]);
+    fake.route("/down", vec![Reply::json(503, json!({"error": "down"}))]);
     let pipelines = pipelines_dir(
         &dir,
         &[
+            (
+                "fragile.pipeline.json",
+                json!({
+                    "name": "fragile",
+                    "services": {"fragile": {"circuit_breaker": {"failure_threshold": 2, "open_seconds": 60}}},
+                    "stages": [{"id": "call", "component": "http-request", "retry": {"max_attempts": 1},
+                                "config": {"url": fake.url("/down"), "service": "fragile"}}]
+                }),
+            ),
             (
                 "limited.pipeline.json",
                 json!({
@@ -354,6 +365,48 @@ async fn a_rate_limit_and_a_schedule_hold_for_the_cluster_as_a_whole() {
         .unwrap();
     assert!(busiest <= 11, "{busiest} calls within one second");
 
+    // Two failures open the circuit on the first worker; the others follow.
+    let run_on = |url: String| {
+        let client = client.clone();
+        async move {
+            let run: Value = client
+                .post(format!("{url}/v1/pipelines/fragile/runs"))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            run["stages"][0]["error"]["kind"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        }
+    };
+    for _ in 0..2 {
+        run_on(workers[0].url.clone()).await;
+    }
+    assert_eq!(fake.seen("/down").len(), 2);
+    assert_eq!(run_on(workers[0].url.clone()).await, "circuit-open");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for w in &workers[1..] {
+        loop {
+            let kind = run_on(w.url.clone()).await;
+            if kind == "circuit-open" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the circuit stayed closed on {} ({kind}):\n{}",
+                w.url,
+                w.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let sent_down = fake.seen("/down").len();
+
     // The schedule ran meanwhile: once per second, by whichever worker leads.
     let deadline = Instant::now() + Duration::from_secs(20);
     while fake.seen("/tick").len() < 3 {
@@ -383,7 +436,7 @@ async fn a_rate_limit_and_a_schedule_hold_for_the_cluster_as_a_whole() {
     .collect();
     assert_eq!(leaders.iter().filter(|l| **l).count(), 1, "{leaders:?}");
     eprintln!(
-        "cluster quota: {n} calls from 3 workers in {:.2} s (10/s allowed), at most {busiest} in one second; {} schedule fires, each once",
+        "cluster quota: {n} calls from 3 workers in {:.2} s (10/s allowed), at most {busiest} in one second; the circuit opened on all three after {sent_down} calls; {} schedule fires, each once",
         span.as_secs_f64(),
         fires.len()
     );
@@ -444,7 +497,10 @@ async fn a_swap_on_one_worker_reaches_every_worker_and_so_does_a_rollback() {
     let s2 = worker_with(&dir, "s2", &pipelines, &plugins, &json!({}), &nats.url());
     let s3 = worker_with(&dir, "s3", &pipelines, &plugins, &json!({}), &nats.url());
     let client = support::api_client();
-    assert_eq!(versions(&client, &[&s1, &s2, &s3], "intercom").await, ["1.0.0"; 3]);
+    assert_eq!(
+        versions(&client, &[&s1, &s2, &s3], "intercom").await,
+        ["1.0.0"; 3]
+    );
 
     let v2 = std::fs::read(plugin_file("target/test-plugins", "intercom-v2")).unwrap();
     let resp = client

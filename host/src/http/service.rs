@@ -414,6 +414,29 @@ impl Breaker {
         }
     }
 
+    /// How long the circuit stays open once it opens.
+    pub fn open_for(&self) -> Duration {
+        Duration::from_secs_f64(self.policy.open_seconds)
+    }
+
+    /// Opens the circuit for `remaining`, as another worker of a cluster found it must
+    /// be; true if it was not open already. Probes follow as after any opening.
+    pub fn open_elsewhere(&self, remaining: Duration) -> bool {
+        let mut inner = self.inner.lock().expect("breaker lock");
+        let until = Instant::now() + remaining;
+        match &*inner {
+            Inner::Open { until: now } if *now >= until => false,
+            Inner::Open { .. } => {
+                *inner = Inner::Open { until };
+                false
+            }
+            _ => {
+                *inner = Inner::Open { until };
+                true
+            }
+        }
+    }
+
     /// Gives back a probe that never completed (its caller was cancelled).
     pub fn abandon(&self, ticket: Ticket) {
         if ticket.probe

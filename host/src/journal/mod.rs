@@ -674,6 +674,16 @@ pub trait ClusterBackend {
     fn plugin_events(&mut self, after: i64) -> Result<Vec<PluginEvent>, JournalError>;
     /// A component kept by [`ClusterBackend::announce_plugin`], by its SHA-256.
     fn plugin_blob(&mut self, sha256: &str) -> Result<Option<Vec<u8>>, JournalError>;
+    /// Opens `service`'s circuit for the cluster for `open_ms` from now (the database's
+    /// clock), as `worker` found it must be.
+    fn open_circuit(
+        &mut self,
+        service: &str,
+        open_ms: i64,
+        worker: &str,
+    ) -> Result<(), JournalError>;
+    /// The circuits open now: service, milliseconds left, the worker that opened it.
+    fn open_circuits(&mut self) -> Result<Vec<(String, i64, String)>, JournalError>;
     /// One call's place in `service`'s shared rate limit (a GCRA on the database's
     /// clock: one call per `period_us`, `burst` at once): zero when taken, else how many
     /// microseconds to wait before asking again.

@@ -199,7 +199,7 @@ CREATE TABLE cursors (
     ),
     (
         7,
-        "cluster: a run's worker and lease, services' shared rate limits, plugin versions",
+        "cluster: a run's worker and lease, services' shared rate limits and circuits, plugin versions",
         r#"
 ALTER TABLE runs ADD COLUMN worker TEXT;
 ALTER TABLE runs ADD COLUMN lease_until BIGINT;
@@ -207,6 +207,11 @@ CREATE INDEX runs_by_lease ON runs (lease_until) WHERE status = 'running' AND le
 CREATE TABLE quotas (
     service TEXT PRIMARY KEY,
     tat     BIGINT NOT NULL
+);
+CREATE TABLE breakers (
+    service    TEXT PRIMARY KEY,
+    open_until BIGINT NOT NULL,
+    worker     TEXT NOT NULL
 );
 CREATE TABLE plugin_blobs (
     sha256 TEXT PRIMARY KEY,

@@ -188,7 +188,7 @@ CREATE INDEX dead_letters_by_event ON dead_letters (pipeline, event_id, status);
     ),
     (
         7,
-        "cluster: a run's worker and lease, services' shared rate limits, plugin versions",
+        "cluster: a run's worker and lease, services' shared rate limits and circuits, plugin versions",
         r#"
 ALTER TABLE runs ADD COLUMN worker TEXT;
 ALTER TABLE runs ADD COLUMN lease_until INTEGER;
@@ -196,6 +196,11 @@ CREATE INDEX runs_by_lease ON runs (lease_until) WHERE status = 'running' AND le
 CREATE TABLE quotas (
     service TEXT PRIMARY KEY,
     tat     INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE breakers (
+    service    TEXT PRIMARY KEY,
+    open_until INTEGER NOT NULL,
+    worker     TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE plugin_blobs (
     sha256 TEXT PRIMARY KEY,

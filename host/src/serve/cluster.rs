@@ -188,6 +188,7 @@ pub(super) fn start(app: &Arc<App>, cluster: &Arc<Cluster>) -> Vec<tokio::task::
         tokio::spawn(heartbeat(app.clone(), cluster.clone())),
         tokio::spawn(lead(app.clone(), cluster.clone())),
         tokio::spawn(follow_plugins(app.clone(), cluster.clone())),
+        tokio::spawn(share_circuits(app.clone(), cluster.clone())),
     ]
 }
 
@@ -290,7 +291,14 @@ async fn follow_plugins(app: Arc<App>, cluster: Arc<Cluster>) {
             }
             match (e.action.as_str(), &e.sha256) {
                 ("swap", Some(sha)) if serving(&app, &e.name).as_ref() != Some(sha) => {
-                    swap_to(&app, &e.name, sha, e.approve, &format!("worker {}", e.worker)).await
+                    swap_to(
+                        &app,
+                        &e.name,
+                        sha,
+                        e.approve,
+                        &format!("worker {}", e.worker),
+                    )
+                    .await
                 }
                 ("rollback", _) => match app.plugins.rollback(&e.name) {
                     Ok((from, to)) => {
@@ -332,6 +340,60 @@ async fn swap_to(app: &App, name: &str, sha: &str, approve: bool, from: &str) {
         }
         Err(e) => {
             tracing::error!(target: "fmhost::cluster", plugin = name, "plugin {name}: cannot switch to {from}'s version {sha}: {e}; this worker keeps its own")
+        }
+    }
+}
+
+/// How often a worker looks for circuits the others opened.
+const CIRCUIT_POLL: Duration = Duration::from_millis(250);
+
+/// Shares circuit breakers: a circuit that opens here is opened for the cluster in the
+/// journal, and one opened elsewhere is opened here, within [`CIRCUIT_POLL`]. Each
+/// worker then probes on its own when the open time is up.
+async fn share_circuits(app: Arc<App>, cluster: Arc<Cluster>) {
+    let mut opened = app.engine.outbound.breaker_events.subscribe();
+    loop {
+        tokio::select! {
+            event = opened.recv() => {
+                let event = match event {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                };
+                if event.state != crate::http::service::BreakerState::Open {
+                    continue;
+                }
+                let service = app.engine.outbound.services.get(&event.service);
+                let Some(open_ms) = service.breaker.as_ref().map(|b| b.open_for().as_millis() as i64) else {
+                    continue;
+                };
+                let (name, worker) = (event.service.clone(), cluster.worker.clone());
+                match app.journal.cluster(move |c| c.open_circuit(&name, open_ms, &worker)).await {
+                    Ok(()) => tracing::warn!(target: "fmhost::cluster", service = %event.service, "the circuit for service {} opened here; opened for the cluster", event.service),
+                    Err(e) => tracing::error!(target: "fmhost::cluster", service = %event.service, "the circuit for service {} opened here, but the other workers cannot be told: {e}", event.service),
+                }
+            }
+            _ = tokio::time::sleep(CIRCUIT_POLL) => {
+                let open = match app.journal.cluster(|c| c.open_circuits()).await {
+                    Ok(open) => open,
+                    Err(e) => {
+                        tracing::debug!(target: "fmhost::cluster", "cannot read the cluster's circuits: {e}");
+                        continue;
+                    }
+                };
+                for (name, left_ms, by) in open {
+                    if by == cluster.worker {
+                        continue;
+                    }
+                    let service = app.engine.outbound.services.get(&name);
+                    if let Some(b) = &service.breaker
+                        && b.open_elsewhere(Duration::from_millis(left_ms.max(0) as u64))
+                    {
+                        tracing::warn!(target: "fmhost::cluster", service = %name, "the circuit for service {name} is open: worker {by} opened it ({left_ms} ms left)");
+                    }
+                }
+            }
+            _ = app.closing.cancelled() => return,
         }
     }
 }

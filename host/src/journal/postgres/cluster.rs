@@ -141,9 +141,49 @@ impl ClusterBackend for PgBackend {
     fn plugin_blob(&mut self, sha256: &str) -> Result<Option<Vec<u8>>, JournalError> {
         self.call(async |client, _| {
             Ok(client
-                .query_opt("SELECT bytes FROM plugin_blobs WHERE sha256 = $1", &[&sha256])
+                .query_opt(
+                    "SELECT bytes FROM plugin_blobs WHERE sha256 = $1",
+                    &[&sha256],
+                )
                 .await?
                 .map(|r| r.get(0)))
+        })
+    }
+
+    fn open_circuit(
+        &mut self,
+        service: &str,
+        open_ms: i64,
+        worker: &str,
+    ) -> Result<(), JournalError> {
+        self.call(async |client, _| {
+            client
+                .execute(
+                    "INSERT INTO breakers AS b (service, open_until, worker)
+                     VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $2, $3)
+                     ON CONFLICT (service) DO UPDATE
+                     SET open_until = excluded.open_until, worker = excluded.worker",
+                    &[&service, &open_ms, &worker],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn open_circuits(&mut self) -> Result<Vec<(String, i64, String)>, JournalError> {
+        self.call(async |client, _| {
+            Ok(client
+                .query(
+                    "SELECT service, open_until - (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
+                            worker
+                     FROM breakers
+                     WHERE open_until > (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
         })
     }
 
