@@ -624,6 +624,17 @@ async fn main() {
         );
     }
 
+    // The PostgreSQL journal and the cluster, with FMHOST_BENCH_POSTGRES (a server's
+    // URL; each measurement gets a database of its own) and nats-server on the machine.
+    if want("cluster") {
+        match cluster_bench(secs).await {
+            Ok(figures) => {
+                out.insert("cluster".into(), figures);
+            }
+            Err(why) => eprintln!("bench: cluster skipped: {why}"),
+        }
+    }
+
     // A plugin stage served with and without a canary, side by side: what routing and
     // per-version accounting cost. The canary is the same component with a custom
     // section appended (another sha256, the same code), taking half the runs.
@@ -720,4 +731,171 @@ async fn main() {
         "{}",
         serde_json::to_string_pretty(&Value::Object(out)).unwrap()
     );
+}
+
+/// A fresh database `name` on the server at `base`, by `psql`; its URL.
+fn fresh_database(base: &str, name: &str) -> Result<String, String> {
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        let o = Command::new("psql")
+            .args([base, "-q", "-c", &sql])
+            .output()
+            .map_err(|e| format!("psql: {e}"))?;
+        if !o.status.success() {
+            return Err(format!("psql: {}", String::from_utf8_lossy(&o.stderr)));
+        }
+    }
+    let (head, _) = base
+        .rsplit_once('/')
+        .ok_or("FMHOST_BENCH_POSTGRES is not a URL")?;
+    Ok(format!("{head}/{name}"))
+}
+
+/// `fmhost serve` over `dir` with its journal at `journal`, as cluster worker `worker`
+/// of the NATS server `nats` when there is one.
+fn serve_on(dir: &std::path::Path, journal: &str, cluster: Option<(&str, &str)>) -> Proc {
+    let mut cmd = Command::new(bin("fmhost"));
+    cmd.current_dir(dir)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--pipelines",
+            "pipelines",
+        ])
+        .args(["--plugins", "plugins", "--secrets", "secrets.json"])
+        .env("FMHOST_LOG", "warn")
+        .env("FMHOST_API_TOKEN", BENCH_TOKEN)
+        .env("FMHOST_JOURNAL", journal);
+    match cluster {
+        Some((nats, worker)) => {
+            let state = format!("state-{worker}");
+            cmd.args(["--state", &state, "--cluster", nats, "--worker-id", worker]);
+            start(&mut cmd)
+        }
+        None => start(cmd.args(["--state", "state"])),
+    }
+}
+
+/// Signed webhooks at `url` from `connections` connections for `secs`.
+fn webhooks(url: &str, connections: usize, secs: u64) -> Value {
+    let o = Command::new(bin("fmhost-load"))
+        .arg(format!("{url}/hooks/one"))
+        .args([
+            "--connections",
+            &connections.to_string(),
+            "--seconds",
+            &secs.to_string(),
+        ])
+        .args(["--github-secret", "bench-hook-secret", "--expect", "202"])
+        .output()
+        .expect("fmhost-load is built with the bench binaries");
+    serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
+}
+
+/// Waits until no run at `url` is running; how long that took.
+async fn until_all_ran(url: &str) -> Duration {
+    let client = reqwest::Client::new();
+    let t0 = Instant::now();
+    loop {
+        let running: Value = client
+            .get(format!("{url}/v1/runs?status=running&limit=1"))
+            .bearer_auth(BENCH_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if running.as_array().is_some_and(|a| a.is_empty())
+            || t0.elapsed() > Duration::from_secs(300)
+        {
+            return t0.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Webhook intake on the PostgreSQL journal (one server), and one worker against three
+/// with `--cluster`: intake from one load generator at the first worker, then how long
+/// until every accepted run has run, wherever it ran.
+async fn cluster_bench(secs: u64) -> Result<Value, String> {
+    let base = std::env::var("FMHOST_BENCH_POSTGRES")
+        .map_err(|_| "set FMHOST_BENCH_POSTGRES to a PostgreSQL server's URL".to_string())?;
+    let nats_bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .ok_or("no nats-server (apt-get install nats-server)")?;
+    let dir = fx::root().join("target/bench/cluster");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("pipelines")).unwrap();
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    std::fs::write(
+        dir.join("pipelines/one.json"),
+        json!({"name": "one", "triggers": [{"type": "webhook", "path": "/hooks/one", "secret": "{{secrets.HOOK}}", "signature": "github"}],
+               "stages": [{"id": "log", "component": "logger", "config": {"level": "debug", "message": "event {{input.n}}"}}]})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("secrets.json"),
+        json!({"HOOK": "bench-hook-secret"}).to_string(),
+    )
+    .unwrap();
+    let mut out = Map::new();
+
+    eprintln!("bench: cluster, webhook intake on the PostgreSQL journal (one server) ...");
+    // Closed-loop: 32 connections find the most it takes, 8 its latency below that.
+    // Each on a journal of its own (the load's delivery ids start again at 0).
+    for connections in [32usize, 8] {
+        let journal = fresh_database(&base, &format!("fmhost_bench_one_{connections}"))?;
+        let server = serve_on(&dir, &journal, None);
+        let intake = webhooks(&server.1, connections, secs);
+        let drained = until_all_ran(&server.1).await;
+        out.insert(
+            format!("serve_webhook_postgres_{connections}"),
+            json!({"intake": intake, "all_ran_after_s": drained.as_secs_f64()}),
+        );
+    }
+
+    for workers in [1usize, 3] {
+        eprintln!("bench: cluster, {workers} worker(s) on PostgreSQL and NATS JetStream ...");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = dir.join(format!("nats-{workers}"));
+        let mut nats = Command::new(nats_bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("nats-server: {e}"))?;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let url = format!("nats://127.0.0.1:{port}");
+        let journal = fresh_database(&base, &format!("fmhost_bench_cluster_{workers}"))?;
+        let procs: Vec<Proc> = (0..workers)
+            .map(|i| serve_on(&dir, &journal, Some((&url, &format!("b{i}")))))
+            .collect();
+        let t0 = Instant::now();
+        let intake = webhooks(&procs[0].1, 32, secs);
+        until_all_ran(&procs[0].1).await;
+        let total = t0.elapsed().as_secs_f64();
+        let accepted = intake["requests"].as_f64().unwrap_or(0.0);
+        out.insert(
+            format!("cluster_{workers}"),
+            json!({"workers": workers, "intake": intake, "runs": accepted, "all_ran_after_s": total,
+                   "runs_per_s": accepted / total}),
+        );
+        drop(procs);
+        let _ = nats.kill();
+        let _ = nats.wait();
+    }
+    Ok(Value::Object(out))
 }

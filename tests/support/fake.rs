@@ -134,6 +134,11 @@ impl Fake {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Now, on the clock requests are seen by ([`Seen::at`]).
+    pub fn now(&self) -> Duration {
+        self.inner.start.elapsed()
+    }
+
     /// Replies to `path` with `script` in order, then with the last reply forever.
     pub fn route(&self, path: &str, script: Vec<Reply>) -> &Self {
         let then = script.last().cloned();

@@ -799,6 +799,50 @@ fn results_table(root: &Path, e2e: &serde_json::Value, quick: bool) -> Result<St
         "≥ 15,000/s",
         check(rate.map(|r| r >= 15_000.0)),
     );
+    let c = &e2e["cluster"];
+    if c.is_object() {
+        for connections in [32, 8] {
+            let h = &c[format!("serve_webhook_postgres_{connections}")]["intake"];
+            let (rate, p99) = (num(&h["requests_per_s"]), num(&h["p99_ms"]));
+            row(
+                &format!(
+                    "`fmhost serve` on the PostgreSQL journal: signed webhook → commit → 202, {connections} connections"
+                ),
+                format!(
+                    "{} req/s (p50 {} ms, p99 {} ms)",
+                    f(rate, 0),
+                    f(num(&h["p50_ms"]), 2),
+                    f(p99, 2)
+                ),
+                "≥ 1,000/s with p99 ≤ 20 ms",
+                check(rate.zip(p99).map(|(r, p)| r >= 1_000.0 && p <= 20.0)),
+            );
+        }
+        let (one, three) = (&c["cluster_1"], &c["cluster_3"]);
+        let (r1, r3) = (num(&one["runs_per_s"]), num(&three["runs_per_s"]));
+        row(
+            "`serve --cluster`, webhooks at one worker, runs on all: 1 worker against 3 (PostgreSQL, nats-server and the load on the same 2 cores)",
+            format!(
+                "1: {} runs/s (intake {} req/s, p99 {} ms); 3: {} runs/s (intake {} req/s, p99 {} ms); ratio {}",
+                f(r1, 0),
+                f(num(&one["intake"]["requests_per_s"]), 0),
+                f(num(&one["intake"]["p99_ms"]), 1),
+                f(r3, 0),
+                f(num(&three["intake"]["requests_per_s"]), 0),
+                f(num(&three["intake"]["p99_ms"]), 1),
+                f(r1.zip(r3).map(|(a, b)| b / a), 2)
+            ),
+            "bounded by the cores",
+            "",
+        );
+    } else {
+        row(
+            "PostgreSQL journal and `serve --cluster`",
+            "not measured: set FMHOST_BENCH_POSTGRES and install nats-server".to_string(),
+            "",
+            "",
+        );
+    }
 
     let mut md = String::new();
     md.push_str("# Benchmark results\n\n");
